@@ -1,0 +1,1 @@
+"""Entry points: the only things a user runs (`promptmill <command>`)."""

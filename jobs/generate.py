@@ -1,0 +1,28 @@
+"""promptmill generate SPEC.yaml [--set key=value ...]: run the generate job (embedded Ray or RAY_ADDRESS)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("generate", help="prompt Parquet -> images, metadata and summary")
+    p.add_argument("spec", help="job spec YAML")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a spec field, e.g. --set models.0.images_per_prompt=4")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from pipelines.job import PreflightError, run_job
+    from pipelines.spec import SpecError, load_spec
+
+    try:
+        spec = load_spec(args.spec, args.overrides)
+        result = run_job(spec)
+    except (SpecError, PreflightError) as e:
+        print(f"promptmill: error: {e}", file=sys.stderr)
+        return 2
+    print(result.line())
+    return 0

@@ -1,0 +1,1 @@
+"""Ray Data glue for the generate job: read -> validate -> generate -> write -> commit (see ARCHITECTURE.md)."""

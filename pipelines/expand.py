@@ -1,0 +1,38 @@
+"""Expand accepted prompts into samples (id x model x sample index) with batch-independent seeds."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pyarrow as pa
+
+from pipelines.validate import ID, REASON, prompt_text
+
+
+def image_seed(job_seed: int, row_id: str, model: str, sample: int) -> int:
+    """Stable 63-bit seed: the same (seed, id, model, sample) gives the same pixels on any machine."""
+    h = hashlib.blake2b(f"{job_seed}\x1f{row_id}\x1f{model}\x1f{sample}".encode(), digest_size=8)
+    return int.from_bytes(h.digest(), "little") >> 1
+
+
+def sample_key(row_id: str, model: str, sample: int) -> str:
+    return f"{model}/{row_id}/{sample}"
+
+
+def expand_batch(table: pa.Table, *, prompt_column: str, model: str, images_per_prompt: int,
+                 job_seed: int, done: frozenset[str]) -> pa.Table:
+    """Accepted rows -> one row per missing (id, model, sample); samples already written are skipped."""
+    ids, prompts, samples, seeds = [], [], [], []
+    reasons = table.column(REASON).to_pylist()
+    for rid, p, r in zip(table.column(ID).to_pylist(), table.column(prompt_column).to_pylist(), reasons):
+        if r is not None:
+            continue
+        for k in range(images_per_prompt):
+            if sample_key(rid, model, k) in done:
+                continue
+            ids.append(rid)
+            prompts.append(prompt_text(p))
+            samples.append(k)
+            seeds.append(image_seed(job_seed, rid, model, k))
+    return pa.table({"id": pa.array(ids, pa.string()), "prompt": pa.array(prompts, pa.string()),
+                     "sample": pa.array(samples, pa.int32()), "seed": pa.array(seeds, pa.int64())})

@@ -1,0 +1,97 @@
+"""Read: find the input Parquet files, check them in the driver before any work, then read with Ray Data.
+
+The driver opens every footer (corrupt or unreadable files, missing columns and wrong types fail the job
+before anything is written) and reads the id column once to find duplicate ids, which need a global view
+that per-batch validation cannot have.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import ray.data
+from fsspec import AbstractFileSystem
+
+from pipelines.spec import InputSpec
+from pipelines.storage import arrow_fs, filesystem, full_url
+
+PROMPT_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary,
+                pa.types.is_large_binary, pa.types.is_null)
+ID_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_integer)
+
+
+class InputError(ValueError):
+    """Input that cannot be read at all; the message names the file and column."""
+
+
+@dataclass
+class InputPlan:
+    fs: AbstractFileSystem
+    files: list[str]
+    rows: int  # after `limit`
+    columns: list[str]
+    duplicate_ids: set[str] = field(default_factory=set)
+
+
+def list_files(url: str, storage_options: dict) -> tuple[AbstractFileSystem, list[str]]:
+    fs, path = filesystem(url, storage_options)
+    try:
+        if any(c in path for c in "*?["):
+            files = fs.glob(path)
+        elif fs.isdir(path):
+            files = [f for f in fs.find(path) if f.endswith(".parquet")
+                     and not any(p.startswith((".", "_")) for p in f[len(path):].split("/"))]
+        elif fs.exists(path):
+            files = [path]
+        else:
+            raise InputError(f"input.path {url!r}: no such file or directory")
+    except (PermissionError, OSError) as e:
+        raise InputError(f"input.path {url!r}: cannot list ({e})") from e
+    if not files:
+        raise InputError(f"input.path {url!r}: no .parquet files found")
+    return fs, sorted(files)
+
+
+def _check_type(fs: AbstractFileSystem, f: str, schema: pa.Schema, col: str, what: str, ok: tuple) -> None:
+    if col not in schema.names:
+        raise InputError(f"{full_url(fs, f)}: missing {what} column {col!r} (columns: {schema.names})")
+    t = schema.field(col).type
+    if not any(check(t) for check in ok):
+        raise InputError(f"{full_url(fs, f)}: {what} column {col!r} has type {t}, expected a string column")
+
+
+def plan_input(spec: InputSpec) -> InputPlan:
+    fs, files = list_files(spec.path, spec.storage_options)
+    rows, columns = 0, None
+    ids: Counter[str] = Counter()
+    for f in files:
+        try:
+            with fs.open(f, "rb") as fh:
+                pf = pq.ParquetFile(fh)
+                schema, n = pf.schema_arrow, pf.metadata.num_rows
+                _check_type(fs, f, schema, spec.prompt_column, "prompt", PROMPT_TYPES)
+                if spec.id_column is not None:
+                    _check_type(fs, f, schema, spec.id_column, "id", ID_TYPES)
+                    col = pf.read(columns=[spec.id_column]).column(0)
+                    ids.update(str(v) for v in col.to_pylist() if v is not None)
+        except InputError:
+            raise
+        except Exception as e:  # pyarrow raises ArrowInvalid / OSError for corrupt files
+            raise InputError(f"{full_url(fs, f)}: not a readable Parquet file ({e})") from e
+        columns = columns or schema.names
+        rows += n
+    if spec.limit is not None:
+        rows = min(rows, spec.limit)
+    return InputPlan(fs, files, rows, columns or [], {i for i, c in ids.items() if c > 1})
+
+
+def read_prompts(plan: InputPlan, spec: InputSpec) -> ray.data.Dataset:
+    """All original columns; `row_hash` (file path + row position) when ids are derived."""
+    ds = ray.data.read_parquet(plan.files, filesystem=arrow_fs(plan.fs),
+                               include_row_hash=spec.id_column is None, file_extensions=None)
+    if spec.limit is not None:
+        ds = ds.limit(spec.limit)
+    return ds

@@ -1,0 +1,153 @@
+"""The job spec: pydantic v2, loaded from YAML, overridable with `--set a.b=c`, redacted for summaries."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_SECRET = re.compile(r"(key|secret|token|password|credential)", re.IGNORECASE)
+
+
+class SpecError(ValueError):
+    """A spec that cannot run; the message names the field path and the bad value."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class InputSpec(Strict):
+    path: str = Field(description="Parquet file, directory or glob; local path or any fsspec URL")
+    prompt_column: str = Field(default="prompt", description="column holding the prompt text")
+    id_column: str | None = Field(
+        default=None, description="column with a unique, path-safe row id; None derives one from file + row"
+    )
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="passed to fsspec (s3fs: endpoint_url, key, secret, anon, ...)")
+    limit: int | None = Field(default=None, ge=1, description="read only the first N rows (in file order)")
+    max_prompt_chars: int = Field(default=1000, ge=1, description="longer prompts are rejected")
+
+
+class Resources(Strict):
+    actors: int = Field(default=1, ge=1, description="actor pool minimum size")
+    max_actors: int = Field(default=1, ge=1, description="actor pool maximum size (autoscaling)")
+    num_gpus: float = Field(default=0, ge=0, description="GPUs per actor; > 0 runs the model on CUDA")
+    num_cpus: float = Field(default=1, gt=0, description="CPUs per actor")
+    batch_size: int = Field(default=32, ge=1, description="images per generate call")
+
+    @model_validator(mode="after")
+    def _pool(self) -> Resources:
+        if self.max_actors < self.actors:
+            raise ValueError(f"max_actors ({self.max_actors}) < actors ({self.actors})")
+        return self
+
+
+class ModelSpec(Strict):
+    name: str = Field(description="used in output paths and metadata; path-safe, unique in the job")
+    family: Literal["transformer", "gan"] = Field(description="generator family")
+    checkpoint: str = Field(description="checkpoint directory (config.json + model.safetensors); path or fsspec URL")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for the checkpoint URL")
+    images_per_prompt: int = Field(default=1, ge=1, le=1000, description="samples per accepted prompt")
+    sampling: dict[str, Any] = Field(default_factory=dict, description="family-specific sampling parameters")
+    resources: Resources = Field(default_factory=Resources, description="actor pool and batch size")
+
+    @field_validator("name")
+    @classmethod
+    def _safe(cls, v: str) -> str:
+        if not SAFE_NAME.match(v):
+            raise ValueError(f"{v!r} is not path-safe (letters, digits, '.', '_', '-'; no leading dot)")
+        return v
+
+
+class OutputSpec(Strict):
+    path: str = Field(description="output directory; local path or any fsspec URL")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="passed to fsspec for the output")
+    image_format: Literal["png", "jpeg", "webp"] = Field(default="png", description="encoding of image files")
+
+
+class JobSpec(Strict):
+    name: str = Field(description="job name, recorded in the summary")
+    seed: int = Field(default=0, description="job seed; per-image seeds derive from (seed, id, model, sample)")
+    input: InputSpec = Field(description="where the prompts come from")
+    models: list[ModelSpec] = Field(min_length=1, description="every accepted prompt goes to every model")
+    output: OutputSpec = Field(description="where images, metadata and the summary go")
+
+    @model_validator(mode="after")
+    def _unique_models(self) -> JobSpec:
+        names = [m.name for m in self.models]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"model names must be unique; repeated: {dup}")
+        return self
+
+
+def _format(e: ValidationError, source: str) -> str:
+    lines = [f"invalid spec {source}:"]
+    for err in e.errors():
+        loc = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in err["loc"]).replace(".[", "[")
+        lines.append(f"  {loc or '<root>'}: {err['msg']} (got {err.get('input')!r})")
+    return "\n".join(lines)
+
+
+def set_path(data: dict, dotted: str, value: Any) -> None:
+    """Set `a.b.0.c` in nested dicts/lists; list indices are integers."""
+    keys = dotted.split(".")
+    node: Any = data
+    for i, k in enumerate(keys[:-1]):
+        nxt_is_index = keys[i + 1].isdigit()
+        if isinstance(node, list):
+            node = node[int(k)]
+        else:
+            node = node.setdefault(k, [] if nxt_is_index else {})
+    last = keys[-1]
+    if isinstance(node, list):
+        node[int(last)] = value
+    else:
+        node[last] = value
+
+
+def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
+    """`key=value` pairs; the value is parsed as YAML, so `3`, `true`, `null`, `[1, 2]` keep their type."""
+    out = []
+    for item in items:
+        if "=" not in item:
+            raise SpecError(f"--set expects key=value, got {item!r}")
+        k, v = item.split("=", 1)
+        out.append((k.strip(), yaml.safe_load(v) if v.strip() else ""))
+    return out
+
+
+def load_spec(source: str | Path | dict, overrides: list[str] | None = None) -> JobSpec:
+    if isinstance(source, dict):
+        data, name = source, "<dict>"
+    else:
+        name = str(source)
+        try:
+            data = yaml.safe_load(Path(source).read_text())
+        except (OSError, yaml.YAMLError) as e:
+            raise SpecError(f"cannot read spec {name}: {e}") from e
+        if not isinstance(data, dict):
+            raise SpecError(f"spec {name} must be a YAML mapping, got {type(data).__name__}")
+    for k, v in parse_overrides(overrides or []):
+        try:
+            set_path(data, k, v)
+        except (IndexError, ValueError, TypeError, AttributeError) as e:
+            raise SpecError(f"--set {k}: no such field path ({e})") from e
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(_format(e, name)) from None
+
+
+def redact(obj: Any) -> Any:
+    """Copy of `obj` with values under secret-looking keys replaced by '***'."""
+    if isinstance(obj, dict):
+        return {k: ("***" if isinstance(k, str) and _SECRET.search(k) and v is not None else redact(v))
+                for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    return obj

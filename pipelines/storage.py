@@ -1,0 +1,43 @@
+"""One path to storage for local disk and S3 alike: fsspec (s3fs reads AWS_ENDPOINT_URL & co itself)."""
+
+from __future__ import annotations
+
+import os
+
+import fsspec
+from fsspec import AbstractFileSystem
+from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+def absolute(url: str) -> str:
+    """Local paths become absolute (Ray workers may not share the driver's cwd); URLs are kept."""
+    if url.startswith("file://"):
+        url = url[len("file://"):]
+    return os.path.abspath(os.path.expanduser(url)) if is_local(url) else url.rstrip("/")
+
+
+def filesystem(url: str, storage_options: dict | None = None) -> tuple[AbstractFileSystem, str]:
+    """(fs, path-without-protocol) for `url`."""
+    return fsspec.core.url_to_fs(absolute(url), **(storage_options or {}))
+
+
+def full_url(fs: AbstractFileSystem, path: str) -> str:
+    """The URL a user can open again: s3://bucket/key for S3, the absolute path for local disk."""
+    return fs.unstrip_protocol(path) if not _is_local_fs(fs) else path
+
+
+def _is_local_fs(fs: AbstractFileSystem) -> bool:
+    return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+
+def arrow_fs(fs: AbstractFileSystem) -> PyFileSystem:
+    """pyarrow view of an fsspec filesystem, for Ray Data readers (pyarrow's own S3 ignores AWS_ENDPOINT_URL)."""
+    return PyFileSystem(FSSpecHandler(fs))
+
+
+def join(*parts: str) -> str:
+    return "/".join(p.strip("/") if i else p.rstrip("/") for i, p in enumerate(parts))

@@ -1,0 +1,51 @@
+"""Validate rows: each gets a path-safe `pm_id` and a `pm_reason` (null = accepted).
+
+Rejected rows keep their original values and go to the rejected table; the job goes on with the rest.
+Reasons are checked in a fixed order, so a row always gets the same one.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+from pipelines.spec import SAFE_NAME, InputSpec
+
+ID, REASON = "pm_id", "pm_reason"
+
+
+def reason_for(prompt: object, row_id: str | None, duplicates: set[str], max_chars: int) -> str | None:
+    if row_id is None:
+        return "null_id"
+    if not SAFE_NAME.match(row_id):
+        return "unsafe_id"
+    if row_id in duplicates:
+        return "duplicate_id"
+    if prompt is None:
+        return "null_prompt"
+    if isinstance(prompt, bytes):
+        try:
+            prompt = prompt.decode("utf-8")
+        except UnicodeDecodeError:
+            return "non_string_prompt"
+    if not isinstance(prompt, str):
+        return "non_string_prompt"
+    if not prompt.strip():
+        return "empty_prompt"
+    if len(prompt) > max_chars:
+        return "prompt_too_long"
+    return None
+
+
+def validate_batch(table: pa.Table, spec: InputSpec, duplicates: set[str]) -> pa.Table:
+    if spec.id_column is None:
+        ids = [f"r{h:016x}" for h in table.column("row_hash").to_pylist()]
+        table = table.drop_columns(["row_hash"])
+    else:
+        ids = [None if v is None else str(v) for v in table.column(spec.id_column).to_pylist()]
+    prompts = table.column(spec.prompt_column).to_pylist()
+    reasons = [reason_for(p, i, duplicates, spec.max_prompt_chars) for p, i in zip(prompts, ids)]
+    return table.append_column(ID, pa.array(ids, pa.string())).append_column(REASON, pa.array(reasons, pa.string()))
+
+
+def prompt_text(value: object) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
