@@ -6,9 +6,9 @@ import argparse
 import logging
 import sys
 
-from jobs import generate
+from jobs import dataset, generate, train
 
-COMMANDS = [generate]
+COMMANDS = [generate, dataset, train]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,0 +1,217 @@
+"""The shapes domain: procedural, compositional scenes with captions, and the parser back to attributes.
+
+"a small red circle on the left", "big blue square above a green triangle, on a black background".
+Captions and parser come from the same phrase tables, so every caption the generator writes parses back
+to its scene. Held-out colour-shape pairs never occur in the train split and are built into the test one.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+SHAPES = ["circle", "square", "triangle", "diamond"]
+COLORS = {"red": (230, 25, 25), "orange": (255, 140, 0), "yellow": (250, 225, 0), "green": (20, 170, 40),
+          "blue": (30, 70, 235), "purple": (145, 35, 205), "white": (245, 245, 245), "black": (12, 12, 12)}
+BACKGROUNDS = {"black": (12, 12, 12), "white": (245, 245, 245), "gray": (128, 128, 128)}
+SIZES = ["small", "large"]
+POSITIONS = ["left", "right", "top", "bottom", "center"]
+RELATIONS = ["left of", "right of", "above", "below"]
+HELD_OUT = {("blue", "triangle"), ("yellow", "circle"), ("green", "square")}
+
+SIZE_WORDS = {"small": ["small", "little", "tiny"], "large": ["large", "big", "huge"]}
+POSITION_WORDS = {
+    "left": ["on the left", "at the left", "on the left side", "to the left", "left side"],
+    "right": ["on the right", "at the right", "on the right side", "to the right", "right side"],
+    "top": ["at the top", "on top", "near the top", "top"],
+    "bottom": ["at the bottom", "on the bottom", "near the bottom", "bottom"],
+    "center": ["in the center", "in the middle", "at the center", "centered"],
+}
+RELATION_WORDS = {"left of": ["left of", "to the left of", "on the left of"],
+                  "right of": ["right of", "to the right of", "on the right of"],
+                  "above": ["above", "over", "on top of"], "below": ["below", "under", "beneath"]}
+PREFIXES = ["", "a picture of ", "an image of ", "a drawing of "]
+BG_FORMS = [" on a {bg} background", ", on a {bg} background", " with a {bg} background", ", {bg} background"]
+
+
+@dataclass(frozen=True)
+class Obj:
+    shape: str
+    color: str
+    size: str
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple[Obj, ...]
+    background: str
+    position: str | None = None  # one object
+    relation: str | None = None  # two objects: objects[0] <relation> objects[1]
+
+    def canonical(self) -> Scene:
+        """One reading per image: 'right of' / 'below' become 'left of' / 'above' with the objects swapped."""
+        flip = {"right of": "left of", "below": "above"}
+        if self.relation in flip:
+            return Scene(self.objects[::-1], self.background, None, flip[self.relation])
+        return self
+
+    @property
+    def held_out(self) -> bool:
+        return any((o.color, o.shape) in HELD_OUT for o in self.objects)
+
+    def to_dict(self) -> dict:
+        return {"objects": [asdict(o) for o in self.objects], "background": self.background,
+                "position": self.position, "relation": self.relation}
+
+
+@dataclass
+class Parsed:
+    """What a prompt states; None fields are unstated (a prompt need not name every attribute)."""
+
+    objects: list[dict] = field(default_factory=list)  # each {shape, color|None, size|None}
+    position: str | None = None
+    relation: str | None = None
+    background: str | None = None
+
+    def canonical(self) -> Parsed:
+        flip = {"right of": "left of", "below": "above"}
+        if self.relation in flip:
+            return Parsed(self.objects[::-1], None, flip[self.relation], self.background)
+        return self
+
+
+# ---------------------------------------------------------------- sampling and captions
+
+def sample_scene(rng: random.Random, split: str = "train") -> Scene:
+    """Train never holds a held-out pair; test holds one in about half of its scenes."""
+    want_held = split == "test" and rng.random() < 0.5
+    while True:
+        bg = rng.choice(list(BACKGROUNDS))
+        n = rng.choice([1, 2])
+        objs = tuple(Obj(rng.choice(SHAPES), rng.choice([c for c in COLORS if c != bg]), rng.choice(SIZES))
+                     for _ in range(n))
+        scene = Scene(objs, bg, rng.choice(POSITIONS) if n == 1 else None, rng.choice(RELATIONS) if n == 2 else None)
+        if split == "train" and scene.held_out:
+            continue
+        if split == "test" and scene.held_out != want_held:
+            continue
+        return scene
+
+
+def _article(word: str) -> str:
+    return "an" if word[0] in "aeiou" else "a"
+
+
+def _obj_phrase(o: Obj, rng: random.Random, article: bool) -> str:
+    words = f"{rng.choice(SIZE_WORDS[o.size])} {o.color} {o.shape}"
+    return f"{_article(words)} {words}" if article else words
+
+
+def caption(scene: Scene, rng: random.Random) -> str:
+    article = rng.random() < 0.75
+    prefix = rng.choice(PREFIXES) if article else ""
+    first = _obj_phrase(scene.objects[0], rng, article)
+    if scene.relation is None:
+        pos = rng.choice(POSITION_WORDS[scene.position])
+        text = f"{first} {pos}" if " " in pos or pos == "centered" else f"{first}, {pos}"
+    else:
+        text = f"{first} {rng.choice(RELATION_WORDS[scene.relation])} {_obj_phrase(scene.objects[1], rng, True)}"
+    if rng.random() < 0.5:
+        text += rng.choice(BG_FORMS).format(bg=scene.background)
+    return prefix + text
+
+
+# ---------------------------------------------------------------- parser
+
+def _alt(words) -> str:
+    return "|".join(sorted((re.escape(w) for w in words), key=len, reverse=True))
+
+
+_SIZE_OF = {w: s for s, ws in SIZE_WORDS.items() for w in ws}
+_POS_OF = {w: p for p, ws in POSITION_WORDS.items() for w in ws}
+_REL_OF = {w: r for r, ws in RELATION_WORDS.items() for w in ws}
+
+
+def _obj_re(i: int) -> str:
+    return (rf"(?:(?:a|an|one)\s+)?(?:(?P<size{i}>{_alt(_SIZE_OF)})\s+)?(?:(?P<color{i}>{_alt(COLORS)})\s+)?"
+            rf"(?P<shape{i}>{_alt(SHAPES)})")
+
+
+_PARSE = re.compile(
+    rf"^(?:(?:{_alt(p.strip() for p in PREFIXES if p)})\s+)?{_obj_re(0)}"
+    rf"(?:(?:\s*,\s*|\s+)(?P<pos>{_alt(_POS_OF)})|\s+(?P<rel>{_alt(_REL_OF)})\s+{_obj_re(1)})?"
+    rf"(?:\s*,?\s*(?:(?:on|with)\s+a\s+)?(?P<bg>{_alt(BACKGROUNDS)})\s+background)?\s*\.?$"
+)
+
+
+def parse(prompt: str) -> Parsed | None:
+    """Attributes an in-domain prompt states; None for anything outside the shapes grammar."""
+    m = _PARSE.match(" ".join(str(prompt).lower().split()))
+    if m is None:
+        return None
+    g = m.groupdict()
+    objs = [{"shape": g[f"shape{i}"], "color": g[f"color{i}"], "size": _SIZE_OF.get(g[f"size{i}"] or "")}
+            for i in (0, 1) if g.get(f"shape{i}")]
+    return Parsed(objs, _POS_OF.get(g["pos"] or ""), _REL_OF.get(g["rel"] or ""), g["bg"])
+
+
+def matches(parsed: Parsed, judged: Scene) -> bool:
+    """Every attribute the prompt states equals the judge's reading of the image."""
+    p, j = parsed.canonical(), judged.canonical()
+    if len(p.objects) != len(j.objects) or p.relation != j.relation:
+        return False
+    if p.position is not None and p.position != j.position:
+        return False
+    if p.background is not None and p.background != j.background:
+        return False
+    return all(all(v is None or v == getattr(jo, k) for k, v in po.items()) for po, jo in zip(p.objects, j.objects))
+
+
+# ---------------------------------------------------------------- rendering
+
+_CENTERS = {"left": (0.27, 0.5), "right": (0.73, 0.5), "top": (0.5, 0.27), "bottom": (0.5, 0.73), "center": (0.5, 0.5)}
+_REL_CENTERS = {"left of": ("left", "right"), "right of": ("right", "left"), "above": ("top", "bottom"),
+                "below": ("bottom", "top")}
+_SCALE = {1: {"small": 0.26, "large": 0.48}, 2: {"small": 0.22, "large": 0.38}}
+SUPERSAMPLE = 4
+
+
+def _draw(d: ImageDraw.ImageDraw, o: Obj, cx: float, cy: float, r: float) -> None:
+    color = COLORS[o.color]
+    if o.shape == "circle":
+        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
+    elif o.shape == "square":
+        s = r * 0.9
+        d.rectangle([cx - s, cy - s, cx + s, cy + s], fill=color)
+    elif o.shape == "triangle":
+        d.polygon([(cx, cy - r), (cx + r * 1.05, cy + r * 0.8), (cx - r * 1.05, cy + r * 0.8)], fill=color)
+    elif o.shape == "diamond":
+        d.polygon([(cx, cy - r * 1.1), (cx + r * 0.8, cy), (cx, cy + r * 1.1), (cx - r * 0.8, cy)], fill=color)
+    else:
+        raise ValueError(f"unknown shape {o.shape!r}")
+
+
+def render(scene: Scene, size: int = 32, rng: random.Random | None = None) -> np.ndarray:
+    """(size, size, 3) uint8, drawn at 4x and box-filtered down (antialiasing); `rng` adds small jitter."""
+    big = size * SUPERSAMPLE
+    img = Image.new("RGB", (big, big), BACKGROUNDS[scene.background])
+    d = ImageDraw.Draw(img)
+    n = len(scene.objects)
+    slots = [scene.position] if n == 1 else list(_REL_CENTERS[scene.relation])
+    for o, slot in zip(scene.objects, slots):
+        fx, fy = _CENTERS[slot]
+        j = (lambda: rng.uniform(-0.03, 0.03)) if rng else (lambda: 0.0)
+        r = _SCALE[n][o.size] * big / 2 * (1 + (rng.uniform(-0.08, 0.08) if rng else 0))
+        _draw(d, o, (fx + j()) * big, (fy + j()) * big, r)
+    return np.asarray(img.resize((size, size), Image.BOX))
+
+
+def example(index: int, seed: int, split: str, size: int = 32) -> tuple[Scene, str, np.ndarray]:
+    """Row `index` of a split: a pure function of (seed, split, index), so shards render independently."""
+    rng = random.Random(f"{seed}/{split}/{index}")
+    scene = sample_scene(rng, split)
+    return scene, caption(scene, rng), render(scene, size, rng)
