@@ -34,10 +34,11 @@ TRAIN := $(VENV)/bin/promptmill train
 data: setup  ## render the shapes train/test splits
 	$(VENV)/bin/promptmill dataset shapes --rows 60000 --split train --out $(DATA)/train
 	$(VENV)/bin/promptmill dataset shapes --rows 2000 --split test --out $(DATA)/test
+	$(VENV)/bin/promptmill dataset shapes --rows 60000 --split full --out $(DATA)/full
 
-checkpoints: data  ## train all shipped models from scratch (judge, gan, vq, transformer)
-	$(TRAIN) judge --data $(DATA)/train --out checkpoints/judge --steps 3000 --batch-size 128
+checkpoints: data  ## train all shipped models from scratch (gan, vq, transformer, judge)
 	$(TRAIN) gan --data $(DATA)/train --out checkpoints/gan --steps 4500 --batch-size 64
 	$(TRAIN) vq --data $(DATA)/train --out checkpoints/vq --steps 3000 --batch-size 64
 	$(TRAIN) transformer --data $(DATA)/train --vq checkpoints/vq --out checkpoints/dalle --steps 4000 \
 		--batch-size 64 --model n_layer=5 --model n_embd=224
+	$(TRAIN) judge --data $(DATA)/full --out checkpoints/judge --steps 3000 --batch-size 128

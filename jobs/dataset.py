@@ -20,7 +20,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("kind", choices=["shapes"])
     p.add_argument("--rows", type=int, required=True)
     p.add_argument("--out", required=True, help="output directory (local path or fsspec URL)")
-    p.add_argument("--split", choices=["train", "test"], default="train")
+    p.add_argument("--split", choices=["train", "test", "full"], default="train",
+                   help="full = whole domain incl. held-out pairs (judge training only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--size", type=int, default=32, help="image resolution")
     p.set_defaults(func=main)

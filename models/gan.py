@@ -111,11 +111,16 @@ class Generator(nn.Module):
         return torch.tanh(self.to_rgb(F.leaky_relu(x, 0.2)))
 
 
+def _sn(m: nn.Module) -> nn.Module:
+    """Spectral norm on D's convs: without it, D overpowered G and G collapsed by step 1000 on the shapes data."""
+    return nn.utils.parametrizations.spectral_norm(m)
+
+
 class DBlock(nn.Module):
     def __init__(self, cin: int, cout: int) -> None:
         super().__init__()
-        self.conv1, self.conv2 = nn.Conv2d(cin, cout, 4, 2, 1), nn.Conv2d(cout, cout, 3, 1, 1)
-        self.shortcut = nn.Conv2d(cin, cout, 1)
+        self.conv1, self.conv2 = _sn(nn.Conv2d(cin, cout, 4, 2, 1)), _sn(nn.Conv2d(cout, cout, 3, 1, 1))
+        self.shortcut = _sn(nn.Conv2d(cin, cout, 1))
         self.gamma = nn.Parameter(torch.zeros(1))  # DF-GAN's learnable residual weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -128,12 +133,12 @@ class Discriminator(nn.Module):
         super().__init__()
         n_down = int(math.log2(cfg.image_size // 4))
         w = list(reversed(_widths(cfg.ndf, n_down)))
-        self.stem = nn.Conv2d(3, w[0], 3, 1, 1)
+        self.stem = _sn(nn.Conv2d(3, w[0], 3, 1, 1))
         self.blocks = nn.Sequential(*(DBlock(w[i], w[i + 1]) for i in range(n_down)))
         self.joint = nn.Sequential(
-            nn.Conv2d(w[-1] + cfg.text_dim, 2 * cfg.ndf, 3, 1, 1),
+            _sn(nn.Conv2d(w[-1] + cfg.text_dim, 2 * cfg.ndf, 3, 1, 1)),
             nn.LeakyReLU(0.2, inplace=True),
-            nn.Conv2d(2 * cfg.ndf, 1, 4, 1, 0),
+            _sn(nn.Conv2d(2 * cfg.ndf, 1, 4, 1, 0)),
         )
 
     def features(self, img: torch.Tensor) -> torch.Tensor:

@@ -86,8 +86,14 @@ class Parsed:
 
 # ---------------------------------------------------------------- sampling and captions
 
+SPLITS = ("train", "test", "full")
+
+
 def sample_scene(rng: random.Random, split: str = "train") -> Scene:
-    """Train never holds a held-out pair; test holds one in about half of its scenes."""
+    """Train never holds a held-out pair; test holds one in about half of its scenes; full (the judge's
+    training data: an evaluator must know every combination) samples the whole domain."""
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     want_held = split == "test" and rng.random() < 0.5
     while True:
         bg = rng.choice(list(BACKGROUNDS))

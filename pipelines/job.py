@@ -109,6 +109,20 @@ def _ensure_ray(spec: JobSpec) -> None:
     log.info("started an embedded Ray with %d logical CPUs", num_cpus)
 
 
+def _check_capacity(spec: JobSpec) -> None:
+    """Pools whose minimum actors take every CPU starve the read/write tasks: the job would hang, not fail."""
+    have = ray.cluster_resources()
+    need_cpu = sum(m.resources.actors * m.resources.num_cpus for m in spec.models) + 1
+    if have.get("CPU", 0) < need_cpu:
+        raise PreflightError(
+            f"models[*].resources: the actor pools need {need_cpu:g} CPUs at minimum (actors x num_cpus, plus 1 "
+            f"for reading and writing) but the Ray cluster has {have.get('CPU', 0):g}; lower actors or num_cpus")
+    need_gpu = sum(m.resources.actors * m.resources.num_gpus for m in spec.models)
+    if need_gpu > have.get("GPU", 0):
+        log.warning("actor pools ask for %g GPUs, the cluster has %g now: waiting for the autoscaler",
+                    need_gpu, have.get("GPU", 0))
+
+
 def _write_rejected(spec: JobSpec, plan: InputPlan, validated: ray.data.Dataset, root_url: str) -> dict[str, int]:
     """Rejected rows (original columns + reason) -> _staging/rejected; returns counts by reason."""
     fs, root = filesystem(root_url, spec.output.storage_options)
@@ -141,6 +155,7 @@ def run_job(spec: JobSpec) -> JobResult:
     fs, root = filesystem(spec.output.path, spec.output.storage_options)
     out_url = full_url(fs, root)
     _ensure_ray(spec)
+    _check_capacity(spec)
 
     # 2. Read and validate (bad rows are kept, marked with a reason)
     dup = plan.duplicate_ids
@@ -159,7 +174,9 @@ def run_job(spec: JobSpec) -> JobResult:
         samples = validated.map_batches(
             functools.partial(expand_batch, prompt_column=spec.input.prompt_column, model=m.name,
                               images_per_prompt=m.images_per_prompt, job_seed=spec.seed, done=done),
-            batch_format="pyarrow")
+            batch_format="pyarrow",
+        ).repartition(target_num_rows_per_block=r.batch_size)  # one block per generate call: every actor
+        # gets work (a small prompt file is one block) and a crash loses at most the blocks in flight
         images = samples.map_batches(
             GenerateStage, fn_constructor_kwargs={"model": m, "image_format": spec.output.image_format},
             compute=ActorPoolStrategy(min_size=r.actors, max_size=r.max_actors),
@@ -176,8 +193,8 @@ def run_job(spec: JobSpec) -> JobResult:
     success = join(root, SUCCESS)
     rejected_staging = join(root, STAGING, "rejected")
     if sum(written.values()) == 0 and fs.exists(success) and not metadata_files(fs, root)[1]:
-        if fs.exists(rejected_staging):
-            fs.rm(rejected_staging, recursive=True)
+        if fs.exists(join(root, STAGING)):  # holds only this run's rejected copy
+            fs.rm(join(root, STAGING), recursive=True)
         summary = read_json(fs, join(root, SUMMARY)) or {}
         return JobResult(out_url, plan.rows, accepted, rejected, written, summary.get("images_total", {}),
                          time.time() - t0, skipped=True, summary=summary)

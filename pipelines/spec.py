@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -27,7 +28,8 @@ class InputSpec(Strict):
     id_column: str | None = Field(
         default=None, description="column with a unique, path-safe row id; None derives one from file + row"
     )
-    storage_options: dict[str, Any] = Field(default_factory=dict, description="passed to fsspec (s3fs: endpoint_url, key, secret, anon, ...)")
+    storage_options: dict[str, Any] = Field(
+        default_factory=dict, description="passed to fsspec (s3fs: endpoint_url, key, secret, anon, ...)")
     limit: int | None = Field(default=None, ge=1, description="read only the first N rows (in file order)")
     max_prompt_chars: int = Field(default=1000, ge=1, description="longer prompts are rejected")
 
@@ -123,7 +125,7 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
 
 def load_spec(source: str | Path | dict, overrides: list[str] | None = None) -> JobSpec:
     if isinstance(source, dict):
-        data, name = source, "<dict>"
+        data, name = copy.deepcopy(source), "<dict>"
     else:
         name = str(source)
         try:

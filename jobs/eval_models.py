@@ -1,0 +1,44 @@
+"""promptmill eval-models: judge accuracy, VQ ceiling and prompt-match of each generator on the test split."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("eval-models", help="measure the shipped models on the shapes test split")
+    p.add_argument("--test", default="data/shapes/test", help="shapes test split (promptmill dataset shapes --split test)")
+    p.add_argument("--judge", default="checkpoints/judge")
+    p.add_argument("--vq", default="checkpoints/vq")
+    p.add_argument("--gan", default="checkpoints/gan")
+    p.add_argument("--transformer", default="checkpoints/dalle")
+    p.add_argument("-n", type=int, default=1000, help="test prompts per family")
+    p.add_argument("--grid-dir", default="docs", help="where sample grids go")
+    p.add_argument("--sampling", default="{}", help='JSON per family, e.g. {"transformer": {"top_k": 64}}')
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from pipelines.eval_models import eval_generator, eval_vq, grid_png, judge_accuracy, load_judge, load_test_split
+
+    split = load_test_split(args.test, max(args.n, 2000))
+    judge = load_judge(args.judge)
+    sampling = json.loads(args.sampling)
+    report: dict = {"judge_accuracy_real": {k: round(v, 4) for k, v in judge_accuracy(judge, split).items()}}
+    print("judge accuracy on real test renders:", json.dumps(report["judge_accuracy_real"]))
+    if Path(args.vq).exists():
+        report["vq"] = eval_vq(args.vq, judge, split, args.n)
+        print("vq:", json.dumps(report["vq"]))
+    Path(args.grid_dir).mkdir(parents=True, exist_ok=True)
+    for family, url in (("gan", args.gan), ("transformer", args.transformer)):
+        if not Path(url).exists():
+            print(f"{family}: no checkpoint at {url}, skipped")
+            continue
+        res, imgs = eval_generator(url, judge, split, args.n, **sampling.get(family, {}))
+        report[family] = {"prompt_match": res, "sampling": sampling.get(family, {})}
+        grid_png(imgs[:32], split.captions[:32], f"{args.grid_dir}/samples_{family}.png")
+        print(f"{family} prompt-match:", json.dumps(res))
+    print(json.dumps(report))
+    return 0
