@@ -205,8 +205,11 @@ def run_job(spec: JobSpec) -> JobResult:
     rejected_final = join(root, "rejected")
     if fs.exists(rejected_final):
         fs.rm(rejected_final, recursive=True)
-    if fs.exists(rejected_staging):
-        fs.mv(rejected_staging, rejected_final, recursive=True)
+    staged = fs.find(rejected_staging) if fs.exists(rejected_staging) else []
+    if staged:
+        fs.makedirs(rejected_final, exist_ok=True)
+    for f in staged:  # file by file: s3fs' recursive mv trips over the (non-existent) directory key
+        fs.mv(f, join(rejected_final, f[len(rejected_staging):]))
     totals = {str(k): int(v) for k, v in zip(*pc.value_counts(table["model"]).flatten())} if len(table) else {}
     wall = time.time() - t0
     result = JobResult(out_url, plan.rows, accepted, rejected, written, totals, wall)

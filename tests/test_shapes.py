@@ -1,0 +1,99 @@
+"""The shapes domain: every caption form parses back to its scene, out-of-domain text gives None,
+held-out pairs never reach the train split, renders are antialiased and deterministic."""
+
+import itertools
+import random
+
+import numpy as np
+import pytest
+
+from models.shapes import (
+    BG_FORMS,
+    HELD_OUT,
+    POSITION_WORDS,
+    PREFIXES,
+    RELATION_WORDS,
+    SIZE_WORDS,
+    Obj,
+    Scene,
+    caption,
+    example,
+    matches,
+    parse,
+    render,
+)
+
+
+def test_every_phrase_form_parses_back():
+    o1, o2 = Obj("triangle", "orange", "small"), Obj("diamond", "purple", "large")
+    forms = 0
+    for prefix, bg in itertools.product(PREFIXES, [""] + BG_FORMS):
+        for size in SIZE_WORDS["small"]:
+            for pos, words in POSITION_WORDS.items():
+                for w in words:
+                    sep = " " if " " in w or w == "centered" else ", "
+                    text = f"{prefix}a {size} orange triangle{sep}{w}" + bg.format(bg="gray")
+                    p = parse(text)
+                    assert p is not None, text
+                    assert matches(p, Scene((o1,), "gray", pos)), text
+                    forms += 1
+            for rel, words in RELATION_WORDS.items():
+                for w in words:
+                    text = f"{prefix}an {size} orange triangle {w} a big purple diamond" + bg.format(bg="white")
+                    text = text.replace("an small", "a small").replace("an little", "a little").replace("an tiny", "a tiny")
+                    p = parse(text)
+                    assert p is not None and matches(p, Scene((o1, o2), "white", None, rel)), text
+                    forms += 1
+    assert forms > 500
+
+
+def test_generated_captions_round_trip():
+    for split in ("train", "test", "full"):
+        for i in range(2000):
+            scene, text, _ = example(i, 3, split)
+            assert matches(parse(text), scene), text
+
+
+@pytest.mark.parametrize("text", ["a photo of a cat", "a red circle and a dog", "", "red", "circle circle",
+                                  "a corgi wearing a red bowtie", "a small red circle on the left of", "a blue cube"])
+def test_out_of_domain_is_none(text):
+    assert parse(text) is None
+
+
+def test_partial_prompts_constrain_only_what_they_state():
+    p = parse("a red circle")
+    assert matches(p, Scene((Obj("circle", "red", "large"),), "black", "top"))
+    assert not matches(p, Scene((Obj("circle", "blue", "large"),), "black", "top"))
+    # relations are compared in canonical form: "A right of B" is "B left of A"
+    a, b = Obj("circle", "red", "small"), Obj("square", "blue", "large")
+    assert matches(parse("a small red circle right of a large blue square"), Scene((b, a), "gray", None, "left of"))
+
+
+def test_held_out_pairs():
+    train = [example(i, 0, "train")[0] for i in range(3000)]
+    test = [example(i, 0, "test")[0] for i in range(1000)]
+    assert not any(s.held_out for s in train)
+    assert 0.4 < np.mean([s.held_out for s in test]) < 0.6
+    seen = {(o.color, o.shape) for s in train for o in s.objects}
+    assert not seen & HELD_OUT
+    assert {c for c, _ in HELD_OUT} <= {c for c, _ in seen} and {s for _, s in HELD_OUT} <= {s for _, s in seen}
+    test_pairs = {(o.color, o.shape) for s in test for o in s.objects}
+    assert HELD_OUT <= test_pairs
+
+
+def test_render_is_deterministic_and_antialiased():
+    scene = Scene((Obj("circle", "red", "large"),), "black", "center")
+    a, b = render(scene), render(scene)
+    assert a.shape == (32, 32, 3) and np.array_equal(a, b)
+    reds = set(a[..., 0].ravel().tolist())
+    assert len(reds) > 3  # edge pixels are blends, not just two colours
+    assert tuple(a[16, 16]) == (230, 25, 25) and tuple(a[0, 0]) == (12, 12, 12)
+    left = render(Scene((Obj("square", "blue", "small"),), "white", "left"))
+    blue = (left[..., 2] > 200) & (left[..., 0] < 100)
+    assert blue[:, :16].sum() > 10 and blue[:, 16:].sum() == 0
+
+
+def test_captions_vary():
+    scene = Scene((Obj("circle", "red", "large"),), "black", "center")
+    rng = random.Random(0)
+    assert len({caption(scene, rng) for _ in range(200)}) > 20
