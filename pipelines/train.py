@@ -174,7 +174,7 @@ def train_loop(config: dict) -> None:
             continue
         with tempfile.TemporaryDirectory() as d:
             save_file({k: v.contiguous() for k, v in recipe.state().items()}, os.path.join(d, "state.safetensors"))
-            json.dump({"step": step + 1, "history": history}, open(os.path.join(d, "meta.json"), "w"))
+            json.dump({"step": step + 1, "history": history, "spec": config["spec"]}, open(os.path.join(d, "meta.json"), "w"))
             recipe.export(os.path.join(d, "export"))
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
@@ -197,6 +197,24 @@ def plot_history(history: list[dict], path: str) -> None:
     plt.close(fig)
 
 
+# fields that may change when a run is resumed (more steps, more workers, another export path)
+RESUMABLE = {"steps", "checkpoint_every", "log_every", "threads", "num_workers", "use_gpu", "out", "storage_path"}
+
+
+def check_resumable(spec: TrainSpec, storage: str) -> None:
+    """Refuse to resume a run of the same name that trained something else (it would silently continue it)."""
+    fs, root = filesystem(join(storage, spec.run_name), spec.storage_options)
+    metas = sorted(f for f in (fs.glob(join(root, "checkpoint_*/meta.json")) if fs.exists(root) else []))
+    if not metas:
+        return
+    old = json.loads(fs.cat_file(metas[-1])).get("spec", {})
+    new = {k: v for k, v in spec.__dict__.items() if k not in RESUMABLE}
+    diff = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
+    if diff:
+        raise ValueError(f"run {spec.run_name!r} in {storage} was trained with other settings {diff} "
+                         f"(old, new); pass another --name or delete that run to start over")
+
+
 def run_training(spec: TrainSpec) -> dict:
     import ray
     from ray.train import CheckpointConfig, RunConfig, ScalingConfig
@@ -206,6 +224,7 @@ def run_training(spec: TrainSpec) -> dict:
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
     tokenizer = train_tokenizer(spec) if spec.kind in ("gan", "transformer") else None
     storage = spec.storage_path if "://" in spec.storage_path else os.path.abspath(spec.storage_path)
+    check_resumable(spec, storage)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"spec": spec.__dict__, "tokenizer": tokenizer.to_config() if tokenizer else None},

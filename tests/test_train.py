@@ -59,3 +59,10 @@ def test_same_seed_same_training(ray_local, shapes, tmp_path):
     a = train("judge", shapes, tmp_path / "a", 10)
     b = train("judge", shapes, tmp_path / "b", 10)
     assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
+
+
+def test_resuming_a_run_with_other_settings_is_refused(ray_local, shapes, tmp_path):
+    train("judge", shapes, tmp_path, 10)
+    with pytest.raises(ValueError, match="trained with other settings .*batch_size"):
+        run_training(TrainSpec(kind="judge", data=shapes, out=str(tmp_path / "judge"), steps=20, batch_size=16,
+                               threads=1, storage_path=str(tmp_path / "ray"), model=TINY["judge"]))
