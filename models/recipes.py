@@ -171,18 +171,19 @@ class TransformerRecipe(Recipe):
 
 
 class GANRecipe(Recipe):
-    """DF-GAN: Adam(0, 0.9), lr_G 1e-4; lr_D 2e-4 (DF-GAN's 4e-4 let D win on this data); the text
-    encoder learns through D's matching loss."""
+    """DF-GAN losses; Adam(0.5, 0.999) at 2e-4 for both (DF-GAN's Adam(0, 0.9), 1e-4 / 4e-4 made the output
+    brightness oscillate and G saturate within 300 steps on the shapes data; probe: 2,000 images,
+    batch 32, widths 16). The text encoder learns through D's matching loss."""
 
-    def __init__(self, cfg: GANConfig, tokenizer: WordTokenizer, lr_g: float = 1e-4, lr_d: float = 2e-4,
-                 ema: float = 0.999, **_) -> None:
+    def __init__(self, cfg: GANConfig, tokenizer: WordTokenizer, lr_g: float = 2e-4, lr_d: float = 2e-4,
+                 ema: float = 0.999, betas: tuple[float, float] = (0.5, 0.999), **_) -> None:
         self.cfg, self.tokenizer, self.ema_decay = cfg, tokenizer, ema
         self.text, self.G, self.D = TextEncoder(cfg.vocab_size, cfg.text_dim), GANNet(cfg), Discriminator(cfg)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
         self.modules = {"text": self.text, "G": self.G, "D": self.D, "G_ema": self.G_ema}
-        self.optimizers = {"G": torch.optim.Adam(self.G.parameters(), lr=lr_g, betas=(0.0, 0.9)),
+        self.optimizers = {"G": torch.optim.Adam(self.G.parameters(), lr=lr_g, betas=tuple(betas)),
                            "D": torch.optim.Adam([*self.D.parameters(), *self.text.parameters()], lr=lr_d,
-                                                 betas=(0.0, 0.9))}
+                                                 betas=tuple(betas))}
 
     def step(self, b: Batch, step: int) -> dict[str, float]:
         real = b.pixels
