@@ -84,3 +84,36 @@ def test_checkpoint_round_trip_through_moto_s3(checkpoints, s3):
     url = save_tiny("s3://bucket/ckpt/gan", "gan", s3)
     local, remote = load_generator(checkpoints["gan"], "cpu"), load_generator(url, "cpu", s3)
     assert np.array_equal(local.generate(PROMPTS, list(range(7))), remote.generate(PROMPTS, list(range(7))))
+
+
+def test_forward_backward_shapes_of_every_model():
+    from models.gan import Discriminator, GANConfig, Generator, TextEncoder, d_loss, g_loss
+    from models.judge import HEADS, Judge, JudgeConfig
+    from models.transformer import DalleTransformer, TransformerConfig
+    from models.vq import VQConfig, VQModel
+
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    vq = VQModel(VQConfig(hidden=8, embed_dim=8, codebook_size=16))
+    recon, idx, commit = vq(x)
+    assert recon.shape == x.shape and idx.shape == (4, 8, 8)
+    (recon.pow(2).mean() + commit).backward()
+    assert vq.encode(x).shape == (4, 64) and vq.decode(vq.encode(x)).shape == x.shape
+
+    tf = DalleTransformer(TransformerConfig(text_vocab=10, text_len=6, image_vocab=16, n_layer=1, n_head=2, n_embd=16))
+    text, img = torch.randint(0, 10, (4, 6)), torch.randint(0, 16, (4, 64))
+    assert tf(text, img).shape == (4, 64, 16)
+    tf.loss(text, img).backward()
+
+    cfg = GANConfig(vocab_size=10, text_dim=16, noise_dim=8, ngf=4, ndf=4)
+    te, G, D = TextEncoder(10, 16), Generator(cfg), Discriminator(cfg)
+    sent = te(text)
+    fake = G(torch.randn(4, 8), sent.detach())
+    assert sent.shape == (4, 16) and fake.shape == (4, 3, 32, 32)
+    ld, _ = d_loss(D, x, fake, sent)
+    ld.backward()
+    g_loss(D, fake, sent.detach()).backward()
+    assert all(p.grad is not None for p in te.parameters())
+
+    j = Judge(JudgeConfig(width=4, features=8))
+    out = j(x)
+    assert set(out) == set(HEADS) and j.features(x).shape == (4, 8)
