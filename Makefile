@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: help setup demo test lint bench
+.PHONY: help setup demo test lint bench data checkpoints eval
 help:  ## list targets
 	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
 
@@ -27,6 +27,7 @@ lint: setup  ## ruff
 
 bench: setup  ## benchmarks (ratios measured side by side)
 	$(PY) benchmarks/pipeline.py
+	$(PY) benchmarks/models.py
 
 # ---- shipped checkpoints: the documented recipes (one at a time: two torch jobs on 2 cores run 10x slower)
 DATA := data/shapes
@@ -36,9 +37,12 @@ data: setup  ## render the shapes train/test splits
 	$(VENV)/bin/promptmill dataset shapes --rows 2000 --split test --out $(DATA)/test
 	$(VENV)/bin/promptmill dataset shapes --rows 60000 --split full --out $(DATA)/full
 
-checkpoints: data  ## train all shipped models from scratch (gan, vq, transformer, judge)
-	$(TRAIN) gan --data $(DATA)/train --out checkpoints/gan --steps 4500 --batch-size 64
-	$(TRAIN) vq --data $(DATA)/train --out checkpoints/vq --steps 3000 --batch-size 64
-	$(TRAIN) transformer --data $(DATA)/train --vq checkpoints/vq --out checkpoints/dalle --steps 4000 \
+checkpoints: data  ## train all shipped models from scratch, one at a time (see MODEL_CARD.md)
+	$(TRAIN) judge --data $(DATA)/full --out checkpoints/judge --steps 1500 --batch-size 128
+	$(TRAIN) gan --data $(DATA)/train --out checkpoints/gan --steps 2500 --batch-size 64 --threads 1
+	$(TRAIN) vq --data $(DATA)/train --out checkpoints/vq --steps 2000 --batch-size 64 --threads 1
+	$(TRAIN) transformer --data $(DATA)/train --vq checkpoints/vq --out checkpoints/dalle --steps 1500 \
 		--batch-size 64 --model n_layer=5 --model n_embd=224
-	$(TRAIN) judge --data $(DATA)/full --out checkpoints/judge --steps 3000 --batch-size 128
+
+eval: setup  ## prompt-match, judge accuracy and VQ ceiling of the shipped models (needs `make data`)
+	$(VENV)/bin/promptmill eval-models
