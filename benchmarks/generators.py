@@ -3,7 +3,7 @@
   images/s of each family at batch 1 and batch 64; the Transformer with vs without KV cache; model FLOPs
   utilisation (FLOPs counted by torch's FlopCounterMode / wall time) against a GEMM peak measured here.
 
-    python benchmarks/models.py [--gan checkpoints/gan] [--transformer checkpoints/dalle] [--guidance 3]
+    python benchmarks/generators.py [--gan checkpoints/gan] [--transformer checkpoints/dalle] [--guidance 3]
 """
 
 from __future__ import annotations
