@@ -90,7 +90,12 @@ def s3():
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
     import s3fs
 
+    import urllib.request
+
+    # moto's backend is process-global: every module starts from an empty S3
+    urllib.request.urlopen(urllib.request.Request(f"{opts['endpoint_url']}/moto-api/reset", method="POST"))
     fs = s3fs.S3FileSystem(**opts)
+    fs.invalidate_cache()
     fs.mkdir("bucket")
     yield opts
     server.stop()
