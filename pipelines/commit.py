@@ -18,7 +18,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
-from pipelines.storage import join
+from pipelines.storage import join, parquet_bytes, put_atomic
 from pipelines.write import METADATA_SCHEMA, STAGING
 
 log = logging.getLogger(__name__)
@@ -64,8 +64,8 @@ def commit(fs: AbstractFileSystem, root: str) -> pa.Table:
     gen = uuid.uuid4().hex[:8]
     fs.makedirs(join(root, "metadata"), exist_ok=True)
     for n, start in enumerate(range(0, max(len(table), 1), ROWS_PER_FILE)):
-        with fs.open(join(root, "metadata", f"part-{gen}-{n:05d}.parquet"), "wb") as fh:
-            pq.write_table(table.slice(start, ROWS_PER_FILE), fh)
+        put_atomic(fs, join(root, "metadata", f"part-{gen}-{n:05d}.parquet"),
+                   parquet_bytes(table.slice(start, ROWS_PER_FILE)))
     for f in committed + staged:  # only now: every row above is safely in the new generation
         fs.rm(f)
     if len(table) != len(committed) and staged:

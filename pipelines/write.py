@@ -12,10 +12,9 @@ import uuid
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipelines.encode import EXTENSIONS
-from pipelines.storage import filesystem, full_url, is_local, join
+from pipelines.storage import filesystem, full_url, is_local, join, parquet_bytes, put_atomic
 
 STAGING = "_staging"
 METADATA_SCHEMA = pa.schema([
@@ -53,10 +52,6 @@ class WriteStage:
         cols["clip_score"] = [None] * n
         cols["prompt_match"] = [None] * n
         table = pa.table({k: pa.array(list(cols[k]), METADATA_SCHEMA.field(k).type) for k in METADATA_SCHEMA.names})
-        part = join(root, STAGING, "metadata", f"{uuid.uuid4().hex}.parquet")
-        if is_local(self.out_url):
-            fs.makedirs(part.rsplit("/", 1)[0], exist_ok=True)
-        with fs.open(part, "wb") as fh:
-            pq.write_table(table, fh)
+        put_atomic(fs, join(root, STAGING, "metadata", f"{uuid.uuid4().hex}.parquet"), parquet_bytes(table))
         models, counts = np.unique(batch["model"].astype(str), return_counts=True)
         return {"model": models, "images": counts}

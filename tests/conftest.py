@@ -88,9 +88,9 @@ def s3():
     server.start()
     opts = {"endpoint_url": f"http://127.0.0.1:{port}", "key": "testing", "secret": "testing"}
     os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
-    import s3fs
-
     import urllib.request
+
+    import s3fs
 
     # moto's backend is process-global: every module starts from an empty S3
     urllib.request.urlopen(urllib.request.Request(f"{opts['endpoint_url']}/moto-api/reset", method="POST"))

@@ -1,0 +1,34 @@
+"""Commit: one metadata row per sample out of duplicated staging parts; half-written files are never read."""
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipelines.commit import commit, done_keys
+from pipelines.storage import parquet_bytes, put_atomic
+from pipelines.write import METADATA_SCHEMA
+
+
+def part(ids, samples, model="gan"):
+    n = len(ids)
+    cols = {f.name: [None] * n for f in METADATA_SCHEMA}
+    cols.update(id=ids, sample=samples, model=[model] * n, prompt=[f"p {i}" for i in ids])
+    return pa.table(cols, schema=METADATA_SCHEMA)
+
+
+def test_duplicates_merge_to_one_row_and_tmp_files_are_ignored(tmp_path):
+    fs = fsspec.filesystem("file")
+    root = str(tmp_path)
+    stage = f"{root}/_staging/metadata"
+    put_atomic(fs, f"{stage}/a.parquet", parquet_bytes(part(["x", "y"], [0, 0])))
+    put_atomic(fs, f"{stage}/b.parquet", parquet_bytes(part(["y", "z"], [0, 1])))  # y/0 again: a redone batch
+    (tmp_path / "_staging" / "metadata" / "c.parquet.tmp").write_bytes(b"PAR1 cut off mid-write")
+    assert done_keys(fs, root) == {"gan/x/0", "gan/y/0", "gan/z/1"}
+    table = commit(fs, root)
+    assert sorted(zip(table["id"].to_pylist(), table["sample"].to_pylist())) == [("x", 0), ("y", 0), ("z", 1)]
+    on_disk = pq.read_table(tmp_path / "metadata")
+    assert on_disk.num_rows == 3 and not list((tmp_path / "_staging" / "metadata").glob("*.parquet"))
+    # a second commit with a new part merges with the committed rows, still one row per sample
+    put_atomic(fs, f"{stage}/d.parquet", parquet_bytes(part(["x", "w"], [0, 0])))
+    assert commit(fs, root).num_rows == 4
+    assert pq.read_table(tmp_path / "metadata").num_rows == 4
