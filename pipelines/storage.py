@@ -48,7 +48,7 @@ def put_atomic(fs: AbstractFileSystem, path: str, data: bytes) -> None:
 
     Found by the killed-driver test: a part cut off mid-write made the resume unreadable.
     """
-    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+    if _is_local_fs(fs):
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         fs.pipe_file(path + ".tmp", data)
         fs.mv(path + ".tmp", path)
