@@ -21,7 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from pipelines.eval_models import eval_generator, eval_vq, grid_png, judge_accuracy, load_judge, load_test_split
+    from models.judge import load_judge
+    from pipelines.eval_models import eval_generator, eval_vq, grid_png, judge_accuracy, load_test_split
 
     split = load_test_split(args.test, max(args.n, 2000))
     judge = load_judge(args.judge)

@@ -14,6 +14,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from models.checkpoint import load_checkpoint
+
 
 @dataclass
 class VQConfig:
@@ -116,3 +118,11 @@ class VQModel(nn.Module):
         """(N, grid*grid) token ids -> (N, 3, H, W) in [-1, 1]."""
         g = self.cfg.grid
         return self.decoder(self.quantizer.lookup(tokens.view(-1, g, g))).clamp(-1, 1)
+
+
+def load_vq(url: str, storage_options: dict | None = None) -> VQModel:
+    """A VQ checkpoint directory (config.json + model.safetensors), in eval mode."""
+    config, tensors = load_checkpoint(url, storage_options)
+    vq = VQModel(VQConfig(**config["config"]))
+    vq.load_state_dict(tensors)
+    return vq.eval()

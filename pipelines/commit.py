@@ -62,7 +62,6 @@ def commit(fs: AbstractFileSystem, root: str) -> pa.Table:
     first = pa.table({"k": keys, "i": pa.array(range(len(keys)), pa.int64())}).group_by("k").aggregate([("i", "min")])
     table = table.take(first["i_min"]).sort_by([("model", "ascending"), ("id", "ascending"), ("sample", "ascending")])
     gen = uuid.uuid4().hex[:8]
-    fs.makedirs(join(root, "metadata"), exist_ok=True)
     for n, start in enumerate(range(0, max(len(table), 1), ROWS_PER_FILE)):
         put_atomic(fs, join(root, "metadata", f"part-{gen}-{n:05d}.parquet"),
                    parquet_bytes(table.slice(start, ROWS_PER_FILE)))

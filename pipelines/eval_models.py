@@ -13,13 +13,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from models.checkpoint import load_checkpoint
 from models.generator import load_generator
-from models.judge import HEADS, Judge, JudgeConfig, labels, scene_from_dict
+from models.judge import HEADS, IGNORE, Judge, labels, scene_from_dict
 from models.shapes import Scene, matches, parse
-from models.vq import VQConfig, VQModel
+from models.vq import load_vq
 from pipelines.encode import decode_image
-from pipelines.train import TrainSpec, read_rows
+from pipelines.train import read_rows
 
 
 @dataclass
@@ -31,17 +30,9 @@ class TestSplit:
 
 
 def load_test_split(url: str, rows: int) -> TestSplit:
-    spec = TrainSpec(kind="judge", data=url, out="unused", max_rows=rows)
-    r = read_rows(spec, columns=["png", "caption", "attributes", "held_out"])
+    r = read_rows(url, ["png", "caption", "attributes", "held_out"], max_rows=rows)
     imgs = torch.from_numpy(np.stack([decode_image(b) for b in r["png"]])).permute(0, 3, 1, 2).contiguous()
     return TestSplit(imgs, r["caption"], [scene_from_dict(json.loads(a)) for a in r["attributes"]], r["held_out"])
-
-
-def load_judge(url: str) -> Judge:
-    config, tensors = load_checkpoint(url)
-    j = Judge(JudgeConfig(**config["config"]))
-    j.load_state_dict(tensors)
-    return j.eval()
 
 
 def judge_accuracy(judge: Judge, split: TestSplit) -> dict[str, float]:
@@ -54,7 +45,7 @@ def judge_accuracy(judge: Judge, split: TestSplit) -> dict[str, float]:
     acc = {}
     for k in HEADS:
         p = torch.cat(preds[k])
-        mask = y[k] != -100
+        mask = y[k] != IGNORE
         acc[k] = (p[mask] == y[k][mask]).float().mean().item()
     return acc
 
@@ -86,10 +77,7 @@ def eval_generator(url: str, judge: Judge, split: TestSplit, n: int, batch: int 
 
 
 def eval_vq(url: str, judge: Judge, split: TestSplit, n: int) -> dict:
-    config, tensors = load_checkpoint(url)
-    vq = VQModel(VQConfig(**config["config"]))
-    vq.load_state_dict(tensors)
-    vq.eval()
+    vq = load_vq(url)
     with torch.no_grad():
         x = split.images[:n].float() / 127.5 - 1
         tokens = vq.encode(x)

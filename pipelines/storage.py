@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 
 import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
@@ -56,10 +58,7 @@ def put_atomic(fs: AbstractFileSystem, path: str, data: bytes) -> None:
         fs.pipe_file(path, data)
 
 
-def parquet_bytes(table) -> bytes:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
+def parquet_bytes(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     return sink.getvalue().to_pybytes()

@@ -21,13 +21,12 @@ import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file, save_file
 
-from models.checkpoint import load_checkpoint
 from models.gan import GANConfig
 from models.judge import JudgeConfig, labels, scene_from_dict
 from models.recipes import Batch, GANRecipe, JudgeRecipe, Recipe, TransformerRecipe, VQRecipe
 from models.tokenizer import WordTokenizer
 from models.transformer import TransformerConfig
-from models.vq import VQConfig, VQModel
+from models.vq import VQConfig, load_vq
 from pipelines.encode import decode_image
 from pipelines.read import list_files
 from pipelines.storage import absolute, filesystem, join
@@ -72,23 +71,24 @@ class TrainSpec:
         return self.name or f"{self.kind}-seed{self.seed}"
 
 
-def read_rows(spec: TrainSpec, rank: int = 0, world: int = 1, columns: list[str] | None = None) -> dict[str, list]:
-    fs, files = list_files(spec.data, spec.storage_options)
-    cols = columns or [spec.image_column, spec.caption_column]
-    out: dict[str, list] = {c: [] for c in cols}
+def read_rows(data: str, columns: list[str], storage_options: dict | None = None, max_rows: int | None = None,
+              rank: int = 0, world: int = 1) -> dict[str, list]:
+    """Columns of every Parquet file under `data` (first `max_rows` rows), then this worker's shard."""
+    fs, files = list_files(data, storage_options or {})
+    out: dict[str, list] = {c: [] for c in columns}
     for f in files:
         with fs.open(f, "rb") as fh:
-            t = pq.read_table(fh, columns=cols)
-        for c in cols:
+            t = pq.read_table(fh, columns=columns)
+        for c in columns:
             out[c].extend(t.column(c).to_pylist())
-        if spec.max_rows and len(out[cols[0]]) >= spec.max_rows:
+        if max_rows and len(out[columns[0]]) >= max_rows:
             break
-    n = min(len(out[cols[0]]), spec.max_rows or 1 << 62)
+    n = min(len(out[columns[0]]), max_rows or 1 << 62)
     return {c: v[:n][rank::world] for c, v in out.items()}
 
 
 def train_tokenizer(spec: TrainSpec) -> WordTokenizer:
-    caps = read_rows(spec, columns=[spec.caption_column])[spec.caption_column]
+    caps = read_rows(spec.data, [spec.caption_column], spec.storage_options, spec.max_rows)[spec.caption_column]
     return WordTokenizer.train(caps, max_len=spec.model.get("text_len", 24))
 
 
@@ -100,18 +100,16 @@ def build_recipe(spec: TrainSpec, tokenizer: WordTokenizer | None) -> Recipe:
         return VQRecipe(VQConfig(**m), **r)
     if spec.kind == "gan":
         return GANRecipe(GANConfig(vocab_size=len(tokenizer.vocab), **m), tokenizer, **r)
-    vq_conf, vq_tensors = load_checkpoint(spec.vq, spec.storage_options)
-    vq_cfg = VQConfig(**vq_conf["config"])
-    vq = VQModel(vq_cfg)
-    vq.load_state_dict(vq_tensors)
+    vq = load_vq(spec.vq, spec.storage_options)
+    vq_cfg = vq.cfg
     cfg = TransformerConfig(text_vocab=len(tokenizer.vocab), image_vocab=vq_cfg.codebook_size,
                             image_tokens=vq_cfg.grid**2, **m)
-    return TransformerRecipe(cfg, vq.eval(), vq_cfg, tokenizer, steps=spec.steps, seed=spec.seed, **r)
+    return TransformerRecipe(cfg, vq, vq_cfg, tokenizer, steps=spec.steps, seed=spec.seed, **r)
 
 
 def load_data(spec: TrainSpec, recipe: Recipe, rank: int, world: int) -> dict[str, Any]:
     cols = [spec.image_column, spec.caption_column] + ([spec.attributes_column] if spec.kind == "judge" else [])
-    rows = read_rows(spec, rank, world, cols)
+    rows = read_rows(spec.data, cols, spec.storage_options, spec.max_rows, rank, world)
     images = torch.from_numpy(np.stack([decode_image(b) for b in rows[spec.image_column]])).permute(0, 3, 1, 2).contiguous()
     data: dict[str, Any] = {"images": images, "captions": rows[spec.caption_column]}
     if spec.kind == "judge":

@@ -7,7 +7,8 @@ from pathlib import Path
 import pytest
 
 from jobs.dataset import write_shapes
-from pipelines.eval_models import judge_accuracy, load_judge, load_test_split
+from models.judge import load_judge
+from pipelines.eval_models import judge_accuracy, load_test_split
 
 CKPT = Path(__file__).resolve().parents[1] / "checkpoints"
 
