@@ -1,4 +1,4 @@
-"""promptmill train vq|transformer|gan|judge --data URL --out URL [...]: train on Ray Train, export a checkpoint."""
+"""promptmill train vq|transformer|gan|judge|clip --data URL --out URL [...]: train on Ray Train, export a checkpoint."""
 
 from __future__ import annotations
 
@@ -7,10 +7,12 @@ import json
 
 import yaml
 
+from pipelines.train import KINDS
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train a model on image-caption Parquet (Ray Train)")
-    p.add_argument("kind", choices=["vq", "transformer", "gan", "judge"])
+    p.add_argument("kind", choices=KINDS)
     p.add_argument("--data", required=True, help="image-caption Parquet: file, directory, glob or URL")
     p.add_argument("--out", required=True, help="where the exported checkpoint directory goes")
     p.add_argument("--steps", type=int, default=2000)

@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.checkpoint import load_checkpoint
-from models.shapes import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, Obj, Scene
+from models.shapes import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, Obj, Scene, matches, parse
 
 CANON_RELATIONS = ["left of", "above"]
 HEADS = {"count": 2, "background": len(BACKGROUNDS), "position": len(POSITIONS), "relation": len(CANON_RELATIONS),
@@ -48,9 +48,7 @@ class Judge(nn.Module):
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, 3, H, W) or float in [-1, 1] -> (N, features) penultimate activations."""
-        if images.dtype == torch.uint8:
-            images = images.float() / 127.5 - 1
-        return self.fc(self.conv(images))
+        return self.fc(self.conv(as_model_input(images, self.cfg.image_size)))
 
     def forward(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         f = self.features(images)
@@ -93,6 +91,26 @@ def labels(scenes: list[Scene]) -> dict[str, torch.Tensor]:
             for k in ("shape", "color", "size"):
                 rows[f"{k}{slot}"].append(_VOCAB[k].index(getattr(o, k)) if o else IGNORE)
     return {k: torch.tensor(v) for k, v in rows.items()}
+
+
+def as_model_input(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 or [-1, 1] float (N, 3, H, W) -> float at the model's resolution (a 64 px generator can be judged)."""
+    if images.dtype == torch.uint8:
+        images = images.float() / 127.5 - 1
+    if images.shape[-2:] != (size, size):
+        images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return images
+
+
+def judge_prompts(judge: Judge, images: torch.Tensor, prompts: list[str]) -> tuple[list[Scene], list[bool | None]]:
+    """What the judge sees in each image, and whether it agrees with every attribute the prompt states
+    (None when the prompt is outside the shapes grammar)."""
+    scenes = [s for i in range(0, len(prompts), 512) for s in judge.read(images[i:i + 512])]
+    ok = []
+    for p, s in zip(prompts, scenes):
+        parsed = parse(p)
+        ok.append(None if parsed is None else matches(parsed, s))
+    return scenes, ok
 
 
 def scene_from_dict(d: dict) -> Scene:

@@ -9,6 +9,7 @@ up, which is DDP's arithmetic without wrapping modules (the GAN calls D.features
 from __future__ import annotations
 
 import copy
+import math
 import random
 from dataclasses import asdict, dataclass, field
 
@@ -18,9 +19,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from models.checkpoint import save_checkpoint
+from models.clip import CLIP, CLIPConfig, CLIPScorer
 from models.gan import Discriminator, GANConfig, GANGenerator, TextEncoder, d_loss, g_loss
 from models.gan import Generator as GANNet
 from models.judge import Judge, JudgeConfig
+from models.shapes import hard_negative
 from models.tokenizer import WordTokenizer
 from models.transformer import DalleTransformer, TransformerConfig, TransformerGenerator
 from models.vq import VQConfig, VQModel
@@ -129,6 +132,14 @@ class VQRecipe(Recipe):
         save_checkpoint(url, self.model.state_dict(), {"family": "vq", "config": asdict(self.model.cfg)}, storage_options)
 
 
+def cosine_lr(step: int, lr: float, warmup: int, steps: int) -> float:
+    """Linear warm-up, then cosine decay to a tenth."""
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    frac = min(1.0, (step - warmup) / max(1, steps - warmup))
+    return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(frac * math.pi)))
+
+
 def drop_captions(captions: list[str], p: float, rng: random.Random) -> list[str]:
     """Caption dropout: an empty caption encodes to all padding = the unconditional model."""
     return ["" if rng.random() < p else c for c in captions]
@@ -145,19 +156,13 @@ class TransformerRecipe(Recipe):
         self.optimizers = {"transformer": torch.optim.AdamW(self.model.parameters(), lr=lr, betas=(0.9, 0.95),
                                                             weight_decay=0.01)}
 
-    def lr_at(self, step: int) -> float:
-        if step < self.warmup:
-            return self.lr * (step + 1) / self.warmup
-        frac = (step - self.warmup) / max(1, self.steps - self.warmup)
-        return self.lr * (0.1 + 0.9 * 0.5 * (1 + torch.cos(torch.tensor(min(frac, 1.0) * torch.pi)).item()))
-
     def step(self, b: Batch, step: int) -> dict[str, float]:
         self.model.train()
         caps = drop_captions(b.captions, self.caption_dropout, random.Random(f"{self.seed}/{step}"))
         loss = self.model.loss(self.tokenizer.encode_batch(caps), b.tokens)
         opt = self.optimizers["transformer"]
         for g in opt.param_groups:
-            g["lr"] = self.lr_at(step)
+            g["lr"] = cosine_lr(step, self.lr, self.warmup, self.steps)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         sync_grads(self.model.parameters())
@@ -215,3 +220,34 @@ class GANRecipe(Recipe):
     def export(self, url: str, storage_options: dict | None = None, dtype: torch.dtype | None = None) -> None:
         g = GANGenerator(self.cfg, self.tokenizer, self.text, self.G_ema, torch.device("cpu"))
         save_checkpoint(url, g.state_dict(), g.config(), storage_options, dtype)
+
+
+class CLIPRecipe(Recipe):
+    """CLIP's symmetric InfoNCE plus one hard-negative caption per image where the caption allows one."""
+
+    def __init__(self, cfg: CLIPConfig, tokenizer: WordTokenizer, lr: float = 1e-3, warmup: int = 200,
+                 steps: int = 3000, hard_negatives: bool = True, seed: int = 0, **_) -> None:
+        self.cfg, self.tokenizer, self.lr, self.warmup, self.steps = cfg, tokenizer, lr, warmup, steps
+        self.hard_negatives, self.seed = hard_negatives, seed
+        self.model = CLIP(cfg)
+        self.modules = {"clip": self.model}
+        self.optimizers = {"clip": torch.optim.AdamW(self.model.parameters(), lr=lr, weight_decay=0.05)}
+
+    def step(self, b: Batch, step: int) -> dict[str, float]:
+        self.model.train()
+        rng = random.Random(f"{self.seed}/{step}")
+        negs = [n for n in (hard_negative(c, rng) for c in b.captions) if n] if self.hard_negatives else []
+        opt = self.optimizers["clip"]
+        for g in opt.param_groups:
+            g["lr"] = cosine_lr(step, self.lr, self.warmup, self.steps)
+        loss = self.model.loss(b.images, self.tokenizer.encode_batch(b.captions),
+                               self.tokenizer.encode_batch(negs) if negs else None)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        sync_grads(self.model.parameters())
+        opt.step()
+        return {"loss": loss.item(), "logit_scale": self.model.logit_scale.exp().item()}
+
+    def export(self, url: str, storage_options: dict | None = None, dtype: torch.dtype | None = None) -> None:
+        s = CLIPScorer(self.model, self.tokenizer)
+        save_checkpoint(url, s.state_dict(), s.config(), storage_options, dtype)

@@ -131,6 +131,38 @@ def caption(scene: Scene, rng: random.Random) -> str:
     return prefix + text
 
 
+def hard_negative(text: str, rng: random.Random) -> str | None:
+    """The caption with one attribute changed (a colour, shape, size or direction word, or two objects'
+    colours swapped), so it describes another scene; None when it names no domain word. Contrastive
+    training needs these: random captions differ in many attributes and teach a bag of words."""
+    toks = re.split(r"(\W+)", text)
+    kinds = {"color": list(COLORS) + list(BACKGROUNDS), "shape": SHAPES,
+             "size": [w for ws in SIZE_WORDS.values() for w in ws]}
+    found = [(i, k) for i, t in enumerate(toks) for k, vs in kinds.items() if t.lower() in vs]
+    found += [(i, "dir") for i, t in enumerate(toks) if t.lower() in _OPPOSITE]
+    colors = [i for i, k in found if k == "color" and toks[i].lower() in COLORS]
+    if len(colors) >= 2 and toks[colors[0]].lower() != toks[colors[1]].lower() and rng.random() < 0.3:
+        a, b = colors[:2]
+        toks[a], toks[b] = toks[b], toks[a]  # binding: same words, other scene
+        return "".join(toks)
+    if not found:
+        return None
+    i, kind = rng.choice(found)
+    word = toks[i].lower()
+    if kind == "dir":
+        toks[i] = _OPPOSITE[word]
+    elif kind == "size":
+        small = word in SIZE_WORDS["small"]
+        toks[i] = rng.choice(SIZE_WORDS["large" if small else "small"])
+    else:
+        toks[i] = rng.choice([v for v in kinds[kind] if v != word])
+    return "".join(toks)
+
+
+_OPPOSITE = {"left": "right", "right": "left", "top": "bottom", "bottom": "top", "above": "below",
+             "below": "above", "over": "under", "under": "over", "beneath": "over"}
+
+
 # ---------------------------------------------------------------- parser
 
 def _alt(words) -> str:

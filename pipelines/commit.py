@@ -8,8 +8,11 @@ A crash at any point leaves a state the next commit merges correctly, since read
 
 from __future__ import annotations
 
+import io
 import json
 import logging
+import re
+import tarfile
 import uuid
 from typing import Any
 
@@ -18,8 +21,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
-from pipelines.storage import join, parquet_bytes, put_atomic
-from pipelines.write import METADATA_SCHEMA, STAGING
+from pipelines.storage import full_url, join, parquet_bytes, put_atomic
+from pipelines.write import METADATA_SCHEMA, STAGING, tar_bytes
 
 log = logging.getLogger(__name__)
 ROWS_PER_FILE = 100_000
@@ -46,6 +49,11 @@ def _read(fs: AbstractFileSystem, files: list[str], columns: list[str] | None = 
     return pa.concat_tables([t.cast(schema) for t in tables]) if tables else schema.empty_table()
 
 
+def read_metadata(fs: AbstractFileSystem, root: str) -> pa.Table:
+    """The committed metadata of a run (what a user reads)."""
+    return _read(fs, metadata_files(fs, root)[0])
+
+
 def done_keys(fs: AbstractFileSystem, root: str) -> frozenset[str]:
     committed, staged = metadata_files(fs, root)
     t = _read(fs, committed + staged, ["model", "id", "sample"])
@@ -61,15 +69,79 @@ def commit(fs: AbstractFileSystem, root: str) -> pa.Table:
     keys = pc.binary_join_element_wise(table["model"], table["id"], pc.cast(table["sample"], pa.string()), "/")
     first = pa.table({"k": keys, "i": pa.array(range(len(keys)), pa.int64())}).group_by("k").aggregate([("i", "min")])
     table = table.take(first["i_min"]).sort_by([("model", "ascending"), ("id", "ascending"), ("sample", "ascending")])
+    table = _finalize_shards(fs, root, table)
     gen = uuid.uuid4().hex[:8]
     for n, start in enumerate(range(0, max(len(table), 1), ROWS_PER_FILE)):
         put_atomic(fs, join(root, "metadata", f"part-{gen}-{n:05d}.parquet"),
                    parquet_bytes(table.slice(start, ROWS_PER_FILE)))
     for f in committed + staged:  # only now: every row above is safely in the new generation
         fs.rm(f)
+    _sweep_shards(fs, root, table)
     if len(table) != len(committed) and staged:
         log.info("committed %d metadata rows (%d staging parts merged)", len(table), len(staged))
     return table
+
+
+SHARD_NAME = re.compile(r"/(\d{5,})\.tar$")
+
+
+def _member_key(name: str) -> str:
+    return name.rsplit("/", 1)[-1].split(".", 1)[0]
+
+
+def _finalize_shards(fs: AbstractFileSystem, root: str, table: pa.Table) -> pa.Table:
+    """Staged WebDataset tars -> `shards/<model>/{n:05d}.tar`, numbered after the committed ones.
+
+    Copied, not moved: until the new metadata generation is written, the old one still points at the
+    staged tars. A tar none of whose rows survived deduplication (a batch Ray ran twice) is not copied;
+    one that kept only some rows is rewritten without the others, so no sample is in two shards.
+    """
+    if "image_path" not in table.column_names or not len(table):
+        return table
+    staged_root = full_url(fs, join(root, STAGING, "shards"))
+    paths = table.column("image_path").to_pylist()
+    keys, models = table.column("image_key").to_pylist(), table.column("model").to_pylist()
+    staged: dict[str, set[str]] = {}
+    last: dict[str, int] = {}
+    for p, k, m in zip(paths, keys, models):
+        if p is None:
+            continue
+        if p.startswith(staged_root + "/"):
+            staged.setdefault(p, set()).add(k)
+        elif (hit := SHARD_NAME.search(p)) is not None:
+            last[m] = max(last.get(m, -1), int(hit.group(1)))
+    if not staged:
+        return table
+    final: dict[str, str] = {}
+    for p in sorted(staged):
+        model = models[paths.index(p)]
+        data = fs.cat_file(fs._strip_protocol(p))
+        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+            members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
+        kept = [(name, b) for name, b in members if _member_key(name) in staged[p]]
+        if len(kept) != len(members):
+            data = tar_bytes(kept)
+        last[model] = last.get(model, -1) + 1
+        dest = join(root, "shards", model, f"{last[model]:05d}.tar")
+        put_atomic(fs, dest, data)
+        final[p] = full_url(fs, dest)
+    return table.set_column(table.schema.get_field_index("image_path"), "image_path",
+                            pa.array([final.get(p, p) for p in paths], pa.string()))
+
+
+def _sweep_shards(fs: AbstractFileSystem, root: str, table: pa.Table) -> None:
+    """Delete staged tars and any shard the committed metadata does not reference (left by a commit
+    that died between copying shards and writing metadata): a reader globbing shards/ sees each sample once."""
+    if fs.exists(join(root, STAGING, "shards")):
+        fs.rm(join(root, STAGING, "shards"), recursive=True)
+    shards = join(root, "shards")
+    if not fs.exists(shards):
+        return
+    used = {fs._strip_protocol(p) for p in table.column("image_path").to_pylist() if p}
+    for f in fs.find(shards):
+        if f.endswith(".tar") and fs._strip_protocol(f) not in used:
+            log.warning("removing unreferenced shard %s", f)
+            fs.rm(f)
 
 
 def write_json(fs: AbstractFileSystem, path: str, obj: Any) -> None:

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from models.clip import CLIPScorer
 from models.generator import load_generator
-from models.judge import HEADS, IGNORE, Judge, labels, scene_from_dict
-from models.shapes import Scene, matches, parse
+from models.judge import HEADS, IGNORE, Judge, judge_prompts, labels, scene_from_dict
+from models.shapes import Scene
 from models.vq import load_vq
 from pipelines.encode import decode_image
 from pipelines.train import read_rows
@@ -63,8 +64,7 @@ def _breakdown(ok: list[bool], split: TestSplit) -> dict[str, float | int]:
 
 
 def prompt_match(judge: Judge, images: torch.Tensor, captions: list[str]) -> list[bool]:
-    read = [s for i in range(0, len(captions), 500) for s in judge.read(images[i:i + 500])]
-    return [matches(parse(c), s) for c, s in zip(captions, read)]
+    return [bool(ok) for ok in judge_prompts(judge, images, captions)[1]]
 
 
 def eval_generator(url: str, judge: Judge, split: TestSplit, n: int, batch: int = 64, **sampling) -> tuple[dict, np.ndarray]:
@@ -96,3 +96,18 @@ def grid_png(images: np.ndarray, captions: list[str], path: str, cols: int = 8, 
     rows = len(images) // cols
     g = np.concatenate([np.concatenate(list(images[r * cols:(r + 1) * cols]), 1) for r in range(rows)], 0)
     Image.fromarray(g).resize((g.shape[1] * scale, g.shape[0] * scale), Image.NEAREST).save(path)
+
+
+def r_precision(scorer: CLIPScorer, images: np.ndarray, captions: list[str], distractors: int = 99,
+                seed: int = 0) -> float:
+    """CLIP R-precision: how often the true caption outranks `distractors` random captions of other images."""
+    img, txt = scorer.embed_images(images), scorer.embed_texts(captions)
+    n = len(captions)
+    k = min(distractors, n - 1)
+    rng = np.random.default_rng(seed)
+    hits = 0
+    for i in range(n):
+        others = rng.choice(n - 1, k, replace=False)
+        cand = torch.tensor([i, *(others + (others >= i))])  # skip i itself
+        hits += int((txt[cand] @ img[i]).argmax().item() == 0)
+    return hits / n

@@ -1,4 +1,8 @@
-"""The generate stage: a Ray Data callable class, one model load per actor, one `generate` per batch."""
+"""The generate stage: a Ray Data callable class, one model load per actor, one `generate` per batch.
+
+Emits raw pixels (the scoring stage reads them; the writer encodes), and with `sampling.candidates`
+K > 1 draws K per image and keeps the best by clip_score (DALL-E's rerank).
+"""
 
 from __future__ import annotations
 
@@ -6,33 +10,43 @@ import json
 import logging
 
 import numpy as np
-import torch
 
 from models import load_generator
-from pipelines.encode import encode_image
-from pipelines.spec import ModelSpec
+from models.clip import load_clip
+from models.rerank import generate_best_of
+from pipelines.score import device_for
+from pipelines.spec import ModelSpec, ScoringSpec
 
 log = logging.getLogger(__name__)
 
 
 class GenerateStage:
-    def __init__(self, model: ModelSpec, image_format: str) -> None:
-        use_cuda = model.resources.num_gpus > 0 and torch.cuda.is_available()
-        self.device = "cuda" if use_cuda else "cpu"
-        self.model, self.image_format = model, image_format
+    def __init__(self, model: ModelSpec, scoring: ScoringSpec) -> None:
+        self.device = device_for(model.resources.num_gpus)
+        self.model = model
         self.gen = load_generator(model.checkpoint, self.device, model.storage_options)
-        self.sampling = self.gen.Sampling(**model.sampling).model_dump()
+        self.sampling = self.gen.Sampling(**model.family_sampling).model_dump()
+        self.scorer = load_clip(scoring.clip, self.device, scoring.storage_options) if model.candidates > 1 else None
         log.info("loaded %s (%s) on %s", model.name, model.family, self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         prompts = [str(p) for p in batch["prompt"]]
-        images = self.gen.generate(prompts, [int(s) for s in batch["seed"]], **self.sampling)
-        n = len(prompts)
-        batch["image"] = np.array([encode_image(im, self.image_format) for im in images], object)
+        seeds = [int(s) for s in batch["seed"]]
+        n, k = len(prompts), self.model.candidates
+        if self.scorer is None:
+            batch["pixels"] = self.gen.generate(prompts, seeds, **self.sampling)
+            batch["candidate_index"] = np.zeros(n, np.int32)
+            batch["candidate_score"] = np.full(n, None, object)
+        else:
+            best = generate_best_of(self.gen, self.scorer, prompts, seeds, k, **self.sampling)
+            batch["pixels"] = best.images
+            batch["candidate_index"] = best.index.astype(np.int32)
+            batch["candidate_score"] = best.score.astype(np.float64)
+        batch["candidates"] = np.full(n, k, np.int32)
         batch["model"] = np.full(n, self.model.name, object)
         batch["family"] = np.full(n, self.model.family, object)
         batch["checkpoint"] = np.full(n, self.model.checkpoint, object)
-        batch["sampling"] = np.full(n, json.dumps(self.sampling, sort_keys=True), object)
+        batch["sampling"] = np.full(n, json.dumps({**self.sampling, "candidates": k}, sort_keys=True), object)
         batch["width"] = np.full(n, self.gen.width, np.int32)
         batch["height"] = np.full(n, self.gen.height, np.int32)
         batch["device"] = np.full(n, self.device, object)

@@ -19,10 +19,16 @@ from pydantic import ValidationError
 from ray.data import ActorPoolStrategy
 
 from models import CheckpointError, load_generator
+from models.clip import load_clip
+from models.judge import load_judge
 from pipelines.commit import SPEC, SUCCESS, SUMMARY, commit, done_keys, metadata_files, read_json, write_json
+from pipelines.evaluate import evaluate_run, read_reference
 from pipelines.expand import expand_batch
 from pipelines.generate import GenerateStage
 from pipelines.read import InputError, InputPlan, plan_input, read_prompts
+from pipelines.report import write_report
+from pipelines.results import Run, score_summary
+from pipelines.score import ScoreStage
 from pipelines.spec import JobSpec, SpecError, redact
 from pipelines.storage import arrow_fs, filesystem, full_url, join
 from pipelines.validate import ID, REASON, validate_batch
@@ -60,8 +66,9 @@ class JobResult:
 
 def _fingerprint(spec: JobSpec) -> dict:
     """What decides the pixels of an existing sample; a rerun must not change it under the same output."""
-    return {"seed": spec.seed, "image_format": spec.output.image_format,
-            "models": {m.name: {"family": m.family, "checkpoint": m.checkpoint, "sampling": m.sampling}
+    return {"seed": spec.seed, "image_format": spec.output.image_format, "format": spec.output.format,
+            "models": {m.name: {"family": m.family, "checkpoint": m.checkpoint, "sampling": m.sampling,
+                                **({"rerank_clip": spec.scoring.clip} if m.candidates > 1 else {})}
                        for m in spec.models}}
 
 
@@ -80,19 +87,45 @@ def preflight(spec: JobSpec) -> InputPlan:
         if gen.family != m.family:
             raise PreflightError(f"{where}.family: spec says {m.family!r}, checkpoint {m.checkpoint!r} is {gen.family!r}")
         try:
-            gen.Sampling(**m.sampling)
+            gen.Sampling(**m.family_sampling)
         except ValidationError as e:
             raise PreflightError(f"{where}.sampling: {e}") from e
+    if _scoring(spec):
+        for field_name, loader in (("clip", load_clip), ("judge", load_judge)):
+            url = getattr(spec.scoring, field_name)
+            if url is None:
+                continue
+            try:
+                loader(url, storage_options=spec.scoring.storage_options)
+            except (CheckpointError, OSError) as e:
+                raise PreflightError(f"scoring.{field_name}: {e}") from e
+    if spec.metrics.reference:
+        try:
+            read_reference(spec.metrics.reference, spec.metrics.storage_options, spec.metrics.image_column, 4)
+        except (OSError, ValueError, KeyError, pa.ArrowException) as e:
+            raise PreflightError(f"metrics.reference: cannot read images from {spec.metrics.reference!r} ({e})") from e
     fs, root = filesystem(spec.output.path, spec.output.storage_options)
     previous = read_json(fs, join(root, SPEC))
     if previous is not None:
         now = _fingerprint(spec)
         for name, m in now["models"].items():
             old = previous["models"].get(name)
-            if old is not None and old != m or previous["seed"] != now["seed"] or previous["image_format"] != now["image_format"]:
+            same = all(previous.get(k, "files" if k == "format" else None) == now[k]
+                       for k in ("seed", "image_format", "format"))
+            if old is not None and old != m or not same:
                 raise PreflightError(f"output.path {spec.output.path!r} already holds a run with different "
                                      f"seed/format/model {name!r} settings ({previous}); use a new output path")
     return plan
+
+
+def _scoring(spec: JobSpec) -> bool:
+    return spec.scoring.enabled and bool(spec.scoring.clip or spec.scoring.judge)
+
+
+def _pool_cpus(spec: JobSpec) -> float:
+    """CPUs the actor pools hold at their minimum size (every model's, plus the scoring pool)."""
+    pools = [m.resources for m in spec.models] + ([spec.scoring.resources] if _scoring(spec) else [])
+    return sum(r.actors * r.num_cpus for r in pools)
 
 
 def _ensure_ray(spec: JobSpec) -> None:
@@ -103,7 +136,7 @@ def _ensure_ray(spec: JobSpec) -> None:
         return
     # Embedded: every pool's minimum actors must fit beside the read/write tasks, or the job waits
     # forever for CPUs; logical CPUs may exceed cores (actors idle while others work).
-    needed = sum(m.resources.actors * m.resources.num_cpus for m in spec.models) + 2
+    needed = _pool_cpus(spec) + 2
     num_cpus = max(os.cpu_count() or 1, int(needed + 0.999))
     ray.init(num_cpus=num_cpus, include_dashboard=False)
     log.info("started an embedded Ray with %d logical CPUs", num_cpus)
@@ -112,12 +145,14 @@ def _ensure_ray(spec: JobSpec) -> None:
 def _check_capacity(spec: JobSpec) -> None:
     """Pools whose minimum actors take every CPU starve the read/write tasks: the job would hang, not fail."""
     have = ray.cluster_resources()
-    need_cpu = sum(m.resources.actors * m.resources.num_cpus for m in spec.models) + 1
+    need_cpu = _pool_cpus(spec) + 1
     if have.get("CPU", 0) < need_cpu:
         raise PreflightError(
             f"models[*].resources: the actor pools need {need_cpu:g} CPUs at minimum (actors x num_cpus, plus 1 "
-            f"for reading and writing) but the Ray cluster has {have.get('CPU', 0):g}; lower actors or num_cpus")
-    need_gpu = sum(m.resources.actors * m.resources.num_gpus for m in spec.models)
+            f"for reading and writing) but the Ray cluster has {have.get('CPU', 0):g}; lower actors or num_cpus "
+            "(scoring.resources counts too)")
+    pools = [m.resources for m in spec.models] + ([spec.scoring.resources] if _scoring(spec) else [])
+    need_gpu = sum(r.actors * r.num_gpus for r in pools)
     if need_gpu > have.get("GPU", 0):
         log.warning("actor pools ask for %g GPUs, the cluster has %g now: waiting for the autoscaler",
                     need_gpu, have.get("GPU", 0))
@@ -138,7 +173,11 @@ def _write_rejected(spec: JobSpec, plan: InputPlan, validated: ray.data.Dataset,
         return out if spec.input.id_column else out.append_column("row_id", t[ID])
 
     rejected = validated.map_batches(to_rejected, batch_format="pyarrow")
-    rejected.write_parquet(staging, filesystem=arrow_fs(fs), min_rows_per_file=10_000)
+    try:
+        rejected.write_parquet(staging, filesystem=arrow_fs(fs), min_rows_per_file=10_000)
+    except FileNotFoundError:  # Ray removes the empty output dir of a 0-row write; on s3fs that dir never existed
+        if fs.exists(staging) and fs.find(staging):
+            raise
     counts: dict[str, int] = {}
     for f in (fs.find(staging) if fs.exists(staging) else []):
         if f.endswith(".parquet"):
@@ -167,7 +206,7 @@ def run_job(spec: JobSpec) -> JobResult:
     rejected = _write_rejected(spec, plan, validated, out_url)
     accepted = plan.rows - sum(rejected.values())
 
-    # 4. One branch per model: expand -> generate (actor pool) -> write images + metadata parts
+    # 4. One branch per model: expand -> generate (actor pool); then score, write images + metadata parts
     branches = []
     for m in spec.models:
         r = m.resources
@@ -177,19 +216,25 @@ def run_job(spec: JobSpec) -> JobResult:
             batch_format="pyarrow",
         ).repartition(target_num_rows_per_block=r.batch_size)  # one block per generate call: every actor
         # gets work (a small prompt file is one block) and a crash loses at most the blocks in flight
-        images = samples.map_batches(
-            GenerateStage, fn_constructor_kwargs={"model": m, "image_format": spec.output.image_format},
+        branches.append(samples.map_batches(
+            GenerateStage, fn_constructor_kwargs={"model": m, "scoring": spec.scoring},
             compute=ActorPoolStrategy(min_size=r.actors, max_size=r.max_actors),
-            num_gpus=r.num_gpus, num_cpus=r.num_cpus, batch_size=r.batch_size)
-        branches.append(images.map_batches(WriteStage(out_url, spec.output.storage_options, spec.output.image_format),
-                                           batch_size=None, num_cpus=0.5))
+            num_gpus=r.num_gpus, num_cpus=r.num_cpus, batch_size=r.batch_size))
+    images = branches[0].union(*branches[1:]) if len(branches) > 1 else branches[0]
+    s = spec.scoring.resources
+    if _scoring(spec):  # 5. one scoring pool for every model's images
+        images = images.map_batches(ScoreStage, fn_constructor_kwargs={"scoring": spec.scoring},
+                                    compute=ActorPoolStrategy(min_size=s.actors, max_size=s.max_actors),
+                                    num_gpus=s.num_gpus, num_cpus=s.num_cpus, batch_size=s.batch_size)
+    o = spec.output
+    stream = images.map_batches(WriteStage(out_url, o.storage_options, o.image_format, o.format),
+                                batch_size=None if o.format == "files" else o.shard_size, num_cpus=0.5)
     written: dict[str, int] = {m.name: 0 for m in spec.models}
-    stream = branches[0].union(*branches[1:]) if len(branches) > 1 else branches[0]
     for batch in stream.iter_batches(batch_size=None, batch_format="numpy"):
         for name, n in zip(batch["model"], batch["images"]):
             written[str(name)] += int(n)
 
-    # 5. Commit: exactly one metadata row per sample, then rejected, summary, _SUCCESS (last)
+    # 6. Commit: exactly one metadata row per sample, then rejected, summary, _SUCCESS (last)
     success = join(root, SUCCESS)
     rejected_staging = join(root, STAGING, "rejected")
     if sum(written.values()) == 0 and fs.exists(success) and not metadata_files(fs, root)[1]:
@@ -219,7 +264,19 @@ def run_job(spec: JobSpec) -> JobResult:
         "images_written_this_run": written, "images_total": totals, "wall_s": round(wall, 3),
         "images_per_s": round(result.images_per_s, 3), "spec": redact(spec.model_dump(mode="json")),
     }
+    result.summary["scores"] = score_summary(table)
     write_json(fs, join(root, SUMMARY), result.summary)
+    # 7. Job-level metrics and the report (read the committed run back, as a user would)
+    if spec.metrics.reference or spec.output.report:
+        run = Run(out_url, spec.output.storage_options)
+        if spec.metrics.reference:
+            m = spec.metrics
+            evaluate_run(run, m.reference, spec.scoring.judge, max_images=m.max_images,
+                         reference_storage_options=m.storage_options, image_column=m.image_column,
+                         judge_storage_options=spec.scoring.storage_options)
+            result.summary = run.summary
+        if spec.output.report:
+            write_report(run)
     fs.pipe(success, b"")
     if fs.exists(join(root, STAGING)):
         fs.rm(join(root, STAGING), recursive=True)

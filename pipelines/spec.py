@@ -48,6 +48,9 @@ class Resources(Strict):
         return self
 
 
+SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints"  # the project's trained checkpoints
+
+
 class ModelSpec(Strict):
     name: str = Field(description="used in output paths and metadata; path-safe, unique in the job")
     family: Literal["transformer", "gan"] = Field(description="generator family")
@@ -64,11 +67,53 @@ class ModelSpec(Strict):
             raise ValueError(f"{v!r} is not path-safe (letters, digits, '.', '_', '-'; no leading dot)")
         return v
 
+    @field_validator("sampling")
+    @classmethod
+    def _candidates(cls, v: dict[str, Any]) -> dict[str, Any]:
+        k = v.get("candidates", 1)
+        if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 256:
+            raise ValueError(f"candidates must be an integer in [1, 256], got {k!r}")
+        return v
+
+    @property
+    def candidates(self) -> int:
+        """Rerank: draw this many per image, keep the best by clip_score (handled by the job, not the family)."""
+        return self.sampling.get("candidates", 1)
+
+    @property
+    def family_sampling(self) -> dict[str, Any]:
+        return {k: v for k, v in self.sampling.items() if k != "candidates"}
+
+
+class ScoringSpec(Strict):
+    enabled: bool = Field(default=True, description="false leaves clip_score / prompt_match / judged null")
+    clip: str | None = Field(default=str(SHIPPED / "clip"), description="CLIP checkpoint for clip_score and "
+                             "rerank; null: no clip_score")
+    judge: str | None = Field(default=str(SHIPPED / "judge"), description="judge checkpoint for prompt_match and "
+                              "judged attributes; null: none")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for both URLs")
+    resources: Resources = Field(default_factory=lambda: Resources(batch_size=64),
+                                 description="the scoring actor pool (like a model's); its batch is also the "
+                                 "write batch, so a crash redoes at most that many images per block in flight")
+
+
+class MetricsSpec(Strict):
+    reference: str | None = Field(default=None, description="image-caption Parquet (e.g. the shapes test split) "
+                                  "for FID / KID / IS / precision-recall at the end of the job; null: skipped")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for the reference")
+    image_column: str = Field(default="png", description="image bytes column of the reference")
+    max_images: int = Field(default=2000, ge=10, description="reference images read (and run images per model)")
+
 
 class OutputSpec(Strict):
     path: str = Field(description="output directory; local path or any fsspec URL")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="passed to fsspec for the output")
     image_format: Literal["png", "jpeg", "webp"] = Field(default="png", description="encoding of image files")
+    format: Literal["files", "webdataset", "parquet"] = Field(
+        default="files", description="files: one object per image; webdataset: tar shards; parquet: bytes in the metadata")
+    shard_size: int = Field(default=1000, ge=1, le=100_000, description="samples per write batch: per WebDataset "
+                            "shard (a batch holding two models' images makes one shard each) or metadata part")
+    report: bool = Field(default=True, description="write report.html at the end of the job")
 
 
 class JobSpec(Strict):
@@ -77,6 +122,8 @@ class JobSpec(Strict):
     input: InputSpec = Field(description="where the prompts come from")
     models: list[ModelSpec] = Field(min_length=1, description="every accepted prompt goes to every model")
     output: OutputSpec = Field(description="where images, metadata and the summary go")
+    scoring: ScoringSpec = Field(default_factory=ScoringSpec, description="per-image scores and rerank")
+    metrics: MetricsSpec = Field(default_factory=MetricsSpec, description="job-level metrics against a reference")
 
     @model_validator(mode="after")
     def _unique_models(self) -> JobSpec:
@@ -84,6 +131,12 @@ class JobSpec(Strict):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"model names must be unique; repeated: {dup}")
+        if self.metrics.reference and not self.scoring.judge:
+            raise ValueError("metrics.reference needs scoring.judge (its features are the metric space)")
+        for m in self.models:
+            if m.candidates > 1 and not (self.scoring.enabled and self.scoring.clip):
+                raise ValueError(f"model {m.name!r}: sampling.candidates > 1 reranks by clip_score, "
+                                 "which needs scoring.enabled and scoring.clip")
         return self
 
 

@@ -21,9 +21,10 @@ import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file, save_file
 
+from models.clip import CLIPConfig
 from models.gan import GANConfig
 from models.judge import JudgeConfig, labels, scene_from_dict
-from models.recipes import Batch, GANRecipe, JudgeRecipe, Recipe, TransformerRecipe, VQRecipe
+from models.recipes import Batch, CLIPRecipe, GANRecipe, JudgeRecipe, Recipe, TransformerRecipe, VQRecipe
 from models.tokenizer import WordTokenizer
 from models.transformer import TransformerConfig
 from models.vq import VQConfig, load_vq
@@ -32,7 +33,7 @@ from pipelines.read import list_files
 from pipelines.storage import absolute, filesystem, join
 
 log = logging.getLogger(__name__)
-KINDS = ("vq", "transformer", "gan", "judge")
+KINDS = ("vq", "transformer", "gan", "judge", "clip")
 
 
 @dataclass
@@ -98,6 +99,9 @@ def build_recipe(spec: TrainSpec, tokenizer: WordTokenizer | None) -> Recipe:
         return JudgeRecipe(JudgeConfig(**m), **r)
     if spec.kind == "vq":
         return VQRecipe(VQConfig(**m), **r)
+    if spec.kind == "clip":
+        return CLIPRecipe(CLIPConfig(**{**m, "vocab_size": len(tokenizer.vocab), "text_len": tokenizer.max_len}), tokenizer,
+                          steps=spec.steps, seed=spec.seed, **r)
     if spec.kind == "gan":
         return GANRecipe(GANConfig(vocab_size=len(tokenizer.vocab), **m), tokenizer, **r)
     vq = load_vq(spec.vq, spec.storage_options)
@@ -220,7 +224,7 @@ def run_training(spec: TrainSpec) -> dict:
 
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
-    tokenizer = train_tokenizer(spec) if spec.kind in ("gan", "transformer") else None
+    tokenizer = train_tokenizer(spec) if spec.kind in ("gan", "transformer", "clip") else None
     storage = spec.storage_path if "://" in spec.storage_path else os.path.abspath(spec.storage_path)
     check_resumable(spec, storage)
     trainer = TorchTrainer(

@@ -1,0 +1,36 @@
+"""promptmill evaluate RUN_URL --reference URL: FID / KID / IS / precision-recall per model, into summary.json."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    from pipelines.spec import SHIPPED
+
+    p = sub.add_parser("evaluate", help="job-level metrics of a finished run against a reference image set")
+    p.add_argument("run", help="output URL of a generate job")
+    p.add_argument("--reference", required=True, help="image-caption Parquet (e.g. data/shapes/test)")
+    p.add_argument("--judge", default=str(SHIPPED / "judge"), help="feature extractor checkpoint")
+    p.add_argument("--max-images", type=int, default=2000, help="images per model (reference: twice that)")
+    p.add_argument("--image-column", default="png")
+    p.add_argument("--storage-options", default="{}", help="JSON fsspec options for the run and the reference")
+    p.add_argument("--no-report", action="store_true", help="do not rebuild report.html")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from pipelines.evaluate import evaluate_run
+    from pipelines.metrics import table
+    from pipelines.report import write_report
+    from pipelines.results import Run
+
+    so = json.loads(args.storage_options)
+    run = Run(args.run, so)
+    metrics = evaluate_run(run, args.reference, args.judge, max_images=args.max_images, reference_storage_options=so,
+                           image_column=args.image_column)
+    print(table(metrics["models"]))
+    if not args.no_report:
+        write_report(run)
+    return 0

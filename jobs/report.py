@@ -1,0 +1,23 @@
+"""promptmill report RUN_URL: rebuild OUT/report.html from the run's metadata and summary."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("report", help="rebuild report.html of a finished run")
+    p.add_argument("run", help="output URL of a generate job")
+    p.add_argument("--storage-options", default="{}", help="JSON fsspec options")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from pipelines.report import write_report
+    from pipelines.results import Run
+    from pipelines.storage import full_url
+
+    run = Run(args.run, json.loads(args.storage_options))
+    print(full_url(run.fs, write_report(run)))
+    return 0

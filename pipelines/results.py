@@ -1,0 +1,75 @@
+"""Reading a finished run back: its committed metadata and its images (for `evaluate` and `report`)."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from fsspec import AbstractFileSystem
+
+from pipelines.commit import SUMMARY, read_json, read_metadata
+from pipelines.encode import EXTENSIONS, decode_image
+from pipelines.storage import filesystem, join
+
+
+class Run:
+    def __init__(self, url: str, storage_options: dict | None = None) -> None:
+        self.url = url
+        self.fs, self.root = filesystem(url, storage_options)
+        self.metadata = read_metadata(self.fs, self.root)
+        self.summary = read_json(self.fs, join(self.root, SUMMARY)) or {}
+        if not len(self.metadata) and not self.summary:
+            raise FileNotFoundError(f"{url!r} holds no promptmill run (no metadata/ and no summary.json)")
+
+    @property
+    def models(self) -> list[str]:
+        return sorted(set(self.metadata.column("model").to_pylist()))
+
+    def rows(self, model: str, limit: int | None = None) -> pa.Table:
+        t = self.metadata.filter(pc.equal(self.metadata["model"], model))
+        return t.slice(0, limit) if limit else t
+
+    def images(self, rows: pa.Table) -> np.ndarray:
+        """uint8 (N, H, W, 3) for metadata rows, in row order."""
+        if not len(rows):
+            return np.zeros((0, 0, 0, 3), np.uint8)
+        return np.stack([decode_image(b) for b in read_image_bytes(self.fs, rows)])
+
+
+def read_image_bytes(fs: AbstractFileSystem, rows: pa.Table) -> list[bytes]:
+    """Encoded images of metadata rows, whatever the output format (files, webdataset, parquet)."""
+    inline = rows.column("image").to_pylist()
+    paths = rows.column("image_path").to_pylist()
+    keys = rows.column("image_key").to_pylist()
+    needed = sorted({fs._strip_protocol(p) for p, b in zip(paths, inline) if b is None and p})
+    got = fs.cat(needed) if needed else {}  # s3fs: concurrent GETs
+    members: dict[str, dict[str, bytes]] = {}
+    out = []
+    for b, p, k, fmt in zip(inline, paths, keys, rows.column("image_format").to_pylist()):
+        if b is not None:
+            out.append(b)
+        elif k is None:
+            out.append(got[fs._strip_protocol(p)])
+        else:  # a WebDataset member
+            tar = fs._strip_protocol(p)
+            if tar not in members:
+                with tarfile.open(fileobj=io.BytesIO(got[tar])) as t:
+                    members[tar] = {m.name: t.extractfile(m).read() for m in t.getmembers() if m.isfile()}
+            out.append(members[tar][f"{k}.{EXTENSIONS[fmt]}"])
+    return out
+
+
+def score_summary(metadata: pa.Table) -> dict[str, dict]:
+    """Per model: images, mean clip_score, prompt-match rate over in-domain prompts, rerank settings."""
+    out = {}
+    for model in sorted(set(metadata.column("model").to_pylist())):
+        t = metadata.filter(pc.equal(metadata["model"], model))
+        clip = [v for v in t.column("clip_score").to_pylist() if v is not None]
+        match = [v for v in t.column("prompt_match").to_pylist() if v is not None]
+        out[model] = {"images": len(t), "clip_score_mean": round(float(np.mean(clip)), 4) if clip else None,
+                      "prompt_match": round(float(np.mean(match)), 4) if match else None,
+                      "prompt_match_n": len(match), "candidates": max(t.column("candidates").to_pylist(), default=None)}
+    return out

@@ -1,0 +1,51 @@
+"""The scoring stage: its own Ray Data actor pool (CLIP + judge loaded once per actor) between generate and write.
+
+Adds `clip_score` (torchmetrics' CLIPScore: max(100 * cosine, 0)), `judged` (the judge's reading of the
+image as JSON) and `prompt_match` (that reading agrees with every attribute the prompt states; null for
+prompts outside the shapes grammar). A disabled scorer or one without a checkpoint leaves its columns null.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import numpy as np
+import torch
+
+from models.clip import load_clip
+from models.judge import judge_prompts, load_judge
+from pipelines.spec import ScoringSpec
+
+log = logging.getLogger(__name__)
+
+
+def device_for(num_gpus: float) -> str:
+    """CUDA when the actor was given a GPU and torch sees one; CPU otherwise (the fallback)."""
+    return "cuda" if num_gpus > 0 and torch.cuda.is_available() else "cpu"
+
+
+class ScoreStage:
+    def __init__(self, scoring: ScoringSpec) -> None:
+        self.device = device_for(scoring.resources.num_gpus)
+        so = scoring.storage_options
+        self.clip = load_clip(scoring.clip, self.device, so) if scoring.clip else None
+        self.judge = load_judge(scoring.judge, so).to(self.device) if scoring.judge else None
+        log.info("scoring on %s (clip=%s, judge=%s)", self.device, scoring.clip, scoring.judge)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        prompts = [str(p) for p in batch["prompt"]]
+        n = len(prompts)
+        pixels = np.asarray(batch["pixels"])
+        batch["clip_score"] = (self.clip.score(pixels, prompts).astype(np.float64) if self.clip
+                               else np.full(n, None, object))
+        if self.judge is not None:
+            with torch.no_grad():
+                x = torch.from_numpy(pixels).to(self.device).permute(0, 3, 1, 2)
+                scenes, ok = judge_prompts(self.judge, x, prompts)
+            batch["judged"] = np.array([json.dumps(s.to_dict(), sort_keys=True) for s in scenes], object)
+            batch["prompt_match"] = np.array(ok, object)
+        else:
+            batch["judged"] = np.full(n, None, object)
+            batch["prompt_match"] = np.full(n, None, object)
+        return batch
