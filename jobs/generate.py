@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import sys
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("generate", help="prompt Parquet -> images, metadata and summary")
-    p.add_argument("spec", help="job spec YAML")
+    p.add_argument("spec", help="job spec YAML, or env:NAME for a JSON spec in that variable (Ray Jobs)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a spec field, e.g. --set models.0.images_per_prompt=4")
     p.set_defaults(func=main)
@@ -19,7 +21,8 @@ def main(args: argparse.Namespace) -> int:
     from pipelines.spec import SpecError, load_spec
 
     try:
-        spec = load_spec(args.spec, args.overrides)
+        source = json.loads(os.environ[args.spec[4:]]) if args.spec.startswith("env:") else args.spec
+        spec = load_spec(source, args.overrides)
         result = run_job(spec)
     except (SpecError, PreflightError) as e:
         print(f"promptmill: error: {e}", file=sys.stderr)

@@ -105,7 +105,7 @@ class CLIPScorer:
     @torch.no_grad()
     def embed_images(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 (N, H, W, 3) as the generators return them."""
-        x = torch.as_tensor(images).to(self.device).permute(0, 3, 1, 2)
+        x = torch.as_tensor(np.array(images, copy=True)).to(self.device).permute(0, 3, 1, 2)  # Ray hands read-only arrays
         return self.model.encode_image(x)
 
     @torch.no_grad()

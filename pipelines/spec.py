@@ -22,6 +22,27 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", protected_namespaces=())
 
 
+class Blocklist(Strict):
+    words: list[str] = Field(default_factory=list, description="whole words or phrases, case-insensitive")
+    patterns: list[str] = Field(default_factory=list, description="Python regular expressions (re.search, "
+                                "case-insensitive)")
+
+    @field_validator("patterns")
+    @classmethod
+    def _compiles(cls, v: list[str]) -> list[str]:
+        for i, p in enumerate(v):
+            try:
+                re.compile(p)
+            except re.error as e:
+                raise ValueError(f"patterns[{i}] {p!r} is not a valid regular expression: {e}") from None
+        return v
+
+    def compiled(self) -> re.Pattern | None:
+        """One alternation: whole-word matches of `words`, plus `patterns` as written."""
+        alts = [rf"\b{re.escape(w.strip())}\b" for w in self.words if w.strip()] + [f"(?:{p})" for p in self.patterns]
+        return re.compile("|".join(alts), re.IGNORECASE) if alts else None
+
+
 class InputSpec(Strict):
     path: str = Field(description="Parquet file, directory or glob; local path or any fsspec URL")
     prompt_column: str = Field(default="prompt", description="column holding the prompt text")
@@ -32,6 +53,8 @@ class InputSpec(Strict):
         default_factory=dict, description="passed to fsspec (s3fs: endpoint_url, key, secret, anon, ...)")
     limit: int | None = Field(default=None, ge=1, description="read only the first N rows (in file order)")
     max_prompt_chars: int = Field(default=1000, ge=1, description="longer prompts are rejected")
+    blocklist: Blocklist = Field(default_factory=lambda: Blocklist(), description="brand safety: matching prompts "
+                                 "are rejected with reason 'blocked'")
 
 
 class Resources(Strict):

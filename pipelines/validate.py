@@ -6,6 +6,8 @@ Reasons are checked in a fixed order, so a row always gets the same one.
 
 from __future__ import annotations
 
+import re
+
 import pyarrow as pa
 
 from pipelines.spec import SAFE_NAME, InputSpec
@@ -13,7 +15,8 @@ from pipelines.spec import SAFE_NAME, InputSpec
 ID, REASON = "pm_id", "pm_reason"
 
 
-def reason_for(prompt: object, row_id: str | None, duplicates: set[str], max_chars: int) -> str | None:
+def reason_for(prompt: object, row_id: str | None, duplicates: set[str], max_chars: int,
+               blocked: re.Pattern | None = None) -> str | None:
     if row_id is None:
         return "null_id"
     if not SAFE_NAME.match(row_id):
@@ -33,6 +36,8 @@ def reason_for(prompt: object, row_id: str | None, duplicates: set[str], max_cha
         return "empty_prompt"
     if len(prompt) > max_chars:
         return "prompt_too_long"
+    if blocked is not None and blocked.search(prompt):
+        return "blocked"
     return None
 
 
@@ -43,7 +48,8 @@ def validate_batch(table: pa.Table, spec: InputSpec, duplicates: set[str]) -> pa
     else:
         ids = [None if v is None else str(v) for v in table.column(spec.id_column).to_pylist()]
     prompts = table.column(spec.prompt_column).to_pylist()
-    reasons = [reason_for(p, i, duplicates, spec.max_prompt_chars) for p, i in zip(prompts, ids)]
+    blocked = spec.blocklist.compiled()
+    reasons = [reason_for(p, i, duplicates, spec.max_prompt_chars, blocked) for p, i in zip(prompts, ids)]
     return table.append_column(ID, pa.array(ids, pa.string())).append_column(REASON, pa.array(reasons, pa.string()))
 
 

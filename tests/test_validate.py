@@ -34,3 +34,21 @@ def test_expand_skips_done_and_seeds_are_stable():
     assert image_seed(5, "a", "gan", 0) != image_seed(6, "a", "gan", 0) != image_seed(5, "a", "dalle", 0)
     # pinned: the seed of a sample must not change across machines or versions (blake2b of the key)
     assert image_seed(0, "a", "gan", 0) == 6787420138261917176
+
+
+def test_blocklist_words_match_whole_words_and_patterns_search():
+    t = pa.table({"id": ["a", "b", "c", "d", "e"],
+                  "prompt": ["a Red Bull can", "a gunner", "a GUN", "FREE   money now", "a red circle"]})
+    spec = InputSpec(path="x", id_column="id", blocklist={"words": ["gun", "red bull"], "patterns": [r"free\s+money"]})
+    reasons = validate_batch(t, spec, set())[REASON].to_pylist()
+    assert reasons == ["blocked", None, "blocked", "blocked", None]
+
+
+def test_a_bad_blocklist_pattern_names_the_field():
+    import pytest
+
+    from pipelines.spec import SpecError, load_spec
+
+    with pytest.raises(SpecError, match=r"input.blocklist.patterns.*patterns\[1\]"):
+        load_spec({"name": "x", "input": {"path": "p", "blocklist": {"patterns": ["ok", "(unclosed"]}},
+                   "models": [{"name": "g", "family": "gan", "checkpoint": "c"}], "output": {"path": "o"}})

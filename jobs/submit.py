@@ -1,0 +1,59 @@
+"""promptmill submit SPEC.yaml --address URL [--wait]; promptmill status ID; promptmill logs ID [--follow]."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    addr = {"default": None, "help": "Ray dashboard, e.g. http://HOST:8265 (default: $RAY_ADDRESS)"}
+    p = sub.add_parser("submit", help="submit the generate job to a Ray cluster (Ray Jobs)")
+    p.add_argument("spec", help="job spec YAML")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--address", **addr)
+    p.add_argument("--wait", action="store_true", help="wait for the job; exit 0 only if it SUCCEEDED")
+    p.add_argument("--timeout", type=float, default=None, help="seconds to wait")
+    p.set_defaults(func=main_submit)
+    s = sub.add_parser("status", help="status of a submitted job")
+    s.add_argument("id")
+    s.add_argument("--address", **addr)
+    s.set_defaults(func=main_status)
+    lg = sub.add_parser("logs", help="logs of a submitted job")
+    lg.add_argument("id")
+    lg.add_argument("--address", **addr)
+    lg.add_argument("--follow", action="store_true", help="stream until the job ends")
+    lg.set_defaults(func=main_logs)
+
+
+def main_submit(args: argparse.Namespace) -> int:
+    from pipelines.spec import SpecError
+    from pipelines.submit import resolved_spec, submit, wait
+
+    try:
+        data = resolved_spec(args.spec, args.overrides)
+    except SpecError as e:
+        print(f"promptmill: error: {e}", file=sys.stderr)
+        return 2
+    sid, created = submit(data, args.address)
+    print(f"{sid} {'submitted' if created else 'already submitted'}")
+    if not args.wait:
+        return 0
+    status = wait(sid, args.address, args.timeout)
+    print(f"{sid} {status}")
+    return 0 if status == "SUCCEEDED" else 1
+
+
+def main_status(args: argparse.Namespace) -> int:
+    from pipelines.submit import info
+
+    print(json.dumps(info(args.id, args.address), indent=2, default=str))
+    return 0
+
+
+def main_logs(args: argparse.Namespace) -> int:
+    from pipelines.submit import logs
+
+    logs(args.id, args.address, args.follow)
+    return 0

@@ -1,0 +1,263 @@
+"""Scheduled ad-creative batches: a cron schedule renders catalog x templates into a prompt table and runs
+(or submits) the generate job on it.
+
+A fire's run id is the schedule name plus its scheduled time (UTC), and its output is `<prefix>/<run id>/`,
+so a fire whose `_SUCCESS` exists is a no-op and a re-fired slot resumes where it stopped. The rendered
+prompts are written next to the run (`<run>/prompts.parquet`) before generating: every run is auditable.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import string
+import time
+from collections.abc import Callable
+from typing import Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+from croniter import croniter
+from pydantic import Field, ValidationError, field_validator
+
+from pipelines.commit import SUCCESS
+from pipelines.read import list_files
+from pipelines.spec import (
+    SAFE_NAME,
+    Blocklist,
+    MetricsSpec,
+    ModelSpec,
+    ScoringSpec,
+    SpecError,
+    Strict,
+    _format,
+    load_spec,
+)
+from pipelines.storage import filesystem, join, parquet_bytes, put_atomic
+
+log = logging.getLogger(__name__)
+PROMPTS = "prompts.parquet"
+
+
+class CatalogSpec(Strict):
+    path: str = Field(description="product catalog Parquet (file, directory or URL)")
+    id_column: str = Field(default="sku", description="unique, path-safe product id")
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+
+
+class ScheduleOutput(Strict):
+    prefix: str = Field(description="each fire writes to <prefix>/<schedule name>-<UTC time>/")
+    storage_options: dict[str, Any] = Field(default_factory=dict)
+    format: Literal["files", "webdataset", "parquet"] = "files"
+    image_format: Literal["png", "jpeg", "webp"] = "png"
+
+
+class ScheduleSpec(Strict):
+    name: str = Field(description="schedule name, part of every run id")
+    cron: str = Field(description="five-field cron expression, e.g. '0 6 * * 1-5'")
+    timezone: str = Field(default="UTC", description="IANA zone the cron expression is read in")
+    start: dt.datetime = Field(description="first slot considered (catch-up never goes further back)")
+    catchup: bool = Field(default=False, description="true: run every missed slot since start, oldest first; "
+                          "false: run only the latest missed slot")
+    catalog: CatalogSpec
+    templates: list[str] = Field(min_length=1, description="prompt templates with {column} placeholders")
+    blocklist: Blocklist = Field(default_factory=lambda: Blocklist())
+    models: list[ModelSpec] = Field(min_length=1)
+    scoring: ScoringSpec = Field(default_factory=ScoringSpec)
+    metrics: MetricsSpec = Field(default_factory=MetricsSpec)
+    output: ScheduleOutput
+    seed: int = 0
+    submit_address: str | None = Field(default=None, description="Ray dashboard URL: submit each fire as a Ray "
+                                       "job instead of running it in this process")
+
+    @field_validator("name")
+    @classmethod
+    def _safe(cls, v: str) -> str:
+        if not SAFE_NAME.match(v):
+            raise ValueError(f"{v!r} is not path-safe")
+        return v
+
+    @field_validator("cron")
+    @classmethod
+    def _cron(cls, v: str) -> str:
+        if not croniter.is_valid(v):
+            raise ValueError(f"{v!r} is not a valid cron expression")
+        return v
+
+    @field_validator("timezone")
+    @classmethod
+    def _tz(cls, v: str) -> str:
+        try:
+            ZoneInfo(v)
+        except (ZoneInfoNotFoundError, ValueError):
+            raise ValueError(f"unknown timezone {v!r}") from None
+        return v
+
+    @field_validator("templates")
+    @classmethod
+    def _templates(cls, v: list[str]) -> list[str]:
+        for i, t in enumerate(v):
+            try:
+                fields = [f for _, f, _, _ in string.Formatter().parse(t) if f is not None]
+            except ValueError as e:
+                raise ValueError(f"templates[{i}] {t!r}: {e}") from None
+            if any(not f.isidentifier() for f in fields):
+                raise ValueError(f"templates[{i}] {t!r}: placeholders must be column names, got {fields}")
+        return v
+
+    def zone(self) -> ZoneInfo:
+        return ZoneInfo(self.timezone)
+
+
+def load_schedule(path: str) -> ScheduleSpec:
+    try:
+        data = yaml.safe_load(open(path).read())
+    except (OSError, yaml.YAMLError) as e:
+        raise SpecError(f"cannot read schedule {path}: {e}") from e
+    try:
+        return ScheduleSpec.model_validate(data)
+    except ValidationError as e:
+        raise SpecError(_format(e, path)) from None
+
+
+# ---------------------------------------------------------------- slots
+
+def _aware(t: dt.datetime, zone: ZoneInfo) -> dt.datetime:
+    return t if t.tzinfo else t.replace(tzinfo=zone)
+
+
+def slot_at_or_before(s: ScheduleSpec, t: dt.datetime) -> dt.datetime:
+    """The latest fire time <= t (a time that is itself a slot is that slot)."""
+    t = _aware(t, s.zone()).astimezone(s.zone())
+    it = croniter(s.cron, t + dt.timedelta(seconds=1))
+    return it.get_prev(dt.datetime)
+
+
+def slots_between(s: ScheduleSpec, after: dt.datetime, until: dt.datetime) -> list[dt.datetime]:
+    """Fire times in [after, until]."""
+    zone = s.zone()
+    it = croniter(s.cron, _aware(after, zone).astimezone(zone) - dt.timedelta(seconds=1))
+    out = []
+    while (t := it.get_next(dt.datetime)) <= _aware(until, zone):
+        out.append(t)
+    return out
+
+
+def next_slot(s: ScheduleSpec, now: dt.datetime) -> dt.datetime:
+    return croniter(s.cron, _aware(now, s.zone()).astimezone(s.zone())).get_next(dt.datetime)
+
+
+def run_id(s: ScheduleSpec, slot: dt.datetime) -> str:
+    return f"{s.name}-{slot.astimezone(dt.UTC):%Y%m%dT%H%M%SZ}"
+
+
+def run_url(s: ScheduleSpec, slot: dt.datetime) -> str:
+    return join(s.output.prefix, run_id(s, slot))
+
+
+def is_done(s: ScheduleSpec, slot: dt.datetime) -> bool:
+    fs, root = filesystem(run_url(s, slot), s.output.storage_options)
+    return fs.exists(join(root, SUCCESS))
+
+
+# ---------------------------------------------------------------- rendering
+
+def render_prompts(s: ScheduleSpec) -> pa.Table:
+    """catalog x templates -> (id, prompt, sku, template): ids are `<sku>-t<template index>`."""
+    fs, files = list_files(s.catalog.path, s.catalog.storage_options)
+    tables = []
+    for f in files:
+        with fs.open(f, "rb") as fh:
+            tables.append(pq.read_table(fh))
+    catalog = pa.concat_tables(tables) if tables else pa.table({})
+    if s.catalog.id_column not in catalog.column_names:
+        raise SpecError(f"catalog.id_column: {s.catalog.id_column!r} is not a column of {s.catalog.path} "
+                        f"(columns: {catalog.column_names})")
+    for i, t in enumerate(s.templates):
+        missing = [f for _, f, _, _ in string.Formatter().parse(t) if f and f not in catalog.column_names]
+        if missing:
+            raise SpecError(f"templates[{i}] {t!r}: no catalog column {missing} (columns: {catalog.column_names})")
+    ids, prompts, skus, tmpl = [], [], [], []
+    for row in catalog.to_pylist():
+        sku = row[s.catalog.id_column]
+        for i, t in enumerate(s.templates):
+            values = {k: ("" if v is None else v) for k, v in row.items()}
+            ids.append(f"{sku}-t{i}" if sku is not None else None)
+            prompts.append(t.format(**values))
+            skus.append(None if sku is None else str(sku))
+            tmpl.append(i)
+    return pa.table({"id": pa.array(ids, pa.string()), "prompt": pa.array(prompts, pa.string()),
+                     "sku": pa.array(skus, pa.string()), "template": pa.array(tmpl, pa.int32())})
+
+
+def job_data(s: ScheduleSpec, slot: dt.datetime) -> dict[str, Any]:
+    """The generate spec of one fire, as data (it is also what a submission ships)."""
+    url = run_url(s, slot)
+    return {
+        "name": run_id(s, slot), "seed": s.seed,
+        "input": {"path": join(url, PROMPTS), "id_column": "id", "prompt_column": "prompt",
+                  "storage_options": s.output.storage_options, "blocklist": s.blocklist.model_dump()},
+        "models": [m.model_dump() for m in s.models],
+        "scoring": s.scoring.model_dump(), "metrics": s.metrics.model_dump(),
+        "output": {"path": url, "storage_options": s.output.storage_options, "format": s.output.format,
+                   "image_format": s.output.image_format},
+    }
+
+
+def fire(s: ScheduleSpec, slot: dt.datetime, dry_run: bool = False) -> dict[str, Any]:
+    """Run (or submit) one slot. Returns what happened, for the log."""
+    rid = run_id(s, slot)
+    if is_done(s, slot):
+        return {"run": rid, "status": "already complete"}
+    table = render_prompts(s)
+    data = job_data(s, slot)
+    if dry_run:
+        blocked = s.blocklist.compiled()
+        for r in table.to_pylist():
+            mark = "BLOCKED " if blocked is not None and blocked.search(r["prompt"]) else ""
+            print(f"{r['id']}\t{mark}{r['prompt']}")
+        return {"run": rid, "status": "dry run", "prompts": table.num_rows, "output": data["output"]["path"],
+                "models": [m.name for m in s.models], "submit_address": s.submit_address}
+    spec = load_spec(data)  # the spec is valid before anything is written
+    fs, root = filesystem(data["output"]["path"], s.output.storage_options)
+    prompts_path = join(root, PROMPTS)
+    if not fs.exists(prompts_path):  # a re-fired slot keeps the table it first rendered
+        put_atomic(fs, prompts_path, parquet_bytes(table))
+    if s.submit_address:
+        from pipelines.submit import submit
+
+        sid, created = submit(data, s.submit_address)
+        return {"run": rid, "status": "submitted" if created else "already submitted", "submission_id": sid}
+    from pipelines.job import run_job
+
+    result = run_job(spec)
+    return {"run": rid, "status": "complete", "line": result.line(), "rejected": result.rejected}
+
+
+def due_slots(s: ScheduleSpec, now: dt.datetime) -> list[dt.datetime]:
+    """Slots to run now: every missed one (catchup) or only the latest."""
+    slots = [t for t in slots_between(s, s.start, now) if not is_done(s, t)]
+    return slots if s.catchup else slots[-1:]
+
+
+def run_forever(s: ScheduleSpec, clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC),
+                sleep: Callable[[float], None] = time.sleep, fire_fn: Callable[..., dict] = fire,
+                max_fires: int | None = None) -> None:
+    """Catch up, then sleep to each next slot and fire it; a failed fire is logged and the loop goes on."""
+    fired = 0
+    while max_fires is None or fired < max_fires:
+        for slot in due_slots(s, clock()):
+            log.info("firing %s", run_id(s, slot))
+            try:
+                log.info("%s", fire_fn(s, slot))
+            except Exception:  # noqa: BLE001 - a schedule must survive one bad run
+                log.exception("fire %s failed; going on to the next slot", run_id(s, slot))
+            fired += 1
+            if max_fires is not None and fired >= max_fires:
+                return
+        nxt = next_slot(s, clock())
+        wait = max(0.0, (nxt - clock()).total_seconds())
+        log.info("next fire %s in %.0f s", run_id(s, nxt), wait)
+        sleep(wait)
