@@ -26,6 +26,7 @@ EXCLUDES = [".venv", ".git", "data", "runs", "logs", "**/__pycache__", ".pytest_
 S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
           "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+AGENT_WAIT_S = 120
 
 
 def submission_id(data: dict[str, Any]) -> str:
@@ -64,16 +65,21 @@ def submit(data: dict[str, Any], address: str | None = None) -> tuple[str, bool]
     c = client(address)
     env = {k: os.environ[k] for k in S3_ENV if k in os.environ}
     env[SPEC_ENV] = json.dumps(data)
-    try:
-        c.submit_job(entrypoint=f"python -m jobs.cli generate env:{SPEC_ENV}", submission_id=sid,
-                     runtime_env={"working_dir": str(PROJECT), "excludes": EXCLUDES, "env_vars": env},
-                     metadata={"promptmill": "generate", "name": str(data.get("name", ""))})
-    except RuntimeError as e:
-        if "already exists" not in str(e):
-            raise
-        log.info("%s was already submitted (status %s); not submitting again", sid, c.get_job_status(sid))
-        return sid, False
-    return sid, True
+    t0 = time.time()
+    while True:
+        try:
+            c.submit_job(entrypoint=f"python -m jobs.cli generate env:{SPEC_ENV}", submission_id=sid,
+                         runtime_env={"working_dir": str(PROJECT), "excludes": EXCLUDES, "env_vars": env},
+                         metadata={"promptmill": "generate", "name": str(data.get("name", ""))})
+            return sid, True
+        except RuntimeError as e:
+            if "already exists" in str(e):
+                log.info("%s was already submitted (status %s); not submitting again", sid, c.get_job_status(sid))
+                return sid, False
+            # a head that just started has no job agent yet; Ray says to try again
+            if "No available agent" not in str(e) or time.time() - t0 > AGENT_WAIT_S:
+                raise
+            time.sleep(2)
 
 
 def wait(sid: str, address: str | None = None, timeout: float | None = None, poll: float = 2.0) -> str:

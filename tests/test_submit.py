@@ -1,0 +1,118 @@
+"""Ray Jobs submission against a real head (`ray start --head`, dashboard and token auth on), reading from
+and writing to a moto S3: submit, a double submit that does not run twice, status, logs, outputs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import s3fs
+import yaml
+from conftest import _free_port
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+CURRENT = Path("/tmp/ray/ray_current_cluster")  # where `ray start` records itself for ray.init()
+
+
+def _kill_session(pid: int) -> None:
+    """Stop only this head: `ray stop` would also kill every other Ray on the machine."""
+    victims = [p for p in psutil.process_iter() if _sid(p) == pid]
+    for p in victims:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(victims, timeout=30)
+
+
+def _sid(p: psutil.Process) -> int | None:
+    try:
+        return os.getsid(p.pid)
+    except (ProcessLookupError, psutil.Error, PermissionError):
+        return None
+
+
+@pytest.fixture(scope="module")
+def head():
+    port, dash, agent, grpc, metrics, runtime_env = (_free_port() for _ in range(6))
+    temp = tempfile.mkdtemp(prefix="pmray", dir="/tmp")  # short: Ray's socket paths must fit 107 chars
+    before = CURRENT.read_text() if CURRENT.exists() else None
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}  # the job's `python` is this venv's
+    proc = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
+                             "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
+                             f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={grpc}",
+                             f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
+                             f"--temp-dir={temp}", "--disable-usage-stats"],  # own ports: other Rays may run here
+                            env=env, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    address = f"http://127.0.0.1:{dash}"
+    try:
+        t0 = time.time()
+        while True:
+            assert proc.poll() is None, proc.stdout.read()
+            try:
+                urllib.request.urlopen(f"{address}/api/version", timeout=2)
+                break
+            except urllib.error.HTTPError:  # 401: up, and token authentication is on (Ray's default)
+                break
+            except OSError:
+                assert time.time() - t0 < 120, "the Ray head did not come up"
+                time.sleep(1)
+        yield address
+    finally:
+        _kill_session(proc.pid)
+        if before is None:
+            CURRENT.unlink(missing_ok=True)
+        else:
+            CURRENT.write_text(before)
+
+
+def _cli(args: list[str], s3: dict, timeout: int = 400) -> subprocess.CompletedProcess:
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "AWS_ENDPOINT_URL": s3["endpoint_url"],
+           "AWS_ACCESS_KEY_ID": s3["key"], "AWS_SECRET_ACCESS_KEY": s3["secret"], "AWS_DEFAULT_REGION": "us-east-1"}
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def test_submit_wait_status_logs_and_no_double_run(head, s3, tmp_path):
+    fs = s3fs.S3FileSystem(**s3)
+    prompts = ["a small red circle on the left", "a large blue square above a green triangle", "", "a tiny white diamond"]
+    with fs.open("bucket/submit/in/prompts.parquet", "wb") as fh:
+        pq.write_table(pa.table({"id": ["a", "b", "c", "d"], "prompt": prompts}), fh)
+    spec = {"name": "submitted", "input": {"path": "s3://bucket/submit/in", "id_column": "id"},
+            "models": [{"name": "gan", "family": "gan", "checkpoint": "checkpoints/gan",  # resolves in working_dir
+                        "images_per_prompt": 2, "resources": {"batch_size": 4}}],
+            "output": {"path": "s3://bucket/submit/out"}}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    first = _cli(["submit", str(path), "--address", head, "--wait", "--timeout", "300"], s3)
+    assert first.returncode == 0, first.stdout + first.stderr
+    sid = first.stdout.split()[0]
+    assert sid.startswith("promptmill-submitted-") and "submitted" in first.stdout and "SUCCEEDED" in first.stdout
+    assert fs.exists("bucket/submit/out/_SUCCESS")
+    rows = pq.read_table(fs.open(fs.ls("bucket/submit/out/metadata")[0])).to_pylist()
+    assert len(rows) == 6 and {r["id"] for r in rows} == {"a", "b", "d"}
+    assert all(r["clip_score"] is not None for r in rows)  # shipped scorers travelled with the working_dir
+    stamp = fs.info("bucket/submit/out/_SUCCESS")["LastModified"]
+
+    again = _cli(["submit", str(path), "--address", head, "--wait"], s3)
+    assert again.returncode == 0 and f"{sid} already submitted" in again.stdout, again.stdout + again.stderr
+    fs.invalidate_cache()
+    assert fs.info("bucket/submit/out/_SUCCESS")["LastModified"] == stamp  # not run twice
+
+    status = _cli(["status", sid, "--address", head], s3)
+    assert json.loads(status.stdout)["status"] == "SUCCEEDED"
+    logs = _cli(["logs", sid, "--address", head], s3)
+    assert "6 images (6 in output), 1 rejected" in logs.stdout, logs.stdout[-2000:]
