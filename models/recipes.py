@@ -40,6 +40,11 @@ class Batch:
     def pixels(self) -> torch.Tensor:
         return self.images.float() / 127.5 - 1
 
+    def to(self, device: torch.device) -> Batch:
+        return Batch(self.images.to(device, non_blocking=True), self.captions,
+                     {k: v.to(device) for k, v in self.labels.items()},
+                     None if self.tokens is None else self.tokens.to(device))
+
 
 def sync_grads(params) -> None:
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -70,6 +75,15 @@ def _load_opt(prefix: str, opt: torch.optim.Optimizer, tensors: dict[str, torch.
 class Recipe:
     modules: dict[str, nn.Module]
     optimizers: dict[str, torch.optim.Optimizer]
+    device: torch.device = torch.device("cpu")
+
+    def to(self, device: torch.device | str) -> Recipe:
+        """Move every module (parameters in place, so the optimizers keep pointing at them); batches and
+        fresh tensors (tokens, noise) follow `self.device`."""
+        self.device = torch.device(device)
+        for m in self.modules.values():
+            m.to(self.device)
+        return self
 
     def state(self) -> dict[str, torch.Tensor]:
         out = {}
@@ -77,7 +91,7 @@ class Recipe:
             out.update({f"{name}.{k}": v for k, v in m.state_dict().items()})
         for name, o in self.optimizers.items():
             out.update(_opt_state(f"opt_{name}", o))
-        return out
+        return {k: v.detach().cpu() for k, v in out.items()}
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
         for name, m in self.modules.items():
@@ -159,7 +173,7 @@ class TransformerRecipe(Recipe):
     def step(self, b: Batch, step: int) -> dict[str, float]:
         self.model.train()
         caps = drop_captions(b.captions, self.caption_dropout, random.Random(f"{self.seed}/{step}"))
-        loss = self.model.loss(self.tokenizer.encode_batch(caps), b.tokens)
+        loss = self.model.loss(self.tokenizer.encode_batch(caps).to(self.device), b.tokens)
         opt = self.optimizers["transformer"]
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, self.lr, self.warmup, self.steps)
@@ -192,8 +206,8 @@ class GANRecipe(Recipe):
 
     def step(self, b: Batch, step: int) -> dict[str, float]:
         real = b.pixels
-        tokens = self.tokenizer.encode_batch(b.captions)
-        z = torch.randn(real.size(0), self.cfg.noise_dim)
+        tokens = self.tokenizer.encode_batch(b.captions).to(self.device)
+        z = torch.randn(real.size(0), self.cfg.noise_dim, device=self.device)
         # D (+ text encoder): real/matching vs fake and vs mismatched captions, MA-GP
         sent = self.text(tokens)
         fake = self.G(z, sent.detach())
@@ -240,8 +254,8 @@ class CLIPRecipe(Recipe):
         opt = self.optimizers["clip"]
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, self.lr, self.warmup, self.steps)
-        loss = self.model.loss(b.images, self.tokenizer.encode_batch(b.captions),
-                               self.tokenizer.encode_batch(negs) if negs else None)
+        loss = self.model.loss(b.images, self.tokenizer.encode_batch(b.captions).to(self.device),
+                               self.tokenizer.encode_batch(negs).to(self.device) if negs else None)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         sync_grads(self.model.parameters())

@@ -10,6 +10,7 @@ import json
 import logging
 
 import numpy as np
+import ray
 
 from models import load_generator
 from models.clip import load_clip
@@ -27,7 +28,8 @@ class GenerateStage:
         self.gen = load_generator(model.checkpoint, self.device, model.storage_options)
         self.sampling = self.gen.Sampling(**model.family_sampling).model_dump()
         self.scorer = load_clip(scoring.clip, self.device, scoring.storage_options) if model.candidates > 1 else None
-        log.info("loaded %s (%s) on %s", model.name, model.family, self.device)
+        self.node = ray.get_runtime_context().get_node_id()  # provenance: which Ray node drew the image
+        log.info("loaded %s (%s) on %s, node %s", model.name, model.family, self.device, self.node)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         prompts = [str(p) for p in batch["prompt"]]
@@ -50,4 +52,5 @@ class GenerateStage:
         batch["width"] = np.full(n, self.gen.width, np.int32)
         batch["height"] = np.full(n, self.gen.height, np.int32)
         batch["device"] = np.full(n, self.device, object)
+        batch["node"] = np.full(n, self.node, object)
         return batch

@@ -138,7 +138,9 @@ def _ensure_ray(spec: JobSpec) -> None:
     # forever for CPUs; logical CPUs may exceed cores (actors idle while others work).
     needed = _pool_cpus(spec) + 2
     num_cpus = max(os.cpu_count() or 1, int(needed + 0.999))
-    ray.init(num_cpus=num_cpus, include_dashboard=False)
+    # address="local": always a fresh embedded Ray; without it ray.init() joins whatever cluster the last
+    # `ray start` on this machine recorded in /tmp/ray (a stale record made jobs hang on a dead GCS)
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
     log.info("started an embedded Ray with %d logical CPUs", num_cpus)
 
 

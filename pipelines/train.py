@@ -55,6 +55,7 @@ class TrainSpec:
     max_rows: int | None = None
     vq: str | None = None  # transformer: the VQ checkpoint that tokenizes images
     checkpoint_every: int = 500
+    max_failures: int = 3  # a dead worker (spot node, failed health check) restarts from the latest checkpoint
     log_every: int = 50
     model: dict[str, Any] = field(default_factory=dict)  # model config overrides
     recipe: dict[str, Any] = field(default_factory=dict)  # recipe kwargs (lr, caption_dropout, ...)
@@ -139,6 +140,7 @@ def make_batch(data: dict[str, Any], step: int, batch_size: int, seed: int) -> B
 
 def train_loop(config: dict) -> None:
     import ray.train
+    import ray.train.torch
 
     spec = TrainSpec(**config["spec"])
     ctx = ray.train.get_context()
@@ -147,8 +149,8 @@ def train_loop(config: dict) -> None:
     tokenizer = WordTokenizer.from_config(config["tokenizer"]) if config.get("tokenizer") else None
     torch.manual_seed(spec.seed)
     recipe = build_recipe(spec, tokenizer)
-    if torch.cuda.is_available() and spec.use_gpu:  # recipes keep modules on CPU by default
-        log.warning("use_gpu: recipes run on CPU in this version; GPU placement is a TODO")
+    device = ray.train.torch.get_device() if spec.use_gpu else torch.device("cpu")  # this worker's GPU
+    recipe.to(device)
     data = load_data(spec, recipe, rank, world)
     start, history = 0, []
     ckpt = ray.train.get_checkpoint()
@@ -161,7 +163,7 @@ def train_loop(config: dict) -> None:
     t0, acc = time.time(), {}
     for step in range(start, spec.steps):
         torch.manual_seed(spec.seed * 7919 + step)
-        logs = recipe.step(make_batch(data, step, spec.batch_size, spec.seed + rank), step)
+        logs = recipe.step(make_batch(data, step, spec.batch_size, spec.seed + rank).to(device), step)
         for k, v in logs.items():
             acc.setdefault(k, []).append(v)
         last = step + 1 == spec.steps
@@ -200,7 +202,8 @@ def plot_history(history: list[dict], path: str) -> None:
 
 
 # fields that may change when a run is resumed (more steps, more workers, another export path)
-RESUMABLE = {"steps", "checkpoint_every", "log_every", "threads", "num_workers", "use_gpu", "out", "storage_path"}
+RESUMABLE = {"steps", "checkpoint_every", "log_every", "threads", "num_workers", "use_gpu", "out", "storage_path",
+             "max_failures"}
 
 
 def check_resumable(spec: TrainSpec, storage: str) -> None:
@@ -219,11 +222,11 @@ def check_resumable(spec: TrainSpec, storage: str) -> None:
 
 def run_training(spec: TrainSpec) -> dict:
     import ray
-    from ray.train import CheckpointConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS"), include_dashboard=False)
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)  # see pipelines.job
     tokenizer = train_tokenizer(spec) if spec.kind in ("gan", "transformer", "clip") else None
     storage = spec.storage_path if "://" in spec.storage_path else os.path.abspath(spec.storage_path)
     check_resumable(spec, storage)
@@ -233,7 +236,8 @@ def run_training(spec: TrainSpec) -> dict:
         scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=spec.use_gpu,
                                      resources_per_worker={"CPU": spec.threads}),
         run_config=RunConfig(name=spec.run_name, storage_path=storage,
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             failure_config=FailureConfig(max_failures=spec.max_failures)),
     )
     t0 = time.time()
     result = trainer.fit()

@@ -30,7 +30,8 @@ METADATA_SCHEMA = pa.schema([
     ("id", pa.string()), ("prompt", pa.string()), ("model", pa.string()), ("family", pa.string()),
     ("checkpoint", pa.string()), ("sample", pa.int32()), ("seed", pa.int64()), ("image_path", pa.string()),
     ("image_key", pa.string()), ("width", pa.int32()), ("height", pa.int32()), ("image_format", pa.string()),
-    ("sampling", pa.string()), ("device", pa.string()), ("clip_score", pa.float64()), ("prompt_match", pa.bool_()),
+    ("sampling", pa.string()), ("device", pa.string()), ("node", pa.string()), ("clip_score", pa.float64()),
+    ("prompt_match", pa.bool_()),
     ("judged", pa.string()), ("candidates", pa.int32()), ("candidate_index", pa.int32()),
     ("candidate_score", pa.float64()), ("image", pa.binary()),
 ])

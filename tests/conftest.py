@@ -67,7 +67,7 @@ def make_spec(input_path: str, output_path: str, checkpoints: dict[str, str], **
 def ray_local():
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()
 
