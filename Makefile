@@ -3,11 +3,15 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: help setup demo test lint bench data checkpoints eval
+.PHONY: help setup chromium demo test lint bench data checkpoints eval
 help:  ## list targets
 	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
 
-setup: $(VENV)/.installed  ## venv + torch==2.13.0 (local CPU build, first) + project with test extras
+setup: $(VENV)/.installed chromium  ## venv + torch==2.13.0 (local CPU build, first) + project with test extras + chromium
+
+chromium:  ## Debian's chromium for the headless report test (apt; needs root, as on CI)
+	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
+		apt-get install -y -qq --no-install-recommends chromium >/dev/null)
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -43,6 +47,7 @@ checkpoints: data  ## train all shipped models from scratch, one at a time (see 
 	$(TRAIN) vq --data $(DATA)/train --out checkpoints/vq --steps 2000 --batch-size 64 --threads 1
 	$(TRAIN) transformer --data $(DATA)/train --vq checkpoints/vq --out checkpoints/dalle --steps 1500 \
 		--batch-size 64 --model n_layer=5 --model n_embd=224
+	$(TRAIN) clip --data $(DATA)/train --out checkpoints/clip --steps 2500 --batch-size 128
 
-eval: setup  ## prompt-match, judge accuracy and VQ ceiling of the shipped models (needs `make data`)
+eval: setup  ## prompt-match, judge accuracy, VQ ceiling, CLIP R-precision, rerank gain (needs `make data`)
 	$(VENV)/bin/promptmill eval-models

@@ -6,9 +6,9 @@ import argparse
 import logging
 import sys
 
-from jobs import dataset, eval_models, evaluate, generate, report, schedule, submit, train
+from jobs import dataset, eval_models, evaluate, export, generate, report, schedule, submit, train
 
-COMMANDS = [generate, submit, schedule, evaluate, report, dataset, train, eval_models]
+COMMANDS = [generate, submit, schedule, evaluate, report, dataset, train, eval_models, export]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -14,21 +14,37 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--vq", default="checkpoints/vq")
     p.add_argument("--gan", default="checkpoints/gan")
     p.add_argument("--transformer", default="checkpoints/dalle")
+    p.add_argument("--clip", default="checkpoints/clip")
     p.add_argument("-n", type=int, default=1000, help="test prompts per family")
+    p.add_argument("--rerank", default="1,4,16", help="candidates K to measure rerank at ('' to skip)")
+    p.add_argument("--rerank-n", type=int, default=300, help="test prompts per K and family")
     p.add_argument("--grid-dir", default="docs", help="where sample grids go")
     p.add_argument("--sampling", default="{}", help='JSON per family, e.g. {"transformer": {"top_k": 64}}')
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
+    from models.clip import load_clip
     from models.judge import load_judge
-    from pipelines.eval_models import eval_generator, eval_vq, grid_png, judge_accuracy, load_test_split
+    from pipelines.eval_models import (
+        eval_generator,
+        eval_rerank,
+        eval_vq,
+        grid_png,
+        judge_accuracy,
+        load_test_split,
+        r_precision_split,
+    )
 
     split = load_test_split(args.test, max(args.n, 2000))
     judge = load_judge(args.judge)
     sampling = json.loads(args.sampling)
     report: dict = {"judge_accuracy_real": {k: round(v, 4) for k, v in judge_accuracy(judge, split).items()}}
     print("judge accuracy on real test renders:", json.dumps(report["judge_accuracy_real"]))
+    scorer = load_clip(args.clip) if Path(args.clip).exists() else None
+    if scorer is not None:
+        report["clip_r_precision"] = r_precision_split(scorer, split, 1000)
+        print("clip R-precision (true caption among 100):", json.dumps(report["clip_r_precision"]))
     if Path(args.vq).exists():
         report["vq"] = eval_vq(args.vq, judge, split, args.n)
         print("vq:", json.dumps(report["vq"]))
@@ -41,5 +57,10 @@ def main(args: argparse.Namespace) -> int:
         report[family] = {"prompt_match": res, "sampling": sampling.get(family, {})}
         grid_png(imgs[:32], split.captions[:32], f"{args.grid_dir}/samples_{family}.png")
         print(f"{family} prompt-match:", json.dumps(res))
+        if scorer is not None and args.rerank:
+            ks = [int(k) for k in args.rerank.split(",")]
+            report[family]["rerank"] = eval_rerank(url, scorer, judge, split, args.rerank_n, ks, **sampling.get(family, {}))
+            for k, r in report[family]["rerank"].items():
+                print(f"{family} rerank K={k}:", json.dumps(r))
     print(json.dumps(report))
     return 0

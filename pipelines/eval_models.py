@@ -16,6 +16,7 @@ import torch
 from models.clip import CLIPScorer
 from models.generator import load_generator
 from models.judge import HEADS, IGNORE, Judge, judge_prompts, labels, scene_from_dict
+from models.rerank import generate_best_of
 from models.shapes import Scene
 from models.vq import load_vq
 from pipelines.encode import decode_image
@@ -111,3 +112,29 @@ def r_precision(scorer: CLIPScorer, images: np.ndarray, captions: list[str], dis
         cand = torch.tensor([i, *(others + (others >= i))])  # skip i itself
         hits += int((txt[cand] @ img[i]).argmax().item() == 0)
     return hits / n
+
+
+def r_precision_split(scorer: CLIPScorer, split: TestSplit, n: int) -> dict[str, float]:
+    """R-precision over the first n test renders, and separately over held-out / in-distribution ones."""
+    imgs = split.images[:n].permute(0, 2, 3, 1).numpy()
+    caps = split.captions[:n]
+    held = np.array(split.held_out[:n])
+    out = {"all": r_precision(scorer, imgs, caps)}
+    for name, mask in (("in_distribution", ~held), ("held_out", held)):
+        idx = np.flatnonzero(mask)
+        out[name] = r_precision(scorer, imgs[idx], [caps[i] for i in idx])
+    return {k: round(v, 4) for k, v in out.items()}
+
+
+def eval_rerank(url: str, scorer: CLIPScorer, judge: Judge, split: TestSplit, n: int, ks: list[int],
+                batch: int = 32, **sampling) -> dict[int, dict]:
+    """Prompt-match of the kept image when drawing K candidates and keeping the best clip_score."""
+    g = load_generator(url, "cpu")
+    caps = split.captions[:n]
+    out = {}
+    for k in ks:
+        imgs = np.concatenate([generate_best_of(g, scorer, caps[i:i + batch], list(range(i, min(n, i + batch))), k,
+                                                **sampling).images for i in range(0, n, batch)])
+        ok = prompt_match(judge, torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous(), caps)
+        out[k] = _breakdown(ok, split)
+    return out

@@ -97,3 +97,20 @@ def test_captions_vary():
     scene = Scene((Obj("circle", "red", "large"),), "black", "center")
     rng = random.Random(0)
     assert len({caption(scene, rng) for _ in range(200)}) > 20
+
+
+def test_hard_negatives_change_one_attribute_and_skip_other_text():
+    import random
+
+    from models.shapes import caption, hard_negative, parse, sample_scene
+
+    rng = random.Random(0)
+    for _ in range(200):
+        text = caption(sample_scene(rng), rng)
+        neg = hard_negative(text, rng)
+        assert neg is not None and neg != text
+        assert len(neg.split()) == len(text.split())  # a word swapped, nothing added or dropped
+        p, q = parse(text), parse(neg)
+        if q is not None:
+            assert p != q  # another scene, not a paraphrase
+    assert hard_negative("a photo of a dog", rng) is None

@@ -15,6 +15,7 @@ TINY = {
     "vq": {"hidden": 16, "embed_dim": 16, "codebook_size": 32},
     "gan": {"text_dim": 32, "noise_dim": 16, "ngf": 8, "ndf": 8},
     "transformer": {"n_layer": 1, "n_head": 2, "n_embd": 32, "text_len": 16},
+    "clip": {"width": 32, "layers": 1, "heads": 2, "image_width": 8, "embed_dim": 32},
 }
 
 
@@ -31,7 +32,7 @@ def train(kind: str, data: str, tmp_path, steps: int, **kw) -> dict:
     return run_training(spec)
 
 
-@pytest.mark.parametrize("kind", ["judge", "vq"])
+@pytest.mark.parametrize("kind", ["judge", "vq", "clip"])
 def test_loss_goes_down(ray_local, shapes, tmp_path, kind):
     s = train(kind, shapes, tmp_path, 40)
     losses = [h["loss"] for h in s["history"]]
@@ -66,3 +67,14 @@ def test_resuming_a_run_with_other_settings_is_refused(ray_local, shapes, tmp_pa
     with pytest.raises(ValueError, match="trained with other settings .*batch_size"):
         run_training(TrainSpec(kind="judge", data=shapes, out=str(tmp_path / "judge"), steps=20, batch_size=16,
                                threads=1, storage_path=str(tmp_path / "ray"), model=TINY["judge"]))
+
+
+def test_clip_export_scores_prompts(ray_local, shapes, tmp_path):
+    from models.clip import load_clip
+
+    train("clip", shapes, tmp_path, 10)
+    scorer = load_clip(str(tmp_path / "clip"))
+    import numpy as np
+
+    scores = scorer.score(np.zeros((2, 32, 32, 3), np.uint8), ["a red circle", "a photo of a dog"])
+    assert scores.shape == (2,) and (scores >= 0).all() and (scores <= 100).all()
