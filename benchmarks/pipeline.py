@@ -2,7 +2,9 @@
 
   (a) seed-style loop: one prompt per generate call, each image encoded and saved as it comes
   (b) the bare model in a batched loop (no encoding, no I/O)
-  (c) the full generate job (embedded Ray, validation, actor pool, PNG files, metadata, commit) to local disk
+  (c) the full generate job (embedded Ray, validation, actor pool, PNG files, metadata, commit) to local disk,
+      scoring off (as the job ran before the scoring stage existed)
+  (d) the same job with the scoring stage on (CLIP + judge actor pool; report written)
 
     python benchmarks/pipeline.py [--checkpoint checkpoints/gan] [--family gan] [-n 1024] [--batch-size 64]
 """
@@ -46,22 +48,28 @@ def main() -> None:
         b = args.n / (time.perf_counter() - t)
 
         pq.write_table(pa.table({"id": [f"b{i}" for i in range(args.n)], "prompt": prompts}), f"{tmp}/in.parquet")
-        spec = load_spec({"name": "bench", "input": {"path": f"{tmp}/in.parquet", "id_column": "id"},
-                          "models": [{"name": "m", "family": args.family, "checkpoint": args.checkpoint,
-                                      "resources": {"batch_size": args.batch_size}}],
-                          "output": {"path": f"{tmp}/out"}})
+
+        def job(out: str, scoring: bool) -> float:
+            spec = load_spec({"name": "bench", "input": {"path": f"{tmp}/in.parquet", "id_column": "id"},
+                              "models": [{"name": "m", "family": args.family, "checkpoint": args.checkpoint,
+                                          "resources": {"batch_size": args.batch_size}}],
+                              "scoring": {"enabled": scoring}, "output": {"path": f"{tmp}/{out}", "report": scoring}})
+            t = time.perf_counter()
+            res = run_job(spec)
+            assert res.images_written == {"m": args.n}
+            return args.n / (time.perf_counter() - t)
+
         import ray
 
         ray.init(address="local", include_dashboard=False, log_to_driver=False)  # start-up excluded, as for (a) and (b)
-        t = time.perf_counter()
-        res = run_job(spec)
-        c = args.n / (time.perf_counter() - t)
-        assert res.images_written == {"m": args.n}
+        c = job("plain", False)
+        d = job("scored", True)
     print(f"images={args.n} family={args.family} batch={args.batch_size} checkpoint={args.checkpoint}")
     print(f"(a) seed-style loop, 1 prompt/call + save : {a:8.1f} img/s")
     print(f"(b) bare model, batched                    : {b:8.1f} img/s")
     print(f"(c) full job to local disk                 : {c:8.1f} img/s")
-    print(f"(c)/(b) = {c / b:.2f}   (c)/(a) = {c / a:.2f}")
+    print(f"(d) full job + scoring stage + report      : {d:8.1f} img/s")
+    print(f"(c)/(b) = {c / b:.2f}   (c)/(a) = {c / a:.2f}   (d)/(c) = {d / c:.2f}")
 
 
 if __name__ == "__main__":

@@ -25,10 +25,10 @@ from pydantic import Field, ValidationError, field_validator
 from pipelines.commit import SUCCESS
 from pipelines.read import list_files
 from pipelines.spec import (
-    SAFE_NAME,
     Blocklist,
     MetricsSpec,
     ModelSpec,
+    SafeName,
     ScoringSpec,
     SpecError,
     Strict,
@@ -55,7 +55,7 @@ class ScheduleOutput(Strict):
 
 
 class ScheduleSpec(Strict):
-    name: str = Field(description="schedule name, part of every run id")
+    name: SafeName = Field(description="schedule name, part of every run id")
     cron: str = Field(description="five-field cron expression, e.g. '0 6 * * 1-5'")
     timezone: str = Field(default="UTC", description="IANA zone the cron expression is read in")
     start: dt.datetime = Field(description="first slot considered (catch-up never goes further back)")
@@ -71,13 +71,6 @@ class ScheduleSpec(Strict):
     seed: int = 0
     submit_address: str | None = Field(default=None, description="Ray dashboard URL: submit each fire as a Ray "
                                        "job instead of running it in this process")
-
-    @field_validator("name")
-    @classmethod
-    def _safe(cls, v: str) -> str:
-        if not SAFE_NAME.match(v):
-            raise ValueError(f"{v!r} is not path-safe")
-        return v
 
     @field_validator("cron")
     @classmethod

@@ -5,13 +5,22 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 _SECRET = re.compile(r"(key|secret|token|password|credential)", re.IGNORECASE)
+
+
+def _path_safe(v: str) -> str:
+    if not SAFE_NAME.match(v):
+        raise ValueError(f"{v!r} is not path-safe (letters, digits, '.', '_', '-'; no leading dot)")
+    return v
+
+
+SafeName = Annotated[str, AfterValidator(_path_safe)]  # becomes part of output paths
 
 
 class SpecError(ValueError):
@@ -75,20 +84,13 @@ SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints"  # the project's t
 
 
 class ModelSpec(Strict):
-    name: str = Field(description="used in output paths and metadata; path-safe, unique in the job")
+    name: SafeName = Field(description="used in output paths and metadata; path-safe, unique in the job")
     family: Literal["transformer", "gan"] = Field(description="generator family")
     checkpoint: str = Field(description="checkpoint directory (config.json + model.safetensors); path or fsspec URL")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for the checkpoint URL")
     images_per_prompt: int = Field(default=1, ge=1, le=1000, description="samples per accepted prompt")
     sampling: dict[str, Any] = Field(default_factory=dict, description="family-specific sampling parameters")
     resources: Resources = Field(default_factory=Resources, description="actor pool and batch size")
-
-    @field_validator("name")
-    @classmethod
-    def _safe(cls, v: str) -> str:
-        if not SAFE_NAME.match(v):
-            raise ValueError(f"{v!r} is not path-safe (letters, digits, '.', '_', '-'; no leading dot)")
-        return v
 
     @field_validator("sampling")
     @classmethod
