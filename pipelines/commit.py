@@ -8,11 +8,9 @@ A crash at any point leaves a state the next commit merges correctly, since read
 
 from __future__ import annotations
 
-import io
 import json
 import logging
 import re
-import tarfile
 import uuid
 from typing import Any
 
@@ -22,7 +20,7 @@ import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
 from pipelines.storage import full_url, join, parquet_bytes, put_atomic
-from pipelines.write import METADATA_SCHEMA, STAGING, tar_bytes
+from pipelines.write import METADATA_SCHEMA, STAGING, tar_bytes, tar_members
 
 log = logging.getLogger(__name__)
 ROWS_PER_FILE = 100_000
@@ -116,8 +114,7 @@ def _finalize_shards(fs: AbstractFileSystem, root: str, table: pa.Table) -> pa.T
     for p in sorted(staged):
         model = models[paths.index(p)]
         data = fs.cat_file(fs._strip_protocol(p))
-        with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-            members = [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
+        members = tar_members(data)
         kept = [(name, b) for name, b in members if _member_key(name) in staged[p]]
         if len(kept) != len(members):
             data = tar_bytes(kept)

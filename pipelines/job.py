@@ -122,10 +122,14 @@ def _scoring(spec: JobSpec) -> bool:
     return spec.scoring.enabled and bool(spec.scoring.clip or spec.scoring.judge)
 
 
+def _pools(spec: JobSpec) -> list:
+    """Every actor pool's resources: each model's, plus the scoring pool."""
+    return [m.resources for m in spec.models] + ([spec.scoring.resources] if _scoring(spec) else [])
+
+
 def _pool_cpus(spec: JobSpec) -> float:
-    """CPUs the actor pools hold at their minimum size (every model's, plus the scoring pool)."""
-    pools = [m.resources for m in spec.models] + ([spec.scoring.resources] if _scoring(spec) else [])
-    return sum(r.actors * r.num_cpus for r in pools)
+    """CPUs the actor pools hold at their minimum size."""
+    return sum(r.actors * r.num_cpus for r in _pools(spec))
 
 
 def _ensure_ray(spec: JobSpec) -> None:
@@ -153,8 +157,7 @@ def _check_capacity(spec: JobSpec) -> None:
             f"models[*].resources: the actor pools need {need_cpu:g} CPUs at minimum (actors x num_cpus, plus 1 "
             f"for reading and writing) but the Ray cluster has {have.get('CPU', 0):g}; lower actors or num_cpus "
             "(scoring.resources counts too)")
-    pools = [m.resources for m in spec.models] + ([spec.scoring.resources] if _scoring(spec) else [])
-    need_gpu = sum(r.actors * r.num_gpus for r in pools)
+    need_gpu = sum(r.actors * r.num_gpus for r in _pools(spec))
     if need_gpu > have.get("GPU", 0):
         log.warning("actor pools ask for %g GPUs, the cluster has %g now: waiting for the autoscaler",
                     need_gpu, have.get("GPU", 0))
@@ -268,9 +271,9 @@ def run_job(spec: JobSpec) -> JobResult:
     }
     result.summary["scores"] = score_summary(table)
     write_json(fs, join(root, SUMMARY), result.summary)
-    # 7. Job-level metrics and the report (read the committed run back, as a user would)
+    # 7. Job-level metrics and the report, from the table just committed (not read back again)
     if spec.metrics.reference or spec.output.report:
-        run = Run(out_url, spec.output.storage_options)
+        run = Run(out_url, spec.output.storage_options, metadata=table, summary=result.summary)
         if spec.metrics.reference:
             m = spec.metrics
             evaluate_run(run, m.reference, spec.scoring.judge, max_images=m.max_images,

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import io
-import tarfile
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -13,14 +10,17 @@ from fsspec import AbstractFileSystem
 from pipelines.commit import SUMMARY, read_json, read_metadata
 from pipelines.encode import EXTENSIONS, decode_image
 from pipelines.storage import filesystem, join
+from pipelines.write import tar_members
 
 
 class Run:
-    def __init__(self, url: str, storage_options: dict | None = None) -> None:
+    def __init__(self, url: str, storage_options: dict | None = None, metadata: pa.Table | None = None,
+                 summary: dict | None = None) -> None:
+        """`metadata` / `summary`: what the caller already holds (the job, right after its commit)."""
         self.url = url
         self.fs, self.root = filesystem(url, storage_options)
-        self.metadata = read_metadata(self.fs, self.root)
-        self.summary = read_json(self.fs, join(self.root, SUMMARY)) or {}
+        self.metadata = read_metadata(self.fs, self.root) if metadata is None else metadata
+        self.summary = (read_json(self.fs, join(self.root, SUMMARY)) or {}) if summary is None else summary
         if not len(self.metadata) and not self.summary:
             raise FileNotFoundError(f"{url!r} holds no promptmill run (no metadata/ and no summary.json)")
 
@@ -56,8 +56,7 @@ def read_image_bytes(fs: AbstractFileSystem, rows: pa.Table) -> list[bytes]:
         else:  # a WebDataset member
             tar = fs._strip_protocol(p)
             if tar not in members:
-                with tarfile.open(fileobj=io.BytesIO(got[tar])) as t:
-                    members[tar] = {m.name: t.extractfile(m).read() for m in t.getmembers() if m.isfile()}
+                members[tar] = dict(tar_members(got[tar]))
             out.append(members[tar][f"{k}.{EXTENSIONS[fmt]}"])
     return out
 

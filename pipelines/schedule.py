@@ -18,9 +18,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import pyarrow as pa
 import pyarrow.parquet as pq
-import yaml
 from croniter import croniter
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
 from pipelines.commit import SUCCESS
 from pipelines.read import list_files
@@ -32,8 +31,9 @@ from pipelines.spec import (
     ScoringSpec,
     SpecError,
     Strict,
-    _format,
     load_spec,
+    spec_data,
+    validated,
 )
 from pipelines.storage import filesystem, join, parquet_bytes, put_atomic
 
@@ -105,14 +105,7 @@ class ScheduleSpec(Strict):
 
 
 def load_schedule(path: str) -> ScheduleSpec:
-    try:
-        data = yaml.safe_load(open(path).read())
-    except (OSError, yaml.YAMLError) as e:
-        raise SpecError(f"cannot read schedule {path}: {e}") from e
-    try:
-        return ScheduleSpec.model_validate(data)
-    except ValidationError as e:
-        raise SpecError(_format(e, path)) from None
+    return validated(ScheduleSpec, *spec_data(path, kind="schedule"))
 
 
 # ---------------------------------------------------------------- slots

@@ -201,7 +201,8 @@ def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
     return out
 
 
-def load_spec(source: str | Path | dict, overrides: list[str] | None = None) -> JobSpec:
+def spec_data(source: str | Path | dict, overrides: list[str] | None = None, kind: str = "spec") -> tuple[dict, str]:
+    """(data with `--set` overrides applied, its name for messages); SpecError on an unreadable file or bad path."""
     if isinstance(source, dict):
         data, name = copy.deepcopy(source), "<dict>"
     else:
@@ -209,18 +210,26 @@ def load_spec(source: str | Path | dict, overrides: list[str] | None = None) -> 
         try:
             data = yaml.safe_load(Path(source).read_text())
         except (OSError, yaml.YAMLError) as e:
-            raise SpecError(f"cannot read spec {name}: {e}") from e
+            raise SpecError(f"cannot read {kind} {name}: {e}") from e
         if not isinstance(data, dict):
-            raise SpecError(f"spec {name} must be a YAML mapping, got {type(data).__name__}")
+            raise SpecError(f"{kind} {name} must be a YAML mapping, got {type(data).__name__}")
     for k, v in parse_overrides(overrides or []):
         try:
             set_path(data, k, v)
         except (IndexError, ValueError, TypeError, AttributeError) as e:
             raise SpecError(f"--set {k}: no such field path ({e})") from e
+    return data, name
+
+
+def validated(model: type[BaseModel], data: dict, name: str) -> Any:
     try:
-        return JobSpec.model_validate(data)
+        return model.model_validate(data)
     except ValidationError as e:
         raise SpecError(_format(e, name)) from None
+
+
+def load_spec(source: str | Path | dict, overrides: list[str] | None = None) -> JobSpec:
+    return validated(JobSpec, *spec_data(source, overrides))
 
 
 def redact(obj: Any) -> Any:

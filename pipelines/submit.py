@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipelines.spec import JobSpec, load_spec
+from pipelines.spec import JobSpec, spec_data, validated
 
 log = logging.getLogger(__name__)
 PROJECT = Path(__file__).resolve().parents[1]
@@ -40,16 +40,8 @@ def submission_id(data: dict[str, Any]) -> str:
 def resolved_spec(source: str | Path | dict, overrides: list[str] | None = None) -> dict[str, Any]:
     """The spec as data with overrides applied, validated here (fail before submitting) but not filled with
     defaults: defaults such as the shipped checkpoints resolve on the cluster, inside its working_dir."""
-    import copy
-
-    import yaml
-
-    from pipelines.spec import parse_overrides, set_path
-
-    data = copy.deepcopy(source) if isinstance(source, dict) else yaml.safe_load(Path(source).read_text())
-    for k, v in parse_overrides(overrides or []):
-        set_path(data, k, v)
-    load_spec(data)  # raises SpecError naming the field
+    data, name = spec_data(source, overrides)
+    validated(JobSpec, data, name)  # raises SpecError naming the field
     return data
 
 

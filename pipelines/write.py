@@ -60,6 +60,12 @@ def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
     return buf.getvalue()
 
 
+def tar_members(data: bytes) -> list[tuple[str, bytes]]:
+    """(name, bytes) of the files in a tar, in order: the inverse of `tar_bytes`."""
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
+
+
 def sample_json(row: dict) -> bytes:
     return json.dumps({k: v for k, v in row.items() if k not in ("image", "image_path")}, sort_keys=True,
                       default=str).encode()

@@ -72,6 +72,26 @@ def ray_local():
     ray.shutdown()
 
 
+def kill_session(sid: int) -> None:
+    """SIGKILL every process of session `sid` (a driver with its embedded Ray, or a `ray start --block` head)
+    and nothing else: `ray stop` would kill every Ray on the machine."""
+    import psutil
+
+    victims = []
+    for p in psutil.process_iter():
+        try:
+            if os.getsid(p.pid) == sid:
+                victims.append(p)
+        except (ProcessLookupError, PermissionError, psutil.Error):
+            pass
+    for p in victims:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(victims, timeout=30)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

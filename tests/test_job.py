@@ -16,7 +16,7 @@ import psutil
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import make_spec, write_prompts
+from conftest import kill_session, make_spec, write_prompts
 
 from pipelines.encode import decode_image
 from pipelines.job import run_job
@@ -140,24 +140,6 @@ def _run_cli(spec: dict, tmp_path: Path) -> subprocess.Popen:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
-def kill_session(proc: subprocess.Popen) -> None:
-    """SIGKILL the driver and every process of its session (its embedded Ray), and nothing else."""
-    victims = []
-    for p in psutil.process_iter():
-        try:
-            if os.getsid(p.pid) == proc.pid:
-                victims.append(p)
-        except (ProcessLookupError, psutil.Error):
-            pass
-    for p in victims:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    proc.wait()
-    psutil.wait_procs(victims, timeout=30)
-
-
 def _wait_for_parts(out: Path, n: int, proc: subprocess.Popen, timeout: float = 120) -> None:
     t0 = time.time()
     while len(list((out / "_staging" / "metadata").glob("*.parquet"))) < n:
@@ -177,7 +159,8 @@ def test_killed_driver_then_resume_is_exactly_once(checkpoints, tmp_path):
     spec["scoring"] = {"resources": {"batch_size": 4}}  # small write batches: the kill lands mid-job
     proc = _run_cli(spec, tmp_path)
     _wait_for_parts(out, 5, proc)
-    kill_session(proc)
+    kill_session(proc.pid)
+    proc.wait()
     staged_before = len(list((out / "_staging" / "metadata").glob("*.parquet")))
     assert staged_before >= 5 and not (out / "_SUCCESS").exists()
     proc = _run_cli(spec, tmp_path)

@@ -13,35 +13,16 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import s3fs
 import yaml
-from conftest import _free_port
+from conftest import _free_port, kill_session
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 CURRENT = Path("/tmp/ray/ray_current_cluster")  # where `ray start` records itself for ray.init()
-
-
-def _kill_session(pid: int) -> None:
-    """Stop only this head: `ray stop` would also kill every other Ray on the machine."""
-    victims = [p for p in psutil.process_iter() if _sid(p) == pid]
-    for p in victims:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(victims, timeout=30)
-
-
-def _sid(p: psutil.Process) -> int | None:
-    try:
-        return os.getsid(p.pid)
-    except (ProcessLookupError, psutil.Error, PermissionError):
-        return None
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +52,7 @@ def head():
                 time.sleep(1)
         yield address
     finally:
-        _kill_session(proc.pid)
+        kill_session(proc.pid)
         if before is None:
             CURRENT.unlink(missing_ok=True)
         else:
