@@ -43,11 +43,11 @@ data: setup  ## render the shapes train/test splits
 
 checkpoints: data  ## train all shipped models from scratch, one at a time (see MODEL_CARD.md)
 	$(TRAIN) judge --data $(DATA)/full --out checkpoints/judge --steps 1500 --batch-size 128
-	$(TRAIN) gan --data $(DATA)/train --out checkpoints/gan --steps 2500 --batch-size 64 --threads 1
 	$(TRAIN) vq --data $(DATA)/train --out checkpoints/vq --steps 2000 --batch-size 64 --threads 1
 	$(TRAIN) transformer --data $(DATA)/train --vq checkpoints/vq --out checkpoints/dalle --steps 3000 \
 		--batch-size 64 --model n_layer=5 --model n_embd=224
 	$(TRAIN) clip --data $(DATA)/train --out checkpoints/clip --steps 2500 --batch-size 128
+	$(TRAIN) gan --data $(DATA)/train --clip checkpoints/clip --out checkpoints/gan --steps 5500 --batch-size 64
 
 eval: setup  ## prompt-match, judge accuracy, VQ ceiling, CLIP R-precision, rerank gain (needs `make data`)
 	$(VENV)/bin/promptmill eval-models

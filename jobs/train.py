@@ -28,6 +28,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--attributes-column", default="attributes")
     p.add_argument("--max-rows", type=int)
     p.add_argument("--vq", help="VQ checkpoint (transformer only)")
+    p.add_argument("--clip", help="CLIP checkpoint: the GAN's frozen text encoder and contrastive guide (gan only)")
     p.add_argument("--checkpoint-every", type=int, default=500)
     p.add_argument("--model", action="append", default=[], metavar="KEY=VALUE", help="model config override")
     p.add_argument("--recipe", action="append", default=[], metavar="KEY=VALUE", help="recipe option (lr, ...)")
@@ -41,14 +42,15 @@ def _kv(items: list[str]) -> dict:
 def main(args: argparse.Namespace) -> int:
     from pipelines.train import TrainSpec, run_training
 
-    if args.kind == "transformer" and not args.vq:
-        raise SystemExit("promptmill train transformer needs --vq CHECKPOINT")
-    spec = TrainSpec(kind=args.kind, data=args.data, out=args.out, steps=args.steps, batch_size=args.batch_size,
-                     seed=args.seed, num_workers=args.workers, use_gpu=args.gpu, threads=args.threads,
-                     storage_path=args.storage_path, name=args.name, image_column=args.image_column,
-                     caption_column=args.caption_column, attributes_column=args.attributes_column,
-                     max_rows=args.max_rows, vq=args.vq, checkpoint_every=args.checkpoint_every,
-                     model=_kv(args.model), recipe=_kv(args.recipe))
+    try:
+        spec = TrainSpec(kind=args.kind, data=args.data, out=args.out, steps=args.steps, batch_size=args.batch_size,
+                         seed=args.seed, num_workers=args.workers, use_gpu=args.gpu, threads=args.threads,
+                         storage_path=args.storage_path, name=args.name, image_column=args.image_column,
+                         caption_column=args.caption_column, attributes_column=args.attributes_column,
+                         max_rows=args.max_rows, vq=args.vq, clip=args.clip, checkpoint_every=args.checkpoint_every,
+                         model=_kv(args.model), recipe=_kv(args.recipe))
+    except ValueError as e:
+        raise SystemExit(f"promptmill train: {e}") from None
     summary = run_training(spec)
     print(json.dumps({k: summary[k] for k in ("kind", "steps", "wall_s_this_run", "final")}))
     return 0

@@ -4,6 +4,10 @@ Generator: noise -> 4x4 -> up-blocks whose every conv is preceded by a fusion bl
 affine from [noise, sentence] as in DF-GAN's DFBLK). Discriminator: down-blocks, then a joint head on
 [image features, replicated sentence]. Trained with hinge loss plus mismatched-caption negatives and the
 matching-aware gradient penalty (`d_loss`, `g_loss`); sampling uses the EMA generator and truncation.
+
+The sentence encoder is frozen and pretrained, as DF-GAN's DAMSM text encoder is: ours is the text tower of
+the shipped CLIP (`models.clip`), whose hard-negative training makes it tell "a blue square" from "a blue
+triangle"; a GRU learnt only through D's matching loss did not bind attributes in our 2,500-step budget.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
+from models.clip import CLIPConfig, TextTower
 from models.generator import check_inputs
 from models.sampling import per_image_generators, per_image_normal, to_uint8
 from models.tokenizer import WordTokenizer
@@ -24,26 +29,20 @@ from models.tokenizer import WordTokenizer
 
 @dataclass
 class GANConfig:
-    vocab_size: int = 64
-    text_dim: int = 128
+    text_dim: int = 128  # = the text encoder's embed_dim
     noise_dim: int = 64
     ngf: int = 32
     ndf: int = 32
     image_size: int = 32  # 4 * 2**k; each doubling adds one up-block
+    # DF-GAN projects only the noise to the first 4x4 map, so text can steer layout only through per-channel
+    # affines; True projects [noise, sentence] (StackGAN / AttnGAN style) so the caption sets the 4x4 layout
+    text_in_fc: bool = False
 
 
-class TextEncoder(nn.Module):
-    """Embedding + bidirectional GRU, masked mean -> sentence vector (DF-GAN uses a frozen DAMSM; we train one)."""
-
-    def __init__(self, vocab_size: int, dim: int) -> None:
-        super().__init__()
-        self.emb = nn.Embedding(vocab_size, dim, padding_idx=0)
-        self.rnn = nn.GRU(dim, dim // 2, batch_first=True, bidirectional=True)
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        h, _ = self.rnn(self.emb(tokens))
-        mask = (tokens != 0).unsqueeze(-1).float()
-        return (h * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+def sentence(text: TextTower, tokens: torch.Tensor) -> torch.Tensor:
+    """CLIP's unit sentence embedding scaled by sqrt(dim): O(1) components for the fusion MLPs."""
+    e = text(tokens)
+    return F.normalize(e, dim=-1) * math.sqrt(e.size(-1))
 
 
 class Affine(nn.Module):
@@ -101,14 +100,14 @@ class Generator(nn.Module):
             raise ValueError(f"image_size must be 4 * 2**k, got {cfg.image_size}")
         w = _widths(cfg.ngf, n_up)
         cond = cfg.noise_dim + cfg.text_dim
-        self.w0 = w[0]
-        self.fc = nn.Linear(cfg.noise_dim, w[0] * 16)
+        self.w0, self.text_in_fc = w[0], cfg.text_in_fc
+        self.fc = nn.Linear(cond if cfg.text_in_fc else cfg.noise_dim, w[0] * 16)
         self.blocks = nn.ModuleList(GBlock(cond, w[i], w[i + 1]) for i in range(n_up))
         self.to_rgb = nn.Conv2d(w[-1], 3, 3, 1, 1)
 
     def forward(self, z: torch.Tensor, sent: torch.Tensor) -> torch.Tensor:
         c = torch.cat([z, sent], dim=1)
-        x = self.fc(z).view(z.size(0), self.w0, 4, 4)
+        x = self.fc(c if self.text_in_fc else z).view(z.size(0), self.w0, 4, 4)
         for blk in self.blocks:
             x = blk(x, c)
         return torch.tanh(self.to_rgb(F.leaky_relu(x, 0.2)))
@@ -124,7 +123,9 @@ class DBlock(nn.Module):
         super().__init__()
         self.conv1, self.conv2 = _sn(nn.Conv2d(cin, cout, 4, 2, 1)), _sn(nn.Conv2d(cout, cout, 3, 1, 1))
         self.shortcut = _sn(nn.Conv2d(cin, cout, 1))
-        self.gamma = nn.Parameter(torch.zeros(1))  # DF-GAN's learnable residual weight
+        # DF-GAN's learnable residual weight; DF-GAN starts it at 0, which leaves D a linear map (shortcut +
+        # avg-pool) under one nonlinear head for thousands of steps: G then fooled it with grid-textured mush
+        self.gamma = nn.Parameter(torch.ones(1))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = F.leaky_relu(self.conv2(F.leaky_relu(self.conv1(x), 0.2)), 0.2)
@@ -178,31 +179,36 @@ class GANSampling(BaseModel):
 
 
 class GANGenerator:
-    """Inference wrapper: tokenizer + text encoder + (EMA) generator, one forward pass per batch."""
+    """Inference wrapper: tokenizer + frozen text tower + (EMA) generator, one forward pass per batch."""
 
     family = "gan"
     Sampling = GANSampling
 
-    def __init__(self, cfg: GANConfig, tokenizer: WordTokenizer, text: TextEncoder, gen: Generator,
-                 device: torch.device) -> None:
-        self.cfg, self.tokenizer, self.device = cfg, tokenizer, device
+    def __init__(self, cfg: GANConfig, text_cfg: CLIPConfig, tokenizer: WordTokenizer, text: TextTower,
+                 gen: Generator, device: torch.device) -> None:
+        self.cfg, self.text_cfg, self.tokenizer, self.device = cfg, text_cfg, tokenizer, device
         self.text, self.gen = text.to(device).eval(), gen.to(device).eval()
         self.height = self.width = cfg.image_size
 
     @classmethod
-    def build(cls, cfg: GANConfig, tokenizer: WordTokenizer, device: str | torch.device = "cpu") -> GANGenerator:
-        return cls(cfg, tokenizer, TextEncoder(cfg.vocab_size, cfg.text_dim), Generator(cfg), torch.device(device))
+    def build(cls, cfg: GANConfig, text_cfg: CLIPConfig, tokenizer: WordTokenizer,
+              device: str | torch.device = "cpu") -> GANGenerator:
+        if text_cfg.embed_dim != cfg.text_dim:
+            raise ValueError(f"text_dim {cfg.text_dim} != the text encoder's embed_dim {text_cfg.embed_dim}")
+        return cls(cfg, text_cfg, tokenizer, TextTower(text_cfg), Generator(cfg), torch.device(device))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {**{f"text.{k}": v for k, v in self.text.state_dict().items()},
                 **{f"gen.{k}": v for k, v in self.gen.state_dict().items()}}
 
     def config(self) -> dict:
-        return {"family": self.family, "config": asdict(self.cfg), "tokenizer": self.tokenizer.to_config()}
+        return {"family": self.family, "config": asdict(self.cfg), "text": asdict(self.text_cfg),
+                "tokenizer": self.tokenizer.to_config()}
 
     @classmethod
     def from_checkpoint(cls, config: dict, tensors: dict[str, torch.Tensor], device: torch.device) -> GANGenerator:
-        g = cls.build(GANConfig(**config["config"]), WordTokenizer.from_config(config["tokenizer"]), device)
+        g = cls.build(GANConfig(**config["config"]), CLIPConfig(**config["text"]),
+                      WordTokenizer.from_config(config["tokenizer"]), device)
         g.text.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("text.")})
         g.gen.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("gen.")})
         return g
@@ -214,7 +220,7 @@ class GANGenerator:
         if not prompts:
             return np.zeros((0, self.height, self.width, 3), np.uint8)
         z = per_image_normal(per_image_generators(seeds), (self.cfg.noise_dim,), s.truncation).to(self.device)
-        sent = self.text(self.tokenizer.encode_batch(prompts).to(self.device))
+        sent = sentence(self.text, self.tokenizer.encode_batch(prompts).to(self.device))
         return to_uint8(self.gen(z, sent)).cpu().numpy()
 
 

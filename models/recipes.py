@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from models.checkpoint import save_checkpoint
 from models.clip import CLIP, CLIPConfig, CLIPScorer
-from models.gan import Discriminator, GANConfig, GANGenerator, TextEncoder, d_loss, g_loss
+from models.gan import Discriminator, GANConfig, GANGenerator, d_loss, g_loss, sentence
 from models.gan import Generator as GANNet
 from models.judge import Judge, JudgeConfig
 from models.shapes import hard_negative
@@ -189,50 +189,76 @@ class TransformerRecipe(Recipe):
         save_checkpoint(url, g.state_dict(), g.config(), storage_options, dtype)
 
 
-class GANRecipe(Recipe):
-    """DF-GAN losses; Adam(0.5, 0.999) at 2e-4 for both (DF-GAN's Adam(0, 0.9), 1e-4 / 4e-4 made the output
-    brightness oscillate and G saturate within 300 steps on the shapes data; probe: 2,000 images,
-    batch 32, widths 16). The text encoder learns through D's matching loss."""
+def shifted(images: torch.Tensor, pixels: float) -> torch.Tensor:
+    """Each image translated by up to `pixels` (uniform, border-padded, differentiable): G must satisfy CLIP
+    under small shifts, so it cannot get there with pixel-exact adversarial patterns."""
+    if not pixels:
+        return images
+    n, _, h, w = images.shape
+    theta = torch.zeros(n, 2, 3, device=images.device)
+    theta[:, 0, 0] = theta[:, 1, 1] = 1
+    theta[:, :, 2] = (torch.rand(n, 2, device=images.device) * 2 - 1) * 2 * pixels / torch.tensor([w, h], device=images.device)
+    grid = F.affine_grid(theta, list(images.shape), align_corners=False)
+    return F.grid_sample(images, grid, padding_mode="border", align_corners=False)
 
-    def __init__(self, cfg: GANConfig, tokenizer: WordTokenizer, lr_g: float = 2e-4, lr_d: float = 2e-4,
-                 ema: float = 0.999, betas: tuple[float, float] = (0.5, 0.999), **_) -> None:
-        self.cfg, self.tokenizer, self.ema_decay = cfg, tokenizer, ema
-        self.text, self.G, self.D = TextEncoder(cfg.vocab_size, cfg.text_dim), GANNet(cfg), Discriminator(cfg)
+
+class GANRecipe(Recipe):
+    """DF-GAN's losses with a frozen pretrained sentence encoder (CLIP's text tower, DF-GAN's DAMSM role),
+    plus LAFITE's contrastive term: G's images go through the frozen CLIP image tower and must pick their
+    own caption over the batch's others and a hard negative (one attribute swapped). Adam(0.5, 0.999) at 2e-4
+    for both (DF-GAN's Adam(0, 0.9), 1e-4 / 4e-4 made G saturate within 300 steps on the shapes data);
+    the EMA generator warms up (decay (1 + t) / (10 + t)) so early exports do not carry the random init."""
+
+    def __init__(self, cfg: GANConfig, clip: CLIPScorer, lr_g: float = 2e-4, lr_d: float = 2e-4,
+                 ema: float = 0.999, betas: tuple[float, float] = (0.5, 0.999), clip_weight: float = 1.0,
+                 clip_shift: float = 2.0, hard_negatives: bool = True, seed: int = 0, **_) -> None:
+        self.cfg, self.tokenizer, self.ema_decay = cfg, clip.tokenizer, ema
+        self.clip_weight, self.clip_shift, self.hard_negatives, self.seed = clip_weight, clip_shift, hard_negatives, seed
+        self.clip = clip.model.eval().requires_grad_(False)
+        self.G, self.D = GANNet(cfg), Discriminator(cfg)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
-        self.modules = {"text": self.text, "G": self.G, "D": self.D, "G_ema": self.G_ema}
+        self.modules = {"G": self.G, "D": self.D, "G_ema": self.G_ema, "clip": self.clip}
         self.optimizers = {"G": torch.optim.Adam(self.G.parameters(), lr=lr_g, betas=tuple(betas)),
-                           "D": torch.optim.Adam([*self.D.parameters(), *self.text.parameters()], lr=lr_d,
-                                                 betas=tuple(betas))}
+                           "D": torch.optim.Adam(self.D.parameters(), lr=lr_d, betas=tuple(betas))}
 
     def step(self, b: Batch, step: int) -> dict[str, float]:
         real = b.pixels
         tokens = self.tokenizer.encode_batch(b.captions).to(self.device)
+        with torch.no_grad():
+            sent = sentence(self.clip.text, tokens)
         z = torch.randn(real.size(0), self.cfg.noise_dim, device=self.device)
-        # D (+ text encoder): real/matching vs fake and vs mismatched captions, MA-GP
-        sent = self.text(tokens)
-        fake = self.G(z, sent.detach())
+        fake = self.G(z, sent)
+        # D: real/matching vs fake and vs mismatched captions, MA-GP
         ld, logs = d_loss(self.D, real, fake, sent)
         opt_d = self.optimizers["D"]
         opt_d.zero_grad(set_to_none=True)
         ld.backward()
-        sync_grads([*self.D.parameters(), *self.text.parameters()])
+        sync_grads(self.D.parameters())
         opt_d.step()
-        # G
+        # G: fool D, and let CLIP find its caption
         lg = g_loss(self.D, fake, sent.detach())
+        if self.clip_weight:
+            rng = random.Random(f"{self.seed}/{step}")
+            negs = [n for n in (hard_negative(c, rng) for c in b.captions) if n] if self.hard_negatives else []
+            neg_tokens = self.tokenizer.encode_batch(negs).to(self.device) if negs else None
+            lc = self.clip.loss(shifted(fake, self.clip_shift), tokens, neg_tokens)
+            logs["g_clip"] = lc.item()
+            lg = lg + self.clip_weight * lc
         opt_g = self.optimizers["G"]
         opt_g.zero_grad(set_to_none=True)
         lg.backward()
         sync_grads(self.G.parameters())
         opt_g.step()
+        decay = min(self.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
             for pe, p in zip(self.G_ema.parameters(), self.G.parameters()):
-                pe.lerp_(p, 1 - self.ema_decay)
+                pe.lerp_(p, 1 - decay)
             for be, bb in zip(self.G_ema.buffers(), self.G.buffers()):
                 be.copy_(bb)
         return {"loss_d": ld.item(), "loss_g": lg.item(), **logs}
 
     def export(self, url: str, storage_options: dict | None = None, dtype: torch.dtype | None = None) -> None:
-        g = GANGenerator(self.cfg, self.tokenizer, self.text, self.G_ema, torch.device("cpu"))
+        g = GANGenerator(self.cfg, self.clip.cfg, self.tokenizer, self.clip.text, self.G_ema, torch.device("cpu"))
         save_checkpoint(url, g.state_dict(), g.config(), storage_options, dtype)
 
 

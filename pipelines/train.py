@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 import torch
 from safetensors.torch import load_file, save_file
 
-from models.clip import CLIPConfig
+from models.clip import CLIPConfig, load_clip
 from models.gan import GANConfig
 from models.judge import JudgeConfig, labels, scene_from_dict
 from models.recipes import Batch, CLIPRecipe, GANRecipe, JudgeRecipe, Recipe, TransformerRecipe, VQRecipe
@@ -54,6 +54,7 @@ class TrainSpec:
     attributes_column: str = "attributes"
     max_rows: int | None = None
     vq: str | None = None  # transformer: the VQ checkpoint that tokenizes images
+    clip: str | None = None  # gan: the CLIP whose frozen towers encode captions and guide G
     checkpoint_every: int = 500
     max_failures: int = 3  # a dead worker (spot node, failed health check) restarts from the latest checkpoint
     log_every: int = 50
@@ -65,8 +66,12 @@ class TrainSpec:
         # Ray Train workers do not share the driver's cwd
         self.data, self.out = absolute(self.data), absolute(self.out)
         self.vq = absolute(self.vq) if self.vq else None
+        self.clip = absolute(self.clip) if self.clip else None
         if self.kind not in KINDS:
             raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
+        for kind, field_, what in (("transformer", "vq", "VQ"), ("gan", "clip", "CLIP")):
+            if self.kind == kind and not getattr(self, field_):
+                raise ValueError(f"training a {kind} needs {field_}: the {what} checkpoint it builds on")
 
     @property
     def run_name(self) -> str:
@@ -104,7 +109,8 @@ def build_recipe(spec: TrainSpec, tokenizer: WordTokenizer | None) -> Recipe:
         return CLIPRecipe(CLIPConfig(**{**m, "vocab_size": len(tokenizer.vocab), "text_len": tokenizer.max_len}), tokenizer,
                           steps=spec.steps, seed=spec.seed, **r)
     if spec.kind == "gan":
-        return GANRecipe(GANConfig(vocab_size=len(tokenizer.vocab), **m), tokenizer, **r)
+        clip = load_clip(spec.clip, storage_options=spec.storage_options)
+        return GANRecipe(GANConfig(**{**m, "text_dim": clip.model.cfg.embed_dim}), clip, seed=spec.seed, **r)
     vq = load_vq(spec.vq, spec.storage_options)
     vq_cfg = vq.cfg
     cfg = TransformerConfig(text_vocab=len(tokenizer.vocab), image_vocab=vq_cfg.codebook_size,
@@ -180,6 +186,7 @@ def train_loop(config: dict) -> None:
             save_file({k: v.contiguous() for k, v in recipe.state().items()}, os.path.join(d, "state.safetensors"))
             json.dump({"step": step + 1, "history": history, "spec": config["spec"]}, open(os.path.join(d, "meta.json"), "w"))
             recipe.export(os.path.join(d, "export"))
+            recipe.to(device)  # export builds a CPU inference model from the recipe's own modules
             ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(d))
 
 
@@ -227,7 +234,7 @@ def run_training(spec: TrainSpec) -> dict:
 
     if not ray.is_initialized():
         ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)  # see pipelines.job
-    tokenizer = train_tokenizer(spec) if spec.kind in ("gan", "transformer", "clip") else None
+    tokenizer = train_tokenizer(spec) if spec.kind in ("transformer", "clip") else None  # the GAN uses its CLIP's
     storage = spec.storage_path if "://" in spec.storage_path else os.path.abspath(spec.storage_path)
     check_resumable(spec, storage)
     trainer = TorchTrainer(

@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from models.checkpoint import save_checkpoint
+from models.clip import CLIPConfig
 from models.gan import GANConfig, GANGenerator
 from models.tokenizer import WordTokenizer
 from models.transformer import TransformerConfig, TransformerGenerator
@@ -27,7 +28,8 @@ def save_tiny(url: str, family: str, storage_options: dict | None = None) -> str
     torch.manual_seed(0)
     tok = WordTokenizer.train(CAPTIONS, max_len=12)
     if family == "gan":
-        g = GANGenerator.build(GANConfig(vocab_size=len(tok.vocab), text_dim=32, noise_dim=16, ngf=8, ndf=8), tok)
+        text = CLIPConfig(vocab_size=len(tok.vocab), text_len=12, width=32, layers=1, heads=2, embed_dim=32)
+        g = GANGenerator.build(GANConfig(text_dim=32, noise_dim=16, ngf=8, ndf=8), text, tok)
     else:
         cfg = TransformerConfig(text_vocab=len(tok.vocab), text_len=12, image_vocab=16, n_layer=1, n_head=2, n_embd=32)
         g = TransformerGenerator.build(cfg, VQConfig(hidden=8, embed_dim=8, codebook_size=16), tok)

@@ -87,7 +87,8 @@ def test_checkpoint_round_trip_through_moto_s3(checkpoints, s3):
 
 
 def test_forward_backward_shapes_of_every_model():
-    from models.gan import Discriminator, GANConfig, Generator, TextEncoder, d_loss, g_loss
+    from models.clip import CLIPConfig, TextTower
+    from models.gan import Discriminator, GANConfig, Generator, d_loss, g_loss, sentence
     from models.judge import HEADS, Judge, JudgeConfig
     from models.transformer import DalleTransformer, TransformerConfig
     from models.vq import VQConfig, VQModel
@@ -104,16 +105,35 @@ def test_forward_backward_shapes_of_every_model():
     assert tf(text, img).shape == (4, 64, 16)
     tf.loss(text, img).backward()
 
-    cfg = GANConfig(vocab_size=10, text_dim=16, noise_dim=8, ngf=4, ndf=4)
-    te, G, D = TextEncoder(10, 16), Generator(cfg), Discriminator(cfg)
-    sent = te(text)
-    fake = G(torch.randn(4, 8), sent.detach())
+    cfg = GANConfig(text_dim=16, noise_dim=8, ngf=4, ndf=4)
+    te = TextTower(CLIPConfig(vocab_size=10, text_len=6, width=16, layers=1, heads=2, embed_dim=16))
+    G, D = Generator(cfg), Discriminator(cfg)
+    sent = sentence(te, text).detach()
+    fake = G(torch.randn(4, 8), sent)
     assert sent.shape == (4, 16) and fake.shape == (4, 3, 32, 32)
+    assert torch.allclose(sent.norm(dim=1), torch.full((4,), 4.0))  # unit embedding * sqrt(16)
     ld, _ = d_loss(D, x, fake, sent)
     ld.backward()
-    g_loss(D, fake, sent.detach()).backward()
-    assert all(p.grad is not None for p in te.parameters())
+    g_loss(D, fake, sent).backward()
+    assert all(p.grad is not None for p in [*G.parameters(), *D.parameters()])
 
     j = Judge(JudgeConfig(width=4, features=8))
     out = j(x)
     assert set(out) == set(HEADS) and j.features(x).shape == (4, 8)
+
+
+def test_clip_shift_moves_each_image_by_at_most_the_given_pixels():
+    from models.recipes import shifted
+
+    torch.manual_seed(0)
+    x = torch.full((64, 3, 32, 32), -1.0)
+    x[:, :, 12:20, 12:20] = 1.0  # a square centred at 15.5
+    assert shifted(x, 0) is x
+    y = shifted(x, 2.0)
+    ys, xs = torch.meshgrid(torch.arange(32.0), torch.arange(32.0), indexing="ij")
+    mass = (y[:, 0] + 1) / 2
+    cx = (mass * xs).sum((1, 2)) / mass.sum((1, 2))
+    cy = (mass * ys).sum((1, 2)) / mass.sum((1, 2))
+    assert (cx - 15.5).abs().max() <= 2.01 and (cy - 15.5).abs().max() <= 2.01
+    assert (cx - 15.5).abs().max() > 1.0  # it does move them, and not all alike
+    assert cx.std() > 0.3 and cy.std() > 0.3

@@ -13,7 +13,7 @@ from pipelines.train import TrainSpec, run_training
 TINY = {
     "judge": {"width": 8, "features": 32},
     "vq": {"hidden": 16, "embed_dim": 16, "codebook_size": 32},
-    "gan": {"text_dim": 32, "noise_dim": 16, "ngf": 8, "ndf": 8},
+    "gan": {"noise_dim": 16, "ngf": 8, "ndf": 8},  # text_dim comes from the CLIP
     "transformer": {"n_layer": 1, "n_head": 2, "n_embd": 32, "text_len": 16},
     "clip": {"width": 32, "layers": 1, "heads": 2, "image_width": 8, "embed_dim": 32},
 }
@@ -46,14 +46,44 @@ def test_gan_and_transformer_export_generators_and_resume(ray_local, shapes, tmp
     assert s["history"][-1]["loss"] < s["history"][0]["loss"]
     g = load_generator(str(tmp_path / "transformer"), "cpu")
     assert g.generate(["a red circle"], [0]).shape == (1, 32, 32, 3)
-    s1 = train("gan", shapes, tmp_path, 10, name="gan-resume")
-    s2 = train("gan", shapes, tmp_path, 20, name="gan-resume")  # same name: resumes at step 10
+    train("clip", shapes, tmp_path, 10)
+    clip = str(tmp_path / "clip")
+    s1 = train("gan", shapes, tmp_path, 10, name="gan-resume", clip=clip)
+    s2 = train("gan", shapes, tmp_path, 20, name="gan-resume", clip=clip)  # same name: resumes at step 10
     assert [h["step"] for h in s2["history"]] == [5, 10, 15, 20]
     assert s2["history"][:2] == s1["history"]  # the first half is the resumed run's own history
     g = load_generator(str(tmp_path / "gan"), "cpu")
     assert g.generate(["a red circle"], [0], truncation=1.0).shape == (1, 32, 32, 3)
     hist = json.loads((tmp_path / "gan" / "training" / "history.json").read_text())
-    assert hist["steps"] == 20
+    assert hist["steps"] == 20 and "g_clip" in hist["final"]
+
+
+def test_models_that_build_on_another_name_it(tmp_path):
+    for kind, needs in (("gan", "clip"), ("transformer", "vq")):
+        with pytest.raises(ValueError, match=f"training a {kind} needs {needs}"):
+            TrainSpec(kind=kind, data=str(tmp_path), out=str(tmp_path / "out"))
+
+
+def test_gan_step_trains_g_and_d_and_leaves_the_clip_frozen(shapes):
+    import torch
+
+    from models.clip import CLIP, CLIPConfig, CLIPScorer
+    from models.gan import GANConfig
+    from models.recipes import GANRecipe
+    from models.tokenizer import WordTokenizer
+    from pipelines.train import load_data, make_batch
+
+    torch.manual_seed(0)
+    spec = TrainSpec(kind="gan", data=shapes, out=str(shapes), clip="unused", max_rows=64)
+    tok = WordTokenizer.train(load_data(spec, None, 0, 1)["captions"], max_len=16)
+    clip = CLIPScorer(CLIP(CLIPConfig(vocab_size=len(tok.vocab), text_len=16, **TINY["clip"])), tok)
+    recipe = GANRecipe(GANConfig(text_dim=32, **TINY["gan"]), clip)
+    before = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in recipe.modules.items()}
+    logs = recipe.step(make_batch(load_data(spec, recipe, 0, 1), 0, 32, 0), 0)
+    changed = {n: any(not torch.equal(before[n][k], v) for k, v in m.state_dict().items())
+               for n, m in recipe.modules.items()}
+    assert changed == {"G": True, "D": True, "G_ema": True, "clip": False}
+    assert logs["g_clip"] > 0 and set(logs) >= {"loss_d", "loss_g", "ma_gp"}
 
 
 def test_same_seed_same_training(ray_local, shapes, tmp_path):
