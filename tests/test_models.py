@@ -137,3 +137,15 @@ def test_clip_shift_moves_each_image_by_at_most_the_given_pixels():
     assert (cx - 15.5).abs().max() <= 2.01 and (cy - 15.5).abs().max() <= 2.01
     assert (cx - 15.5).abs().max() > 1.0  # it does move them, and not all alike
     assert cx.std() > 0.3 and cy.std() > 0.3
+
+
+@pytest.mark.parametrize("text_in_fc", [False, True])
+def test_gan_first_map_takes_the_caption_only_when_text_in_fc(text_in_fc):
+    from models.gan import GANConfig, Generator
+
+    torch.manual_seed(0)
+    g = Generator(GANConfig(text_dim=16, noise_dim=8, ngf=4, text_in_fc=text_in_fc))
+    seen = []
+    g.fc.register_forward_hook(lambda m, i, o: seen.append(o))
+    g(torch.randn(1, 8).expand(2, 8), torch.randn(2, 16))  # same noise, two captions
+    assert torch.equal(seen[0][0], seen[0][1]) is not text_in_fc
