@@ -4,6 +4,8 @@
   utilisation (FLOPs counted by torch's FlopCounterMode / wall time) against a GEMM peak measured here.
 
     python benchmarks/generators.py [--gan checkpoints/gan] [--transformer checkpoints/dalle] [--guidance 3]
+
+Issue 3 names this file benchmarks/models.py; run as a script, that name would shadow the `models` package.
 """
 
 from __future__ import annotations

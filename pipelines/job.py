@@ -204,7 +204,9 @@ def run_job(spec: JobSpec) -> JobResult:
     # 2. Read and validate (bad rows are kept, marked with a reason)
     dup = plan.duplicate_ids
     validated = read_prompts(plan, spec.input).map_batches(
-        functools.partial(validate_batch, spec=spec.input, duplicates=dup), batch_format="pyarrow")
+        functools.partial(validate_batch, spec=spec.input, duplicates=dup), batch_format="pyarrow",
+    ).materialize()  # read + validate once: the rejected write and every model branch reuse it (prompt
+    # rows are small; images are what streams)
     done = done_keys(fs, root)
 
     # 3. Rejected table (staged; committed below)
