@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -61,7 +62,9 @@ def main() -> None:
 
         import ray
 
-        ray.init(address="local", include_dashboard=False, log_to_driver=False)  # start-up excluded, as for (a) and (b)
+        # start-up excluded, as for (a) and (b); logical CPUs as the job's own embedded Ray would size them for (d)
+        # (generator + scoring pools + read/write), or its capacity check refuses the job on a 2-core machine
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 4), include_dashboard=False, log_to_driver=False)
         c = job("plain", False)
         d = job("scored", True)
     print(f"images={args.n} family={args.family} batch={args.batch_size} checkpoint={args.checkpoint}")
