@@ -202,6 +202,14 @@ def shifted(images: torch.Tensor, pixels: float) -> torch.Tensor:
     return F.grid_sample(images, grid, padding_mode="border", align_corners=False)
 
 
+def mode_seeking_ratio(G: nn.Module, fake: torch.Tensor, z: torch.Tensor, sent: torch.Tensor) -> torch.Tensor:
+    """MSGAN's ratio |G(z1, c) - G(z2, c)| / |z1 - z2| on the first half of the batch (fake = G(z, sent)) with
+    fresh noise: G is rewarded for drawing different images from different noise for one caption."""
+    n = max(1, z.size(0) // 2)
+    z2 = torch.randn_like(z[:n])
+    return (fake[:n] - G(z2, sent[:n])).abs().mean() / (z[:n] - z2).abs().mean()
+
+
 class GANRecipe(Recipe):
     """DF-GAN's losses with a frozen pretrained sentence encoder (CLIP's text tower, DF-GAN's DAMSM role),
     plus LAFITE's contrastive term: G's images go through the frozen CLIP image tower and must pick their
@@ -211,8 +219,9 @@ class GANRecipe(Recipe):
 
     def __init__(self, cfg: GANConfig, clip: CLIPScorer, lr_g: float = 2e-4, lr_d: float = 2e-4,
                  ema: float = 0.999, betas: tuple[float, float] = (0.5, 0.999), clip_weight: float = 1.0,
-                 clip_shift: float = 2.0, hard_negatives: bool = True, seed: int = 0, **_) -> None:
-        self.cfg, self.tokenizer, self.ema_decay = cfg, clip.tokenizer, ema
+                 clip_shift: float = 2.0, hard_negatives: bool = True, mode_seeking: float = 0.0, seed: int = 0,
+                 **_) -> None:
+        self.cfg, self.tokenizer, self.ema_decay, self.mode_seeking = cfg, clip.tokenizer, ema, mode_seeking
         self.clip_weight, self.clip_shift, self.hard_negatives, self.seed = clip_weight, clip_shift, hard_negatives, seed
         self.clip = clip.model.eval().requires_grad_(False)
         self.G, self.D = GANNet(cfg), Discriminator(cfg)
@@ -244,6 +253,9 @@ class GANRecipe(Recipe):
             lc = self.clip.loss(shifted(fake, self.clip_shift), tokens, neg_tokens)
             logs["g_clip"] = lc.item()
             lg = lg + self.clip_weight * lc
+        if self.mode_seeking:
+            logs["g_ms"] = (ms := mode_seeking_ratio(self.G, fake, z, sent)).item()
+            lg = lg + self.mode_seeking / (ms + 1e-5)
         opt_g = self.optimizers["G"]
         opt_g.zero_grad(set_to_none=True)
         lg.backward()

@@ -149,3 +149,17 @@ def test_gan_first_map_takes_the_caption_only_when_text_in_fc(text_in_fc):
     g.fc.register_forward_hook(lambda m, i, o: seen.append(o))
     g(torch.randn(1, 8).expand(2, 8), torch.randn(2, 16))  # same noise, two captions
     assert torch.equal(seen[0][0], seen[0][1]) is not text_in_fc
+
+
+def test_mode_seeking_ratio_is_zero_for_a_generator_that_ignores_its_noise():
+    from models.gan import GANConfig, Generator
+    from models.recipes import mode_seeking_ratio
+
+    torch.manual_seed(0)
+    z, sent = torch.randn(8, 8), torch.randn(8, 16)
+    blind = lambda z, s: s.sum(1).view(-1, 1, 1, 1).expand(-1, 3, 4, 4)  # noqa: E731
+    assert mode_seeking_ratio(blind, blind(z, sent), z, sent).item() == 0.0
+    g = Generator(GANConfig(text_dim=16, noise_dim=8, ngf=4))
+    r = mode_seeking_ratio(g, g(z, sent), z, sent)
+    r.backward()
+    assert r.item() > 0 and g.fc.weight.grad.abs().sum() > 0  # a term G can climb
