@@ -189,6 +189,15 @@ class TransformerRecipe(Recipe):
         save_checkpoint(url, g.state_dict(), g.config(), storage_options, dtype)
 
 
+def negative_tokens(tokenizer: WordTokenizer, captions: list[str], seed: int, step: int,
+                    device: torch.device) -> torch.Tensor | None:
+    """One hard-negative caption per caption that allows one (`models.shapes.hard_negative`), drawn from
+    (seed, step) so a resumed run sees the same ones; None when no caption allows one."""
+    rng = random.Random(f"{seed}/{step}")
+    negs = [n for n in (hard_negative(c, rng) for c in captions) if n]
+    return tokenizer.encode_batch(negs).to(device) if negs else None
+
+
 def shifted(images: torch.Tensor, pixels: float) -> torch.Tensor:
     """Each image translated by up to `pixels` (uniform, border-padded, differentiable): G must satisfy CLIP
     under small shifts, so it cannot get there with pixel-exact adversarial patterns."""
@@ -247,10 +256,8 @@ class GANRecipe(Recipe):
         # G: fool D, and let CLIP find its caption
         lg = g_loss(self.D, fake, sent.detach())
         if self.clip_weight:
-            rng = random.Random(f"{self.seed}/{step}")
-            negs = [n for n in (hard_negative(c, rng) for c in b.captions) if n] if self.hard_negatives else []
-            neg_tokens = self.tokenizer.encode_batch(negs).to(self.device) if negs else None
-            lc = self.clip.loss(shifted(fake, self.clip_shift), tokens, neg_tokens)
+            negs = negative_tokens(self.tokenizer, b.captions, self.seed, step, self.device) if self.hard_negatives else None
+            lc = self.clip.loss(shifted(fake, self.clip_shift), tokens, negs)
             logs["g_clip"] = lc.item()
             lg = lg + self.clip_weight * lc
         if self.mode_seeking:
@@ -287,13 +294,11 @@ class CLIPRecipe(Recipe):
 
     def step(self, b: Batch, step: int) -> dict[str, float]:
         self.model.train()
-        rng = random.Random(f"{self.seed}/{step}")
-        negs = [n for n in (hard_negative(c, rng) for c in b.captions) if n] if self.hard_negatives else []
+        negs = negative_tokens(self.tokenizer, b.captions, self.seed, step, self.device) if self.hard_negatives else None
         opt = self.optimizers["clip"]
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, self.lr, self.warmup, self.steps)
-        loss = self.model.loss(b.images, self.tokenizer.encode_batch(b.captions).to(self.device),
-                               self.tokenizer.encode_batch(negs).to(self.device) if negs else None)
+        loss = self.model.loss(b.images, self.tokenizer.encode_batch(b.captions).to(self.device), negs)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         sync_grads(self.model.parameters())
