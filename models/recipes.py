@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from models.checkpoint import save_checkpoint
 from models.clip import CLIP, CLIPConfig, CLIPScorer
-from models.gan import Discriminator, GANConfig, GANGenerator, d_loss, g_loss, sentence
+from models.gan import Discriminator, FeatureDiscriminator, GANConfig, GANGenerator, d_loss, feature_d_loss, g_loss, sentence
 from models.gan import Generator as GANNet
 from models.judge import Judge, JudgeConfig
 from models.shapes import hard_negative
@@ -224,12 +224,14 @@ class GANRecipe(Recipe):
     plus LAFITE's contrastive term: G's images go through the frozen CLIP image tower and must pick their
     own caption over the batch's others and a hard negative (one attribute swapped). Adam(0.5, 0.999) at 2e-4
     for both (DF-GAN's Adam(0, 0.9), 1e-4 / 4e-4 made G saturate within 300 steps on the shapes data);
-    the EMA generator warms up (decay (1 + t) / (10 + t)) so early exports do not carry the random init."""
+    the EMA generator warms up (decay (1 + t) / (10 + t)) so early exports do not carry the random init.
+    `vision_d=W` adds a second, vision-aided discriminator on the frozen CLIP image tower's feature maps
+    (`models.gan.FeatureDiscriminator`) to both losses with weight W."""
 
     def __init__(self, cfg: GANConfig, clip: CLIPScorer, lr_g: float = 2e-4, lr_d: float = 2e-4,
                  ema: float = 0.999, betas: tuple[float, float] = (0.5, 0.999), clip_weight: float = 1.0,
-                 clip_shift: float = 2.0, hard_negatives: bool = True, mode_seeking: float = 0.0, seed: int = 0,
-                 **_) -> None:
+                 clip_shift: float = 2.0, hard_negatives: bool = True, mode_seeking: float = 0.0, vision_d: float = 0.0,
+                 vision_width: int = 32, seed: int = 0, **_) -> None:
         self.cfg, self.tokenizer, self.ema_decay, self.mode_seeking = cfg, clip.tokenizer, ema, mode_seeking
         self.clip_weight, self.clip_shift, self.hard_negatives, self.seed = clip_weight, clip_shift, hard_negatives, seed
         self.clip = clip.model.eval().requires_grad_(False)
@@ -238,6 +240,11 @@ class GANRecipe(Recipe):
         self.modules = {"G": self.G, "D": self.D, "G_ema": self.G_ema, "clip": self.clip}
         self.optimizers = {"G": torch.optim.Adam(self.G.parameters(), lr=lr_g, betas=tuple(betas)),
                            "D": torch.optim.Adam(self.D.parameters(), lr=lr_d, betas=tuple(betas))}
+        self.vision_d = vision_d
+        if vision_d:
+            self.Dv = FeatureDiscriminator(self.clip.image, cfg.text_dim, vision_width)
+            self.modules["D_vision"] = self.Dv
+            self.optimizers["D_vision"] = torch.optim.Adam(self.Dv.parameters(), lr=lr_d, betas=tuple(betas))
 
     def step(self, b: Batch, step: int) -> dict[str, float]:
         real = b.pixels
@@ -248,13 +255,21 @@ class GANRecipe(Recipe):
         fake = self.G(z, sent)
         # D: real/matching vs fake and vs mismatched captions, MA-GP
         ld, logs = d_loss(self.D, real, fake, sent)
-        opt_d = self.optimizers["D"]
-        opt_d.zero_grad(set_to_none=True)
+        if self.vision_d:
+            logs["d_vision"] = (ldv := feature_d_loss(self.Dv, real.detach(), fake, sent.detach())).item()
+            ld = ld + self.vision_d * ldv
+        d_nets = [(self.D, self.optimizers["D"])] + ([(self.Dv, self.optimizers["D_vision"])] if self.vision_d else [])
+        for _, opt in d_nets:
+            opt.zero_grad(set_to_none=True)
         ld.backward()
-        sync_grads(self.D.parameters())
-        opt_d.step()
+        for net, opt in d_nets:
+            sync_grads(net.parameters())
+            opt.step()
         # G: fool D, and let CLIP find its caption
         lg = g_loss(self.D, fake, sent.detach())
+        if self.vision_d:
+            logs["g_vision"] = (lgv := -self.Dv.logits(self.Dv.features(fake), sent.detach()).mean()).item()
+            lg = lg + self.vision_d * lgv
         if self.clip_weight:
             negs = negative_tokens(self.tokenizer, b.captions, self.seed, step, self.device) if self.hard_negatives else None
             lc = self.clip.loss(shifted(fake, self.clip_shift), tokens, negs)

@@ -163,3 +163,20 @@ def test_mode_seeking_ratio_is_zero_for_a_generator_that_ignores_its_noise():
     r = mode_seeking_ratio(g, g(z, sent), z, sent)
     r.backward()
     assert r.item() > 0 and g.fc.weight.grad.abs().sum() > 0  # a term G can climb
+
+
+def test_feature_discriminator_judges_every_location_and_passes_gradient_through_the_frozen_tower():
+    from models.clip import CLIP, CLIPConfig
+    from models.gan import FeatureDiscriminator, feature_d_loss
+
+    torch.manual_seed(0)
+    clip = CLIP(CLIPConfig(image_width=8, embed_dim=16)).requires_grad_(False)
+    D = FeatureDiscriminator(clip.image, text_dim=16, width=8)
+    img, sent = (torch.rand(3, 3, 32, 32) * 2 - 1).requires_grad_(True), torch.randn(3, 16)
+    out = D.logits(D.features(img), sent)
+    assert out.shape == (3, 32 * 32 + 16 * 16 + 8 * 8 + 4 * 4)  # one logit per location of each of the 4 stages
+    assert set(k.split(".")[0] for k in D.state_dict()) == {"heads"}
+    out.mean().backward()
+    assert img.grad is not None and img.grad.abs().sum() > 0  # G learns through the tower
+    assert all(p.grad is None for p in clip.parameters())
+    assert feature_d_loss(D, img.detach(), img.detach().flip(0), sent).item() > 0

@@ -77,13 +77,15 @@ def test_gan_step_trains_g_and_d_and_leaves_the_clip_frozen(shapes):
     spec = TrainSpec(kind="gan", data=shapes, out=str(shapes), clip="unused", max_rows=64)
     tok = WordTokenizer.train(load_data(spec, None, 0, 1)["captions"], max_len=16)
     clip = CLIPScorer(CLIP(CLIPConfig(vocab_size=len(tok.vocab), text_len=16, **TINY["clip"])), tok)
-    recipe = GANRecipe(GANConfig(text_dim=32, **TINY["gan"]), clip, mode_seeking=1.0)
+    recipe = GANRecipe(GANConfig(text_dim=32, **TINY["gan"]), clip, mode_seeking=1.0, vision_d=1.0, vision_width=8)
     before = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in recipe.modules.items()}
     logs = recipe.step(make_batch(load_data(spec, recipe, 0, 1), 0, 32, 0), 0)
     changed = {n: any(not torch.equal(before[n][k], v) for k, v in m.state_dict().items())
                for n, m in recipe.modules.items()}
-    assert changed == {"G": True, "D": True, "G_ema": True, "clip": False}
-    assert logs["g_clip"] > 0 and logs["g_ms"] > 0 and set(logs) >= {"loss_d", "loss_g", "ma_gp"}
+    assert changed == {"G": True, "D": True, "G_ema": True, "clip": False, "D_vision": True}
+    assert logs["g_clip"] > 0 and logs["g_ms"] > 0 and set(logs) >= {"loss_d", "loss_g", "ma_gp", "d_vision", "g_vision"}
+    # the vision D's state is its heads only: the tower it reads is saved (and stays frozen) with the CLIP
+    assert not any(k.startswith("D_vision.tower") or ".conv." in k for k in recipe.state() if k.startswith("D_vision."))
 
 
 def test_same_seed_same_training(ray_local, shapes, tmp_path):
