@@ -47,9 +47,13 @@ class TextTower(nn.Module):
         self.proj = nn.Linear(cfg.width, cfg.embed_dim, bias=False)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.hidden(tokens)[:, 0])
+
+    def hidden(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(B, 1 + L, width): the [CLS] slot, then one contextual vector per word (the GAN's word features)."""
         x = torch.cat([self.cls.expand(tokens.size(0), -1, -1), self.emb(tokens)], 1) + self.pos
         pad = torch.cat([torch.zeros_like(tokens[:, :1], dtype=torch.bool), tokens == 0], 1)
-        return self.proj(self.ln(self.encoder(x, src_key_padding_mask=pad)[:, 0]))
+        return self.ln(self.encoder(x, src_key_padding_mask=pad))
 
 
 class ImageTower(nn.Module):

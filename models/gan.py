@@ -37,12 +37,40 @@ class GANConfig:
     # DF-GAN projects only the noise to the first 4x4 map, so text can steer layout only through per-channel
     # affines; True projects [noise, sentence] (StackGAN / AttnGAN style) so the caption sets the 4x4 layout
     text_in_fc: bool = False
+    # AttnGAN-style word attention before each up-block: every location reads the caption's words, so the
+    # two objects of "a red circle left of a blue square" can get different shapes (per-channel affines are
+    # the same at every location); word_dim = the text tower's width
+    word_attn: bool = False
+    word_dim: int = 128
 
 
 def sentence(text: TextTower, tokens: torch.Tensor) -> torch.Tensor:
     """CLIP's unit sentence embedding scaled by sqrt(dim): O(1) components for the fusion MLPs."""
     e = text(tokens)
     return F.normalize(e, dim=-1) * math.sqrt(e.size(-1))
+
+
+def words(text: TextTower, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-word contextual features (B, L, width) and the padding mask (B, L) for `WordAttention`."""
+    return text.hidden(tokens)[:, 1:], tokens == 0
+
+
+class WordAttention(nn.Module):
+    """AttnGAN's word-context: each location attends over the words, the context is added to its features.
+    The value projection starts at zero, so a fresh block is the identity."""
+
+    def __init__(self, ch: int, word_dim: int, dim: int = 32) -> None:
+        super().__init__()
+        self.q, self.k, self.v = nn.Conv2d(ch, dim, 1), nn.Linear(word_dim, dim), nn.Linear(word_dim, ch)
+        nn.init.zeros_(self.v.weight)
+        nn.init.zeros_(self.v.bias)
+
+    def forward(self, x: torch.Tensor, w: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+        q = self.q(x).flatten(2).transpose(1, 2)  # (B, HW, dim)
+        att = q @ self.k(w).transpose(1, 2) / math.sqrt(q.size(-1))  # (B, HW, L)
+        pad = pad & ~pad.all(1, keepdim=True)  # an empty caption attends to its padding rather than to nothing
+        ctx = att.masked_fill(pad[:, None, :], float("-inf")).softmax(-1) @ self.v(w)  # (B, HW, C)
+        return x + ctx.transpose(1, 2).reshape(x.shape)
 
 
 class Affine(nn.Module):
@@ -75,13 +103,17 @@ class Fuse(nn.Module):
 
 
 class GBlock(nn.Module):
-    def __init__(self, cond_dim: int, cin: int, cout: int) -> None:
+    def __init__(self, cond_dim: int, cin: int, cout: int, word_dim: int | None = None) -> None:
         super().__init__()
+        self.attn = WordAttention(cin, word_dim) if word_dim else None
         self.fuse1, self.conv1 = Fuse(cond_dim, cin), nn.Conv2d(cin, cout, 3, 1, 1)
         self.fuse2, self.conv2 = Fuse(cond_dim, cout), nn.Conv2d(cout, cout, 3, 1, 1)
         self.shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, w: torch.Tensor | None = None,
+                pad: torch.Tensor | None = None) -> torch.Tensor:
+        if self.attn is not None:
+            x = self.attn(x, w, pad)
         x = F.interpolate(x, scale_factor=2, mode="nearest")
         h = self.conv2(self.fuse2(self.conv1(self.fuse1(x, c)), c))
         return self.shortcut(x) + h
@@ -102,14 +134,17 @@ class Generator(nn.Module):
         cond = cfg.noise_dim + cfg.text_dim
         self.w0, self.text_in_fc = w[0], cfg.text_in_fc
         self.fc = nn.Linear(cond if cfg.text_in_fc else cfg.noise_dim, w[0] * 16)
-        self.blocks = nn.ModuleList(GBlock(cond, w[i], w[i + 1]) for i in range(n_up))
+        word_dim = cfg.word_dim if cfg.word_attn else None
+        self.blocks = nn.ModuleList(GBlock(cond, w[i], w[i + 1], word_dim) for i in range(n_up))
         self.to_rgb = nn.Conv2d(w[-1], 3, 3, 1, 1)
 
-    def forward(self, z: torch.Tensor, sent: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, sent: torch.Tensor, w: torch.Tensor | None = None,
+                pad: torch.Tensor | None = None) -> torch.Tensor:
+        """`w`, `pad` (from `words`) are needed when the config has word_attn."""
         c = torch.cat([z, sent], dim=1)
         x = self.fc(c if self.text_in_fc else z).view(z.size(0), self.w0, 4, 4)
         for blk in self.blocks:
-            x = blk(x, c)
+            x = blk(x, c, w, pad)
         return torch.tanh(self.to_rgb(F.leaky_relu(x, 0.2)))
 
 
@@ -246,6 +281,8 @@ class GANGenerator:
               device: str | torch.device = "cpu") -> GANGenerator:
         if text_cfg.embed_dim != cfg.text_dim:
             raise ValueError(f"text_dim {cfg.text_dim} != the text encoder's embed_dim {text_cfg.embed_dim}")
+        if cfg.word_attn and text_cfg.width != cfg.word_dim:
+            raise ValueError(f"word_dim {cfg.word_dim} != the text encoder's width {text_cfg.width}")
         return cls(cfg, text_cfg, tokenizer, TextTower(text_cfg), Generator(cfg), torch.device(device))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -271,8 +308,9 @@ class GANGenerator:
         if not prompts:
             return np.zeros((0, self.height, self.width, 3), np.uint8)
         z = per_image_normal(per_image_generators(seeds), (self.cfg.noise_dim,), s.truncation).to(self.device)
-        sent = sentence(self.text, self.tokenizer.encode_batch(prompts).to(self.device))
-        return to_uint8(self.gen(z, sent)).cpu().numpy()
+        tokens = self.tokenizer.encode_batch(prompts).to(self.device)
+        w, pad = words(self.text, tokens) if self.cfg.word_attn else (None, None)
+        return to_uint8(self.gen(z, sentence(self.text, tokens), w, pad)).cpu().numpy()
 
 
 GENERATOR = GANGenerator

@@ -20,7 +20,17 @@ import torch.nn.functional as F
 
 from models.checkpoint import save_checkpoint
 from models.clip import CLIP, CLIPConfig, CLIPScorer
-from models.gan import Discriminator, FeatureDiscriminator, GANConfig, GANGenerator, d_loss, feature_d_loss, g_loss, sentence
+from models.gan import (
+    Discriminator,
+    FeatureDiscriminator,
+    GANConfig,
+    GANGenerator,
+    d_loss,
+    feature_d_loss,
+    g_loss,
+    sentence,
+    words,
+)
 from models.gan import Generator as GANNet
 from models.judge import Judge, JudgeConfig
 from models.shapes import hard_negative
@@ -211,12 +221,14 @@ def shifted(images: torch.Tensor, pixels: float) -> torch.Tensor:
     return F.grid_sample(images, grid, padding_mode="border", align_corners=False)
 
 
-def mode_seeking_ratio(G: nn.Module, fake: torch.Tensor, z: torch.Tensor, sent: torch.Tensor) -> torch.Tensor:
+def mode_seeking_ratio(G: nn.Module, fake: torch.Tensor, z: torch.Tensor, sent: torch.Tensor,
+                       w: torch.Tensor | None = None, pad: torch.Tensor | None = None) -> torch.Tensor:
     """MSGAN's ratio |G(z1, c) - G(z2, c)| / |z1 - z2| on the first half of the batch (fake = G(z, sent)) with
     fresh noise: G is rewarded for drawing different images from different noise for one caption."""
     n = max(1, z.size(0) // 2)
     z2 = torch.randn_like(z[:n])
-    return (fake[:n] - G(z2, sent[:n])).abs().mean() / (z[:n] - z2).abs().mean()
+    more = () if w is None else (w[:n], pad[:n])
+    return (fake[:n] - G(z2, sent[:n], *more)).abs().mean() / (z[:n] - z2).abs().mean()
 
 
 class GANRecipe(Recipe):
@@ -251,8 +263,9 @@ class GANRecipe(Recipe):
         tokens = self.tokenizer.encode_batch(b.captions).to(self.device)
         with torch.no_grad():
             sent = sentence(self.clip.text, tokens)
+            w, pad = words(self.clip.text, tokens) if self.cfg.word_attn else (None, None)
         z = torch.randn(real.size(0), self.cfg.noise_dim, device=self.device)
-        fake = self.G(z, sent)
+        fake = self.G(z, sent, w, pad)
         # D: real/matching vs fake and vs mismatched captions, MA-GP
         ld, logs = d_loss(self.D, real, fake, sent)
         if self.vision_d:
@@ -276,7 +289,7 @@ class GANRecipe(Recipe):
             logs["g_clip"] = lc.item()
             lg = lg + self.clip_weight * lc
         if self.mode_seeking:
-            logs["g_ms"] = (ms := mode_seeking_ratio(self.G, fake, z, sent)).item()
+            logs["g_ms"] = (ms := mode_seeking_ratio(self.G, fake, z, sent, w, pad)).item()
             lg = lg + self.mode_seeking / (ms + 1e-5)
         opt_g = self.optimizers["G"]
         opt_g.zero_grad(set_to_none=True)

@@ -110,7 +110,8 @@ def build_recipe(spec: TrainSpec, tokenizer: WordTokenizer | None) -> Recipe:
                           steps=spec.steps, seed=spec.seed, **r)
     if spec.kind == "gan":
         clip = load_clip(spec.clip, storage_options=spec.storage_options)
-        return GANRecipe(GANConfig(**{**m, "text_dim": clip.model.cfg.embed_dim}), clip, seed=spec.seed, **r)
+        dims = {"text_dim": clip.model.cfg.embed_dim, "word_dim": clip.model.cfg.width}
+        return GANRecipe(GANConfig(**{**m, **dims}), clip, seed=spec.seed, **r)
     vq = load_vq(spec.vq, spec.storage_options)
     vq_cfg = vq.cfg
     cfg = TransformerConfig(text_vocab=len(tokenizer.vocab), image_vocab=vq_cfg.codebook_size,

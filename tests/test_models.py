@@ -180,3 +180,35 @@ def test_feature_discriminator_judges_every_location_and_passes_gradient_through
     assert img.grad is not None and img.grad.abs().sum() > 0  # G learns through the tower
     assert all(p.grad is None for p in clip.parameters())
     assert feature_d_loss(D, img.detach(), img.detach().flip(0), sent).item() > 0
+
+
+def test_word_attention_reads_words_per_location_and_ignores_padding():
+    from models.gan import WordAttention
+
+    torch.manual_seed(0)
+    att = WordAttention(ch=8, word_dim=16)
+    x, w = torch.randn(2, 8, 4, 4), torch.randn(2, 5, 16)
+    pad = torch.tensor([[False, False, False, True, True]] * 2)
+    assert torch.equal(att(x, w, pad), x)  # a fresh block is the identity
+    torch.nn.init.normal_(att.v.weight)
+    out = att(x, w, pad)
+    ctx = out - x
+    assert not torch.allclose(ctx[0, :, 0, 0], ctx[0, :, 3, 3])  # locations read different mixes of words
+    w2 = w.clone()
+    w2[:, 3:] = torch.randn(2, 2, 16) * 100  # only padded slots change
+    assert torch.allclose(att(x, w2, pad), out)
+    w3 = w.clone()
+    w3[:, 1] += 1  # a real word changes
+    assert not torch.allclose(att(x, w3, pad), out)
+    assert torch.isfinite(att(x, w, torch.ones(2, 5, dtype=torch.bool))).all()  # empty caption: no NaN
+
+
+def test_gan_word_dim_must_match_the_text_tower():
+    from models.clip import CLIPConfig
+    from models.gan import GANConfig, GANGenerator
+    from models.tokenizer import WordTokenizer
+
+    tok = WordTokenizer.train(["a red circle"], max_len=6)
+    with pytest.raises(ValueError, match="word_dim 64 != the text encoder's width 32"):
+        GANGenerator.build(GANConfig(text_dim=16, word_attn=True, word_dim=64),
+                           CLIPConfig(vocab_size=len(tok.vocab), text_len=6, width=32, embed_dim=16), tok)

@@ -13,7 +13,7 @@ from pipelines.train import TrainSpec, run_training
 TINY = {
     "judge": {"width": 8, "features": 32},
     "vq": {"hidden": 16, "embed_dim": 16, "codebook_size": 32},
-    "gan": {"noise_dim": 16, "ngf": 8, "ndf": 8},  # text_dim comes from the CLIP
+    "gan": {"noise_dim": 16, "ngf": 8, "ndf": 8, "text_in_fc": True, "word_attn": True},  # text/word dims: the CLIP
     "transformer": {"n_layer": 1, "n_head": 2, "n_embd": 32, "text_len": 16},
     "clip": {"width": 32, "layers": 1, "heads": 2, "image_width": 8, "embed_dim": 32},
 }
@@ -77,7 +77,8 @@ def test_gan_step_trains_g_and_d_and_leaves_the_clip_frozen(shapes):
     spec = TrainSpec(kind="gan", data=shapes, out=str(shapes), clip="unused", max_rows=64)
     tok = WordTokenizer.train(load_data(spec, None, 0, 1)["captions"], max_len=16)
     clip = CLIPScorer(CLIP(CLIPConfig(vocab_size=len(tok.vocab), text_len=16, **TINY["clip"])), tok)
-    recipe = GANRecipe(GANConfig(text_dim=32, **TINY["gan"]), clip, mode_seeking=1.0, vision_d=1.0, vision_width=8)
+    cfg = GANConfig(text_dim=32, word_dim=clip.model.cfg.width, **TINY["gan"])
+    recipe = GANRecipe(cfg, clip, mode_seeking=1.0, vision_d=1.0, vision_width=8)
     before = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in recipe.modules.items()}
     logs = recipe.step(make_batch(load_data(spec, recipe, 0, 1), 0, 32, 0), 0)
     changed = {n: any(not torch.equal(before[n][k], v) for k, v in m.state_dict().items())
