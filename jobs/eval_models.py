@@ -53,10 +53,11 @@ def main(args: argparse.Namespace) -> int:
         if not Path(url).exists():
             print(f"{family}: no checkpoint at {url}, skipped")
             continue
-        res, imgs = eval_generator(url, judge, split, args.n, **sampling.get(family, {}))
-        report[family] = {"prompt_match": res, "sampling": sampling.get(family, {})}
+        res, errors, imgs = eval_generator(url, judge, split, args.n, **sampling.get(family, {}))
+        report[family] = {"prompt_match": res, "attribute_errors": errors, "sampling": sampling.get(family, {})}
         grid_png(imgs[:32], split.captions[:32], f"{args.grid_dir}/samples_{family}.png")
         print(f"{family} prompt-match:", json.dumps(res))
+        print(f"{family} attribute error rates:", json.dumps(errors))
         if scorer is not None and args.rerank:
             ks = [int(k) for k in args.rerank.split(",")]
             report[family]["rerank"] = eval_rerank(url, scorer, judge, split, args.rerank_n, ks, **sampling.get(family, {}))

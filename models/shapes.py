@@ -197,16 +197,21 @@ def parse(prompt: str) -> Parsed | None:
     return Parsed(objs, _POS_OF.get(g["pos"] or ""), _REL_OF.get(g["rel"] or ""), g["bg"])
 
 
+def mismatches(parsed: Parsed, judged: Scene) -> list[str]:
+    """The stated attributes the judge reads otherwise: "count", or "relation", "position", "background",
+    "shape0", "color1", ... (slots in canonical order); empty when the image matches the prompt."""
+    p, j = parsed.canonical(), judged.canonical()
+    if len(p.objects) != len(j.objects):
+        return ["count"]
+    wrong = [k for k in ("relation", "position", "background")
+             if (k == "relation" or getattr(p, k) is not None) and getattr(p, k) != getattr(j, k)]
+    return wrong + [f"{k}{i}" for i, (po, jo) in enumerate(zip(p.objects, j.objects))
+                    for k, v in po.items() if v is not None and v != getattr(jo, k)]
+
+
 def matches(parsed: Parsed, judged: Scene) -> bool:
     """Every attribute the prompt states equals the judge's reading of the image."""
-    p, j = parsed.canonical(), judged.canonical()
-    if len(p.objects) != len(j.objects) or p.relation != j.relation:
-        return False
-    if p.position is not None and p.position != j.position:
-        return False
-    if p.background is not None and p.background != j.background:
-        return False
-    return all(all(v is None or v == getattr(jo, k) for k, v in po.items()) for po, jo in zip(p.objects, j.objects))
+    return not mismatches(parsed, judged)
 
 
 # ---------------------------------------------------------------- rendering

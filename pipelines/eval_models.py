@@ -17,7 +17,7 @@ from models.clip import CLIPScorer
 from models.generator import load_generator
 from models.judge import HEADS, IGNORE, Judge, judge_prompts, labels, scene_from_dict
 from models.rerank import generate_best_of
-from models.shapes import Scene
+from models.shapes import Scene, mismatches, parse
 from models.vq import load_vq
 from pipelines.encode import decode_image
 from pipelines.train import read_rows
@@ -68,13 +68,34 @@ def prompt_match(judge: Judge, images: torch.Tensor, captions: list[str]) -> lis
     return [bool(ok) for ok in judge_prompts(judge, images, captions)[1]]
 
 
-def eval_generator(url: str, judge: Judge, split: TestSplit, n: int, batch: int = 64, **sampling) -> tuple[dict, np.ndarray]:
+def attribute_errors(captions: list[str], scenes: list[Scene]) -> dict[str, dict[str, float]]:
+    """Per object count, how often the judge reads each stated attribute otherwise (over the prompts that
+    state it): prompt-match says that an image fails, this says where ("shape1": the second object's shape)."""
+    wrong: dict[str, dict[str, int]] = {}
+    stated: dict[str, dict[str, int]] = {}
+    for cap, scene in zip(captions, scenes):
+        p = parse(cap).canonical()
+        group = "one_object" if len(p.objects) == 1 else "two_objects"
+        keys = ["count", "relation" if p.relation else "position", *(["background"] if p.background else []),
+                *(f"{k}{i}" for i, o in enumerate(p.objects) for k, v in o.items() if v is not None)]
+        for k in keys:
+            stated.setdefault(group, {}).setdefault(k, 0)
+            stated[group][k] += 1
+        for k in mismatches(p, scene):
+            wrong.setdefault(group, {}).setdefault(k, 0)
+            wrong[group][k] += 1
+    return {g: {k: round(wrong.get(g, {}).get(k, 0) / n, 4) for k, n in sorted(ks.items())} for g, ks in stated.items()}
+
+
+def eval_generator(url: str, judge: Judge, split: TestSplit, n: int, batch: int = 64,
+                   **sampling) -> tuple[dict, dict, np.ndarray]:
+    """Prompt-match breakdown, attribute error rates and the images of the first n test prompts."""
     g = load_generator(url, "cpu")
     caps = split.captions[:n]
     imgs = np.concatenate([g.generate(caps[i:i + batch], list(range(i, min(n, i + batch))), **sampling)
                            for i in range(0, n, batch)])
-    ok = prompt_match(judge, torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous(), caps)
-    return _breakdown(ok, split), imgs
+    scenes, ok = judge_prompts(judge, torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous(), caps)
+    return _breakdown([bool(o) for o in ok], split), attribute_errors(caps, scenes), imgs
 
 
 def eval_vq(url: str, judge: Judge, split: TestSplit, n: int) -> dict:

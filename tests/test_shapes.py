@@ -19,6 +19,7 @@ from models.shapes import (
     caption,
     example,
     matches,
+    mismatches,
     parse,
     render,
 )
@@ -114,3 +115,22 @@ def test_hard_negatives_change_one_attribute_and_skip_other_text():
         if q is not None:
             assert p != q  # another scene, not a paraphrase
     assert hard_negative("a photo of a dog", rng) is None
+
+
+def test_attribute_errors_name_the_attribute_the_judge_reads_otherwise():
+    from pipelines.eval_models import attribute_errors
+
+    red_circle, blue_square = Obj("circle", "red", "small"), Obj("square", "blue", "large")
+    caps = ["a small red circle right of a large blue square",  # canonical: square left of circle
+            "a small red circle right of a large blue square",
+            "a small red circle right of a large blue square",
+            "a red circle on the left"]
+    scenes = [Scene((blue_square, red_circle), "gray", None, "left of"),  # right
+              Scene((blue_square, Obj("diamond", "red", "small")), "gray", None, "left of"),  # second shape wrong
+              Scene((red_circle,), "gray", "left"),  # one object where two were asked
+              Scene((Obj("circle", "red", "large"),), "white", "right")]  # size unstated: only position counts
+    errors = attribute_errors(caps, scenes)
+    assert errors["two_objects"]["count"] == errors["two_objects"]["shape1"] == 0.3333  # rates over 3 prompts, 4 places
+    assert errors["two_objects"]["shape0"] == 0 and errors["two_objects"]["relation"] == 0
+    assert errors["one_object"] == {"count": 0, "position": 1.0, "color0": 0, "shape0": 0}
+    assert mismatches(parse(caps[0]), scenes[0]) == []
