@@ -34,6 +34,7 @@ def main(args: argparse.Namespace) -> int:
         judge_accuracy,
         load_test_split,
         r_precision_split,
+        seed_diversity,
     )
 
     split = load_test_split(args.test, max(args.n, 2000))
@@ -58,6 +59,8 @@ def main(args: argparse.Namespace) -> int:
         grid_png(imgs[:32], split.captions[:32], f"{args.grid_dir}/samples_{family}.png")
         print(f"{family} prompt-match:", json.dumps(res))
         print(f"{family} attribute error rates:", json.dumps(errors))
+        report[family]["seed_diversity"] = seed_diversity(url, split.captions[:50])
+        print(f"{family} per-pixel std across 8 seeds (first 50 prompts):", report[family]["seed_diversity"])
         if scorer is not None and args.rerank:
             ks = [int(k) for k in args.rerank.split(",")]
             report[family]["rerank"] = eval_rerank(url, scorer, judge, split, args.rerank_n, ks, **sampling.get(family, {}))

@@ -87,6 +87,14 @@ def attribute_errors(captions: list[str], scenes: list[Scene]) -> dict[str, dict
     return {g: {k: round(wrong.get(g, {}).get(k, 0) / n, 4) for k, n in sorted(ks.items())} for g, ks in stated.items()}
 
 
+def seed_diversity(url: str, captions: list[str], seeds: int = 8) -> float:
+    """Mean per-pixel standard deviation (of 255) across `seeds` seeds per caption: how much the noise changes
+    the image. A GAN near 0 has collapsed to one image per caption, and rerank has nothing to pick from."""
+    g = load_generator(url, "cpu")
+    imgs = np.stack([g.generate(captions, [s * 100_003 + i for i in range(len(captions))]) for s in range(seeds)])
+    return round(float(imgs.astype(np.float32).std(0).mean()), 2)
+
+
 def eval_generator(url: str, judge: Judge, split: TestSplit, n: int, batch: int = 64,
                    **sampling) -> tuple[dict, dict, np.ndarray]:
     """Prompt-match breakdown, attribute error rates and the images of the first n test prompts."""

@@ -212,3 +212,10 @@ def test_gan_word_dim_must_match_the_text_tower():
     with pytest.raises(ValueError, match="word_dim 64 != the text encoder's width 32"):
         GANGenerator.build(GANConfig(text_dim=16, word_attn=True, word_dim=64),
                            CLIPConfig(vocab_size=len(tok.vocab), text_len=6, width=32, embed_dim=16), tok)
+
+
+def test_seed_diversity_is_zero_for_one_seed_and_positive_across_seeds(checkpoints):
+    from pipelines.eval_models import seed_diversity
+
+    assert seed_diversity(checkpoints["gan"], PROMPTS[:3], seeds=1) == 0
+    assert seed_diversity(checkpoints["gan"], PROMPTS[:3], seeds=4) > 0
