@@ -240,13 +240,18 @@ def feature_d_loss(D: FeatureDiscriminator, real: torch.Tensor, fake: torch.Tens
 
 
 def d_loss(D: Discriminator, real: torch.Tensor, fake: torch.Tensor, sent: torch.Tensor,
-           gp_weight: float = 2.0, gp_power: float = 6.0) -> tuple[torch.Tensor, dict[str, float]]:
-    """Hinge loss with mismatched-caption negatives + matching-aware gradient penalty (DF-GAN)."""
+           gp_weight: float = 2.0, gp_power: float = 6.0,
+           hard: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+    """Hinge loss with mismatched-caption negatives + matching-aware gradient penalty (DF-GAN). `hard` = (rows,
+    sentences): extra negatives pairing real image `rows[i]` with its caption with one attribute changed, so
+    D must check every attribute, not only those a random other caption happens to contradict."""
     real = real.requires_grad_(True)
     sent = sent.requires_grad_(True)
     f_real = D.features(real)
     out_real = D.logits(f_real, sent)
     out_mis = D.logits(f_real, sent.roll(1, dims=0))  # real image, another row's caption
+    if hard is not None:
+        out_mis = torch.cat([out_mis, D.logits(f_real[hard[0]], hard[1])])
     out_fake = D.logits(D.features(fake.detach()), sent)
     hinge = F.relu(1 - out_real).mean() + 0.5 * (F.relu(1 + out_fake).mean() + F.relu(1 + out_mis).mean())
     grads = torch.autograd.grad(out_real.sum(), (real, sent), create_graph=True)

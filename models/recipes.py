@@ -200,12 +200,16 @@ class TransformerRecipe(Recipe):
 
 
 def negative_tokens(tokenizer: WordTokenizer, captions: list[str], seed: int, step: int,
-                    device: torch.device) -> torch.Tensor | None:
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
     """One hard-negative caption per caption that allows one (`models.shapes.hard_negative`), drawn from
-    (seed, step) so a resumed run sees the same ones; None when no caption allows one."""
+    (seed, step) so a resumed run sees the same ones: (rows, tokens), rows[i] = the caption that tokens[i]
+    negates; None when no caption allows one."""
     rng = random.Random(f"{seed}/{step}")
-    negs = [n for n in (hard_negative(c, rng) for c in captions) if n]
-    return tokenizer.encode_batch(negs).to(device) if negs else None
+    pairs = [(i, n) for i, n in enumerate(hard_negative(c, rng) for c in captions) if n]
+    if not pairs:
+        return None
+    rows, negs = zip(*pairs)
+    return torch.tensor(rows, device=device), tokenizer.encode_batch(list(negs)).to(device)
 
 
 def shifted(images: torch.Tensor, pixels: float) -> torch.Tensor:
@@ -242,10 +246,11 @@ class GANRecipe(Recipe):
 
     def __init__(self, cfg: GANConfig, clip: CLIPScorer, lr_g: float = 2e-4, lr_d: float = 2e-4,
                  ema: float = 0.999, betas: tuple[float, float] = (0.5, 0.999), clip_weight: float = 1.0,
-                 clip_shift: float = 2.0, hard_negatives: bool = True, mode_seeking: float = 0.0, vision_d: float = 0.0,
-                 vision_width: int = 32, seed: int = 0, **_) -> None:
+                 clip_shift: float = 2.0, hard_negatives: bool = True, d_hard_negatives: bool = False,
+                 mode_seeking: float = 0.0, vision_d: float = 0.0, vision_width: int = 32, seed: int = 0, **_) -> None:
         self.cfg, self.tokenizer, self.ema_decay, self.mode_seeking = cfg, clip.tokenizer, ema, mode_seeking
         self.clip_weight, self.clip_shift, self.hard_negatives, self.seed = clip_weight, clip_shift, hard_negatives, seed
+        self.d_hard_negatives = d_hard_negatives
         self.clip = clip.model.eval().requires_grad_(False)
         self.G, self.D = GANNet(cfg), Discriminator(cfg)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
@@ -264,10 +269,12 @@ class GANRecipe(Recipe):
         with torch.no_grad():
             sent = sentence(self.clip.text, tokens)
             w, pad = words(self.clip.text, tokens) if self.cfg.word_attn else (None, None)
+            hard = negative_tokens(self.tokenizer, b.captions, self.seed, step, self.device)
+            d_hard = (hard[0], sentence(self.clip.text, hard[1])) if hard is not None and self.d_hard_negatives else None
         z = torch.randn(real.size(0), self.cfg.noise_dim, device=self.device)
         fake = self.G(z, sent, w, pad)
         # D: real/matching vs fake and vs mismatched captions, MA-GP
-        ld, logs = d_loss(self.D, real, fake, sent)
+        ld, logs = d_loss(self.D, real, fake, sent, hard=d_hard)
         if self.vision_d:
             logs["d_vision"] = (ldv := feature_d_loss(self.Dv, real.detach(), fake, sent.detach())).item()
             ld = ld + self.vision_d * ldv
@@ -284,7 +291,7 @@ class GANRecipe(Recipe):
             logs["g_vision"] = (lgv := -self.Dv.logits(self.Dv.features(fake), sent.detach()).mean()).item()
             lg = lg + self.vision_d * lgv
         if self.clip_weight:
-            negs = negative_tokens(self.tokenizer, b.captions, self.seed, step, self.device) if self.hard_negatives else None
+            negs = hard[1] if hard is not None and self.hard_negatives else None
             lc = self.clip.loss(shifted(fake, self.clip_shift), tokens, negs)
             logs["g_clip"] = lc.item()
             lg = lg + self.clip_weight * lc
@@ -322,7 +329,8 @@ class CLIPRecipe(Recipe):
 
     def step(self, b: Batch, step: int) -> dict[str, float]:
         self.model.train()
-        negs = negative_tokens(self.tokenizer, b.captions, self.seed, step, self.device) if self.hard_negatives else None
+        hard = negative_tokens(self.tokenizer, b.captions, self.seed, step, self.device) if self.hard_negatives else None
+        negs = None if hard is None else hard[1]
         opt = self.optimizers["clip"]
         for g in opt.param_groups:
             g["lr"] = cosine_lr(step, self.lr, self.warmup, self.steps)

@@ -219,3 +219,31 @@ def test_seed_diversity_is_zero_for_one_seed_and_positive_across_seeds(checkpoin
 
     assert seed_diversity(checkpoints["gan"], PROMPTS[:3], seeds=1) == 0
     assert seed_diversity(checkpoints["gan"], PROMPTS[:3], seeds=4) > 0
+
+
+def test_hard_negatives_pair_each_real_image_with_its_own_caption_changed():
+    from models.gan import Discriminator, GANConfig, d_loss
+    from models.recipes import negative_tokens
+    from models.tokenizer import WordTokenizer
+
+    caps = ["a red circle on the left", "a photo of a dog", "a small blue square above a green triangle"]
+    tok = WordTokenizer.train(caps + ["right below yellow large star"], max_len=12)
+    rows, negs = negative_tokens(tok, caps, seed=0, step=3, device=torch.device("cpu"))
+    assert rows.tolist() == [0, 2]  # the dog caption names no domain word: no negative for it
+    own = tok.encode_batch([caps[i] for i in rows.tolist()])
+    assert all(not torch.equal(n, o) for n, o in zip(negs, own))
+    assert torch.equal(negative_tokens(tok, caps, 0, 3, torch.device("cpu"))[1], negs)  # (seed, step) fixes them
+
+    torch.manual_seed(0)
+    D = Discriminator(GANConfig(text_dim=16, ndf=4)).eval()  # eval: spectral norm stops its power iteration
+    real, fake, sent = torch.rand(3, 3, 32, 32) * 2 - 1, torch.rand(3, 3, 32, 32) * 2 - 1, torch.randn(3, 16)
+    neg = torch.randn(2, 16)
+    _, plain = d_loss(D, real.clone(), fake, sent.clone(), gp_weight=0)
+    _, hard = d_loss(D, real.clone(), fake, sent.clone(), gp_weight=0, hard=(rows, neg))
+    with torch.no_grad():
+        f = D.features(real)
+        out_mis = torch.cat([D.logits(f, sent.roll(1, 0)), D.logits(f[rows], neg)])
+        out_fake = D.logits(D.features(fake), sent)
+        negatives = torch.relu(1 + out_fake).mean() + torch.relu(1 + out_mis).mean()
+        expect = torch.relu(1 - D.logits(f, sent)).mean() + 0.5 * negatives
+    assert hard["d_hinge"] == pytest.approx(expect.item(), rel=1e-5) and hard["d_hinge"] != plain["d_hinge"]

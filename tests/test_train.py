@@ -78,7 +78,7 @@ def test_gan_step_trains_g_and_d_and_leaves_the_clip_frozen(shapes):
     tok = WordTokenizer.train(load_data(spec, None, 0, 1)["captions"], max_len=16)
     clip = CLIPScorer(CLIP(CLIPConfig(vocab_size=len(tok.vocab), text_len=16, **TINY["clip"])), tok)
     cfg = GANConfig(text_dim=32, word_dim=clip.model.cfg.width, **TINY["gan"])
-    recipe = GANRecipe(cfg, clip, mode_seeking=1.0, vision_d=1.0, vision_width=8)
+    recipe = GANRecipe(cfg, clip, mode_seeking=1.0, vision_d=1.0, vision_width=8, d_hard_negatives=True)
     before = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in recipe.modules.items()}
     logs = recipe.step(make_batch(load_data(spec, recipe, 0, 1), 0, 32, 0), 0)
     changed = {n: any(not torch.equal(before[n][k], v) for k, v in m.state_dict().items())
