@@ -46,13 +46,17 @@ class GANConfig:
 
 def sentence(text: TextTower, tokens: torch.Tensor) -> torch.Tensor:
     """CLIP's unit sentence embedding scaled by sqrt(dim): O(1) components for the fusion MLPs."""
-    e = text(tokens)
-    return F.normalize(e, dim=-1) * math.sqrt(e.size(-1))
+    return caption_features(text, tokens, False)[0]
 
 
-def words(text: TextTower, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-word contextual features (B, L, width) and the padding mask (B, L) for `WordAttention`."""
-    return text.hidden(tokens)[:, 1:], tokens == 0
+def caption_features(text: TextTower, tokens: torch.Tensor, with_words: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """(sentence, words, pad) from one pass of the text tower: words (B, L, width) are the per-word states and
+    pad (B, L) their padding mask for `WordAttention`, both None unless `with_words`."""
+    h = text.hidden(tokens)
+    e = text.proj(h[:, 0])
+    sent = F.normalize(e, dim=-1) * math.sqrt(e.size(-1))
+    return (sent, h[:, 1:], tokens == 0) if with_words else (sent, None, None)
 
 
 class WordAttention(nn.Module):
@@ -140,7 +144,7 @@ class Generator(nn.Module):
 
     def forward(self, z: torch.Tensor, sent: torch.Tensor, w: torch.Tensor | None = None,
                 pad: torch.Tensor | None = None) -> torch.Tensor:
-        """`w`, `pad` (from `words`) are needed when the config has word_attn."""
+        """`w`, `pad` (from `caption_features`) are needed when the config has word_attn."""
         c = torch.cat([z, sent], dim=1)
         x = self.fc(c if self.text_in_fc else z).view(z.size(0), self.w0, 4, 4)
         for blk in self.blocks:
@@ -230,13 +234,17 @@ class FeatureDiscriminator(nn.Module):
         return torch.cat([h(f, sent).flatten(1) for h, f in zip(self.heads, feats)], 1)
 
 
+def hinge(out_real: torch.Tensor, out_fake: torch.Tensor, out_mis: torch.Tensor) -> torch.Tensor:
+    """D's hinge: real/matching above +1, fakes and real images with a wrong caption below -1 (half weight each)."""
+    return F.relu(1 - out_real).mean() + 0.5 * (F.relu(1 + out_fake).mean() + F.relu(1 + out_mis).mean())
+
+
 def feature_d_loss(D: FeatureDiscriminator, real: torch.Tensor, fake: torch.Tensor, sent: torch.Tensor) -> torch.Tensor:
     """Hinge on every location's logit, with the same mismatched-caption negatives as `d_loss`; no gradient
     penalty: spectral norm on the heads, as in Projected GAN."""
     f_real = D.features(real)
     out_real, out_mis = D.logits(f_real, sent), D.logits(f_real, sent.roll(1, dims=0))
-    out_fake = D.logits(D.features(fake.detach()), sent)
-    return F.relu(1 - out_real).mean() + 0.5 * (F.relu(1 + out_fake).mean() + F.relu(1 + out_mis).mean())
+    return hinge(out_real, D.logits(D.features(fake.detach()), sent), out_mis)
 
 
 def d_loss(D: Discriminator, real: torch.Tensor, fake: torch.Tensor, sent: torch.Tensor,
@@ -252,12 +260,11 @@ def d_loss(D: Discriminator, real: torch.Tensor, fake: torch.Tensor, sent: torch
     out_mis = D.logits(f_real, sent.roll(1, dims=0))  # real image, another row's caption
     if hard is not None:
         out_mis = torch.cat([out_mis, D.logits(f_real[hard[0]], hard[1])])
-    out_fake = D.logits(D.features(fake.detach()), sent)
-    hinge = F.relu(1 - out_real).mean() + 0.5 * (F.relu(1 + out_fake).mean() + F.relu(1 + out_mis).mean())
+    loss = hinge(out_real, D.logits(D.features(fake.detach()), sent), out_mis)
     grads = torch.autograd.grad(out_real.sum(), (real, sent), create_graph=True)
     norm = torch.cat([g.flatten(1) for g in grads], dim=1).norm(2, dim=1)
     ma_gp = gp_weight * (norm**gp_power).mean()
-    return hinge + ma_gp, {"d_hinge": hinge.item(), "ma_gp": ma_gp.item()}
+    return loss + ma_gp, {"d_hinge": loss.item(), "ma_gp": ma_gp.item()}
 
 
 def g_loss(D: Discriminator, fake: torch.Tensor, sent: torch.Tensor) -> torch.Tensor:
@@ -313,9 +320,8 @@ class GANGenerator:
         if not prompts:
             return np.zeros((0, self.height, self.width, 3), np.uint8)
         z = per_image_normal(per_image_generators(seeds), (self.cfg.noise_dim,), s.truncation).to(self.device)
-        tokens = self.tokenizer.encode_batch(prompts).to(self.device)
-        w, pad = words(self.text, tokens) if self.cfg.word_attn else (None, None)
-        return to_uint8(self.gen(z, sentence(self.text, tokens), w, pad)).cpu().numpy()
+        sent, w, pad = caption_features(self.text, self.tokenizer.encode_batch(prompts).to(self.device), self.cfg.word_attn)
+        return to_uint8(self.gen(z, sent, w, pad)).cpu().numpy()
 
 
 GENERATOR = GANGenerator

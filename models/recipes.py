@@ -25,11 +25,11 @@ from models.gan import (
     FeatureDiscriminator,
     GANConfig,
     GANGenerator,
+    caption_features,
     d_loss,
     feature_d_loss,
     g_loss,
     sentence,
-    words,
 )
 from models.gan import Generator as GANNet
 from models.judge import Judge, JudgeConfig
@@ -267,9 +267,9 @@ class GANRecipe(Recipe):
         real = b.pixels
         tokens = self.tokenizer.encode_batch(b.captions).to(self.device)
         with torch.no_grad():
-            sent = sentence(self.clip.text, tokens)
-            w, pad = words(self.clip.text, tokens) if self.cfg.word_attn else (None, None)
-            hard = negative_tokens(self.tokenizer, b.captions, self.seed, step, self.device)
+            sent, w, pad = caption_features(self.clip.text, tokens, self.cfg.word_attn)
+            wanted = self.d_hard_negatives or (self.clip_weight and self.hard_negatives)
+            hard = negative_tokens(self.tokenizer, b.captions, self.seed, step, self.device) if wanted else None
             d_hard = (hard[0], sentence(self.clip.text, hard[1])) if hard is not None and self.d_hard_negatives else None
         z = torch.randn(real.size(0), self.cfg.noise_dim, device=self.device)
         fake = self.G(z, sent, w, pad)
@@ -291,7 +291,7 @@ class GANRecipe(Recipe):
             logs["g_vision"] = (lgv := -self.Dv.logits(self.Dv.features(fake), sent.detach()).mean()).item()
             lg = lg + self.vision_d * lgv
         if self.clip_weight:
-            negs = hard[1] if hard is not None and self.hard_negatives else None
+            negs = hard[1] if hard is not None and self.hard_negatives else None  # drawn for D alone when off
             lc = self.clip.loss(shifted(fake, self.clip_shift), tokens, negs)
             logs["g_clip"] = lc.item()
             lg = lg + self.clip_weight * lc

@@ -197,16 +197,27 @@ def parse(prompt: str) -> Parsed | None:
     return Parsed(objs, _POS_OF.get(g["pos"] or ""), _REL_OF.get(g["rel"] or ""), g["bg"])
 
 
+def stated(parsed: Parsed) -> list[str]:
+    """The attributes a prompt states, by name: "count", "relation" or "position", "background", then per
+    object slot (canonical order) "shape0", "color1", ...; the names `mismatches` reports."""
+    p = parsed.canonical()
+    scene = [k for k in ("relation", "position", "background") if getattr(p, k) is not None]
+    return ["count", *scene, *(f"{k}{i}" for i, o in enumerate(p.objects) for k, v in o.items() if v is not None)]
+
+
+def _value(s: Parsed | Scene, key: str) -> str | None:
+    if not key[-1].isdigit():
+        return getattr(s, key)
+    o = s.objects[int(key[-1])]
+    return o[key[:-1]] if isinstance(o, dict) else getattr(o, key[:-1])
+
+
 def mismatches(parsed: Parsed, judged: Scene) -> list[str]:
-    """The stated attributes the judge reads otherwise: "count", or "relation", "position", "background",
-    "shape0", "color1", ... (slots in canonical order); empty when the image matches the prompt."""
+    """The stated attributes the judge reads otherwise (names as in `stated`); empty when the image matches."""
     p, j = parsed.canonical(), judged.canonical()
     if len(p.objects) != len(j.objects):
         return ["count"]
-    wrong = [k for k in ("relation", "position", "background")
-             if (k == "relation" or getattr(p, k) is not None) and getattr(p, k) != getattr(j, k)]
-    return wrong + [f"{k}{i}" for i, (po, jo) in enumerate(zip(p.objects, j.objects))
-                    for k, v in po.items() if v is not None and v != getattr(jo, k)]
+    return [k for k in stated(p)[1:] if _value(p, k) != _value(j, k)]
 
 
 def matches(parsed: Parsed, judged: Scene) -> bool:

@@ -17,7 +17,7 @@ from models.clip import CLIPScorer
 from models.generator import load_generator
 from models.judge import HEADS, IGNORE, Judge, judge_prompts, labels, scene_from_dict
 from models.rerank import generate_best_of
-from models.shapes import Scene, mismatches, parse
+from models.shapes import Scene, mismatches, parse, stated
 from models.vq import load_vq
 from pipelines.encode import decode_image
 from pipelines.train import read_rows
@@ -72,19 +72,17 @@ def attribute_errors(captions: list[str], scenes: list[Scene]) -> dict[str, dict
     """Per object count, how often the judge reads each stated attribute otherwise (over the prompts that
     state it): prompt-match says that an image fails, this says where ("shape1": the second object's shape)."""
     wrong: dict[str, dict[str, int]] = {}
-    stated: dict[str, dict[str, int]] = {}
+    asked: dict[str, dict[str, int]] = {}
     for cap, scene in zip(captions, scenes):
-        p = parse(cap).canonical()
+        p = parse(cap)
         group = "one_object" if len(p.objects) == 1 else "two_objects"
-        keys = ["count", "relation" if p.relation else "position", *(["background"] if p.background else []),
-                *(f"{k}{i}" for i, o in enumerate(p.objects) for k, v in o.items() if v is not None)]
-        for k in keys:
-            stated.setdefault(group, {}).setdefault(k, 0)
-            stated[group][k] += 1
+        for k in stated(p):
+            asked.setdefault(group, {}).setdefault(k, 0)
+            asked[group][k] += 1
         for k in mismatches(p, scene):
             wrong.setdefault(group, {}).setdefault(k, 0)
             wrong[group][k] += 1
-    return {g: {k: round(wrong.get(g, {}).get(k, 0) / n, 4) for k, n in sorted(ks.items())} for g, ks in stated.items()}
+    return {g: {k: round(wrong.get(g, {}).get(k, 0) / n, 4) for k, n in sorted(ks.items())} for g, ks in asked.items()}
 
 
 def seed_diversity(url: str, captions: list[str], seeds: int = 8) -> float:
