@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from typing import Any
 
 import yaml
 
@@ -35,8 +36,19 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=main)
 
 
+def _value(text: str) -> Any:
+    """YAML scalars, except that YAML 1.1 reads "1e-4" as a string: a float is what anyone typing it means."""
+    v = yaml.safe_load(text)
+    if isinstance(v, str):
+        try:
+            return float(v)
+        except ValueError:
+            return v
+    return v
+
+
 def _kv(items: list[str]) -> dict:
-    return {k: yaml.safe_load(v) for k, v in (i.split("=", 1) for i in items)}
+    return {k: _value(v) for k, v in (i.split("=", 1) for i in items)}
 
 
 def main(args: argparse.Namespace) -> int:
