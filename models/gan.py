@@ -42,6 +42,10 @@ class GANConfig:
     # the same at every location); word_dim = the text tower's width
     word_attn: bool = False
     word_dim: int = 128
+    # > 0: the first map comes from an MLP with this hidden width instead of one linear layer. Where each of two
+    # objects' shapes goes is not linearly readable from CLIP's sentence vector (a linear probe reads the
+    # right/bottom object's shape for 68 % of train captions, a 256-wide MLP for 90 %)
+    fc_hidden: int = 0
 
 
 def sentence(text: TextTower, tokens: torch.Tensor) -> torch.Tensor:
@@ -137,7 +141,9 @@ class Generator(nn.Module):
         w = _widths(cfg.ngf, n_up)
         cond = cfg.noise_dim + cfg.text_dim
         self.w0, self.text_in_fc = w[0], cfg.text_in_fc
-        self.fc = nn.Linear(cond if cfg.text_in_fc else cfg.noise_dim, w[0] * 16)
+        fc_in = cond if cfg.text_in_fc else cfg.noise_dim
+        self.fc = (nn.Sequential(nn.Linear(fc_in, cfg.fc_hidden), nn.LeakyReLU(0.2), nn.Linear(cfg.fc_hidden, w[0] * 16))
+                   if cfg.fc_hidden else nn.Linear(fc_in, w[0] * 16))
         word_dim = cfg.word_dim if cfg.word_attn else None
         self.blocks = nn.ModuleList(GBlock(cond, w[i], w[i + 1], word_dim) for i in range(n_up))
         self.to_rgb = nn.Conv2d(w[-1], 3, 3, 1, 1)

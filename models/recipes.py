@@ -242,20 +242,33 @@ class GANRecipe(Recipe):
     for both (DF-GAN's Adam(0, 0.9), 1e-4 / 4e-4 made G saturate within 300 steps on the shapes data);
     the EMA generator warms up (decay (1 + t) / (10 + t)) so early exports do not carry the random init.
     `vision_d=W` adds a second, vision-aided discriminator on the frozen CLIP image tower's feature maps
-    (`models.gan.FeatureDiscriminator`) to both losses with weight W."""
+    (`models.gan.FeatureDiscriminator`) to both losses with weight W. `recon=W` adds pix2pix's paired L1
+    term, W * |G(z, caption) - the caption's own image|: dense per-pixel supervision that pulls G towards the
+    caption's conditional mean, sharp where a caption fixes its image up to small jitter (the shapes domain),
+    blurry where it does not (natural photos: keep it 0 there). `text_lr=LR` fine-tunes G's own copy of the
+    CLIP text tower at LR through G's losses (D and CLIP's scoring keep reading fixed features): CLIP's sentence
+    vector names both shapes of a two-object caption but barely says which one is where."""
 
     def __init__(self, cfg: GANConfig, clip: CLIPScorer, lr_g: float = 2e-4, lr_d: float = 2e-4,
                  ema: float = 0.999, betas: tuple[float, float] = (0.5, 0.999), clip_weight: float = 1.0,
                  clip_shift: float = 2.0, hard_negatives: bool = True, d_hard_negatives: bool = False,
-                 mode_seeking: float = 0.0, vision_d: float = 0.0, vision_width: int = 32, seed: int = 0, **_) -> None:
+                 mode_seeking: float = 0.0, recon: float = 0.0, text_lr: float = 0.0, vision_d: float = 0.0,
+                 vision_width: int = 32, seed: int = 0, **_) -> None:
         self.cfg, self.tokenizer, self.ema_decay, self.mode_seeking = cfg, clip.tokenizer, ema, mode_seeking
         self.clip_weight, self.clip_shift, self.hard_negatives, self.seed = clip_weight, clip_shift, hard_negatives, seed
-        self.d_hard_negatives = d_hard_negatives
+        self.d_hard_negatives, self.recon = d_hard_negatives, recon
         self.clip = clip.model.eval().requires_grad_(False)
         self.G, self.D = GANNet(cfg), Discriminator(cfg)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
         self.modules = {"G": self.G, "D": self.D, "G_ema": self.G_ema, "clip": self.clip}
-        self.optimizers = {"G": torch.optim.Adam(self.G.parameters(), lr=lr_g, betas=tuple(betas)),
+        g_params = [{"params": self.G.parameters()}]
+        self.text, self.text_ema = self.clip.text, self.clip.text  # G's caption encoder: CLIP's, frozen ...
+        if text_lr:  # ... or its own fine-tuned copy, averaged like G for export
+            self.text = copy.deepcopy(self.clip.text).requires_grad_(True)
+            self.text_ema = copy.deepcopy(self.clip.text).requires_grad_(False)
+            self.modules |= {"text": self.text, "text_ema": self.text_ema}
+            g_params.append({"params": self.text.parameters(), "lr": text_lr})
+        self.optimizers = {"G": torch.optim.Adam(g_params, lr=lr_g, betas=tuple(betas)),
                            "D": torch.optim.Adam(self.D.parameters(), lr=lr_d, betas=tuple(betas))}
         self.vision_d = vision_d
         if vision_d:
@@ -266,17 +279,20 @@ class GANRecipe(Recipe):
     def step(self, b: Batch, step: int) -> dict[str, float]:
         real = b.pixels
         tokens = self.tokenizer.encode_batch(b.captions).to(self.device)
+        with torch.set_grad_enabled(self.text is not self.clip.text):
+            sent, w, pad = caption_features(self.text, tokens, self.cfg.word_attn)
         with torch.no_grad():
-            sent, w, pad = caption_features(self.clip.text, tokens, self.cfg.word_attn)
             wanted = self.d_hard_negatives or (self.clip_weight and self.hard_negatives)
             hard = negative_tokens(self.tokenizer, b.captions, self.seed, step, self.device) if wanted else None
-            d_hard = (hard[0], sentence(self.clip.text, hard[1])) if hard is not None and self.d_hard_negatives else None
+            d_hard = (hard[0], sentence(self.text, hard[1])) if hard is not None and self.d_hard_negatives else None
         z = torch.randn(real.size(0), self.cfg.noise_dim, device=self.device)
         fake = self.G(z, sent, w, pad)
+        sent_d = sent.detach()  # D's condition; only G's losses train a fine-tuned text tower
         # D: real/matching vs fake and vs mismatched captions, MA-GP
-        ld, logs = d_loss(self.D, real, fake, sent, hard=d_hard)
+        ld, logs = d_loss(self.D, real, fake, sent_d, hard=d_hard)
+        sent_d = sent_d.detach()
         if self.vision_d:
-            logs["d_vision"] = (ldv := feature_d_loss(self.Dv, real.detach(), fake, sent.detach())).item()
+            logs["d_vision"] = (ldv := feature_d_loss(self.Dv, real.detach(), fake, sent_d)).item()
             ld = ld + self.vision_d * ldv
         d_nets = [(self.D, self.optimizers["D"])] + ([(self.Dv, self.optimizers["D_vision"])] if self.vision_d else [])
         for _, opt in d_nets:
@@ -286,33 +302,37 @@ class GANRecipe(Recipe):
             sync_grads(net.parameters())
             opt.step()
         # G: fool D, and let CLIP find its caption
-        lg = g_loss(self.D, fake, sent.detach())
+        lg = g_loss(self.D, fake, sent_d)
         if self.vision_d:
-            logs["g_vision"] = (lgv := -self.Dv.logits(self.Dv.features(fake), sent.detach()).mean()).item()
+            logs["g_vision"] = (lgv := -self.Dv.logits(self.Dv.features(fake), sent_d).mean()).item()
             lg = lg + self.vision_d * lgv
         if self.clip_weight:
             negs = hard[1] if hard is not None and self.hard_negatives else None  # drawn for D alone when off
             lc = self.clip.loss(shifted(fake, self.clip_shift), tokens, negs)
             logs["g_clip"] = lc.item()
             lg = lg + self.clip_weight * lc
+        if self.recon:
+            logs["g_recon"] = (lr := (fake - real.detach()).abs().mean()).item()
+            lg = lg + self.recon * lr
         if self.mode_seeking:
             logs["g_ms"] = (ms := mode_seeking_ratio(self.G, fake, z, sent, w, pad)).item()
             lg = lg + self.mode_seeking / (ms + 1e-5)
         opt_g = self.optimizers["G"]
         opt_g.zero_grad(set_to_none=True)
         lg.backward()
-        sync_grads(self.G.parameters())
+        sync_grads(p for group in opt_g.param_groups for p in group["params"])
         opt_g.step()
         decay = min(self.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for pe, p in zip(self.G_ema.parameters(), self.G.parameters()):
-                pe.lerp_(p, 1 - decay)
-            for be, bb in zip(self.G_ema.buffers(), self.G.buffers()):
-                be.copy_(bb)
+            for avg, net in ((self.G_ema, self.G),) + (((self.text_ema, self.text),) if self.text is not self.text_ema else ()):
+                for pe, p in zip(avg.parameters(), net.parameters()):
+                    pe.lerp_(p, 1 - decay)
+                for be, bb in zip(avg.buffers(), net.buffers()):
+                    be.copy_(bb)
         return {"loss_d": ld.item(), "loss_g": lg.item(), **logs}
 
     def export(self, url: str, storage_options: dict | None = None, dtype: torch.dtype | None = None) -> None:
-        g = GANGenerator(self.cfg, self.clip.cfg, self.tokenizer, self.clip.text, self.G_ema, torch.device("cpu"))
+        g = GANGenerator(self.cfg, self.clip.cfg, self.tokenizer, self.text_ema, self.G_ema, torch.device("cpu"))
         save_checkpoint(url, g.state_dict(), g.config(), storage_options, dtype)
 
 

@@ -89,6 +89,59 @@ def test_gan_step_trains_g_and_d_and_leaves_the_clip_frozen(shapes):
     assert not any(k.startswith("D_vision.tower") or ".conv." in k for k in recipe.state() if k.startswith("D_vision."))
 
 
+def test_gan_fine_tuned_text_tower_trains_and_ships_its_average(shapes, tmp_path):
+    """`text_lr`: G's own copy of CLIP's text tower learns through G's losses and its EMA is what the export
+    embeds; the CLIP itself stays frozen. `recon` and `fc_hidden` run in the same step."""
+    import torch
+
+    from models.checkpoint import load_checkpoint
+    from models.clip import CLIP, CLIPConfig, CLIPScorer
+    from models.gan import GANConfig
+    from models.recipes import GANRecipe
+    from models.tokenizer import WordTokenizer
+    from pipelines.train import load_data, make_batch
+
+    torch.manual_seed(0)
+    spec = TrainSpec(kind="gan", data=shapes, out=str(shapes), clip="unused", max_rows=64)
+    tok = WordTokenizer.train(load_data(spec, None, 0, 1)["captions"], max_len=16)
+    clip = CLIPScorer(CLIP(CLIPConfig(vocab_size=len(tok.vocab), text_len=16, **TINY["clip"])), tok)
+    cfg = GANConfig(text_dim=32, word_dim=clip.model.cfg.width, fc_hidden=16, **TINY["gan"])
+    recipe = GANRecipe(cfg, clip, recon=10.0, text_lr=1e-3)
+    frozen = {k: v.clone() for k, v in clip.model.text.state_dict().items()}
+    data = load_data(spec, recipe, 0, 1)
+    logs = [recipe.step(make_batch(data, s, 32, 0), s) for s in range(3)]
+    assert all(v.equal(clip.model.text.state_dict()[k]) for k, v in frozen.items())
+    tuned, avg = recipe.text.state_dict(), recipe.text_ema.state_dict()
+    assert any(not v.equal(tuned[k]) for k, v in frozen.items())  # G's losses reached the text tower
+    assert any(not v.equal(avg[k]) for k, v in frozen.items()) and any(not v.equal(avg[k]) for k, v in tuned.items())
+    assert all(log["g_recon"] > 0 for log in logs)
+    recipe.export(str(tmp_path / "gan"))
+    _, tensors = load_checkpoint(str(tmp_path / "gan"))
+    assert all(tensors[f"text.{k}"].equal(v) for k, v in avg.items())
+    assert load_generator(str(tmp_path / "gan")).generate(["a red circle"], [0]).shape == (1, 32, 32, 3)
+
+
+def test_gan_recon_term_pulls_g_towards_the_captions_own_images(shapes):
+    """pix2pix's L1 to the paired image: with only that term on, G's distance to its batch's images drops."""
+    import torch
+
+    from models.clip import CLIP, CLIPConfig, CLIPScorer
+    from models.gan import GANConfig
+    from models.recipes import GANRecipe
+    from models.tokenizer import WordTokenizer
+    from pipelines.train import load_data, make_batch
+
+    torch.manual_seed(0)
+    spec = TrainSpec(kind="gan", data=shapes, out=str(shapes), clip="unused", max_rows=32)
+    tok = WordTokenizer.train(load_data(spec, None, 0, 1)["captions"], max_len=16)
+    clip = CLIPScorer(CLIP(CLIPConfig(vocab_size=len(tok.vocab), text_len=16, **TINY["clip"])), tok)
+    cfg = GANConfig(text_dim=32, word_dim=clip.model.cfg.width, **TINY["gan"])
+    recipe = GANRecipe(cfg, clip, recon=1000.0, clip_weight=0.0, lr_g=2e-3)
+    data = load_data(spec, recipe, 0, 1)
+    l1 = [recipe.step(make_batch(data, s, 32, 0), s)["g_recon"] for s in range(30)]
+    assert sum(l1[-5:]) < 0.7 * sum(l1[:5])
+
+
 def test_same_seed_same_training(ray_local, shapes, tmp_path):
     a = train("judge", shapes, tmp_path / "a", 10)
     b = train("judge", shapes, tmp_path / "b", 10)
@@ -111,3 +164,11 @@ def test_clip_export_scores_prompts(ray_local, shapes, tmp_path):
 
     scores = scorer.score(np.zeros((2, 32, 32, 3), np.uint8), ["a red circle", "a photo of a dog"])
     assert scores.shape == (2,) and (scores >= 0).all() and (scores <= 100).all()
+
+
+def test_cli_overrides_read_exponents_as_numbers():
+    """YAML 1.1 reads `1e-4` as a string; the optimizer then failed at its first step, minutes into a run."""
+    from jobs.train import _kv
+
+    assert _kv(["text_lr=1e-4", "lr=2e-4", "steps=3", "text_in_fc=true", "columns=png", "x=0.5"]) == {
+        "text_lr": 1e-4, "lr": 2e-4, "steps": 3, "text_in_fc": True, "columns": "png", "x": 0.5}
