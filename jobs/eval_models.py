@@ -27,6 +27,7 @@ def main(args: argparse.Namespace) -> int:
     from models.clip import load_clip
     from models.judge import load_judge
     from pipelines.eval_models import (
+        clip_binding,
         eval_generator,
         eval_rerank,
         eval_vq,
@@ -46,6 +47,9 @@ def main(args: argparse.Namespace) -> int:
     if scorer is not None:
         report["clip_r_precision"] = r_precision_split(scorer, split, 1000)
         print("clip R-precision (true caption among 100):", json.dumps(report["clip_r_precision"]))
+        report["clip_binding"] = clip_binding(scorer, split, 1000)
+        print("clip prefers the own caption over one with an attribute swapped between the two objects:",
+              json.dumps(report["clip_binding"]))
     if Path(args.vq).exists():
         report["vq"] = eval_vq(args.vq, judge, split, args.n)
         print("vq:", json.dumps(report["vq"]))

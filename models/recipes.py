@@ -33,7 +33,7 @@ from models.gan import (
 )
 from models.gan import Generator as GANNet
 from models.judge import Judge, JudgeConfig
-from models.shapes import hard_negative
+from models.shapes import hard_negatives
 from models.tokenizer import WordTokenizer
 from models.transformer import DalleTransformer, TransformerConfig, TransformerGenerator
 from models.vq import VQConfig, VQModel
@@ -201,11 +201,11 @@ class TransformerRecipe(Recipe):
 
 def negative_tokens(tokenizer: WordTokenizer, captions: list[str], seed: int, step: int,
                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """One hard-negative caption per caption that allows one (`models.shapes.hard_negative`), drawn from
-    (seed, step) so a resumed run sees the same ones: (rows, tokens), rows[i] = the caption that tokens[i]
-    negates; None when no caption allows one."""
+    """Hard-negative captions (`models.shapes.hard_negatives`: one attribute changed, plus each attribute the two
+    objects differ in swapped between them), drawn from (seed, step) so a resumed run sees the same ones:
+    (rows, tokens), rows[i] = the caption that tokens[i] negates; None when no caption allows one."""
     rng = random.Random(f"{seed}/{step}")
-    pairs = [(i, n) for i, n in enumerate(hard_negative(c, rng) for c in captions) if n]
+    pairs = [(i, n) for i, c in enumerate(captions) for n in hard_negatives(c, rng)]
     if not pairs:
         return None
     rows, negs = zip(*pairs)

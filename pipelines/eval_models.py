@@ -17,7 +17,7 @@ from models.clip import CLIPScorer
 from models.generator import load_generator
 from models.judge import HEADS, IGNORE, Judge, judge_prompts, labels, scene_from_dict
 from models.rerank import generate_best_of
-from models.shapes import Scene, mismatches, parse, stated
+from models.shapes import Scene, binding_swaps, mismatches, parse, stated
 from models.vq import load_vq
 from pipelines.encode import decode_image
 from pipelines.train import read_rows
@@ -151,6 +151,25 @@ def r_precision_split(scorer: CLIPScorer, split: TestSplit, n: int) -> dict[str,
         idx = np.flatnonzero(mask)
         out[name] = r_precision(scorer, imgs[idx], [caps[i] for i in idx])
     return {k: round(v, 4) for k, v in out.items()}
+
+
+def clip_binding(scorer: CLIPScorer, split: TestSplit, n: int) -> dict[str, float]:
+    """Per attribute: how often CLIP scores a two-object render's own caption above the same caption with that
+    attribute swapped between the objects (first n test renders). 0.5 is chance: CLIP would not know which
+    object has which shape, and neither would a generator conditioned or guided by it."""
+    imgs = split.images[:n].permute(0, 2, 3, 1).numpy()
+    img = scorer.embed_images(imgs)
+    own = scorer.embed_texts(split.captions[:n])
+    pairs: dict[str, list[tuple[int, str]]] = {}
+    for i, c in enumerate(split.captions[:n]):
+        for kind, swapped in binding_swaps(c).items():
+            pairs.setdefault(kind, []).append((i, swapped))
+    out = {}
+    for kind, ps in sorted(pairs.items()):
+        idx = torch.tensor([i for i, _ in ps])
+        other = scorer.embed_texts([t for _, t in ps])
+        out[kind] = round(((img[idx] * own[idx]).sum(1) > (img[idx] * other).sum(1)).float().mean().item(), 4)
+    return out
 
 
 def eval_rerank(url: str, scorer: CLIPScorer, judge: Judge, split: TestSplit, n: int, ks: list[int],

@@ -229,7 +229,8 @@ def test_hard_negatives_pair_each_real_image_with_its_own_caption_changed():
     caps = ["a red circle on the left", "a photo of a dog", "a small blue square above a green triangle"]
     tok = WordTokenizer.train(caps + ["right below yellow large star"], max_len=12)
     rows, negs = negative_tokens(tok, caps, seed=0, step=3, device=torch.device("cpu"))
-    assert rows.tolist() == [0, 2]  # the dog caption names no domain word: no negative for it
+    # the dog caption names no domain word: no negative; the two-object one also gets its colour and shape swaps
+    assert rows.tolist() == [0, 2, 2, 2]
     own = tok.encode_batch([caps[i] for i in rows.tolist()])
     assert all(not torch.equal(n, o) for n, o in zip(negs, own))
     assert torch.equal(negative_tokens(tok, caps, 0, 3, torch.device("cpu"))[1], negs)  # (seed, step) fixes them
@@ -237,7 +238,7 @@ def test_hard_negatives_pair_each_real_image_with_its_own_caption_changed():
     torch.manual_seed(0)
     D = Discriminator(GANConfig(text_dim=16, ndf=4)).eval()  # eval: spectral norm stops its power iteration
     real, fake, sent = torch.rand(3, 3, 32, 32) * 2 - 1, torch.rand(3, 3, 32, 32) * 2 - 1, torch.randn(3, 16)
-    neg = torch.randn(2, 16)
+    neg = torch.randn(len(rows), 16)
     _, plain = d_loss(D, real.clone(), fake, sent.clone(), gp_weight=0)
     _, hard = d_loss(D, real.clone(), fake, sent.clone(), gp_weight=0, hard=(rows, neg))
     with torch.no_grad():

@@ -117,6 +117,23 @@ def test_hard_negatives_change_one_attribute_and_skip_other_text():
     assert hard_negative("a photo of a dog", rng) is None
 
 
+def test_hard_negatives_swap_each_attribute_between_two_objects():
+    """Binding negatives: same words, other scene, for colour, shape and size alike (a CLIP trained with colour
+    swaps only could not tell which of two objects was the square, nor which was the big one)."""
+    import random
+
+    from models.shapes import binding_swaps, hard_negatives
+
+    text = "a small red circle left of a large blue square"
+    negs = hard_negatives(text, random.Random(0))
+    assert negs[1:] == ["a small blue circle left of a large red square", "a small red square left of a large blue circle",
+                        "a large red circle left of a small blue square"]
+    assert negs[0] not in negs[1:] and negs[0] != text
+    assert binding_swaps("a big red circle left of a huge red circle") == {}  # the objects differ in nothing
+    assert binding_swaps("a big red circle left of a small red circle") == {"size": "a small red circle left of a big red circle"}
+    assert binding_swaps("a red circle on the left, on a black background") == {}  # one object: no pair
+
+
 def test_attribute_errors_name_the_attribute_the_judge_reads_otherwise():
     from pipelines.eval_models import attribute_errors
 
