@@ -47,7 +47,7 @@ checkpoints: data  ## train all shipped models from scratch, one at a time (see 
 	$(TRAIN) transformer --data $(DATA)/train --vq checkpoints/vq --out checkpoints/dalle --steps 3000 \
 		--batch-size 64 --model n_layer=5 --model n_embd=224
 	$(TRAIN) clip --data $(DATA)/train --out checkpoints/clip --steps 2500 --batch-size 128
-	$(TRAIN) gan --data $(DATA)/train --clip checkpoints/clip --out checkpoints/gan --steps 3000 --batch-size 64 \
+	$(TRAIN) gan --data $(DATA)/train --clip checkpoints/clip --out checkpoints/gan --steps 2500 --batch-size 64 \
 		--model text_in_fc=true
 
 eval: setup  ## prompt-match, judge accuracy, VQ ceiling, CLIP R-precision, rerank gain (needs `make data`)
