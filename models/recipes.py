@@ -290,7 +290,7 @@ class GANRecipe(Recipe):
         sent_d = sent.detach()  # D's condition; only G's losses train a fine-tuned text tower
         # D: real/matching vs fake and vs mismatched captions, MA-GP
         ld, logs = d_loss(self.D, real, fake, sent_d, hard=d_hard)
-        sent_d = sent_d.detach()
+        sent_d = sent_d.detach()  # d_loss made it require grad for MA-GP
         if self.vision_d:
             logs["d_vision"] = (ldv := feature_d_loss(self.Dv, real.detach(), fake, sent_d)).item()
             ld = ld + self.vision_d * ldv
@@ -312,8 +312,8 @@ class GANRecipe(Recipe):
             logs["g_clip"] = lc.item()
             lg = lg + self.clip_weight * lc
         if self.recon:
-            logs["g_recon"] = (lr := (fake - real.detach()).abs().mean()).item()
-            lg = lg + self.recon * lr
+            logs["g_recon"] = (l1 := (fake - real.detach()).abs().mean()).item()
+            lg = lg + self.recon * l1
         if self.mode_seeking:
             logs["g_ms"] = (ms := mode_seeking_ratio(self.G, fake, z, sent, w, pad)).item()
             lg = lg + self.mode_seeking / (ms + 1e-5)
@@ -324,7 +324,8 @@ class GANRecipe(Recipe):
         opt_g.step()
         decay = min(self.ema_decay, (1 + step) / (10 + step))
         with torch.no_grad():
-            for avg, net in ((self.G_ema, self.G),) + (((self.text_ema, self.text),) if self.text is not self.text_ema else ()):
+            averaged = [(self.G_ema, self.G)] + ([(self.text_ema, self.text)] if self.text is not self.text_ema else [])
+            for avg, net in averaged:
                 for pe, p in zip(avg.parameters(), net.parameters()):
                     pe.lerp_(p, 1 - decay)
                 for be, bb in zip(avg.buffers(), net.buffers()):
