@@ -64,23 +64,33 @@ def test_models_that_build_on_another_name_it(tmp_path):
             TrainSpec(kind=kind, data=str(tmp_path), out=str(tmp_path / "out"))
 
 
-def test_gan_step_trains_g_and_d_and_leaves_the_clip_frozen(shapes):
+def tiny_gan(shapes: str, max_rows: int, model: dict | None = None, **recipe):
+    """A GANRecipe on a tiny untrained CLIP whose tokenizer is trained on `shapes`; returns (recipe, clip, data)."""
     import torch
 
     from models.clip import CLIP, CLIPConfig, CLIPScorer
     from models.gan import GANConfig
     from models.recipes import GANRecipe
     from models.tokenizer import WordTokenizer
-    from pipelines.train import load_data, make_batch
+    from pipelines.train import load_data
 
     torch.manual_seed(0)
-    spec = TrainSpec(kind="gan", data=shapes, out=str(shapes), clip="unused", max_rows=64)
+    spec = TrainSpec(kind="gan", data=shapes, out=str(shapes), clip="unused", max_rows=max_rows)
     tok = WordTokenizer.train(load_data(spec, None, 0, 1)["captions"], max_len=16)
     clip = CLIPScorer(CLIP(CLIPConfig(vocab_size=len(tok.vocab), text_len=16, **TINY["clip"])), tok)
-    cfg = GANConfig(text_dim=32, word_dim=clip.model.cfg.width, **TINY["gan"])
-    recipe = GANRecipe(cfg, clip, mode_seeking=1.0, vision_d=1.0, vision_width=8, d_hard_negatives=True)
+    cfg = GANConfig(text_dim=32, word_dim=clip.model.cfg.width, **{**TINY["gan"], **(model or {})})
+    r = GANRecipe(cfg, clip, **recipe)
+    return r, clip, load_data(spec, r, 0, 1)
+
+
+def test_gan_step_trains_g_and_d_and_leaves_the_clip_frozen(shapes):
+    import torch
+
+    from pipelines.train import make_batch
+
+    recipe, _, data = tiny_gan(shapes, 64, mode_seeking=1.0, vision_d=1.0, vision_width=8, d_hard_negatives=True)
     before = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in recipe.modules.items()}
-    logs = recipe.step(make_batch(load_data(spec, recipe, 0, 1), 0, 32, 0), 0)
+    logs = recipe.step(make_batch(data, 0, 32, 0), 0)
     changed = {n: any(not torch.equal(before[n][k], v) for k, v in m.state_dict().items())
                for n, m in recipe.modules.items()}
     assert changed == {"G": True, "D": True, "G_ema": True, "clip": False, "D_vision": True}
@@ -92,23 +102,11 @@ def test_gan_step_trains_g_and_d_and_leaves_the_clip_frozen(shapes):
 def test_gan_fine_tuned_text_tower_trains_and_ships_its_average(shapes, tmp_path):
     """`text_lr`: G's own copy of CLIP's text tower learns through G's losses and its EMA is what the export
     embeds; the CLIP itself stays frozen. `recon` and `fc_hidden` run in the same step."""
-    import torch
-
     from models.checkpoint import load_checkpoint
-    from models.clip import CLIP, CLIPConfig, CLIPScorer
-    from models.gan import GANConfig
-    from models.recipes import GANRecipe
-    from models.tokenizer import WordTokenizer
-    from pipelines.train import load_data, make_batch
+    from pipelines.train import make_batch
 
-    torch.manual_seed(0)
-    spec = TrainSpec(kind="gan", data=shapes, out=str(shapes), clip="unused", max_rows=64)
-    tok = WordTokenizer.train(load_data(spec, None, 0, 1)["captions"], max_len=16)
-    clip = CLIPScorer(CLIP(CLIPConfig(vocab_size=len(tok.vocab), text_len=16, **TINY["clip"])), tok)
-    cfg = GANConfig(text_dim=32, word_dim=clip.model.cfg.width, fc_hidden=16, **TINY["gan"])
-    recipe = GANRecipe(cfg, clip, recon=10.0, text_lr=1e-3)
+    recipe, clip, data = tiny_gan(shapes, 64, {"fc_hidden": 16}, recon=10.0, text_lr=1e-3)
     frozen = {k: v.clone() for k, v in clip.model.text.state_dict().items()}
-    data = load_data(spec, recipe, 0, 1)
     logs = [recipe.step(make_batch(data, s, 32, 0), s) for s in range(3)]
     assert all(v.equal(clip.model.text.state_dict()[k]) for k, v in frozen.items())
     tuned, avg = recipe.text.state_dict(), recipe.text_ema.state_dict()
@@ -123,21 +121,9 @@ def test_gan_fine_tuned_text_tower_trains_and_ships_its_average(shapes, tmp_path
 
 def test_gan_recon_term_pulls_g_towards_the_captions_own_images(shapes):
     """pix2pix's L1 to the paired image: with only that term on, G's distance to its batch's images drops."""
-    import torch
+    from pipelines.train import make_batch
 
-    from models.clip import CLIP, CLIPConfig, CLIPScorer
-    from models.gan import GANConfig
-    from models.recipes import GANRecipe
-    from models.tokenizer import WordTokenizer
-    from pipelines.train import load_data, make_batch
-
-    torch.manual_seed(0)
-    spec = TrainSpec(kind="gan", data=shapes, out=str(shapes), clip="unused", max_rows=32)
-    tok = WordTokenizer.train(load_data(spec, None, 0, 1)["captions"], max_len=16)
-    clip = CLIPScorer(CLIP(CLIPConfig(vocab_size=len(tok.vocab), text_len=16, **TINY["clip"])), tok)
-    cfg = GANConfig(text_dim=32, word_dim=clip.model.cfg.width, **TINY["gan"])
-    recipe = GANRecipe(cfg, clip, recon=1000.0, clip_weight=0.0, lr_g=2e-3)
-    data = load_data(spec, recipe, 0, 1)
+    recipe, _, data = tiny_gan(shapes, 32, recon=1000.0, clip_weight=0.0, lr_g=2e-3)
     l1 = [recipe.step(make_batch(data, s, 32, 0), s)["g_recon"] for s in range(30)]
     assert sum(l1[-5:]) < 0.7 * sum(l1[:5])
 
