@@ -3,15 +3,20 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: help setup chromium demo test lint bench data checkpoints eval
+.PHONY: help setup chromium demo test lint bench data checkpoints eval spec-docs
 help:  ## list targets
 	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
 
-setup: $(VENV)/.installed chromium  ## venv + torch==2.13.0 (local CPU build, first) + project with test extras + chromium
+setup: $(VENV)/.installed  ## venv + torch==2.13.0 (local CPU build, first) + project with test extras; no root needed
 
-chromium:  ## Debian's chromium for the headless report test (apt; needs root, as on CI)
-	@command -v chromium >/dev/null || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive \
-		apt-get install -y -qq --no-install-recommends chromium >/dev/null)
+chromium:  ## the report test's headless browser: Debian's chromium via apt when root (as on CI), else say how
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium >/dev/null; \
+	else \
+		echo "make test needs a headless Chromium on PATH: 'sudo apt-get install chromium' (Debian/Ubuntu)," \
+		     "'brew install --cask chromium' (macOS) or your distribution's package"; exit 1; \
+	fi
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -23,8 +28,11 @@ $(VENV)/.installed: pyproject.toml
 demo: setup  ## run the demo job on an embedded Ray -> runs/demo/
 	$(VENV)/bin/promptmill generate examples/demo.yaml
 
-test: setup  ## the test suite (CI runs exactly this)
+test: setup chromium  ## the test suite (CI runs exactly this)
 	$(PY) -m pytest -q
+
+spec-docs: setup  ## regenerate docs/spec.md from the pydantic field descriptions (a test keeps it in sync)
+	$(VENV)/bin/promptmill spec --markdown > docs/spec.md
 
 lint: setup  ## ruff
 	$(VENV)/bin/ruff check .
@@ -41,14 +49,9 @@ data: setup  ## render the shapes train/test splits
 	$(VENV)/bin/promptmill dataset shapes --rows 2000 --split test --out $(DATA)/test
 	$(VENV)/bin/promptmill dataset shapes --rows 60000 --split full --out $(DATA)/full
 
-checkpoints: data  ## train all shipped models from scratch, one at a time (see MODEL_CARD.md)
-	$(TRAIN) judge --data $(DATA)/full --out checkpoints/judge --steps 1500 --batch-size 128
-	$(TRAIN) vq --data $(DATA)/train --out checkpoints/vq --steps 2000 --batch-size 64 --threads 1
-	$(TRAIN) transformer --data $(DATA)/train --vq checkpoints/vq --out checkpoints/dalle --steps 3000 \
-		--batch-size 64 --model n_layer=5 --model n_embd=224
-	$(TRAIN) clip --data $(DATA)/train --out checkpoints/clip --steps 2500 --batch-size 128
-	$(TRAIN) gan --data $(DATA)/train --clip checkpoints/clip --out checkpoints/gan --steps 2500 --batch-size 64 \
-		--model text_in_fc=true
+RECIPES := pipelines/training/configs
+checkpoints: data  ## train all shipped models from scratch, one at a time, from their versioned recipes
+	for kind in judge vq transformer clip gan; do $(TRAIN) $$kind --config $(RECIPES)/$$kind.yaml || exit 1; done
 
 eval: setup  ## prompt-match, judge accuracy, VQ ceiling, CLIP R-precision, rerank gain (needs `make data`)
 	$(VENV)/bin/promptmill eval-models

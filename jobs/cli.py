@@ -6,9 +6,9 @@ import argparse
 import logging
 import sys
 
-from jobs import dataset, eval_models, evaluate, export, generate, report, schedule, submit, train
+from jobs import dataset, eval_models, evaluate, export, generate, report, schedule, spec, submit, train
 
-COMMANDS = [generate, submit, schedule, evaluate, report, dataset, train, eval_models, export]
+COMMANDS = [generate, submit, schedule, evaluate, report, dataset, train, eval_models, export, spec]
 
 
 def main(argv: list[str] | None = None) -> int:

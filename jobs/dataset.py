@@ -30,7 +30,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def write_shapes(out: str, rows: int, split: str = "train", seed: int = 0, size: int = 32,
                  storage_options: dict | None = None) -> list[str]:
     from models.shapes import example
-    from pipelines.encode import encode_image
+    from pipelines.layout import encode_image
     from pipelines.storage import filesystem, is_local, join
 
     fs, root = filesystem(out, storage_options)

@@ -23,6 +23,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=main)
 
 
+def load_test_split(url: str, rows: int):
+    """The shapes test split (`promptmill dataset shapes --split test`) at any fsspec URL, first `rows` rows."""
+    from pipelines.eval_models import TestSplit
+    from pipelines.tables import read_rows
+
+    return TestSplit.from_rows(read_rows(url, TestSplit.COLUMNS, max_rows=rows))
+
+
 def main(args: argparse.Namespace) -> int:
     from models.clip import load_clip
     from models.judge import load_judge
@@ -33,7 +41,6 @@ def main(args: argparse.Namespace) -> int:
         eval_vq,
         grid_png,
         judge_accuracy,
-        load_test_split,
         r_precision_split,
         seed_diversity,
     )

@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.checkpoint import CheckpointError, load_checkpoint
+from models.checkpoint import load_module
+from models.images import to_nchw
 from models.judge import as_model_input
 from models.tokenizer import WordTokenizer
 
@@ -115,7 +116,7 @@ class CLIPScorer:
     @torch.no_grad()
     def embed_images(self, images: np.ndarray | torch.Tensor) -> torch.Tensor:
         """uint8 (N, H, W, 3) as the generators return them."""
-        x = torch.as_tensor(np.array(images, copy=True)).to(self.device).permute(0, 3, 1, 2)  # Ray hands read-only arrays
+        x = to_nchw(np.asarray(images)).to(self.device)
         return self.model.encode_image(x)
 
     @torch.no_grad()
@@ -137,9 +138,5 @@ class CLIPScorer:
 
 
 def load_clip(url: str, device: torch.device | str = "cpu", storage_options: dict | None = None) -> CLIPScorer:
-    config, tensors = load_checkpoint(url, storage_options)
-    if config.get("family") != "clip":
-        raise CheckpointError(f"{url!r} is a {config.get('family')!r} checkpoint, not a clip one")
-    model = CLIP(CLIPConfig(**config["config"]))
-    model.load_state_dict(tensors)
+    config, model = load_module(url, "clip", lambda c: CLIP(CLIPConfig(**c["config"])), storage_options)
     return CLIPScorer(model, WordTokenizer.from_config(config["tokenizer"]), device)

@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.clip import CLIPConfig, ImageTower, TextTower
+from models.clip import CLIPConfig, TextTower
 from models.generator import check_inputs
 from models.sampling import per_image_generators, per_image_normal, to_uint8
 from models.tokenizer import WordTokenizer
@@ -37,48 +37,12 @@ class GANConfig:
     # DF-GAN projects only the noise to the first 4x4 map, so text can steer layout only through per-channel
     # affines; True projects [noise, sentence] (StackGAN / AttnGAN style) so the caption sets the 4x4 layout
     text_in_fc: bool = False
-    # AttnGAN-style word attention before each up-block: every location reads the caption's words, so the
-    # two objects of "a red circle left of a blue square" can get different shapes (per-channel affines are
-    # the same at every location); word_dim = the text tower's width
-    word_attn: bool = False
-    word_dim: int = 128
-    # > 0: the first map comes from an MLP with this hidden width instead of one linear layer. Where each of two
-    # objects' shapes goes is not linearly readable from CLIP's sentence vector (a linear probe reads the
-    # right/bottom object's shape for 68 % of train captions, a 256-wide MLP for 90 %)
-    fc_hidden: int = 0
 
 
 def sentence(text: TextTower, tokens: torch.Tensor) -> torch.Tensor:
     """CLIP's unit sentence embedding scaled by sqrt(dim): O(1) components for the fusion MLPs."""
-    return caption_features(text, tokens, False)[0]
-
-
-def caption_features(text: TextTower, tokens: torch.Tensor, with_words: bool
-                     ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """(sentence, words, pad) from one pass of the text tower: words (B, L, width) are the per-word states and
-    pad (B, L) their padding mask for `WordAttention`, both None unless `with_words`."""
-    h = text.hidden(tokens)
-    e = text.proj(h[:, 0])
-    sent = F.normalize(e, dim=-1) * math.sqrt(e.size(-1))
-    return (sent, h[:, 1:], tokens == 0) if with_words else (sent, None, None)
-
-
-class WordAttention(nn.Module):
-    """AttnGAN's word-context: each location attends over the words, the context is added to its features.
-    The value projection starts at zero, so a fresh block is the identity."""
-
-    def __init__(self, ch: int, word_dim: int, dim: int = 32) -> None:
-        super().__init__()
-        self.q, self.k, self.v = nn.Conv2d(ch, dim, 1), nn.Linear(word_dim, dim), nn.Linear(word_dim, ch)
-        nn.init.zeros_(self.v.weight)
-        nn.init.zeros_(self.v.bias)
-
-    def forward(self, x: torch.Tensor, w: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
-        q = self.q(x).flatten(2).transpose(1, 2)  # (B, HW, dim)
-        att = q @ self.k(w).transpose(1, 2) / math.sqrt(q.size(-1))  # (B, HW, L)
-        pad = pad & ~pad.all(1, keepdim=True)  # an empty caption attends to its padding rather than to nothing
-        ctx = att.masked_fill(pad[:, None, :], float("-inf")).softmax(-1) @ self.v(w)  # (B, HW, C)
-        return x + ctx.transpose(1, 2).reshape(x.shape)
+    e = text(tokens)
+    return F.normalize(e, dim=-1) * math.sqrt(e.size(-1))
 
 
 class Affine(nn.Module):
@@ -111,17 +75,13 @@ class Fuse(nn.Module):
 
 
 class GBlock(nn.Module):
-    def __init__(self, cond_dim: int, cin: int, cout: int, word_dim: int | None = None) -> None:
+    def __init__(self, cond_dim: int, cin: int, cout: int) -> None:
         super().__init__()
-        self.attn = WordAttention(cin, word_dim) if word_dim else None
         self.fuse1, self.conv1 = Fuse(cond_dim, cin), nn.Conv2d(cin, cout, 3, 1, 1)
         self.fuse2, self.conv2 = Fuse(cond_dim, cout), nn.Conv2d(cout, cout, 3, 1, 1)
         self.shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor, w: torch.Tensor | None = None,
-                pad: torch.Tensor | None = None) -> torch.Tensor:
-        if self.attn is not None:
-            x = self.attn(x, w, pad)
+    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
         x = F.interpolate(x, scale_factor=2, mode="nearest")
         h = self.conv2(self.fuse2(self.conv1(self.fuse1(x, c)), c))
         return self.shortcut(x) + h
@@ -132,7 +92,9 @@ def _widths(base: int, n: int) -> list[int]:
     return [base * max(1, 4 >> max(0, i - 1)) for i in range(n + 1)]
 
 
-class Generator(nn.Module):
+class GANNet(nn.Module):
+    """The generator network (G); `GANGenerator` is the inference wrapper behind the generator seam."""
+
     def __init__(self, cfg: GANConfig) -> None:
         super().__init__()
         n_up = int(math.log2(cfg.image_size // 4))
@@ -142,19 +104,15 @@ class Generator(nn.Module):
         cond = cfg.noise_dim + cfg.text_dim
         self.w0, self.text_in_fc = w[0], cfg.text_in_fc
         fc_in = cond if cfg.text_in_fc else cfg.noise_dim
-        self.fc = (nn.Sequential(nn.Linear(fc_in, cfg.fc_hidden), nn.LeakyReLU(0.2), nn.Linear(cfg.fc_hidden, w[0] * 16))
-                   if cfg.fc_hidden else nn.Linear(fc_in, w[0] * 16))
-        word_dim = cfg.word_dim if cfg.word_attn else None
-        self.blocks = nn.ModuleList(GBlock(cond, w[i], w[i + 1], word_dim) for i in range(n_up))
+        self.fc = nn.Linear(fc_in, w[0] * 16)
+        self.blocks = nn.ModuleList(GBlock(cond, w[i], w[i + 1]) for i in range(n_up))
         self.to_rgb = nn.Conv2d(w[-1], 3, 3, 1, 1)
 
-    def forward(self, z: torch.Tensor, sent: torch.Tensor, w: torch.Tensor | None = None,
-                pad: torch.Tensor | None = None) -> torch.Tensor:
-        """`w`, `pad` (from `caption_features`) are needed when the config has word_attn."""
+    def forward(self, z: torch.Tensor, sent: torch.Tensor) -> torch.Tensor:
         c = torch.cat([z, sent], dim=1)
         x = self.fc(c if self.text_in_fc else z).view(z.size(0), self.w0, 4, 4)
         for blk in self.blocks:
-            x = blk(x, c, w, pad)
+            x = blk(x, c)
         return torch.tanh(self.to_rgb(F.leaky_relu(x, 0.2)))
 
 
@@ -198,74 +156,19 @@ class Discriminator(nn.Module):
         return self.joint(torch.cat([feats, s], dim=1)).view(-1)
 
 
-class FeatureHead(nn.Module):
-    """StyleGAN-T's discriminator head: a residual conv on one feature map, then per-location logits by
-    projection onto a caption embedding (`(h * cmap).sum(1) / sqrt(dim)`), so each patch judges image and text."""
-
-    def __init__(self, ch: int, text_dim: int, width: int) -> None:
-        super().__init__()
-        self.inp, self.res = _sn(nn.Conv2d(ch, width, 1)), _sn(nn.Conv2d(width, width, 3, 1, 1))
-        self.out, self.cmap = _sn(nn.Conv2d(width, width, 1)), nn.Linear(text_dim, width)
-
-    def forward(self, feats: torch.Tensor, sent: torch.Tensor) -> torch.Tensor:
-        h = F.leaky_relu(self.inp(feats), 0.2)
-        h = self.out(h + F.leaky_relu(self.res(h), 0.2))
-        return (h * self.cmap(sent)[:, :, None, None]).sum(1) / math.sqrt(h.size(1))
-
-
-class FeatureDiscriminator(nn.Module):
-    """Vision-aided / projected discriminator (Kumari et al. 2022; Sauer et al. 2021): trainable heads on the
-    frozen CLIP image tower's four conv stages. G had learnt to satisfy CLIP's final embedding with blobs
-    (CLIP preferred the true caption over a shape-swapped one for 92 % of its two-object images, the judge
-    read a wrong shape in ~40 % of slots); heads that keep learning on the intermediate maps must be fooled
-    by the whole feature distribution instead. The tower is not a parameter of this module: it belongs to
-    the CLIP and stays frozen."""
-
-    def __init__(self, tower: ImageTower, text_dim: int, width: int = 32) -> None:
-        super().__init__()
-        self.tower = [tower]  # a list hides it from .parameters() / state_dict(): saved with the CLIP, not here
-        chans = [m.out_channels for m in tower.conv if isinstance(m, nn.Conv2d)]
-        self.heads = nn.ModuleList(FeatureHead(c, text_dim, width) for c in chans)
-
-    def features(self, img: torch.Tensor) -> list[torch.Tensor]:
-        out, x = [], img
-        for m in self.tower[0].conv:
-            x = m(x)
-            if isinstance(m, nn.GELU):
-                out.append(x)
-        return out
-
-    def logits(self, feats: list[torch.Tensor], sent: torch.Tensor) -> torch.Tensor:
-        """(B, sum of H*W over stages): one logit per location per stage."""
-        return torch.cat([h(f, sent).flatten(1) for h, f in zip(self.heads, feats)], 1)
-
-
 def hinge(out_real: torch.Tensor, out_fake: torch.Tensor, out_mis: torch.Tensor) -> torch.Tensor:
     """D's hinge: real/matching above +1, fakes and real images with a wrong caption below -1 (half weight each)."""
     return F.relu(1 - out_real).mean() + 0.5 * (F.relu(1 + out_fake).mean() + F.relu(1 + out_mis).mean())
 
 
-def feature_d_loss(D: FeatureDiscriminator, real: torch.Tensor, fake: torch.Tensor, sent: torch.Tensor) -> torch.Tensor:
-    """Hinge on every location's logit, with the same mismatched-caption negatives as `d_loss`; no gradient
-    penalty: spectral norm on the heads, as in Projected GAN."""
-    f_real = D.features(real)
-    out_real, out_mis = D.logits(f_real, sent), D.logits(f_real, sent.roll(1, dims=0))
-    return hinge(out_real, D.logits(D.features(fake.detach()), sent), out_mis)
-
-
 def d_loss(D: Discriminator, real: torch.Tensor, fake: torch.Tensor, sent: torch.Tensor,
-           gp_weight: float = 2.0, gp_power: float = 6.0,
-           hard: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
-    """Hinge loss with mismatched-caption negatives + matching-aware gradient penalty (DF-GAN). `hard` = (rows,
-    sentences): extra negatives pairing real image `rows[i]` with its caption with one attribute changed, so
-    D must check every attribute, not only those a random other caption happens to contradict."""
+           gp_weight: float = 2.0, gp_power: float = 6.0) -> tuple[torch.Tensor, dict[str, float]]:
+    """Hinge loss with mismatched-caption negatives + matching-aware gradient penalty (DF-GAN)."""
     real = real.requires_grad_(True)
     sent = sent.requires_grad_(True)
     f_real = D.features(real)
     out_real = D.logits(f_real, sent)
     out_mis = D.logits(f_real, sent.roll(1, dims=0))  # real image, another row's caption
-    if hard is not None:
-        out_mis = torch.cat([out_mis, D.logits(f_real[hard[0]], hard[1])])
     loss = hinge(out_real, D.logits(D.features(fake.detach()), sent), out_mis)
     grads = torch.autograd.grad(out_real.sum(), (real, sent), create_graph=True)
     norm = torch.cat([g.flatten(1) for g in grads], dim=1).norm(2, dim=1)
@@ -289,7 +192,7 @@ class GANGenerator:
     Sampling = GANSampling
 
     def __init__(self, cfg: GANConfig, text_cfg: CLIPConfig, tokenizer: WordTokenizer, text: TextTower,
-                 gen: Generator, device: torch.device) -> None:
+                 gen: GANNet, device: torch.device) -> None:
         self.cfg, self.text_cfg, self.tokenizer, self.device = cfg, text_cfg, tokenizer, device
         self.text, self.gen = text.to(device).eval(), gen.to(device).eval()
         self.height = self.width = cfg.image_size
@@ -299,9 +202,7 @@ class GANGenerator:
               device: str | torch.device = "cpu") -> GANGenerator:
         if text_cfg.embed_dim != cfg.text_dim:
             raise ValueError(f"text_dim {cfg.text_dim} != the text encoder's embed_dim {text_cfg.embed_dim}")
-        if cfg.word_attn and text_cfg.width != cfg.word_dim:
-            raise ValueError(f"word_dim {cfg.word_dim} != the text encoder's width {text_cfg.width}")
-        return cls(cfg, text_cfg, tokenizer, TextTower(text_cfg), Generator(cfg), torch.device(device))
+        return cls(cfg, text_cfg, tokenizer, TextTower(text_cfg), GANNet(cfg), torch.device(device))
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {**{f"text.{k}": v for k, v in self.text.state_dict().items()},
@@ -326,8 +227,8 @@ class GANGenerator:
         if not prompts:
             return np.zeros((0, self.height, self.width, 3), np.uint8)
         z = per_image_normal(per_image_generators(seeds), (self.cfg.noise_dim,), s.truncation).to(self.device)
-        sent, w, pad = caption_features(self.text, self.tokenizer.encode_batch(prompts).to(self.device), self.cfg.word_attn)
-        return to_uint8(self.gen(z, sent, w, pad)).cpu().numpy()
+        sent = sentence(self.text, self.tokenizer.encode_batch(prompts).to(self.device))
+        return to_uint8(self.gen(z, sent)).cpu().numpy()
 
 
 GENERATOR = GANGenerator

@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.checkpoint import load_checkpoint
+from models.checkpoint import load_module
 from models.shapes import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, Obj, Scene, matches, parse
 
 CANON_RELATIONS = ["left of", "above"]
@@ -117,9 +117,6 @@ def scene_from_dict(d: dict) -> Scene:
     return Scene(tuple(Obj(**o) for o in d["objects"]), d["background"], d.get("position"), d.get("relation"))
 
 
-def load_judge(url: str, storage_options: dict | None = None) -> Judge:
-    """A judge checkpoint directory, in eval mode."""
-    config, tensors = load_checkpoint(url, storage_options)
-    j = Judge(JudgeConfig(**config["config"]))
-    j.load_state_dict(tensors)
-    return j.eval()
+def load_judge(url: str, device: torch.device | str = "cpu", storage_options: dict | None = None) -> Judge:
+    """A judge checkpoint directory, in eval mode on `device`."""
+    return load_module(url, "judge", lambda c: Judge(JudgeConfig(**c["config"])), storage_options)[1].to(device)

@@ -14,7 +14,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from models.checkpoint import load_checkpoint
+from models.checkpoint import load_module
 
 
 @dataclass
@@ -120,9 +120,6 @@ class VQModel(nn.Module):
         return self.decoder(self.quantizer.lookup(tokens.view(-1, g, g))).clamp(-1, 1)
 
 
-def load_vq(url: str, storage_options: dict | None = None) -> VQModel:
-    """A VQ checkpoint directory (config.json + model.safetensors), in eval mode."""
-    config, tensors = load_checkpoint(url, storage_options)
-    vq = VQModel(VQConfig(**config["config"]))
-    vq.load_state_dict(tensors)
-    return vq.eval()
+def load_vq(url: str, device: torch.device | str = "cpu", storage_options: dict | None = None) -> VQModel:
+    """A VQ checkpoint directory (config.json + model.safetensors), in eval mode on `device`."""
+    return load_module(url, "vq", lambda c: VQModel(VQConfig(**c["config"])), storage_options)[1].to(device)

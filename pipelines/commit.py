@@ -15,16 +15,24 @@ import uuid
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
+from pipelines.layout import (
+    METADATA,
+    METADATA_SCHEMA,
+    SHARDS,
+    STAGING,
+    member_key,
+    sample_keys,
+    shard_relpath,
+    tar_bytes,
+    tar_members,
+)
 from pipelines.storage import full_url, join, parquet_bytes, put_atomic
-from pipelines.write import METADATA_SCHEMA, STAGING, tar_bytes, tar_members
 
 log = logging.getLogger(__name__)
 ROWS_PER_FILE = 100_000
-SUCCESS, SUMMARY, SPEC = "_SUCCESS", "summary.json", "_spec.json"
 
 
 def _parquet_files(fs: AbstractFileSystem, path: str) -> list[str]:
@@ -35,7 +43,7 @@ def _parquet_files(fs: AbstractFileSystem, path: str) -> list[str]:
 
 def metadata_files(fs: AbstractFileSystem, root: str) -> tuple[list[str], list[str]]:
     """(committed files, staging parts)."""
-    return _parquet_files(fs, join(root, "metadata")), _parquet_files(fs, join(root, STAGING, "metadata"))
+    return _parquet_files(fs, join(root, METADATA)), _parquet_files(fs, join(root, STAGING, METADATA))
 
 
 def _read(fs: AbstractFileSystem, files: list[str], columns: list[str] | None = None) -> pa.Table:
@@ -54,8 +62,7 @@ def read_metadata(fs: AbstractFileSystem, root: str) -> pa.Table:
 
 def done_keys(fs: AbstractFileSystem, root: str) -> frozenset[str]:
     committed, staged = metadata_files(fs, root)
-    t = _read(fs, committed + staged, ["model", "id", "sample"])
-    return frozenset(f"{m}/{i}/{s}" for m, i, s in zip(*(t.column(c).to_pylist() for c in ("model", "id", "sample"))))
+    return frozenset(sample_keys(_read(fs, committed + staged, ["model", "id", "sample"])))
 
 
 def commit(fs: AbstractFileSystem, root: str) -> pa.Table:
@@ -64,13 +71,13 @@ def commit(fs: AbstractFileSystem, root: str) -> pa.Table:
     table = _read(fs, committed + staged)
     if not staged and committed:
         return table
-    keys = pc.binary_join_element_wise(table["model"], table["id"], pc.cast(table["sample"], pa.string()), "/")
+    keys = pa.array(sample_keys(table), pa.string())
     first = pa.table({"k": keys, "i": pa.array(range(len(keys)), pa.int64())}).group_by("k").aggregate([("i", "min")])
     table = table.take(first["i_min"]).sort_by([("model", "ascending"), ("id", "ascending"), ("sample", "ascending")])
     table = _finalize_shards(fs, root, table)
     gen = uuid.uuid4().hex[:8]
     for n, start in enumerate(range(0, max(len(table), 1), ROWS_PER_FILE)):
-        put_atomic(fs, join(root, "metadata", f"part-{gen}-{n:05d}.parquet"),
+        put_atomic(fs, join(root, METADATA, f"part-{gen}-{n:05d}.parquet"),
                    parquet_bytes(table.slice(start, ROWS_PER_FILE)))
     for f in committed + staged:  # only now: every row above is safely in the new generation
         fs.rm(f)
@@ -83,10 +90,6 @@ def commit(fs: AbstractFileSystem, root: str) -> pa.Table:
 SHARD_NAME = re.compile(r"/(\d{5,})\.tar$")
 
 
-def _member_key(name: str) -> str:
-    return name.rsplit("/", 1)[-1].split(".", 1)[0]
-
-
 def _finalize_shards(fs: AbstractFileSystem, root: str, table: pa.Table) -> pa.Table:
     """Staged WebDataset tars -> `shards/<model>/{n:05d}.tar`, numbered after the committed ones.
 
@@ -96,7 +99,7 @@ def _finalize_shards(fs: AbstractFileSystem, root: str, table: pa.Table) -> pa.T
     """
     if "image_path" not in table.column_names or not len(table):
         return table
-    staged_root = full_url(fs, join(root, STAGING, "shards"))
+    staged_root = full_url(fs, join(root, STAGING, SHARDS))
     paths = table.column("image_path").to_pylist()
     keys, models = table.column("image_key").to_pylist(), table.column("model").to_pylist()
     staged: dict[str, set[str]] = {}
@@ -115,11 +118,11 @@ def _finalize_shards(fs: AbstractFileSystem, root: str, table: pa.Table) -> pa.T
         model = models[paths.index(p)]
         data = fs.cat_file(fs._strip_protocol(p))
         members = tar_members(data)
-        kept = [(name, b) for name, b in members if _member_key(name) in staged[p]]
+        kept = [(name, b) for name, b in members if member_key(name) in staged[p]]
         if len(kept) != len(members):
             data = tar_bytes(kept)
         last[model] = last.get(model, -1) + 1
-        dest = join(root, "shards", model, f"{last[model]:05d}.tar")
+        dest = join(root, shard_relpath(model, last[model]))
         put_atomic(fs, dest, data)
         final[p] = full_url(fs, dest)
     return table.set_column(table.schema.get_field_index("image_path"), "image_path",
@@ -129,9 +132,9 @@ def _finalize_shards(fs: AbstractFileSystem, root: str, table: pa.Table) -> pa.T
 def _sweep_shards(fs: AbstractFileSystem, root: str, table: pa.Table) -> None:
     """Delete staged tars and any shard the committed metadata does not reference (left by a commit
     that died between copying shards and writing metadata): a reader globbing shards/ sees each sample once."""
-    if fs.exists(join(root, STAGING, "shards")):
-        fs.rm(join(root, STAGING, "shards"), recursive=True)
-    shards = join(root, "shards")
+    if fs.exists(join(root, STAGING, SHARDS)):
+        fs.rm(join(root, STAGING, SHARDS), recursive=True)
+    shards = join(root, SHARDS)
     if not fs.exists(shards):
         return
     used = {fs._strip_protocol(p) for p in table.column("image_path").to_pylist() if p}
@@ -147,3 +150,4 @@ def write_json(fs: AbstractFileSystem, path: str, obj: Any) -> None:
 
 def read_json(fs: AbstractFileSystem, path: str) -> Any:
     return json.loads(fs.cat_file(path)) if fs.exists(path) else None
+

@@ -9,18 +9,18 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 
 from models.clip import CLIPScorer
 from models.generator import load_generator
+from models.images import decode_image, to_nchw, to_nhwc
 from models.judge import HEADS, IGNORE, Judge, judge_prompts, labels, scene_from_dict
 from models.rerank import generate_best_of
 from models.shapes import Scene, binding_swaps, mismatches, parse, stated
 from models.vq import load_vq
-from pipelines.encode import decode_image
-from pipelines.train import read_rows
 
 
 @dataclass
@@ -30,11 +30,13 @@ class TestSplit:
     scenes: list[Scene]
     held_out: list[bool]
 
+    COLUMNS: ClassVar[list[str]] = ["png", "caption", "attributes", "held_out"]  # of `promptmill dataset shapes`
 
-def load_test_split(url: str, rows: int) -> TestSplit:
-    r = read_rows(url, ["png", "caption", "attributes", "held_out"], max_rows=rows)
-    imgs = torch.from_numpy(np.stack([decode_image(b) for b in r["png"]])).permute(0, 3, 1, 2).contiguous()
-    return TestSplit(imgs, r["caption"], [scene_from_dict(json.loads(a)) for a in r["attributes"]], r["held_out"])
+    @classmethod
+    def from_rows(cls, rows: dict[str, list]) -> TestSplit:
+        """From the dataset's columns (`COLUMNS`, e.g. `pipelines.tables.read_rows`): models/ does no storage I/O."""
+        images = to_nchw(np.stack([decode_image(b) for b in rows["png"]]))
+        return cls(images, rows["caption"], [scene_from_dict(json.loads(a)) for a in rows["attributes"]], rows["held_out"])
 
 
 def judge_accuracy(judge: Judge, split: TestSplit) -> dict[str, float]:
@@ -100,7 +102,7 @@ def eval_generator(url: str, judge: Judge, split: TestSplit, n: int, batch: int 
     caps = split.captions[:n]
     imgs = np.concatenate([g.generate(caps[i:i + batch], list(range(i, min(n, i + batch))), **sampling)
                            for i in range(0, n, batch)])
-    scenes, ok = judge_prompts(judge, torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous(), caps)
+    scenes, ok = judge_prompts(judge, to_nchw(imgs), caps)
     return _breakdown([bool(o) for o in ok], split), attribute_errors(caps, scenes), imgs
 
 
@@ -143,7 +145,7 @@ def r_precision(scorer: CLIPScorer, images: np.ndarray, captions: list[str], dis
 
 def r_precision_split(scorer: CLIPScorer, split: TestSplit, n: int) -> dict[str, float]:
     """R-precision over the first n test renders, and separately over held-out / in-distribution ones."""
-    imgs = split.images[:n].permute(0, 2, 3, 1).numpy()
+    imgs = to_nhwc(split.images[:n])
     caps = split.captions[:n]
     held = np.array(split.held_out[:n])
     out = {"all": r_precision(scorer, imgs, caps)}
@@ -157,7 +159,7 @@ def clip_binding(scorer: CLIPScorer, split: TestSplit, n: int) -> dict[str, floa
     """Per attribute: how often CLIP scores a two-object render's own caption above the same caption with that
     attribute swapped between the objects (first n test renders). 0.5 is chance: CLIP would not know which
     object has which shape, and neither would a generator conditioned or guided by it."""
-    imgs = split.images[:n].permute(0, 2, 3, 1).numpy()
+    imgs = to_nhwc(split.images[:n])
     img = scorer.embed_images(imgs)
     own = scorer.embed_texts(split.captions[:n])
     pairs: dict[str, list[tuple[int, str]]] = {}
@@ -181,6 +183,6 @@ def eval_rerank(url: str, scorer: CLIPScorer, judge: Judge, split: TestSplit, n:
     for k in ks:
         imgs = np.concatenate([generate_best_of(g, scorer, caps[i:i + batch], list(range(i, min(n, i + batch))), k,
                                                 **sampling).images for i in range(0, n, batch)])
-        ok = prompt_match(judge, torch.from_numpy(imgs).permute(0, 3, 1, 2).contiguous(), caps)
+        ok = prompt_match(judge, to_nchw(imgs), caps)
         out[k] = _breakdown(ok, split)
     return out

@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 
+from models.images import decode_image
 from models.judge import load_judge
-from pipelines.commit import SUMMARY, write_json
-from pipelines.encode import decode_image
+from pipelines.commit import write_json
+from pipelines.layout import SUMMARY
 from pipelines.metrics import compare
 from pipelines.results import Run
 from pipelines.storage import join
-from pipelines.train import read_rows
+from pipelines.tables import read_rows
 
 
 def read_reference(url: str, storage_options: dict | None, image_column: str, rows: int) -> np.ndarray:
@@ -25,7 +26,7 @@ def evaluate_run(run: Run, reference: str, judge_url: str, *, max_images: int = 
                  judge_storage_options: dict | None = None) -> dict:
     """Per model metrics vs the first half of the reference, beside the real-vs-real floor; written into
     the run's summary.json under `metrics`."""
-    judge = load_judge(judge_url, judge_storage_options)
+    judge = load_judge(judge_url, storage_options=judge_storage_options)
     ref = read_reference(reference, reference_storage_options, image_column, 2 * max_images)
     images = {m: run.images(run.rows(m, max_images)) for m in run.models}
     metrics = {"reference": reference, "features": f"judge penultimate layer ({judge_url})",

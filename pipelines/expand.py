@@ -6,6 +6,7 @@ import hashlib
 
 import pyarrow as pa
 
+from pipelines.layout import sample_key
 from pipelines.validate import ID, REASON, prompt_text
 
 
@@ -13,10 +14,6 @@ def image_seed(job_seed: int, row_id: str, model: str, sample: int) -> int:
     """Stable 63-bit seed: the same (seed, id, model, sample) gives the same pixels on any machine."""
     h = hashlib.blake2b(f"{job_seed}\x1f{row_id}\x1f{model}\x1f{sample}".encode(), digest_size=8)
     return int.from_bytes(h.digest(), "little") >> 1
-
-
-def sample_key(row_id: str, model: str, sample: int) -> str:
-    return f"{model}/{row_id}/{sample}"
 
 
 def expand_batch(table: pa.Table, *, prompt_column: str, model: str, images_per_prompt: int,

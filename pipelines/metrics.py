@@ -18,6 +18,7 @@ from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import KernelInceptionDistance
 
+from models.images import to_nchw
 from models.judge import Judge
 
 PR_K = 3
@@ -63,10 +64,6 @@ def knn_precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = PR_K) 
     return inside(fake, real, radii(real)), inside(real, fake, radii(fake))
 
 
-def _nchw(arr: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).contiguous()
-
-
 class Evaluator:
     """Reference statistics computed once (torchmetrics' reset_real_features=False), then any number of
     image sets compared against them."""
@@ -86,7 +83,7 @@ class Evaluator:
     def _update(self, arr: np.ndarray, real: bool, inception: InceptionScore | None = None) -> torch.Tensor:
         out = []
         for i in range(0, len(arr), self.batch):
-            x = _nchw(arr[i:i + self.batch])
+            x = to_nchw(arr[i:i + self.batch])
             self.fid.update(x, real=real)
             self.kid.update(x, real=real)
             if inception is not None:

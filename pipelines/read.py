@@ -16,15 +16,12 @@ import ray.data
 from fsspec import AbstractFileSystem
 
 from pipelines.spec import InputSpec
-from pipelines.storage import arrow_fs, filesystem, full_url
+from pipelines.storage import arrow_fs, full_url
+from pipelines.tables import InputError, list_files
 
 PROMPT_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary,
                 pa.types.is_large_binary, pa.types.is_null)
 ID_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_integer)
-
-
-class InputError(ValueError):
-    """Input that cannot be read at all; the message names the file and column."""
 
 
 @dataclass
@@ -34,25 +31,6 @@ class InputPlan:
     rows: int  # after `limit`
     columns: list[str]
     duplicate_ids: set[str] = field(default_factory=set)
-
-
-def list_files(url: str, storage_options: dict) -> tuple[AbstractFileSystem, list[str]]:
-    fs, path = filesystem(url, storage_options)
-    try:
-        if any(c in path for c in "*?["):
-            files = fs.glob(path)
-        elif fs.isdir(path):
-            files = [f for f in fs.find(path) if f.endswith(".parquet")
-                     and not any(p.startswith((".", "_")) for p in f[len(path):].split("/"))]
-        elif fs.exists(path):
-            files = [path]
-        else:
-            raise InputError(f"input.path {url!r}: no such file or directory")
-    except (PermissionError, OSError) as e:
-        raise InputError(f"input.path {url!r}: cannot list ({e})") from e
-    if not files:
-        raise InputError(f"input.path {url!r}: no .parquet files found")
-    return fs, sorted(files)
 
 
 def _check_type(fs: AbstractFileSystem, f: str, schema: pa.Schema, col: str, what: str, ok: tuple) -> None:

@@ -13,10 +13,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
 
+from pipelines.layout import REPORT
 from pipelines.results import Run, score_summary
 from pipelines.storage import join
 
-REPORT = "report.html"
 THUMB = 96  # 32 px images, nearest-neighbour upscaled
 CSS = """body{font-family:system-ui,sans-serif;margin:24px;color:#222}table{border-collapse:collapse;margin:8px 0 20px}
 td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}th{background:#f3f3f3}

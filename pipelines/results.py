@@ -7,10 +7,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from fsspec import AbstractFileSystem
 
-from pipelines.commit import SUMMARY, read_json, read_metadata
-from pipelines.encode import EXTENSIONS, decode_image
+from models.images import decode_image
+from pipelines.commit import read_json, read_metadata
+from pipelines.layout import SUMMARY, extension, tar_members
 from pipelines.storage import filesystem, join
-from pipelines.write import tar_members
 
 
 class Run:
@@ -57,7 +57,7 @@ def read_image_bytes(fs: AbstractFileSystem, rows: pa.Table) -> list[bytes]:
             tar = fs._strip_protocol(p)
             if tar not in members:
                 members[tar] = dict(tar_members(got[tar]))
-            out.append(members[tar][f"{k}.{EXTENSIONS[fmt]}"])
+            out.append(members[tar][f"{k}.{extension(fmt)}"])
     return out
 
 

@@ -13,7 +13,7 @@ import logging
 import string
 import time
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import pyarrow as pa
@@ -21,12 +21,13 @@ import pyarrow.parquet as pq
 from croniter import croniter
 from pydantic import Field, field_validator
 
-from pipelines.commit import SUCCESS
-from pipelines.read import list_files
+from pipelines.layout import SUCCESS
 from pipelines.spec import (
     Blocklist,
+    ImageFormat,
     MetricsSpec,
     ModelSpec,
+    OutputFormat,
     SafeName,
     ScoringSpec,
     SpecError,
@@ -36,6 +37,7 @@ from pipelines.spec import (
     validated,
 )
 from pipelines.storage import filesystem, join, parquet_bytes, put_atomic
+from pipelines.tables import list_files
 
 log = logging.getLogger(__name__)
 PROMPTS = "prompts.parquet"
@@ -50,8 +52,8 @@ class CatalogSpec(Strict):
 class ScheduleOutput(Strict):
     prefix: str = Field(description="each fire writes to <prefix>/<schedule name>-<UTC time>/")
     storage_options: dict[str, Any] = Field(default_factory=dict)
-    format: Literal["files", "webdataset", "parquet"] = "files"
-    image_format: Literal["png", "jpeg", "webp"] = "png"
+    format: OutputFormat = "files"
+    image_format: ImageFormat = "png"
 
 
 class ScheduleSpec(Strict):

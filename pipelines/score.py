@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from models.clip import load_clip
+from models.images import to_nchw
 from models.judge import judge_prompts, load_judge
 from pipelines.spec import ScoringSpec
 
@@ -30,7 +31,7 @@ class ScoreStage:
         self.device = device_for(scoring.resources.num_gpus)
         so = scoring.storage_options
         self.clip = load_clip(scoring.clip, self.device, so) if scoring.clip else None
-        self.judge = load_judge(scoring.judge, so).to(self.device) if scoring.judge else None
+        self.judge = load_judge(scoring.judge, self.device, so) if scoring.judge else None
         log.info("scoring on %s (clip=%s, judge=%s)", self.device, scoring.clip, scoring.judge)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -41,7 +42,7 @@ class ScoreStage:
                                else np.full(n, None, object))
         if self.judge is not None:
             with torch.no_grad():
-                x = torch.from_numpy(pixels).to(self.device).permute(0, 3, 1, 2)
+                x = to_nchw(pixels).to(self.device)
                 scenes, ok = judge_prompts(self.judge, x, prompts)
             batch["judged"] = np.array([json.dumps(s.to_dict(), sort_keys=True) for s in scenes], object)
             batch["prompt_match"] = np.array(ok, object)

@@ -5,12 +5,15 @@ from __future__ import annotations
 import copy
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from pipelines.layout import IMAGE_FORMATS, OUTPUT_FORMATS
+
 SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_EXPONENT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 _SECRET = re.compile(r"(key|secret|token|password|credential)", re.IGNORECASE)
 
 
@@ -21,6 +24,8 @@ def _path_safe(v: str) -> str:
 
 
 SafeName = Annotated[str, AfterValidator(_path_safe)]  # becomes part of output paths
+OutputFormat = Literal[OUTPUT_FORMATS]  # type: ignore[valid-type]
+ImageFormat = Literal[tuple(IMAGE_FORMATS)]  # type: ignore[valid-type]
 
 
 class SpecError(ValueError):
@@ -133,8 +138,8 @@ class MetricsSpec(Strict):
 class OutputSpec(Strict):
     path: str = Field(description="output directory; local path or any fsspec URL")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="passed to fsspec for the output")
-    image_format: Literal["png", "jpeg", "webp"] = Field(default="png", description="encoding of image files")
-    format: Literal["files", "webdataset", "parquet"] = Field(
+    image_format: ImageFormat = Field(default="png", description="encoding of image files")
+    format: OutputFormat = Field(
         default="files", description="files: one object per image; webdataset: tar shards; parquet: bytes in the metadata")
     shard_size: int = Field(default=1000, ge=1, le=100_000, description="samples per write batch: per WebDataset "
                             "shard (a batch holding two models' images makes one shard each) or metadata part")
@@ -190,14 +195,23 @@ def set_path(data: dict, dotted: str, value: Any) -> None:
         node[last] = value
 
 
-def parse_overrides(items: list[str]) -> list[tuple[str, Any]]:
-    """`key=value` pairs; the value is parsed as YAML, so `3`, `true`, `null`, `[1, 2]` keep their type."""
+def parse_value(text: str) -> Any:
+    """A command-line value as YAML, so `3`, `true`, `null`, `[1, 2]` keep their type; except that YAML 1.1
+    reads "1e-4" as a string: a float is what anyone typing it means (a run failed on it at its first step)."""
+    if not text.strip():
+        return ""
+    v = yaml.safe_load(text)
+    return float(v) if isinstance(v, str) and _EXPONENT.fullmatch(v.strip()) else v
+
+
+def parse_overrides(items: list[str], flag: str = "--set") -> list[tuple[str, Any]]:
+    """`key=value` pairs from the command line, values typed by `parse_value`."""
     out = []
     for item in items:
         if "=" not in item:
-            raise SpecError(f"--set expects key=value, got {item!r}")
+            raise SpecError(f"{flag} expects key=value, got {item!r}")
         k, v = item.split("=", 1)
-        out.append((k.strip(), yaml.safe_load(v) if v.strip() else ""))
+        out.append((k.strip(), parse_value(v)))
     return out
 
 
@@ -240,3 +254,44 @@ def redact(obj: Any) -> Any:
     if isinstance(obj, list):
         return [redact(v) for v in obj]
     return obj
+
+
+def _type_name(ann: Any) -> str:
+    if get_origin(ann) is Literal:
+        return " | ".join(repr(a) for a in get_args(ann))
+    return ann.__name__ if isinstance(ann, type) else str(ann).replace("typing.", "").replace("pipelines.spec.", "")
+
+
+def reference(model: type[BaseModel] | None = None, prefix: str = "") -> list[tuple[str, str, str, str]]:
+    """(field path, type, default, description) of every field of the job spec, nested models flattened:
+    the spec reference (`promptmill spec`, docs/spec.md) is generated from the same Field descriptions."""
+    model = model or JobSpec
+    rows = []
+    for name, f in model.model_fields.items():
+        path = f"{prefix}{name}"
+        ann = f.annotation
+        nested = next((a for a in (ann, *getattr(ann, "__args__", ()))
+                       if isinstance(a, type) and issubclass(a, BaseModel)), None)
+        if f.is_required():
+            default = "required"
+        elif f.default_factory is not None:
+            made = f.default_factory()
+            default = "" if isinstance(made, BaseModel) else repr(made)
+        else:
+            default = repr(f.default)
+        is_list = get_origin(ann) is list
+        rows.append((path, _type_name(ann), default.replace(str(SHIPPED), "<shipped checkpoints>"), f.description or ""))
+        if nested:
+            rows += reference(nested, f"{path}[*]." if is_list else f"{path}.")
+    return rows
+
+
+def reference_markdown() -> str:
+    lines = ["# Job spec reference", "",
+             "Generated from the pydantic field descriptions in `pipelines/spec.py` by `promptmill spec --markdown`",
+             "(`make spec-docs`); a test fails when this file and the code disagree.", "",
+             "| field | type | default | description |", "|---|---|---|---|"]
+    for path, kind, default, desc in reference():
+        cell = lambda t: t.replace("|", "\\|").replace("\n", " ")  # noqa: E731
+        lines.append(f"| `{path}` | {cell(kind)} | {cell(default)} | {cell(desc)} |")
+    return "\n".join(lines) + "\n"

@@ -21,8 +21,10 @@ from pipelines.spec import JobSpec, spec_data, validated
 log = logging.getLogger(__name__)
 PROJECT = Path(__file__).resolve().parents[1]
 SPEC_ENV = "PROMPTMILL_SPEC"
-# what the cluster does not need from a checkout (the venv alone is GBs)
-EXCLUDES = [".venv", ".git", "data", "runs", "logs", "**/__pycache__", ".pytest_cache", ".ruff_cache", "docs", "*.egg-info"]
+# what the cluster does not need from a checkout (the venv alone is GBs); anchored at the checkout's root,
+# since gitignore-style "runs" would also drop the code in pipelines/runs/
+EXCLUDES = ["/.venv", "/.git", "/data", "/runs", "/logs", "**/__pycache__", "/.pytest_cache", "/.ruff_cache", "/docs",
+            "*.egg-info"]
 S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
           "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}

@@ -13,85 +13,90 @@ import logging
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import fields
+from typing import Any, Literal
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
+from pydantic import Field, ValidationError, model_validator
 from safetensors.torch import load_file, save_file
 
 from models.clip import CLIPConfig, load_clip
 from models.gan import GANConfig
+from models.images import decode_image, to_nchw
 from models.judge import JudgeConfig, labels, scene_from_dict
 from models.recipes import Batch, CLIPRecipe, GANRecipe, JudgeRecipe, Recipe, TransformerRecipe, VQRecipe
 from models.tokenizer import WordTokenizer
 from models.transformer import TransformerConfig
 from models.vq import VQConfig, load_vq
-from pipelines.encode import decode_image
-from pipelines.read import list_files
+from pipelines.spec import Strict
 from pipelines.storage import absolute, filesystem, join
+from pipelines.tables import read_rows
+from pipelines.training import KINDS
 
 log = logging.getLogger(__name__)
-KINDS = ("vq", "transformer", "gan", "judge", "clip")
 
 
-@dataclass
-class TrainSpec:
-    kind: str
-    data: str
-    out: str
-    steps: int = 2000
-    batch_size: int = 64
+# kind -> (recipe, model config): what `promptmill train KIND` builds
+RECIPES: dict[str, tuple[type[Recipe], type]] = {
+    "vq": (VQRecipe, VQConfig), "transformer": (TransformerRecipe, TransformerConfig), "gan": (GANRecipe, GANConfig),
+    "judge": (JudgeRecipe, JudgeConfig), "clip": (CLIPRecipe, CLIPConfig),
+}
+
+
+class TrainSpec(Strict):
+    """One training run; also the schema of the versioned recipe configs in `pipelines/training/configs/`."""
+
+    kind: Literal[KINDS] = Field(description="which model to train")  # type: ignore[valid-type]
+    data: str = Field(description="image-caption Parquet: file, directory, glob or fsspec URL")
+    out: str = Field(description="where the exported checkpoint directory goes")
+    steps: int = Field(default=2000, ge=1)
+    batch_size: int = Field(default=64, ge=1, description="per worker")
     seed: int = 0
-    num_workers: int = 1
-    use_gpu: bool = False
-    threads: int = 2
-    storage_path: str = "runs/train"
-    name: str | None = None
+    num_workers: int = Field(default=1, ge=1, description="data-parallel Ray Train workers")
+    use_gpu: bool = Field(default=False, description="one GPU per worker")
+    threads: int = Field(default=2, ge=1, description="torch threads (and CPUs) per worker")
+    storage_path: str = Field(default="runs/train", description="Ray Train checkpoints; local or any fsspec URL")
+    name: str | None = Field(default=None, description="run name; rerunning the same name resumes")
     image_column: str = "png"
     caption_column: str = "caption"
-    attributes_column: str = "attributes"
-    max_rows: int | None = None
-    vq: str | None = None  # transformer: the VQ checkpoint that tokenizes images
-    clip: str | None = None  # gan: the CLIP whose frozen towers encode captions and guide G
-    checkpoint_every: int = 500
-    max_failures: int = 3  # a dead worker (spot node, failed health check) restarts from the latest checkpoint
-    log_every: int = 50
-    model: dict[str, Any] = field(default_factory=dict)  # model config overrides
-    recipe: dict[str, Any] = field(default_factory=dict)  # recipe kwargs (lr, caption_dropout, ...)
-    storage_options: dict[str, Any] = field(default_factory=dict)
+    attributes_column: str = Field(default="attributes", description="judge targets (JSON scene per row)")
+    max_rows: int | None = Field(default=None, ge=1)
+    vq: str | None = Field(default=None, description="transformer: the VQ checkpoint that tokenizes images")
+    clip: str | None = Field(default=None, description="gan: the CLIP whose frozen towers encode captions and guide G")
+    checkpoint_every: int = Field(default=500, ge=1)
+    max_failures: int = Field(default=3, ge=0, description="a dead worker (spot node, failed health check) "
+                              "restarts from the latest checkpoint, this many times")
+    log_every: int = Field(default=50, ge=1)
+    model: dict[str, Any] = Field(default_factory=dict, description="model config fields (the kind's config dataclass)")
+    recipe: dict[str, Any] = Field(default_factory=dict, description="recipe options (the kind's `Options` model)")
+    storage_options: dict[str, Any] = Field(default_factory=dict)
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _check(self) -> TrainSpec:
         # Ray Train workers do not share the driver's cwd
         self.data, self.out = absolute(self.data), absolute(self.out)
         self.vq = absolute(self.vq) if self.vq else None
         self.clip = absolute(self.clip) if self.clip else None
-        if self.kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {self.kind!r}")
         for kind, field_, what in (("transformer", "vq", "VQ"), ("gan", "clip", "CLIP")):
             if self.kind == kind and not getattr(self, field_):
                 raise ValueError(f"training a {kind} needs {field_}: the {what} checkpoint it builds on")
+        recipe_cls, config_cls = RECIPES[self.kind]
+        known = sorted(f.name for f in fields(config_cls))
+        for k in self.model:
+            if k not in known:
+                raise ValueError(f"model.{k}: not a {self.kind} model option; known: {known}")
+        try:
+            recipe_cls.Options(**self.recipe)
+        except ValidationError as e:
+            known = sorted(recipe_cls.Options.model_fields)
+            bad = "; ".join(f"recipe.{'.'.join(map(str, err['loc']))}: {err['msg']}" for err in e.errors())
+            raise ValueError(f"{bad} (the {self.kind} recipe's options: {known})") from None
+        return self
 
     @property
     def run_name(self) -> str:
         return self.name or f"{self.kind}-seed{self.seed}"
-
-
-def read_rows(data: str, columns: list[str], storage_options: dict | None = None, max_rows: int | None = None,
-              rank: int = 0, world: int = 1) -> dict[str, list]:
-    """Columns of every Parquet file under `data` (first `max_rows` rows), then this worker's shard."""
-    fs, files = list_files(data, storage_options or {})
-    out: dict[str, list] = {c: [] for c in columns}
-    for f in files:
-        with fs.open(f, "rb") as fh:
-            t = pq.read_table(fh, columns=columns)
-        for c in columns:
-            out[c].extend(t.column(c).to_pylist())
-        if max_rows and len(out[columns[0]]) >= max_rows:
-            break
-    n = min(len(out[columns[0]]), max_rows or 1 << 62)
-    return {c: v[:n][rank::world] for c, v in out.items()}
 
 
 def train_tokenizer(spec: TrainSpec) -> WordTokenizer:
@@ -110,9 +115,8 @@ def build_recipe(spec: TrainSpec, tokenizer: WordTokenizer | None) -> Recipe:
                           steps=spec.steps, seed=spec.seed, **r)
     if spec.kind == "gan":
         clip = load_clip(spec.clip, storage_options=spec.storage_options)
-        dims = {"text_dim": clip.model.cfg.embed_dim, "word_dim": clip.model.cfg.width}
-        return GANRecipe(GANConfig(**{**m, **dims}), clip, seed=spec.seed, **r)
-    vq = load_vq(spec.vq, spec.storage_options)
+        return GANRecipe(GANConfig(**{**m, "text_dim": clip.model.cfg.embed_dim}), clip, seed=spec.seed, **r)
+    vq = load_vq(spec.vq, storage_options=spec.storage_options)
     vq_cfg = vq.cfg
     cfg = TransformerConfig(text_vocab=len(tokenizer.vocab), image_vocab=vq_cfg.codebook_size,
                             image_tokens=vq_cfg.grid**2, **m)
@@ -122,7 +126,7 @@ def build_recipe(spec: TrainSpec, tokenizer: WordTokenizer | None) -> Recipe:
 def load_data(spec: TrainSpec, recipe: Recipe, rank: int, world: int) -> dict[str, Any]:
     cols = [spec.image_column, spec.caption_column] + ([spec.attributes_column] if spec.kind == "judge" else [])
     rows = read_rows(spec.data, cols, spec.storage_options, spec.max_rows, rank, world)
-    images = torch.from_numpy(np.stack([decode_image(b) for b in rows[spec.image_column]])).permute(0, 3, 1, 2).contiguous()
+    images = to_nchw(np.stack([decode_image(b) for b in rows[spec.image_column]]))
     data: dict[str, Any] = {"images": images, "captions": rows[spec.caption_column]}
     if spec.kind == "judge":
         data["labels"] = labels([scene_from_dict(json.loads(a)) for a in rows[spec.attributes_column]])
@@ -221,7 +225,7 @@ def check_resumable(spec: TrainSpec, storage: str) -> None:
     if not metas:
         return
     old = json.loads(fs.cat_file(metas[-1])).get("spec", {})
-    new = {k: v for k, v in spec.__dict__.items() if k not in RESUMABLE}
+    new = {k: v for k, v in spec.model_dump(mode="json").items() if k not in RESUMABLE}
     diff = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
     if diff:
         raise ValueError(f"run {spec.run_name!r} in {storage} was trained with other settings {diff} "
@@ -240,7 +244,7 @@ def run_training(spec: TrainSpec) -> dict:
     check_resumable(spec, storage)
     trainer = TorchTrainer(
         train_loop,
-        train_loop_config={"spec": spec.__dict__, "tokenizer": tokenizer.to_config() if tokenizer else None},
+        train_loop_config={"spec": spec.model_dump(mode="json"), "tokenizer": tokenizer.to_config() if tokenizer else None},
         scaling_config=ScalingConfig(num_workers=spec.num_workers, use_gpu=spec.use_gpu,
                                      resources_per_worker={"CPU": spec.threads}),
         run_config=RunConfig(name=spec.run_name, storage_path=storage,
@@ -258,7 +262,7 @@ def run_training(spec: TrainSpec) -> dict:
         with tempfile.TemporaryDirectory() as t:
             plot_history(meta["history"], os.path.join(t, "loss.png"))
             fs.put(os.path.join(t, "loss.png"), join(out, "training", "loss.png"))
-    summary = {"kind": spec.kind, "steps": meta["step"], "wall_s_this_run": round(wall, 1), "spec": spec.__dict__,
+    summary = {"kind": spec.kind, "steps": meta["step"], "wall_s_this_run": round(wall, 1), "spec": spec.model_dump(mode="json"),
                "final": meta["history"][-1], "history": meta["history"]}
     fs.pipe(join(out, "training", "history.json"), json.dumps(summary, indent=1).encode())
     return summary

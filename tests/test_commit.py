@@ -5,8 +5,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipelines.commit import commit, done_keys
+from pipelines.layout import METADATA_SCHEMA
 from pipelines.storage import parquet_bytes, put_atomic
-from pipelines.write import METADATA_SCHEMA
 
 
 def part(ids, samples, model="gan"):

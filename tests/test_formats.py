@@ -14,12 +14,12 @@ import pytest
 import webdataset as wds
 from conftest import make_spec, write_prompts
 
+from models.images import decode_image
 from pipelines.commit import commit, done_keys
-from pipelines.encode import decode_image
 from pipelines.job import run_job
+from pipelines.layout import METADATA_SCHEMA, sample_member_key, tar_bytes
 from pipelines.spec import load_spec
 from pipelines.storage import filesystem
-from pipelines.write import METADATA_SCHEMA, sample_member_key, tar_bytes
 
 PROMPTS = ["a small red circle on the left", "a large blue square above a green triangle", "big yellow triangle, top",
            "a purple diamond in the center", "a tiny white square, bottom"]

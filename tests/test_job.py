@@ -18,7 +18,7 @@ import pytest
 import yaml
 from conftest import kill_session, make_spec, write_prompts
 
-from pipelines.encode import decode_image
+from models.images import decode_image
 from pipelines.job import run_job
 from pipelines.spec import load_spec
 

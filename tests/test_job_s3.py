@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import s3fs
 from conftest import make_spec
 
-from pipelines.encode import decode_image
+from models.images import decode_image
 from pipelines.job import run_job
 from pipelines.spec import load_spec
 

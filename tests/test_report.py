@@ -110,7 +110,7 @@ CHECK = """<script>window.addEventListener('load', () => {
 
 def test_report_renders_in_headless_chromium(ray_local, checkpoints, tmp_path):
     chromium = shutil.which("chromium")
-    assert chromium, "Debian's chromium is part of the test set-up: run `make setup`"
+    assert chromium, "a headless Chromium is part of the test set-up: run `make chromium`"
     out = tmp_path / "out"
     run_job(load_spec(_two_model_spec(tmp_path, str(out), checkpoints)))
     assert cli(["report", str(out)]) == 0

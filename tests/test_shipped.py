@@ -7,8 +7,9 @@ from pathlib import Path
 import pytest
 
 from jobs.dataset import write_shapes
+from jobs.eval_models import load_test_split
 from models.judge import load_judge
-from pipelines.eval_models import judge_accuracy, load_test_split
+from pipelines.eval_models import judge_accuracy
 
 CKPT = Path(__file__).resolve().parents[1] / "checkpoints"
 

@@ -1,5 +1,7 @@
 """Spec loading: errors name the field path and bad value; --set overrides are typed; secrets redacted."""
 
+from pathlib import Path
+
 import pytest
 
 from pipelines.spec import SpecError, load_spec, redact
@@ -50,3 +52,15 @@ def test_redact_hides_secrets_only():
                   "models": [{"token": "t", "name": "gan"}], "aws_session_token": None})
     assert out["storage_options"] == {"key": "***", "secret": "***", "endpoint_url": "http://x"}
     assert out["models"] == [{"token": "***", "name": "gan"}]
+
+
+def test_spec_reference_is_generated_from_the_code_and_docs_are_in_sync():
+    from pipelines.spec import JobSpec, reference, reference_markdown
+
+    paths = {r[0]: r for r in reference()}
+    assert {"output.format", "models[*].resources.batch_size", "scoring.resources.num_gpus"} <= set(paths)
+    assert paths["output.format"][1] == "'files' | 'webdataset' | 'parquet'"
+    assert paths["models[*].resources.batch_size"][3] == JobSpec.model_fields["models"].annotation.__args__[0] \
+        .model_fields["resources"].annotation.model_fields["batch_size"].description
+    docs = (Path(__file__).resolve().parents[1] / "docs" / "spec.md").read_text()
+    assert docs == reference_markdown(), "docs/spec.md is stale: run `make spec-docs`"

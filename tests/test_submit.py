@@ -79,8 +79,8 @@ def test_submit_wait_status_logs_and_no_double_run(head, s3, tmp_path):
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
     first = _cli(["submit", str(path), "--address", head, "--wait", "--timeout", "300"], s3)
-    assert first.returncode == 0, first.stdout + first.stderr
     sid = first.stdout.split()[0]
+    assert first.returncode == 0, first.stdout + first.stderr + _cli(["logs", sid, "--address", head], s3).stdout[-3000:]
     assert sid.startswith("promptmill-submitted-") and "submitted" in first.stdout and "SUCCEEDED" in first.stdout
     assert fs.exists("bucket/submit/out/_SUCCESS")
     rows = pq.read_table(fs.open(fs.ls("bucket/submit/out/metadata")[0])).to_pylist()

@@ -1,0 +1,106 @@
+"""Finishing a run, as one function: commit, rejected rows, summary, metrics, report, `_SUCCESS` last.
+
+`_SUCCESS` doubles as the "done" marker (img2dataset writes its stats last for the same reason): a rerun on
+an output that has it and nothing new to write touches nothing.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import pyarrow.compute as pc
+from fsspec import AbstractFileSystem
+
+from pipelines.commit import commit, metadata_files, read_json, write_json
+from pipelines.evaluate import evaluate_run
+from pipelines.layout import REJECTED, SPEC, STAGING, SUCCESS, SUMMARY
+from pipelines.report import write_report
+from pipelines.results import Run, score_summary
+from pipelines.spec import JobSpec, redact
+from pipelines.storage import full_url, join
+
+
+@dataclass
+class JobResult:
+    output: str
+    input_rows: int
+    accepted: int
+    rejected: dict[str, int]
+    images_written: dict[str, int]  # this run
+    images_total: dict[str, int]  # in the committed metadata
+    wall_s: float
+    skipped: bool = False  # output was already complete
+    summary: dict = field(default_factory=dict)
+
+    @property
+    def images_per_s(self) -> float:
+        return sum(self.images_written.values()) / self.wall_s if self.wall_s else 0.0
+
+    def line(self) -> str:
+        if self.skipped:
+            return f"already complete: {sum(self.images_total.values())} images in {self.output}; nothing to do"
+        return (f"{sum(self.images_written.values())} images ({sum(self.images_total.values())} in output), "
+                f"{sum(self.rejected.values())} rejected, {self.images_per_s:.1f} images/s -> {self.output}")
+
+
+def _publish_rejected(fs: AbstractFileSystem, root: str) -> None:
+    """This run's staged rejected table replaces the committed one (every run re-validates all input rows)."""
+    staging, final = join(root, STAGING, REJECTED), join(root, REJECTED)
+    if fs.exists(final):
+        fs.rm(final, recursive=True)
+    staged = fs.find(staging) if fs.exists(staging) else []
+    if staged:
+        fs.makedirs(final, exist_ok=True)
+    for f in staged:  # file by file: s3fs' recursive mv trips over the (non-existent) directory key
+        fs.mv(f, join(final, f[len(staging):]))
+
+
+def finalize(spec: JobSpec, fs: AbstractFileSystem, root: str, *, input_rows: int, rejected: dict[str, int],
+             written: dict[str, int], fingerprint: dict, started: float) -> JobResult:
+    """Finish a run: exactly one metadata row per sample, then rejected rows, summary, metrics, report and
+    `_SUCCESS` (last, so it doubles as the "done" marker). A rerun on a complete output changes nothing."""
+    out_url = full_url(fs, root)
+    accepted = input_rows - sum(rejected.values())
+    success = join(root, SUCCESS)
+    # 1. Nothing new and already complete: leave the output as it is
+    if sum(written.values()) == 0 and fs.exists(success) and not metadata_files(fs, root)[1]:
+        if fs.exists(join(root, STAGING)):  # holds only this run's rejected copy
+            fs.rm(join(root, STAGING), recursive=True)
+        summary = read_json(fs, join(root, SUMMARY)) or {}
+        return JobResult(out_url, input_rows, accepted, rejected, written, summary.get("images_total", {}),
+                         time.time() - started, skipped=True, summary=summary)
+    # 2. Merge staging into metadata/, move the rejected rows
+    if fs.exists(success):
+        fs.rm(success)
+    write_json(fs, join(root, SPEC), fingerprint)
+    table = commit(fs, root)
+    _publish_rejected(fs, root)
+    # 3. Summary, from the table just committed (not read back again)
+    totals = {str(k): int(v) for k, v in zip(*pc.value_counts(table["model"]).flatten())} if len(table) else {}
+    wall = time.time() - started
+    result = JobResult(out_url, input_rows, accepted, rejected, written, totals, wall)
+    result.summary = {
+        "name": spec.name, "output": out_url, "input_rows": input_rows, "accepted": accepted,
+        "rejected": rejected, "rejected_total": sum(rejected.values()),
+        "images_written_this_run": written, "images_total": totals, "wall_s": round(wall, 3),
+        "images_per_s": round(result.images_per_s, 3), "spec": redact(spec.model_dump(mode="json")),
+        "scores": score_summary(table),
+    }
+    write_json(fs, join(root, SUMMARY), result.summary)
+    # 4. Job-level metrics and the report
+    if spec.metrics.reference or spec.output.report:
+        run = Run(out_url, spec.output.storage_options, metadata=table, summary=result.summary)
+        if spec.metrics.reference:
+            m = spec.metrics
+            evaluate_run(run, m.reference, spec.scoring.judge, max_images=m.max_images,
+                         reference_storage_options=m.storage_options, image_column=m.image_column,
+                         judge_storage_options=spec.scoring.storage_options)
+            result.summary = run.summary
+        if spec.output.report:
+            write_report(run)
+    # 5. Done: _SUCCESS last, then staging goes
+    fs.pipe(success, b"")
+    if fs.exists(join(root, STAGING)):
+        fs.rm(join(root, STAGING), recursive=True)
+    return result

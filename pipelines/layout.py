@@ -1,0 +1,98 @@
+"""The output layout, in one place: file names, sample keys, image paths, the metadata schema, formats.
+
+Everything that reads or writes a run imports these; a second spelling of a key or a path is how
+exactly-once breaks silently (resume would not recognise a sample it already wrote).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import tarfile
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+# files of a run, relative to its root
+STAGING, METADATA, REJECTED, SHARDS, IMAGES = "_staging", "metadata", "rejected", "shards", "images"
+SUCCESS, SUMMARY, SPEC, REPORT = "_SUCCESS", "summary.json", "_spec.json", "report.html"
+
+OUTPUT_FORMATS = ("files", "webdataset", "parquet")  # img2dataset's three
+# image format -> (file extension, Pillow save arguments); the one list every spec and writer uses
+IMAGE_FORMATS: dict[str, tuple[str, dict]] = {
+    "png": ("png", {"format": "PNG"}),
+    "jpeg": ("jpg", {"format": "JPEG", "quality": 95}),
+    "webp": ("webp", {"format": "WEBP", "lossless": True}),
+}
+
+
+METADATA_SCHEMA = pa.schema([
+    ("id", pa.string()), ("prompt", pa.string()), ("model", pa.string()), ("family", pa.string()),
+    ("checkpoint", pa.string()), ("sample", pa.int32()), ("seed", pa.int64()), ("image_path", pa.string()),
+    ("image_key", pa.string()), ("width", pa.int32()), ("height", pa.int32()), ("image_format", pa.string()),
+    ("sampling", pa.string()), ("device", pa.string()), ("node", pa.string()), ("clip_score", pa.float64()),
+    ("prompt_match", pa.bool_()),
+    ("judged", pa.string()), ("candidates", pa.int32()), ("candidate_index", pa.int32()),
+    ("candidate_score", pa.float64()), ("image", pa.binary()),
+])
+SCORES = ("clip_score", "prompt_match", "judged")  # null when the job does not score
+
+
+def extension(image_format: str) -> str:
+    return IMAGE_FORMATS[image_format][0]
+
+
+def encode_image(img: np.ndarray, fmt: str) -> bytes:
+    """uint8 (H, W, 3) -> encoded bytes in one of IMAGE_FORMATS."""
+    buf = io.BytesIO()
+    Image.fromarray(img, "RGB").save(buf, **IMAGE_FORMATS[fmt][1])
+    return buf.getvalue()
+
+
+def sample_key(row_id: str, model: str, sample: int) -> str:
+    """The identity of one image in a run: resume skips it, commit keeps one row for it."""
+    return f"{model}/{row_id}/{sample}"
+
+
+def sample_keys(table: pa.Table) -> list[str]:
+    """`sample_key` of every metadata row, in row order."""
+    cols = (table.column(c).to_pylist() for c in ("id", "model", "sample"))
+    return [sample_key(i, m, int(s)) for i, m, s in zip(*cols)]
+
+
+def image_relpath(model: str, row_id: str, sample: int, image_format: str) -> str:
+    """images/<model>/<3 hex>/<id>-<sample>.<ext>: 4,096 prefixes keep folders under ~10k objects up to ~40M images."""
+    shard = hashlib.blake2b(row_id.encode(), digest_size=2).hexdigest()[:3]
+    return f"{IMAGES}/{model}/{shard}/{row_id}-{sample}.{extension(image_format)}"
+
+
+def shard_relpath(model: str, number: int) -> str:
+    return f"{SHARDS}/{model}/{number:05d}.tar"
+
+
+def sample_member_key(row_id: str, sample: int) -> str:
+    """WebDataset key (everything before the first dot of a member name): ids may hold dots, '%' never."""
+    return f"{row_id.replace('.', '%2E')}_{sample}"
+
+
+def member_key(name: str) -> str:
+    """The sample key of a tar member name (`<key>.<ext>`)."""
+    return name.rsplit("/", 1)[-1].split(".", 1)[0]
+
+
+def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
+    """Deterministic tar (fixed mtime/owner), members in the given order."""
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode = len(data), 0, 0o644
+            tar.addfile(info, io.BytesIO(data))
+    return buf.getvalue()
+
+
+def tar_members(data: bytes) -> list[tuple[str, bytes]]:
+    """(name, bytes) of the files in a tar, in order: the inverse of `tar_bytes`."""
+    with tarfile.open(fileobj=io.BytesIO(data)) as tar:
+        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]

@@ -1,0 +1,48 @@
+"""Parquet tables on any fsspec URL: find the files under a path, read columns. Shared by the job's reader,
+training, evaluation and schedules (never imports the job or training code)."""
+
+from __future__ import annotations
+
+import pyarrow.parquet as pq
+from fsspec import AbstractFileSystem
+
+from pipelines.storage import filesystem
+
+
+class InputError(ValueError):
+    """Input that cannot be read at all; the message names the file and column."""
+
+
+def list_files(url: str, storage_options: dict) -> tuple[AbstractFileSystem, list[str]]:
+    fs, path = filesystem(url, storage_options)
+    try:
+        if any(c in path for c in "*?["):
+            files = fs.glob(path)
+        elif fs.isdir(path):
+            files = [f for f in fs.find(path) if f.endswith(".parquet")
+                     and not any(p.startswith((".", "_")) for p in f[len(path):].split("/"))]
+        elif fs.exists(path):
+            files = [path]
+        else:
+            raise InputError(f"input.path {url!r}: no such file or directory")
+    except (PermissionError, OSError) as e:
+        raise InputError(f"input.path {url!r}: cannot list ({e})") from e
+    if not files:
+        raise InputError(f"input.path {url!r}: no .parquet files found")
+    return fs, sorted(files)
+
+
+def read_rows(data: str, columns: list[str], storage_options: dict | None = None, max_rows: int | None = None,
+              rank: int = 0, world: int = 1) -> dict[str, list]:
+    """Columns of every Parquet file under `data` (first `max_rows` rows), then this worker's shard."""
+    fs, files = list_files(data, storage_options or {})
+    out: dict[str, list] = {c: [] for c in columns}
+    for f in files:
+        with fs.open(f, "rb") as fh:
+            t = pq.read_table(fh, columns=columns)
+        for c in columns:
+            out[c].extend(t.column(c).to_pylist())
+        if max_rows and len(out[columns[0]]) >= max_rows:
+            break
+    n = min(len(out[columns[0]]), max_rows or 1 << 62)
+    return {c: v[:n][rank::world] for c, v in out.items()}
