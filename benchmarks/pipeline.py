@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from models import load_generator
 from models.shapes import example
-from pipelines.job import run_job
+from pipelines.batch.job import run_job
 from pipelines.layout import encode_image
 from pipelines.spec import load_spec
 

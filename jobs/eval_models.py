@@ -25,7 +25,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def load_test_split(url: str, rows: int):
     """The shapes test split (`promptmill dataset shapes --split test`) at any fsspec URL, first `rows` rows."""
-    from pipelines.eval_models import TestSplit
+    from models.shapes.evaluate import TestSplit
     from pipelines.tables import read_rows
 
     return TestSplit.from_rows(read_rows(url, TestSplit.COLUMNS, max_rows=rows))
@@ -34,7 +34,7 @@ def load_test_split(url: str, rows: int):
 def main(args: argparse.Namespace) -> int:
     from models.clip import load_clip
     from models.judge import load_judge
-    from pipelines.eval_models import (
+    from models.shapes.evaluate import (
         clip_binding,
         eval_generator,
         eval_rerank,

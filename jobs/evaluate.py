@@ -21,10 +21,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from pipelines.evaluate import evaluate_run
-    from pipelines.metrics import table
-    from pipelines.report import write_report
-    from pipelines.results import Run
+    from pipelines.runs.evaluate import evaluate_run
+    from pipelines.runs.metrics import table
+    from pipelines.runs.report import write_report
+    from pipelines.runs.results import Run
 
     so = json.loads(args.storage_options)
     run = Run(args.run, so)

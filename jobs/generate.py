@@ -17,7 +17,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from pipelines.job import PreflightError, run_job
+    from pipelines.batch.job import PreflightError, run_job
     from pipelines.spec import SpecError, load_spec
 
     try:

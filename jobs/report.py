@@ -14,8 +14,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from pipelines.report import write_report
-    from pipelines.results import Run
+    from pipelines.runs.report import write_report
+    from pipelines.runs.results import Run
     from pipelines.storage import full_url
 
     run = Run(args.run, json.loads(args.storage_options))

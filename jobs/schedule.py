@@ -18,7 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from pipelines.schedule import due_slots, fire, load_schedule, run_forever, slot_at_or_before
+    from pipelines.ops.schedule import due_slots, fire, load_schedule, run_forever, slot_at_or_before
     from pipelines.spec import SpecError
 
     try:

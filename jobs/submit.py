@@ -28,8 +28,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main_submit(args: argparse.Namespace) -> int:
+    from pipelines.ops.submit import resolved_spec, submit, wait
     from pipelines.spec import SpecError
-    from pipelines.submit import resolved_spec, submit, wait
 
     try:
         data = resolved_spec(args.spec, args.overrides)
@@ -46,14 +46,14 @@ def main_submit(args: argparse.Namespace) -> int:
 
 
 def main_status(args: argparse.Namespace) -> int:
-    from pipelines.submit import info
+    from pipelines.ops.submit import info
 
     print(json.dumps(info(args.id, args.address), indent=2, default=str))
     return 0
 
 
 def main_logs(args: argparse.Namespace) -> int:
-    from pipelines.submit import logs
+    from pipelines.ops.submit import logs
 
     logs(args.id, args.address, args.follow)
     return 0

@@ -63,7 +63,7 @@ def train_spec_data(args: argparse.Namespace) -> dict:
 
 def main(args: argparse.Namespace) -> int:
     from pipelines.spec import SpecError, validated
-    from pipelines.train import TrainSpec, run_training
+    from pipelines.training.driver import TrainSpec, run_training
 
     try:
         spec = validated(TrainSpec, train_spec_data(args), args.config or "(command line)")

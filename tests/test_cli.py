@@ -19,13 +19,13 @@ def test_building_the_cli_imports_neither_torch_nor_ray():
 
 
 def test_the_generate_job_imports_no_training_code():
-    mods = _modules_after("import pipelines.job, jobs.generate")
-    assert "pipelines.job" in mods
+    mods = _modules_after("import pipelines.batch.job, jobs.generate")
+    assert "pipelines.batch.job" in mods
     assert not {m for m in mods if m.startswith(("pipelines.training.", "pipelines.ops."))}, \
         sorted(m for m in mods if m.startswith("pipelines.training."))
 
 
 def test_models_never_import_pipelines_or_ray():
     mods = _modules_after("import models, models.gan, models.transformer, models.clip, models.judge, models.vq, "
-                          "models.shapes, models.images")
+                          "models.shapes, models.shapes.evaluate, models.images")
     assert not {m for m in mods if m.startswith("pipelines") or m == "ray"}

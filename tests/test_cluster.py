@@ -17,7 +17,7 @@ import ray
 from conftest import make_spec, write_prompts
 from ray.cluster_utils import Cluster
 
-from pipelines.job import run_job
+from pipelines.batch.job import run_job
 from pipelines.spec import load_spec
 
 

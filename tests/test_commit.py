@@ -4,7 +4,7 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipelines.commit import commit, done_keys
+from pipelines.batch.commit import commit, done_keys
 from pipelines.layout import METADATA_SCHEMA
 from pipelines.storage import parquet_bytes, put_atomic
 

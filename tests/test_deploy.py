@@ -11,7 +11,7 @@ import pytest
 import yaml
 from ray.autoscaler._private.util import fillout_defaults, validate_config
 
-from pipelines.schedule import ScheduleSpec
+from pipelines.ops.schedule import ScheduleSpec
 from pipelines.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -15,8 +15,8 @@ import webdataset as wds
 from conftest import make_spec, write_prompts
 
 from models.images import decode_image
-from pipelines.commit import commit, done_keys
-from pipelines.job import run_job
+from pipelines.batch.commit import commit, done_keys
+from pipelines.batch.job import run_job
 from pipelines.layout import METADATA_SCHEMA, sample_member_key, tar_bytes
 from pipelines.spec import load_spec
 from pipelines.storage import filesystem
@@ -85,7 +85,7 @@ def test_parquet_format_carries_the_image_bytes(ray_local, checkpoints, tmp_path
 
 
 def test_changing_the_format_of_an_output_is_refused(ray_local, checkpoints, tmp_path):
-    from pipelines.job import PreflightError
+    from pipelines.batch.job import PreflightError
 
     out = str(tmp_path / "out")
     run_job(load_spec(_spec(tmp_path, out, "parquet", checkpoints)))

@@ -19,7 +19,7 @@ import yaml
 from conftest import kill_session, make_spec, write_prompts
 
 from models.images import decode_image
-from pipelines.job import run_job
+from pipelines.batch.job import run_job
 from pipelines.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -124,7 +124,7 @@ def test_derived_ids_are_stable_and_limit_applies(ray_local, checkpoints, tmp_pa
 
 
 def test_pools_that_cannot_fit_are_refused(ray_local, checkpoints, tmp_path):
-    from pipelines.job import PreflightError
+    from pipelines.batch.job import PreflightError
 
     write_prompts(tmp_path / "in.parquet", GOOD, [f"r{i}" for i in range(5)])
     spec = make_spec(str(tmp_path / "in.parquet"), str(tmp_path / "out"), checkpoints)

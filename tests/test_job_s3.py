@@ -12,7 +12,7 @@ import s3fs
 from conftest import make_spec
 
 from models.images import decode_image
-from pipelines.job import run_job
+from pipelines.batch.job import run_job
 from pipelines.spec import load_spec
 
 

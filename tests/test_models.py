@@ -123,7 +123,7 @@ def test_forward_backward_shapes_of_every_model():
 
 
 def test_clip_shift_moves_each_image_by_at_most_the_given_pixels():
-    from models.recipes import shifted
+    from pipelines.training.recipes import shifted
 
     torch.manual_seed(0)
     x = torch.full((64, 3, 32, 32), -1.0)
@@ -152,15 +152,15 @@ def test_gan_first_map_takes_the_caption_only_when_text_in_fc(text_in_fc):
 
 
 def test_seed_diversity_is_zero_for_one_seed_and_positive_across_seeds(checkpoints):
-    from pipelines.eval_models import seed_diversity
+    from models.shapes.evaluate import seed_diversity
 
     assert seed_diversity(checkpoints["gan"], PROMPTS[:3], seeds=1) == 0
     assert seed_diversity(checkpoints["gan"], PROMPTS[:3], seeds=4) > 0
 
 
 def test_hard_negatives_pair_each_real_image_with_its_own_caption_changed():
-    from models.recipes import negative_tokens
     from models.tokenizer import WordTokenizer
+    from pipelines.training.recipes import negative_tokens
 
     caps = ["a red circle on the left", "a photo of a dog", "a small blue square above a green triangle"]
     tok = WordTokenizer.train(caps + ["right below yellow large star"], max_len=12)

@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import make_spec
 
-from pipelines.job import run_job
+from pipelines.batch.job import run_job
 from pipelines.spec import load_spec
 
 TSV = Path(__file__).resolve().parents[2] / "shared" / "data" / "PartiPrompts.tsv"

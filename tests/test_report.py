@@ -17,7 +17,7 @@ from PIL import Image
 
 from jobs.cli import main as cli
 from jobs.dataset import write_shapes
-from pipelines.job import run_job
+from pipelines.batch.job import run_job
 from pipelines.spec import load_spec
 from pipelines.storage import filesystem
 

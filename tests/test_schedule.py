@@ -14,7 +14,7 @@ import yaml
 from conftest import CAPTIONS
 
 from jobs.cli import main as cli
-from pipelines.schedule import due_slots, load_schedule, render_prompts, run_forever, run_id, run_url
+from pipelines.ops.schedule import due_slots, load_schedule, render_prompts, run_forever, run_id, run_url
 from pipelines.spec import SpecError
 
 UTC = dt.UTC

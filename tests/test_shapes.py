@@ -135,7 +135,7 @@ def test_hard_negatives_swap_each_attribute_between_two_objects():
 
 
 def test_attribute_errors_name_the_attribute_the_judge_reads_otherwise():
-    from pipelines.eval_models import attribute_errors
+    from models.shapes.evaluate import attribute_errors
 
     red_circle, blue_square = Obj("circle", "red", "small"), Obj("square", "blue", "large")
     caps = ["a small red circle right of a large blue square",  # canonical: square left of circle

@@ -9,7 +9,7 @@ import pytest
 from jobs.dataset import write_shapes
 from jobs.eval_models import load_test_split
 from models.judge import load_judge
-from pipelines.eval_models import judge_accuracy
+from models.shapes.evaluate import judge_accuracy
 
 CKPT = Path(__file__).resolve().parents[1] / "checkpoints"
 

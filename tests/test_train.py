@@ -8,7 +8,7 @@ import pytest
 
 from jobs.dataset import write_shapes
 from models import load_generator
-from pipelines.train import TrainSpec, run_training
+from pipelines.training.driver import TrainSpec, run_training
 
 TINY = {
     "judge": {"width": 8, "features": 32},
@@ -70,9 +70,9 @@ def tiny_gan(shapes: str, max_rows: int, model: dict | None = None, **recipe):
 
     from models.clip import CLIP, CLIPConfig, CLIPScorer
     from models.gan import GANConfig
-    from models.recipes import GANRecipe
     from models.tokenizer import WordTokenizer
-    from pipelines.train import load_data
+    from pipelines.training.driver import load_data
+    from pipelines.training.recipes import GANRecipe
 
     torch.manual_seed(0)
     spec = TrainSpec(kind="gan", data=shapes, out=str(shapes), clip="unused", max_rows=max_rows)
@@ -86,7 +86,7 @@ def tiny_gan(shapes: str, max_rows: int, model: dict | None = None, **recipe):
 def test_gan_step_trains_g_and_d_and_leaves_the_clip_frozen(shapes):
     import torch
 
-    from pipelines.train import make_batch
+    from pipelines.training.driver import make_batch
 
     recipe, _, data = tiny_gan(shapes, 64)
     before = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in recipe.modules.items()}

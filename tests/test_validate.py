@@ -2,9 +2,9 @@
 
 import pyarrow as pa
 
-from pipelines.expand import expand_batch, image_seed
+from pipelines.batch.expand import expand_batch, image_seed
+from pipelines.batch.validate import ID, REASON, validate_batch
 from pipelines.spec import InputSpec
-from pipelines.validate import ID, REASON, validate_batch
 
 
 def test_reasons():

@@ -2,12 +2,12 @@
 
 - `files`: one object per image at a deterministic name.
 - `webdataset`: one tar per write batch (`<key>.png`, `<key>.txt` prompt, `<key>.json` metadata), staged
-  under `_staging/shards/`; `pipelines.commit` numbers them `shards/<model>/{shard:05d}.tar`.
+  under `_staging/shards/`; `pipelines.batch.commit` numbers them `shards/<model>/{shard:05d}.tar`.
 - `parquet`: the encoded image bytes ride in the metadata table itself (`image` column).
 
 A metadata row exists only after its image was written, so a crash can leave an image without a row
 (regenerated with identical bytes on resume) but never a row without an image. Parts land in
-`_staging/`; `pipelines.commit` merges them into `metadata/` exactly once per sample.
+`_staging/`; `pipelines.batch.commit` merges them into `metadata/` exactly once per sample.
 """
 
 from __future__ import annotations

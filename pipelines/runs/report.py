@@ -14,7 +14,7 @@ import pyarrow.compute as pc
 from PIL import Image
 
 from pipelines.layout import REPORT
-from pipelines.results import Run, score_summary
+from pipelines.runs.results import Run, score_summary
 from pipelines.storage import join
 
 THUMB = 96  # 32 px images, nearest-neighbour upscaled

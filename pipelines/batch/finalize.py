@@ -12,11 +12,11 @@ from dataclasses import dataclass, field
 import pyarrow.compute as pc
 from fsspec import AbstractFileSystem
 
-from pipelines.commit import commit, metadata_files, read_json, write_json
-from pipelines.evaluate import evaluate_run
+from pipelines.batch.commit import commit, metadata_files, read_json, write_json
 from pipelines.layout import REJECTED, SPEC, STAGING, SUCCESS, SUMMARY
-from pipelines.report import write_report
-from pipelines.results import Run, score_summary
+from pipelines.runs.evaluate import evaluate_run
+from pipelines.runs.report import write_report
+from pipelines.runs.results import Run, score_summary
 from pipelines.spec import JobSpec, redact
 from pipelines.storage import full_url, join
 

@@ -214,11 +214,11 @@ def fire(s: ScheduleSpec, slot: dt.datetime, dry_run: bool = False) -> dict[str,
     if not fs.exists(prompts_path):  # a re-fired slot keeps the table it first rendered
         put_atomic(fs, prompts_path, parquet_bytes(table))
     if s.submit_address:
-        from pipelines.submit import submit
+        from pipelines.ops.submit import submit
 
         sid, created = submit(data, s.submit_address)
         return {"run": rid, "status": "submitted" if created else "already submitted", "submission_id": sid}
-    from pipelines.job import run_job
+    from pipelines.batch.job import run_job
 
     result = run_job(spec)
     return {"run": rid, "status": "complete", "line": result.line(), "rejected": result.rejected}

@@ -16,18 +16,18 @@ import pyarrow.parquet as pq
 import ray
 from ray.data import ActorPoolStrategy
 
-from pipelines.commit import done_keys
-from pipelines.expand import expand_batch
-from pipelines.finalize import JobResult, finalize
-from pipelines.generate import GenerateStage
+from pipelines.batch.commit import done_keys
+from pipelines.batch.expand import expand_batch
+from pipelines.batch.finalize import JobResult, finalize
+from pipelines.batch.generate import GenerateStage
+from pipelines.batch.preflight import PreflightError, fingerprint, pool_cpus, pools, preflight, scoring_on
+from pipelines.batch.read import InputPlan, read_prompts
+from pipelines.batch.score import ScoreStage
+from pipelines.batch.validate import ID, REASON, validate_batch
+from pipelines.batch.write import WriteStage
 from pipelines.layout import REJECTED, STAGING
-from pipelines.preflight import PreflightError, fingerprint, pool_cpus, pools, preflight, scoring_on
-from pipelines.read import InputPlan, read_prompts
-from pipelines.score import ScoreStage
 from pipelines.spec import JobSpec, SpecError
 from pipelines.storage import arrow_fs, filesystem, full_url, join
-from pipelines.validate import ID, REASON, validate_batch
-from pipelines.write import WriteStage
 
 log = logging.getLogger(__name__)
 

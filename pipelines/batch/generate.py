@@ -15,7 +15,7 @@ import ray
 from models import load_generator
 from models.clip import load_clip
 from models.rerank import generate_best_of
-from pipelines.score import device_for
+from pipelines.batch.score import device_for
 from pipelines.spec import ModelSpec, ScoringSpec
 
 log = logging.getLogger(__name__)

@@ -25,7 +25,6 @@ from models.clip import CLIPConfig, load_clip
 from models.gan import GANConfig
 from models.images import decode_image, to_nchw
 from models.judge import JudgeConfig, labels, scene_from_dict
-from models.recipes import Batch, CLIPRecipe, GANRecipe, JudgeRecipe, Recipe, TransformerRecipe, VQRecipe
 from models.tokenizer import WordTokenizer
 from models.transformer import TransformerConfig
 from models.vq import VQConfig, load_vq
@@ -33,6 +32,7 @@ from pipelines.spec import Strict
 from pipelines.storage import absolute, filesystem, join
 from pipelines.tables import read_rows
 from pipelines.training import KINDS
+from pipelines.training.recipes import Batch, CLIPRecipe, GANRecipe, JudgeRecipe, Recipe, TransformerRecipe, VQRecipe
 
 log = logging.getLogger(__name__)
 
@@ -238,7 +238,7 @@ def run_training(spec: TrainSpec) -> dict:
     from ray.train.torch import TorchTrainer
 
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)  # see pipelines.job
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)  # see pipelines.batch.job
     tokenizer = train_tokenizer(spec) if spec.kind in ("transformer", "clip") else None  # the GAN uses its CLIP's
     storage = spec.storage_path if "://" in spec.storage_path else os.path.abspath(spec.storage_path)
     check_resumable(spec, storage)

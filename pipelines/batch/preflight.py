@@ -12,10 +12,10 @@ from pydantic import ValidationError
 from models import CheckpointError, load_generator
 from models.clip import load_clip
 from models.judge import load_judge
-from pipelines.commit import read_json
-from pipelines.evaluate import read_reference
+from pipelines.batch.commit import read_json
+from pipelines.batch.read import InputPlan, plan_input
 from pipelines.layout import SPEC
-from pipelines.read import InputPlan, plan_input
+from pipelines.runs.evaluate import read_reference
 from pipelines.spec import JobSpec
 from pipelines.storage import filesystem, join
 from pipelines.tables import InputError

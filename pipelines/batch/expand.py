@@ -6,8 +6,8 @@ import hashlib
 
 import pyarrow as pa
 
+from pipelines.batch.validate import ID, REASON, prompt_text
 from pipelines.layout import sample_key
-from pipelines.validate import ID, REASON, prompt_text
 
 
 def image_seed(job_seed: int, row_id: str, model: str, sample: int) -> int:

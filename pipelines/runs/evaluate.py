@@ -6,10 +6,10 @@ import numpy as np
 
 from models.images import decode_image
 from models.judge import load_judge
-from pipelines.commit import write_json
+from pipelines.batch.commit import write_json
 from pipelines.layout import SUMMARY
-from pipelines.metrics import compare
-from pipelines.results import Run
+from pipelines.runs.metrics import compare
+from pipelines.runs.results import Run
 from pipelines.storage import join
 from pipelines.tables import read_rows
 

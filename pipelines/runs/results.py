@@ -8,7 +8,7 @@ import pyarrow.compute as pc
 from fsspec import AbstractFileSystem
 
 from models.images import decode_image
-from pipelines.commit import read_json, read_metadata
+from pipelines.batch.commit import read_json, read_metadata
 from pipelines.layout import SUMMARY, extension, tar_members
 from pipelines.storage import filesystem, join
 

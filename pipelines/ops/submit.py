@@ -19,7 +19,7 @@ from typing import Any
 from pipelines.spec import JobSpec, spec_data, validated
 
 log = logging.getLogger(__name__)
-PROJECT = Path(__file__).resolve().parents[1]
+PROJECT = Path(__file__).resolve().parents[2]  # the checkout: pipelines/ops/submit.py
 SPEC_ENV = "PROMPTMILL_SPEC"
 # what the cluster does not need from a checkout (the venv alone is GBs); anchored at the checkout's root,
 # since gitignore-style "runs" would also drop the code in pipelines/runs/

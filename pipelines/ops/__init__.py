@@ -1,0 +1,1 @@
+"""Operations: submission to a Ray cluster (Ray Jobs) and cron schedules of generate jobs."""
