@@ -82,9 +82,10 @@ def member_key(name: str) -> str:
 
 
 def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
-    """Deterministic tar (fixed mtime/owner), members in the given order."""
+    """Deterministic tar (fixed mtime/owner), members in the given order. PAX, not USTAR: USTAR names stop at
+    100 characters and a 128-character id (valid) made every write of its shard fail, run after run."""
     buf = io.BytesIO()
-    with tarfile.open(fileobj=buf, mode="w", format=tarfile.USTAR_FORMAT) as tar:
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for name, data in members:
             info = tarfile.TarInfo(name)
             info.size, info.mtime, info.mode = len(data), 0, 0o644

@@ -12,13 +12,18 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationErr
 
 from pipelines.layout import IMAGE_FORMATS, OUTPUT_FORMATS
 
-SAFE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # always fullmatch: `$` lets "ok\n" through
 _EXPONENT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
-_SECRET = re.compile(r"(key|secret|token|password|credential)", re.IGNORECASE)
+_SECRET = re.compile(r"(key|secret|token|passw|credential|authorization|signature|connection_string|session|cookie|"
+                     r"private)", re.IGNORECASE)
+_USERINFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")  # scheme://user:pass@host
+_QUERY = re.compile(r"([?&])([^=&#\s]+)=([^&#\s]*)")
+_SIGNING = {"sig", "x-amz-credential", "x-amz-security-token", "x-goog-credential", "x-goog-signature"}
+_CONN_KV = re.compile(r"\b(AccountKey|SharedAccessKey|SharedAccessSignature|Password|Pwd)=[^;\s]*", re.IGNORECASE)
 
 
 def _path_safe(v: str) -> str:
-    if not SAFE_NAME.match(v):
+    if not SAFE_NAME.fullmatch(v):
         raise ValueError(f"{v!r} is not path-safe (letters, digits, '.', '_', '-'; no leading dot)")
     return v
 
@@ -33,7 +38,8 @@ class SpecError(ValueError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # strict: "3" is not silently 3 (a quoted number in YAML is a mistake worth naming)
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), strict=True)
 
 
 class Blocklist(Strict):
@@ -66,17 +72,17 @@ class InputSpec(Strict):
     storage_options: dict[str, Any] = Field(
         default_factory=dict, description="passed to fsspec (s3fs: endpoint_url, key, secret, anon, ...)")
     limit: int | None = Field(default=None, ge=1, description="read only the first N rows (in file order)")
-    max_prompt_chars: int = Field(default=1000, ge=1, description="longer prompts are rejected")
+    max_prompt_chars: int = Field(default=1000, ge=1, le=100_000, description="longer prompts are rejected")
     blocklist: Blocklist = Field(default_factory=lambda: Blocklist(), description="brand safety: matching prompts "
                                  "are rejected with reason 'blocked'")
 
 
 class Resources(Strict):
-    actors: int = Field(default=1, ge=1, description="actor pool minimum size")
-    max_actors: int = Field(default=1, ge=1, description="actor pool maximum size (autoscaling)")
-    num_gpus: float = Field(default=0, ge=0, description="GPUs per actor; > 0 runs the model on CUDA")
-    num_cpus: float = Field(default=1, gt=0, description="CPUs per actor")
-    batch_size: int = Field(default=32, ge=1, description="images per generate call")
+    actors: int = Field(default=1, ge=1, le=1024, description="actor pool minimum size")
+    max_actors: int = Field(default=1, ge=1, le=1024, description="actor pool maximum size (autoscaling)")
+    num_gpus: float = Field(default=0, ge=0, le=16, description="GPUs per actor; > 0 runs the model on CUDA")
+    num_cpus: float = Field(default=1, gt=0, le=256, description="CPUs per actor")
+    batch_size: int = Field(default=32, ge=1, le=4096, description="images per generate call")
 
     @model_validator(mode="after")
     def _pool(self) -> Resources:
@@ -85,6 +91,7 @@ class Resources(Strict):
         return self
 
 
+MAX_IMAGES_PER_CALL = 16_384  # candidates x batch_size: the images one actor holds at once
 SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints"  # the project's trained checkpoints
 
 
@@ -104,6 +111,13 @@ class ModelSpec(Strict):
         if not isinstance(k, int) or isinstance(k, bool) or not 1 <= k <= 256:
             raise ValueError(f"candidates must be an integer in [1, 256], got {k!r}")
         return v
+
+    @model_validator(mode="after")
+    def _candidates_per_call(self) -> ModelSpec:
+        if self.candidates * self.resources.batch_size > MAX_IMAGES_PER_CALL:
+            raise ValueError(f"sampling.candidates x resources.batch_size = {self.candidates} x "
+                             f"{self.resources.batch_size} images in one generate call; at most {MAX_IMAGES_PER_CALL}")
+        return self
 
     @property
     def candidates(self) -> int:
@@ -132,7 +146,7 @@ class MetricsSpec(Strict):
                                   "for FID / KID / IS / precision-recall at the end of the job; null: skipped")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for the reference")
     image_column: str = Field(default="png", description="image bytes column of the reference")
-    max_images: int = Field(default=2000, ge=10, description="reference images read (and run images per model)")
+    max_images: int = Field(default=2000, ge=10, le=100_000, description="reference images read (and run images per model)")
 
 
 class OutputSpec(Strict):
@@ -174,7 +188,9 @@ def _format(e: ValidationError, source: str) -> str:
     lines = [f"invalid spec {source}:"]
     for err in e.errors():
         loc = ".".join(str(p) if not isinstance(p, int) else f"[{p}]" for p in err["loc"]).replace(".[", "[")
-        lines.append(f"  {loc or '<root>'}: {err['msg']} (got {err.get('input')!r})")
+        got = repr(redact(err.get("input")))
+        got = got if len(got) <= 200 else got[:200] + "..."  # a spec-level error's input is the whole spec
+        lines.append(f"  {loc or '<root>'}: {err['msg']} (got {got})")
     return "\n".join(lines)
 
 
@@ -247,13 +263,23 @@ def load_spec(source: str | Path | dict, overrides: list[str] | None = None) -> 
 
 
 def redact(obj: Any) -> Any:
-    """Copy of `obj` with values under secret-looking keys replaced by '***'."""
+    """Copy of `obj` safe to write or print: values under secret-looking keys become '***', and in every string
+    the userinfo of URLs (`user:pass@`) and secret-looking query parameters (presigned-URL signatures, SAS
+    tokens) become '***'. The one redaction used for specs, summaries, metadata, logs and errors."""
     if isinstance(obj, dict):
         return {k: ("***" if isinstance(k, str) and _SECRET.search(k) and v is not None else redact(v))
                 for k, v in obj.items()}
-    if isinstance(obj, list):
+    if isinstance(obj, list | tuple):
         return [redact(v) for v in obj]
+    if isinstance(obj, str):
+        return redact_text(obj)
     return obj
+
+
+def redact_text(text: str) -> str:
+    text = _USERINFO.sub(r"\1***@", text)
+    text = _QUERY.sub(lambda m: f"{m[1]}{m[2]}=***" if _SECRET.search(m[2]) or m[2].lower() in _SIGNING else m[0], text)
+    return _CONN_KV.sub(lambda m: f"{m[1]}=***", text)
 
 
 def _type_name(ann: Any) -> str:

@@ -6,7 +6,7 @@ import hashlib
 
 import pyarrow as pa
 
-from pipelines.batch.validate import ID, REASON, prompt_text
+from pipelines.batch.validate import ID, REASON, column_values, prompt_text
 from pipelines.layout import sample_key
 
 
@@ -21,7 +21,7 @@ def expand_batch(table: pa.Table, *, prompt_column: str, model: str, images_per_
     """Accepted rows -> one row per missing (id, model, sample); samples already written are skipped."""
     ids, prompts, samples, seeds = [], [], [], []
     reasons = table.column(REASON).to_pylist()
-    for rid, p, r in zip(table.column(ID).to_pylist(), table.column(prompt_column).to_pylist(), reasons):
+    for rid, p, r in zip(table.column(ID).to_pylist(), column_values(table.column(prompt_column)), reasons):
         if r is not None:
             continue
         for k in range(images_per_prompt):

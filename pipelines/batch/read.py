@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 import ray.data
 from fsspec import AbstractFileSystem
 
+from pipelines.batch.validate import InvalidUTF8, column_values
 from pipelines.spec import InputSpec
 from pipelines.storage import arrow_fs, full_url
 from pipelines.tables import InputError, list_files
@@ -41,9 +42,13 @@ def _check_type(fs: AbstractFileSystem, f: str, schema: pa.Schema, col: str, wha
         raise InputError(f"{full_url(fs, f)}: {what} column {col!r} has type {t}, expected a string column")
 
 
+def _describe(schema: pa.Schema) -> str:
+    return ", ".join(f"{f.name}: {f.type}" for f in schema)
+
+
 def plan_input(spec: InputSpec) -> InputPlan:
     fs, files = list_files(spec.path, spec.storage_options)
-    rows, columns = 0, None
+    rows, first = 0, None
     ids: Counter[str] = Counter()
     for f in files:
         try:
@@ -54,16 +59,20 @@ def plan_input(spec: InputSpec) -> InputPlan:
                 if spec.id_column is not None:
                     _check_type(fs, f, schema, spec.id_column, "id", ID_TYPES)
                     col = pf.read(columns=[spec.id_column]).column(0)
-                    ids.update(str(v) for v in col.to_pylist() if v is not None)
+                    ids.update(str(v) for v in column_values(col) if v is not None and not isinstance(v, InvalidUTF8))
         except InputError:
             raise
         except Exception as e:  # pyarrow raises ArrowInvalid / OSError for corrupt files
             raise InputError(f"{full_url(fs, f)}: not a readable Parquet file ({e})") from e
-        columns = columns or schema.names
+        if first is None:
+            first = (f, schema)
+        elif not schema.equals(first[1]):
+            raise InputError(f"input files disagree on their columns: {full_url(fs, first[0])} has "
+                             f"{_describe(first[1])}, {full_url(fs, f)} has {_describe(schema)}")
         rows += n
     if spec.limit is not None:
         rows = min(rows, spec.limit)
-    return InputPlan(fs, files, rows, columns or [], {i for i, c in ids.items() if c > 1})
+    return InputPlan(fs, files, rows, first[1].names if first else [], {i for i, c in ids.items() if c > 1})
 
 
 def read_prompts(plan: InputPlan, spec: InputSpec) -> ray.data.Dataset:

@@ -15,16 +15,38 @@ from pipelines.spec import SAFE_NAME, InputSpec
 ID, REASON = "pm_id", "pm_reason"
 
 
+class InvalidUTF8(bytes):
+    """A value of a *string* column whose bytes are not UTF-8 (Parquet does not check): a rejected row, not a
+    crashed task (pyarrow's to_pylist raises on the whole column)."""
+
+
+def column_values(column: pa.ChunkedArray) -> list:
+    """Python values of a column; strings that are not valid UTF-8 come back as `InvalidUTF8` bytes."""
+    if not (pa.types.is_string(column.type) or pa.types.is_large_string(column.type)):
+        return column.to_pylist()
+    out = []
+    for b in column.cast(pa.large_binary()).to_pylist():
+        try:
+            out.append(None if b is None else b.decode("utf-8"))
+        except UnicodeDecodeError:
+            out.append(InvalidUTF8(b))
+    return out
+
+
 def reason_for(prompt: object, row_id: str | None, duplicates: set[str], max_chars: int,
                blocked: re.Pattern | None = None) -> str | None:
     if row_id is None:
         return "null_id"
-    if not SAFE_NAME.match(row_id):
+    if isinstance(row_id, InvalidUTF8):
+        return "invalid_utf8"
+    if not SAFE_NAME.fullmatch(row_id):
         return "unsafe_id"
     if row_id in duplicates:
         return "duplicate_id"
     if prompt is None:
         return "null_prompt"
+    if isinstance(prompt, InvalidUTF8):
+        return "invalid_utf8"
     if isinstance(prompt, bytes):
         try:
             prompt = prompt.decode("utf-8")
@@ -46,10 +68,11 @@ def validate_batch(table: pa.Table, spec: InputSpec, duplicates: set[str]) -> pa
         ids = [f"r{h:016x}" for h in table.column("row_hash").to_pylist()]
         table = table.drop_columns(["row_hash"])
     else:
-        ids = [None if v is None else str(v) for v in table.column(spec.id_column).to_pylist()]
-    prompts = table.column(spec.prompt_column).to_pylist()
+        ids = [v if v is None or isinstance(v, InvalidUTF8) else str(v) for v in column_values(table.column(spec.id_column))]
+    prompts = column_values(table.column(spec.prompt_column))
     blocked = spec.blocklist.compiled()
     reasons = [reason_for(p, i, duplicates, spec.max_prompt_chars, blocked) for p, i in zip(prompts, ids)]
+    ids = [None if isinstance(i, InvalidUTF8) else i for i in ids]  # such a row is rejected; its original id stays
     return table.append_column(ID, pa.array(ids, pa.string())).append_column(REASON, pa.array(reasons, pa.string()))
 
 

@@ -60,7 +60,7 @@ class ScheduleSpec(Strict):
     name: SafeName = Field(description="schedule name, part of every run id")
     cron: str = Field(description="five-field cron expression, e.g. '0 6 * * 1-5'")
     timezone: str = Field(default="UTC", description="IANA zone the cron expression is read in")
-    start: dt.datetime = Field(description="first slot considered (catch-up never goes further back)")
+    start: dt.datetime = Field(strict=False, description="first slot considered (catch-up never goes further back)")
     catchup: bool = Field(default=False, description="true: run every missed slot since start, oldest first; "
                           "false: run only the latest missed slot")
     catalog: CatalogSpec
@@ -95,11 +95,15 @@ class ScheduleSpec(Strict):
     def _templates(cls, v: list[str]) -> list[str]:
         for i, t in enumerate(v):
             try:
-                fields = [f for _, f, _, _ in string.Formatter().parse(t) if f is not None]
+                parts = [(f, spec, conv) for _, f, spec, conv in string.Formatter().parse(t) if f is not None]
             except ValueError as e:
                 raise ValueError(f"templates[{i}] {t!r}: {e}") from None
-            if any(not f.isidentifier() for f in fields):
-                raise ValueError(f"templates[{i}] {t!r}: placeholders must be column names, got {fields}")
+            # plain {column} only: a format spec such as {size:>50000000} makes 50 MB prompts, {a[0]} / {a.b} reach
+            # into objects
+            bad = [f"{{{f}{'!' + conv if conv else ''}{':' + spec if spec else ''}}}" for f, spec, conv in parts
+                   if not f.isidentifier() or spec or conv]
+            if bad:
+                raise ValueError(f"templates[{i}] {t!r}: placeholders must be plain {{column}} names, got {bad}")
         return v
 
     def zone(self) -> ZoneInfo:
