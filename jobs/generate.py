@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
+
+from jobs import error
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -13,6 +14,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("spec", help="job spec YAML, or env:NAME for a JSON spec in that variable (Ray Jobs)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a spec field, e.g. --set models.0.images_per_prompt=4")
+    p.add_argument("--allow-subset", action="store_true",
+                   help="write into an output that holds models this spec leaves out (their images stay)")
     p.set_defaults(func=main)
 
 
@@ -23,9 +26,8 @@ def main(args: argparse.Namespace) -> int:
     try:
         source = json.loads(os.environ[args.spec[4:]]) if args.spec.startswith("env:") else args.spec
         spec = load_spec(source, args.overrides)
-        result = run_job(spec)
+        result = run_job(spec, allow_subset=args.allow_subset)
     except (SpecError, PreflightError) as e:
-        print(f"promptmill: error: {e}", file=sys.stderr)
-        return 2
+        return error(e)
     print(result.line())
     return 0

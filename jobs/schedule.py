@@ -5,7 +5,8 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import sys
+
+from jobs import error
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -29,8 +30,7 @@ def main(args: argparse.Namespace) -> int:
             print(json.dumps(fire(s, slot, dry_run=args.dry_run), default=str))
             return 0
     except SpecError as e:
-        print(f"promptmill: error: {e}", file=sys.stderr)
-        return 2
+        return error(e)
     print(json.dumps({"schedule": s.name, "due now": [str(t) for t in due_slots(s, dt.datetime.now(dt.UTC))]}))
     run_forever(s)
     return 0

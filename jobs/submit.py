@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
+
+from jobs import error
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -15,6 +16,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--address", **addr)
     p.add_argument("--wait", action="store_true", help="wait for the job; exit 0 only if it SUCCEEDED")
     p.add_argument("--timeout", type=float, default=None, help="seconds to wait")
+    p.add_argument("--dry-run", action="store_true", help="print what would be shipped to the cluster; submit nothing")
+    p.add_argument("--pass-aws-credentials", action="store_true",
+                   help="send your AWS_ACCESS_KEY_ID / SECRET / SESSION_TOKEN with the job (readable through the Jobs "
+                        "API; by default the cluster's own identity is used)")
+    p.add_argument("--max-file-mb", type=float, default=None, help="refuse to ship any file bigger than this (256)")
     p.set_defaults(func=main_submit)
     s = sub.add_parser("status", help="status of a submitted job")
     s.add_argument("id")
@@ -28,15 +34,21 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main_submit(args: argparse.Namespace) -> int:
-    from pipelines.ops.submit import resolved_spec, submit, wait
+    from pipelines.ops.submit import MAX_FILE_MB, resolved_spec, shipped_files, submit, wait
     from pipelines.spec import SpecError
 
+    cap = args.max_file_mb or MAX_FILE_MB
     try:
         data = resolved_spec(args.spec, args.overrides)
+        files = shipped_files(data, cap)
     except SpecError as e:
-        print(f"promptmill: error: {e}", file=sys.stderr)
-        return 2
-    sid, created = submit(data, args.address)
+        return error(e)
+    if args.dry_run:
+        for rel, size in files:
+            print(f"{size:>12,}  {rel}")
+        print(f"{sum(s for _, s in files):>12,}  total, {len(files)} files would be shipped; nothing submitted")
+        return 0
+    sid, created = submit(data, args.address, args.pass_aws_credentials, cap)
     print(f"{sid} {'submitted' if created else 'already submitted'}")
     if not args.wait:
         return 0

@@ -16,7 +16,7 @@ from PIL import Image
 
 # files of a run, relative to its root
 STAGING, METADATA, REJECTED, SHARDS, IMAGES = "_staging", "metadata", "rejected", "shards", "images"
-SUCCESS, SUMMARY, SPEC, REPORT = "_SUCCESS", "summary.json", "_spec.json", "report.html"
+SUCCESS, SUMMARY, SPEC, REPORT, LEASE = "_SUCCESS", "summary.json", "_spec.json", "report.html", "_lease.json"
 
 OUTPUT_FORMATS = ("files", "webdataset", "parquet")  # img2dataset's three
 # image format -> (file extension, Pillow save arguments); the one list every spec and writer uses

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import copy
+import os
 import re
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
@@ -158,6 +160,8 @@ class OutputSpec(Strict):
     shard_size: int = Field(default=1000, ge=1, le=100_000, description="samples per write batch: per WebDataset "
                             "shard (a batch holding two models' images makes one shard each) or metadata part")
     report: bool = Field(default=True, description="write report.html at the end of the job")
+    lease_wait_s: float = Field(default=0, ge=0, le=86_400, description="a run whose output another live run is "
+                                "writing waits this long for it, then stops naming it (one writer per output)")
 
 
 class JobSpec(Strict):
@@ -259,7 +263,48 @@ def validated(model: type[BaseModel], data: dict, name: str) -> Any:
 
 
 def load_spec(source: str | Path | dict, overrides: list[str] | None = None) -> JobSpec:
-    return validated(JobSpec, *spec_data(source, overrides))
+    """The spec to run here: `${ENV_VAR}` references resolved from this process's environment."""
+    data, name = spec_data(source, overrides)
+    return validated(JobSpec, resolve_env(data), name)
+
+
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def resolve_env(data: Any, environ: Mapping[str, str] | None = None, where: str = "",
+                placeholder: str | None = None) -> Any:
+    """Copy of `data` with every `${NAME}` in a string replaced by the variable's value: secrets stay out of
+    spec files and out of what `promptmill submit` sends (they resolve on the cluster). A missing variable is a
+    SpecError naming the field. `placeholder`: put that in for every reference (to validate a spec elsewhere)."""
+    env = os.environ if environ is None else environ
+    if isinstance(data, dict):
+        return {k: resolve_env(v, env, f"{where}.{k}" if where else str(k), placeholder) for k, v in data.items()}
+    if isinstance(data, list):
+        return [resolve_env(v, env, f"{where}[{i}]", placeholder) for i, v in enumerate(data)]
+    if isinstance(data, str):
+        def value(m: re.Match) -> str:
+            if placeholder is not None:
+                return placeholder
+            if m[1] not in env:
+                raise SpecError(f"{where}: ${{{m[1]}}} is not set in this environment")
+            return env[m[1]]
+        return _ENV_REF.sub(value, data)
+    return data
+
+
+def literal_secrets(data: Any, where: str = "") -> list[str]:
+    """Field paths holding a secret written out (not a `${ENV_VAR}` reference): what must not be sent anywhere."""
+    if isinstance(data, dict):
+        return [p for k, v in data.items() for p in (
+            [f"{where}.{k}" if where else str(k)] if isinstance(k, str) and _SECRET.search(k) and _is_literal(v)
+            else literal_secrets(v, f"{where}.{k}" if where else str(k)))]
+    if isinstance(data, list):
+        return [p for i, v in enumerate(data) for p in literal_secrets(v, f"{where}[{i}]")]
+    return [where] if isinstance(data, str) and _is_literal(data) and redact_text(data) != data else []
+
+
+def _is_literal(v: Any) -> bool:
+    return v not in (None, "") and not (isinstance(v, str) and _ENV_REF.fullmatch(v.strip()))
 
 
 def redact(obj: Any) -> Any:

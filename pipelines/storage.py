@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import uuid
 
 import fsspec
 import pyarrow as pa
@@ -29,10 +30,10 @@ def filesystem(url: str, storage_options: dict | None = None) -> tuple[AbstractF
 
 def full_url(fs: AbstractFileSystem, path: str) -> str:
     """The URL a user can open again: s3://bucket/key for S3, the absolute path for local disk."""
-    return fs.unstrip_protocol(path) if not _is_local_fs(fs) else path
+    return fs.unstrip_protocol(path) if not is_local_fs(fs) else path
 
 
-def _is_local_fs(fs: AbstractFileSystem) -> bool:
+def is_local_fs(fs: AbstractFileSystem) -> bool:
     return "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
 
 
@@ -48,12 +49,14 @@ def join(*parts: str) -> str:
 def put_atomic(fs: AbstractFileSystem, path: str, data: bytes) -> None:
     """Readers never see a half-written file: write `<path>.tmp`, then rename (an S3 PUT is atomic anyway).
 
-    Found by the killed-driver test: a part cut off mid-write made the resume unreadable.
+    Found by the killed-driver test: a part cut off mid-write made the resume unreadable. The temporary name is
+    unique: two writers of one path must not write into each other's temporary file.
     """
-    if _is_local_fs(fs):
+    if is_local_fs(fs):
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        fs.pipe_file(path + ".tmp", data)
-        fs.mv(path + ".tmp", path)
+        tmp = f"{path}.{uuid.uuid4().hex[:12]}.tmp"
+        fs.pipe_file(tmp, data)
+        fs.mv(tmp, path)
     else:
         fs.pipe_file(path, data)
 

@@ -152,3 +152,250 @@ def test_redact_covers_keys_urls_and_signatures():
     r = redact(planted)
     assert r["checkpoint"] == "s3://***@bucket/ckpt" and r["list"][1] == "plain"
     assert "x=1" in r["presigned"] and "sv=2020" in r["sas"]  # what is not secret stays readable
+
+
+# ---------------------------------------------------------------- 1-4: secrets
+
+def test_submit_ships_an_allow_list_and_refuses_big_files(monkeypatch, tmp_path, capsys):
+    from pipelines.ops import submit
+
+    proj = tmp_path / "proj"
+    for rel, data in {"jobs/cli.py": "x", "pipelines/spec.py": "x", "pipelines/training/configs/gan.yaml": "x",
+                      "models/gan.py": "x", "pyproject.toml": "x", "checkpoints/gan/config.json": "{}",
+                      "checkpoints/gan/model.safetensors": "w", "checkpoints/unused/model.safetensors": "w",
+                      ".env": "AWS_SECRET_ACCESS_KEY=planted", ".aws/credentials": "planted", "id_rsa": "planted",
+                      "secrets/token": "planted", "tests/test_x.py": "x", "benchmarks/b.py": "x",
+                      "pipelines/__pycache__/spec.cpython-311.pyc": "x", "data/big.parquet": "x"}.items():
+        (proj / rel).parent.mkdir(parents=True, exist_ok=True)
+        (proj / rel).write_text(data)
+    monkeypatch.setattr(submit, "PROJECT", proj)
+    data = {"name": "t", "input": {"path": "s3://b/in"}, "output": {"path": "s3://b/out"}, "scoring": {"enabled": False},
+            "models": [{"name": "gan", "family": "gan", "checkpoint": "checkpoints/gan"}]}
+    shipped = [rel for rel, _ in submit.shipped_files(data)]
+    assert shipped == ["checkpoints/gan/config.json", "checkpoints/gan/model.safetensors", "jobs/cli.py",
+                       "models/gan.py", "pipelines/spec.py", "pipelines/training/configs/gan.yaml", "pyproject.toml"]
+    staged = Path(submit.stage_working_dir(submit.shipped_files(data)))
+    assert sorted(str(p.relative_to(staged)) for p in staged.rglob("*") if p.is_file()) == shipped
+    with open(proj / "checkpoints/gan/model.safetensors", "r+b") as f:
+        f.truncate(300 * 2**20)  # sparse: 300 MB on paper
+    with pytest.raises(SpecError, match=r"checkpoints/gan/model.safetensors is 300 MB, over the 256 MB cap"):
+        submit.shipped_files(data)
+    data["models"][0]["checkpoint"] = "../elsewhere"
+    with pytest.raises(SpecError, match="not a checkpoint directory inside the project"):
+        submit.shipped_files(data)
+    # --dry-run lists what would travel and submits nothing
+    (proj / "checkpoints/gan/model.safetensors").write_text("w")
+    data["models"][0]["checkpoint"] = "checkpoints/gan"
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(data))
+    assert main(["submit", str(tmp_path / "spec.yaml"), "--dry-run", "--address", "http://127.0.0.1:9"]) == 0
+    out = capsys.readouterr().out
+    assert "checkpoints/gan/config.json" in out and "7 files would be shipped" in out and ".env" not in out
+
+
+def test_submitted_specs_hold_references_not_secrets(monkeypatch, tmp_path, caplog):
+    from pipelines.ops.submit import job_env, resolved_spec
+
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAPLANTED")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "planted-secret")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "eu-west-1")
+    spec = {"name": "t", "input": {"path": "s3://b/in", "storage_options": {"secret": "planted-secret"}},
+            "output": {"path": "s3://b/out"}, "models": [{"name": "gan", "family": "gan", "checkpoint": "s3://b/gan"}]}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(SpecError, match=r"input.storage_options.secret hold a secret written out"):
+        resolved_spec(str(tmp_path / "spec.yaml"))
+    spec["input"]["storage_options"] = {"key": "${AWS_ACCESS_KEY_ID}", "secret": "${AWS_SECRET_ACCESS_KEY}"}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    data = resolved_spec(str(tmp_path / "spec.yaml"))
+    assert data["input"]["storage_options"]["secret"] == "${AWS_SECRET_ACCESS_KEY}"  # resolved on the cluster
+    env = job_env(data)
+    assert "planted" not in json.dumps(env) and "AKIAPLANTED" not in json.dumps(env)
+    assert env["AWS_DEFAULT_REGION"] == "eu-west-1"
+    with caplog.at_level("WARNING"):
+        env = job_env(data, pass_aws_credentials=True)
+    assert env["AWS_SECRET_ACCESS_KEY"] == "planted-secret" and "readable by anyone" in caplog.text
+    # on the cluster, the reference resolves from the job's environment; a missing variable names the field
+    assert load_spec(data).input.storage_options["secret"] == "planted-secret"
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    with pytest.raises(SpecError, match=r"input.storage_options.secret: \$\{AWS_SECRET_ACCESS_KEY\} is not set"):
+        load_spec(data)
+
+
+def test_planted_secrets_appear_in_no_output_byte_or_log_line(ray_local, checkpoints, s3, tmp_path, capfd, caplog):
+    """Credentials and a userinfo URL planted in every field that takes them; every object the job writes to S3
+    and every log line is searched for them."""
+    import s3fs
+
+    planted = {"key": "AKIAPLANTEDKEY000001", "secret": "planted-secret-0123456789"}
+    opts = {"endpoint_url": s3["endpoint_url"], **planted}  # moto accepts any credentials: these are the real ones
+    fs = s3fs.S3FileSystem(**s3)
+    with fs.open("bucket/sec/in/a.parquet", "wb") as f:
+        pq.write_table(pa.table({"id": ["a", "b"], "prompt": ["a red circle", "a blue square"]}), f)
+    fs.put(checkpoints["gan"] + "/", "bucket/sec/ckpt/gan/", recursive=True)
+    spec = make_spec("s3://bucket/sec/in", "s3://bucket/sec/out", checkpoints,
+                     output={"path": "s3://bucket/sec/out", "storage_options": opts, "format": "webdataset"})
+    spec["input"]["storage_options"] = opts
+    spec["models"][0].update(checkpoint="s3://bucket/sec/ckpt/gan", storage_options=opts)
+    spec["scoring"] = {"storage_options": opts}
+    with caplog.at_level("INFO"):  # the CLI's level (botocore's own DEBUG lines carry the key id in its signature)
+        run_job(load_spec(spec))
+    fs.invalidate_cache()
+    written = fs.find("bucket/sec/out")
+    assert any(p.endswith("summary.json") for p in written) and any(p.endswith(".tar") for p in written)
+    blobs = b"".join(fs.cat_file(p) for p in written)
+    logs = caplog.text + "".join(capfd.readouterr())
+    for secret in planted.values():
+        assert secret.encode() not in blobs, secret
+        assert secret not in logs, secret
+    # a checkpoint URL with credentials in it is recorded redacted wherever it is written
+    from pipelines.batch.preflight import fingerprint
+
+    spec["models"][0]["checkpoint"] = "s3://user:planted-pass@bucket/sec/ckpt/gan"
+    assert "planted-pass" not in json.dumps(fingerprint(load_spec(spec)))
+
+
+# ---------------------------------------------------------------- 5-8: other people's data, one writer
+
+@pytest.mark.parametrize("path", ["", "/", ".", "~", "s3://bucket"])
+def test_empty_and_root_like_outputs_are_refused(checkpoints, tmp_path, path):
+    from pipelines.batch.preflight import PreflightError, check_output
+    from pipelines.batch.read import plan_input
+
+    write_prompts(tmp_path / "in" / "a.parquet", ["a red circle"], ["a"])
+    spec = load_spec(make_spec(str(tmp_path / "in"), path or "x", checkpoints))
+    spec.output.path = path
+    with pytest.raises(PreflightError, match="empty or a root"):
+        check_output(spec, plan_input(spec.input))
+
+
+def test_foreign_outputs_and_overlaps_with_the_input_are_refused(ray_local, checkpoints, tmp_path):
+    from pipelines.batch.preflight import PreflightError
+
+    write_prompts(tmp_path / "in" / "a.parquet", ["a red circle"], ["a"])
+    (tmp_path / "theirs" / "shards").mkdir(parents=True)
+    (tmp_path / "theirs" / "shards" / "00000.tar").write_bytes(b"their data")
+    with pytest.raises(PreflightError, match="not a promptmill run"):
+        run_job(load_spec(make_spec(str(tmp_path / "in"), str(tmp_path / "theirs"), checkpoints)))
+    assert (tmp_path / "theirs" / "shards" / "00000.tar").read_bytes() == b"their data"
+    with pytest.raises(PreflightError, match="inside input.path"):
+        run_job(load_spec(make_spec(str(tmp_path / "in"), str(tmp_path / "in" / "out"), checkpoints)))
+    write_prompts(tmp_path / "out2" / "prompts" / "a.parquet", ["a red circle"], ["a"])
+    with pytest.raises(PreflightError, match="is inside output.path"):
+        run_job(load_spec(make_spec(str(tmp_path / "out2" / "prompts"), str(tmp_path / "out2"), checkpoints)))
+    assert not (tmp_path / "in" / "out").exists()
+
+
+def test_a_run_deletes_only_what_it_wrote(ray_local, checkpoints, tmp_path):
+    write_prompts(tmp_path / "in" / "a.parquet", ["a red circle", ""], ["a", "b"])
+    spec = make_spec(str(tmp_path / "in"), str(tmp_path / "out"), checkpoints)
+    run_job(load_spec(spec))
+    out = tmp_path / "out"
+    (out / "shards").mkdir()
+    (out / "shards" / "00000.tar").write_bytes(b"a user's file")  # dropped into our output later
+    (out / "rejected" / "notes.parquet").write_bytes(b"a user's file")
+    spec["models"][0]["images_per_prompt"] = 3  # more work: a real commit, rejected rows published again
+    run_job(load_spec(spec))
+    assert (out / "shards" / "00000.tar").read_bytes() == b"a user's file"
+    assert (out / "rejected" / "notes.parquet").read_bytes() == b"a user's file"
+    assert sorted(p.name for p in (out / "rejected").iterdir()) == ["notes.parquet", "part-00000.parquet"]
+
+
+def test_dropping_a_model_or_changing_scoring_is_refused_unless_allowed(ray_local, checkpoints, tmp_path):
+    from pipelines.batch.preflight import PreflightError
+
+    write_prompts(tmp_path / "in" / "a.parquet", ["a red circle"], ["a"])
+    spec = make_spec(str(tmp_path / "in"), str(tmp_path / "out"), checkpoints)
+    spec["models"].append({"name": "dalle", "family": "transformer", "checkpoint": checkpoints["transformer"],
+                           "resources": {"batch_size": 4}})
+    run_job(load_spec(spec))
+    one = {**spec, "models": spec["models"][:1]}
+    with pytest.raises(PreflightError, match=r"holds images of models \['dalle'\] that this spec leaves out"):
+        run_job(load_spec(one))
+    with pytest.raises(PreflightError, match="already holds a run with scoring"):
+        run_job(load_spec({**spec, "scoring": {"enabled": False}}))
+    assert run_job(load_spec(one), allow_subset=True).images_total == {"gan": 2, "dalle": 1}
+    recorded = json.loads((tmp_path / "out" / "_spec.json").read_text())
+    assert set(recorded["models"]) == {"gan", "dalle"}  # the dropped model's settings stay guarded
+
+
+def test_stale_leases_are_taken_over_and_live_ones_name_their_owner(tmp_path):
+    import socket
+    import time
+
+    from pipelines.batch.lease import Lease, LeaseHeld
+    from pipelines.storage import filesystem
+
+    fs, root = filesystem(str(tmp_path / "out"))
+    lease_file = tmp_path / "out" / "_lease.json"
+    lease_file.parent.mkdir()
+
+    def plant(host: str, pid: int, expires: float) -> None:
+        lease_file.write_text(json.dumps({"run": "other", "host": host, "pid": pid, "job": "j1", "expires": expires}))
+
+    plant("elsewhere", 123, time.time() + 600)
+    with pytest.raises(LeaseHeld, match=r"held by run other \(pid 123 on elsewhere, job j1; its lease expires in"):
+        Lease(fs, root).acquire()
+    plant(socket.gethostname(), 2**22 + 12345, time.time() + 600)  # this host, no such process: stale at once
+    with Lease(fs, root).acquire() as lease:
+        assert json.loads(lease_file.read_text())["run"] == lease.me.run
+    assert not lease_file.exists()  # released
+    plant("elsewhere", 123, time.time() - 1)  # expired
+    Lease(fs, root).acquire().release()
+
+
+@pytest.mark.parametrize("fmt,store", [("files", "local"), ("webdataset", "local"), ("parquet", "local"),
+                                       ("webdataset", "s3")])
+def test_a_second_writer_is_refused_while_the_first_commits_and_a_crash_keeps_the_settings(
+        ray_local, checkpoints, s3, tmp_path, fmt, store):
+    """Two real processes: A is held at its commit step (the fault seam) with its images staged; B, same output,
+    is refused naming A; A is killed there; B with another seed is refused (the settings were on record before
+    A's first image); B with A's spec takes the dead run's lease over and ends exactly once."""
+    import time
+
+    import s3fs
+    from conftest import kill_session
+
+    from pipelines.batch.preflight import PreflightError
+    from pipelines.runs.results import Run
+
+    prompts = [f"a red circle number {i}" for i in range(6)]
+    if store == "s3":
+        fs = s3fs.S3FileSystem(**s3)
+        with fs.open(f"bucket/lease-{fmt}/in/a.parquet", "wb") as f:
+            pq.write_table(pa.table({"id": [f"p{i}" for i in range(6)], "prompt": prompts}), f)
+        inp, out = f"s3://bucket/lease-{fmt}/in", f"s3://bucket/lease-{fmt}/out"
+        opts = dict(s3)
+    else:
+        write_prompts(tmp_path / "in" / "a.parquet", prompts, [f"p{i}" for i in range(6)])
+        inp, out, opts = str(tmp_path / "in"), str(tmp_path / "out"), {}
+    spec = make_spec(inp, out, checkpoints, output={"path": out, "format": fmt, "storage_options": opts})
+    spec["input"]["storage_options"] = opts
+    spec["scoring"] = {"enabled": False}
+    (tmp_path / "a.yaml").write_text(yaml.safe_dump(spec))
+    env = {**os.environ, "PROMPTMILL_PAUSE_AT": "commit:120"}
+    env.pop("RAY_ADDRESS", None)
+    a = subprocess.Popen([sys.executable, "-m", "jobs.cli", "generate", str(tmp_path / "a.yaml")], env=env,
+                         start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    from pipelines.storage import filesystem
+
+    ofs, root = filesystem(out, opts)
+    try:
+        t0 = time.time()
+        while not (ofs.exists(f"{root}/_staging/metadata") and ofs.find(f"{root}/_staging/metadata")):
+            assert a.poll() is None and time.time() - t0 < 120, a.stdout.read() if a.poll() is not None else "slow"
+            time.sleep(0.5)
+            ofs.invalidate_cache()
+        time.sleep(1)
+        with pytest.raises(PreflightError, match=rf"held by run \w+ \(pid {a.pid} on "):
+            run_job(load_spec(spec))
+    finally:
+        kill_session(a.pid)
+    ofs.invalidate_cache()
+    assert not ofs.exists(f"{root}/_SUCCESS")
+    with pytest.raises(PreflightError, match="already holds a run with seed 0"):
+        run_job(load_spec({**spec, "seed": 1}))
+    res = run_job(load_spec(spec))
+    assert res.images_total == {"gan": 12}
+    rows = Run(out, opts).rows("gan")
+    keys = list(zip(rows.column("id").to_pylist(), rows.column("sample").to_pylist()))
+    assert len(keys) == len(set(keys)) == 12
+    assert Run(out, opts).images(rows).shape == (12, 32, 32, 3)

@@ -78,7 +78,7 @@ def test_submit_wait_status_logs_and_no_double_run(head, s3, tmp_path):
             "output": {"path": "s3://bucket/submit/out"}}
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
-    first = _cli(["submit", str(path), "--address", head, "--wait", "--timeout", "300"], s3)
+    first = _cli(["submit", str(path), "--address", head, "--wait", "--timeout", "300", "--pass-aws-credentials"], s3)
     sid = first.stdout.split()[0]
     assert first.returncode == 0, first.stdout + first.stderr + _cli(["logs", sid, "--address", head], s3).stdout[-3000:]
     assert sid.startswith("promptmill-submitted-") and "submitted" in first.stdout and "SUCCEEDED" in first.stdout

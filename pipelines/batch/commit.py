@@ -33,6 +33,7 @@ from pipelines.storage import full_url, join, parquet_bytes, put_atomic
 
 log = logging.getLogger(__name__)
 ROWS_PER_FILE = 100_000
+SHARD_MANIFEST = "shards-manifest"
 
 
 def _parquet_files(fs: AbstractFileSystem, path: str) -> list[str]:
@@ -69,10 +70,10 @@ def commit(fs: AbstractFileSystem, root: str) -> pa.Table:
     """Merge staging into metadata/ with one row per sample; returns the committed table."""
     committed, staged = metadata_files(fs, root)
     table = _read(fs, committed + staged)
-    if not staged and committed:
-        return table
     keys = pa.array(sample_keys(table), pa.string())
     first = pa.table({"k": keys, "i": pa.array(range(len(keys)), pa.int64())}).group_by("k").aggregate([("i", "min")])
+    if not staged and committed and len(first) == len(table):
+        return table  # nothing staged and already one row per sample (always checked: a second writer's leftovers)
     table = table.take(first["i_min"]).sort_by([("model", "ascending"), ("id", "ascending"), ("sample", "ascending")])
     table = _finalize_shards(fs, root, table)
     gen = uuid.uuid4().hex[:8]
@@ -114,15 +115,25 @@ def _finalize_shards(fs: AbstractFileSystem, root: str, table: pa.Table) -> pa.T
     if not staged:
         return table
     final: dict[str, str] = {}
+    plan, numbers = [], dict(last)
+    referenced = {fs._strip_protocol(p) for p in paths if p}
     for p in sorted(staged):
         model = models[paths.index(p)]
+        while True:  # never overwrite a shard the metadata does not reference: it may not be ours
+            numbers[model] = numbers.get(model, -1) + 1
+            dest = join(root, shard_relpath(model, numbers[model]))
+            if dest in referenced or not fs.exists(dest):
+                break
+        plan.append((p, dest))
+    # on record before the first copy: a commit that dies half-way leaves shards that only this manifest
+    # proves are ours (the sweep deletes nothing else)
+    write_json(fs, join(root, STAGING, f"{SHARD_MANIFEST}-{uuid.uuid4().hex[:8]}.json"), [d for _, d in plan])
+    for p, dest in plan:
         data = fs.cat_file(fs._strip_protocol(p))
         members = tar_members(data)
         kept = [(name, b) for name, b in members if member_key(name) in staged[p]]
         if len(kept) != len(members):
             data = tar_bytes(kept)
-        last[model] = last.get(model, -1) + 1
-        dest = join(root, shard_relpath(model, last[model]))
         put_atomic(fs, dest, data)
         final[p] = full_url(fs, dest)
     return table.set_column(table.schema.get_field_index("image_path"), "image_path",
@@ -130,18 +141,19 @@ def _finalize_shards(fs: AbstractFileSystem, root: str, table: pa.Table) -> pa.T
 
 
 def _sweep_shards(fs: AbstractFileSystem, root: str, table: pa.Table) -> None:
-    """Delete staged tars and any shard the committed metadata does not reference (left by a commit
-    that died between copying shards and writing metadata): a reader globbing shards/ sees each sample once."""
+    """Delete staged tars, and shards a commit copied (listed in its manifest) that the committed metadata does
+    not reference (left by a commit that died between copying shards and writing metadata): a reader globbing
+    shards/ sees each sample once. A shard no manifest lists is not ours to delete, whatever its name."""
     if fs.exists(join(root, STAGING, SHARDS)):
         fs.rm(join(root, STAGING, SHARDS), recursive=True)
-    shards = join(root, SHARDS)
-    if not fs.exists(shards):
-        return
+    manifests = fs.glob(join(root, STAGING, f"{SHARD_MANIFEST}-*.json")) if fs.exists(join(root, STAGING)) else []
     used = {fs._strip_protocol(p) for p in table.column("image_path").to_pylist() if p}
-    for f in fs.find(shards):
-        if f.endswith(".tar") and fs._strip_protocol(f) not in used:
-            log.warning("removing unreferenced shard %s", f)
-            fs.rm(f)
+    for m in manifests:
+        for f in read_json(fs, m) or []:
+            if fs._strip_protocol(f) not in used and fs.exists(f):
+                log.warning("removing unreferenced shard %s (copied by a commit that did not finish)", f)
+                fs.rm(f)
+        fs.rm(m)
 
 
 def write_json(fs: AbstractFileSystem, path: str, obj: Any) -> None:

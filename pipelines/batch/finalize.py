@@ -6,6 +6,8 @@ an output that has it and nothing new to write touches nothing.
 
 from __future__ import annotations
 
+import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -13,12 +15,23 @@ import pyarrow.compute as pc
 from fsspec import AbstractFileSystem
 
 from pipelines.batch.commit import commit, metadata_files, read_json, write_json
-from pipelines.layout import REJECTED, SPEC, STAGING, SUCCESS, SUMMARY
+from pipelines.layout import REJECTED, STAGING, SUCCESS, SUMMARY
 from pipelines.runs.evaluate import evaluate_run
 from pipelines.runs.report import write_report
 from pipelines.runs.results import Run, score_summary
 from pipelines.spec import JobSpec, redact
 from pipelines.storage import full_url, join
+
+log = logging.getLogger(__name__)
+
+
+def pause_point(step: str) -> None:
+    """Fault-injection seam for tests: `PROMPTMILL_PAUSE_AT=<step>:<seconds>` holds the run there (with its lease
+    and its staged work), so a test can start a second writer or kill this one at a known step."""
+    at = os.environ.get("PROMPTMILL_PAUSE_AT", "")
+    if at.startswith(f"{step}:"):
+        log.warning("PROMPTMILL_PAUSE_AT: pausing before %s for %s s", step, at.split(":", 1)[1])
+        time.sleep(float(at.split(":", 1)[1]))
 
 
 @dataclass
@@ -44,20 +57,24 @@ class JobResult:
                 f"{sum(self.rejected.values())} rejected, {self.images_per_s:.1f} images/s -> {self.output}")
 
 
-def _publish_rejected(fs: AbstractFileSystem, root: str) -> None:
-    """This run's staged rejected table replaces the committed one (every run re-validates all input rows)."""
+def _publish_rejected(fs: AbstractFileSystem, root: str, previous: list[str]) -> list[str]:
+    """This run's staged rejected table replaces the one the last run published (every run re-validates all
+    input rows). Deletes only the files the last summary lists as its own; returns the names published."""
     staging, final = join(root, STAGING, REJECTED), join(root, REJECTED)
-    if fs.exists(final):
-        fs.rm(final, recursive=True)
-    staged = fs.find(staging) if fs.exists(staging) else []
+    for name in previous:
+        if fs.exists(join(final, name)):
+            fs.rm(join(final, name))
+    staged = sorted(f for f in (fs.find(staging) if fs.exists(staging) else []) if f.endswith(".parquet"))
     if staged:
         fs.makedirs(final, exist_ok=True)
-    for f in staged:  # file by file: s3fs' recursive mv trips over the (non-existent) directory key
-        fs.mv(f, join(final, f[len(staging):]))
+    names = [f"part-{i:05d}.parquet" for i in range(len(staged))]
+    for f, name in zip(staged, names):  # file by file: s3fs' recursive mv trips over the (non-existent) directory key
+        fs.mv(f, join(final, name))
+    return names
 
 
 def finalize(spec: JobSpec, fs: AbstractFileSystem, root: str, *, input_rows: int, rejected: dict[str, int],
-             written: dict[str, int], fingerprint: dict, started: float) -> JobResult:
+             written: dict[str, int], started: float) -> JobResult:
     """Finish a run: exactly one metadata row per sample, then rejected rows, summary, metrics, report and
     `_SUCCESS` (last, so it doubles as the "done" marker). A rerun on a complete output changes nothing."""
     out_url = full_url(fs, root)
@@ -71,11 +88,16 @@ def finalize(spec: JobSpec, fs: AbstractFileSystem, root: str, *, input_rows: in
         return JobResult(out_url, input_rows, accepted, rejected, written, summary.get("images_total", {}),
                          time.time() - started, skipped=True, summary=summary)
     # 2. Merge staging into metadata/, move the rejected rows
+    pause_point("commit")
     if fs.exists(success):
         fs.rm(success)
-    write_json(fs, join(root, SPEC), fingerprint)
     table = commit(fs, root)
-    _publish_rejected(fs, root)
+    previous = read_json(fs, join(root, SUMMARY)) or {}
+    if "rejected_files" in previous or not fs.exists(join(root, REJECTED)):
+        mine = previous.get("rejected_files", [])
+    else:  # a summary from before the list was kept: its rejected/ files are that run's
+        mine = [f.rsplit("/", 1)[-1] for f in fs.find(join(root, REJECTED)) if f.endswith(".parquet")]
+    rejected_files = _publish_rejected(fs, root, mine)
     # 3. Summary, from the table just committed (not read back again)
     totals = {str(k): int(v) for k, v in zip(*pc.value_counts(table["model"]).flatten())} if len(table) else {}
     wall = time.time() - started
@@ -85,7 +107,7 @@ def finalize(spec: JobSpec, fs: AbstractFileSystem, root: str, *, input_rows: in
         "rejected": rejected, "rejected_total": sum(rejected.values()),
         "images_written_this_run": written, "images_total": totals, "wall_s": round(wall, 3),
         "images_per_s": round(result.images_per_s, 3), "spec": redact(spec.model_dump(mode="json")),
-        "scores": score_summary(table),
+        "scores": score_summary(table), "rejected_files": rejected_files,
     }
     write_json(fs, join(root, SUMMARY), result.summary)
     # 4. Job-level metrics and the report

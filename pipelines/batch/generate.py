@@ -16,7 +16,7 @@ from models import load_generator
 from models.clip import load_clip
 from models.rerank import generate_best_of
 from pipelines.batch.score import device_for
-from pipelines.spec import ModelSpec, ScoringSpec
+from pipelines.spec import ModelSpec, ScoringSpec, redact_text
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +28,7 @@ class GenerateStage:
         self.gen = load_generator(model.checkpoint, self.device, model.storage_options)
         self.sampling = self.gen.Sampling(**model.family_sampling).model_dump()
         self.scorer = load_clip(scoring.clip, self.device, scoring.storage_options) if model.candidates > 1 else None
+        self.checkpoint = redact_text(model.checkpoint)  # metadata rows and WebDataset .json carry it
         self.node = ray.get_runtime_context().get_node_id()  # provenance: which Ray node drew the image
         log.info("loaded %s (%s) on %s, node %s", model.name, model.family, self.device, self.node)
 
@@ -47,7 +48,7 @@ class GenerateStage:
         batch["candidates"] = np.full(n, k, np.int32)
         batch["model"] = np.full(n, self.model.name, object)
         batch["family"] = np.full(n, self.model.family, object)
-        batch["checkpoint"] = np.full(n, self.model.checkpoint, object)
+        batch["checkpoint"] = np.full(n, self.checkpoint, object)
         batch["sampling"] = np.full(n, json.dumps({**self.sampling, "candidates": k}, sort_keys=True), object)
         batch["width"] = np.full(n, self.gen.width, np.int32)
         batch["height"] = np.full(n, self.gen.height, np.int32)

@@ -16,16 +16,17 @@ import pyarrow.parquet as pq
 import ray
 from ray.data import ActorPoolStrategy
 
-from pipelines.batch.commit import done_keys
+from pipelines.batch.commit import done_keys, write_json
 from pipelines.batch.expand import expand_batch
 from pipelines.batch.finalize import JobResult, finalize
 from pipelines.batch.generate import GenerateStage
-from pipelines.batch.preflight import PreflightError, fingerprint, pool_cpus, pools, preflight, scoring_on
+from pipelines.batch.lease import Lease, LeaseHeld
+from pipelines.batch.preflight import PreflightError, merged_fingerprint, pool_cpus, pools, preflight, scoring_on
 from pipelines.batch.read import InputPlan, read_prompts
 from pipelines.batch.score import ScoreStage
 from pipelines.batch.validate import ID, REASON, validate_batch
 from pipelines.batch.write import WriteStage
-from pipelines.layout import REJECTED, STAGING
+from pipelines.layout import REJECTED, SPEC, STAGING
 from pipelines.spec import JobSpec, SpecError
 from pipelines.storage import arrow_fs, filesystem, full_url, join
 
@@ -134,27 +135,42 @@ def _write(spec: JobSpec, images: ray.data.Dataset, out_url: str) -> dict[str, i
     return written
 
 
-def run_job(spec: JobSpec) -> JobResult:
+def run_job(spec: JobSpec, allow_subset: bool = False) -> JobResult:
     t0 = time.time()
-    # 1. Check inputs: spec, input files, checkpoints, sampling, output compatibility
-    plan = preflight(spec)
+    # 1. Check inputs: spec, input files, checkpoints, sampling, output (ours, same settings), capacity
+    plan, previous = preflight(spec, allow_subset)
     fs, root = filesystem(spec.output.path, spec.output.storage_options)
     out_url = full_url(fs, root)
-    # 2. Start (or join) Ray; refuse pools that cannot fit
     _ensure_ray(spec)
     _check_capacity(spec)
-    # 3. Read and validate once (bad rows are kept, marked with a reason): the rejected write and every
-    #    model branch reuse it (prompt rows are small; images are what streams)
-    validated = read_prompts(plan, spec.input).map_batches(
-        functools.partial(validate_batch, spec=spec.input, duplicates=plan.duplicate_ids), batch_format="pyarrow",
-    ).materialize()
-    # 4. Rejected rows -> staging (published by finalize)
-    rejected = _write_rejected(spec, plan, validated, out_url)
-    # 5. Generate, score and write what is missing
-    written = _write(spec, _images(spec, validated, done_keys(fs, root)), out_url)
-    # 6. Commit exactly once, rejected rows, summary, metrics, report, _SUCCESS last
-    return finalize(spec, fs, root, input_rows=plan.rows, rejected=rejected, written=written,
-                    fingerprint=fingerprint(spec), started=t0)
+    # 2. One writer per output; its settings are on record before the first image
+    try:
+        lease = Lease(fs, root, job=_ray_job_id()).acquire(spec.output.lease_wait_s)
+    except LeaseHeld as e:
+        raise PreflightError(f"output.path: {e}; two runs must not write one output at once") from e
+    with lease:
+        record = merged_fingerprint(spec, previous)
+        if record != previous:  # a rerun of a complete output touches nothing
+            write_json(fs, join(root, SPEC), record)
+        # 3. Read and validate once (bad rows are kept, marked with a reason): the rejected write and every
+        #    model branch reuse it (prompt rows are small; images are what streams)
+        validated = read_prompts(plan, spec.input).map_batches(
+            functools.partial(validate_batch, spec=spec.input, duplicates=plan.duplicate_ids), batch_format="pyarrow",
+        ).materialize()
+        # 4. Rejected rows -> staging (published by finalize)
+        rejected = _write_rejected(spec, plan, validated, out_url)
+        # 5. Generate, score and write what is missing
+        written = _write(spec, _images(spec, validated, done_keys(fs, root)), out_url)
+        # 6. Commit exactly once, rejected rows, summary, metrics, report, _SUCCESS last
+        lease.check()
+        return finalize(spec, fs, root, input_rows=plan.rows, rejected=rejected, written=written, started=t0)
+
+
+def _ray_job_id() -> str:
+    try:
+        return ray.get_runtime_context().get_job_id()
+    except Exception:  # noqa: BLE001 - provenance only
+        return ""
 
 
 __all__ = ["JobResult", "PreflightError", "SpecError", "preflight", "run_job"]

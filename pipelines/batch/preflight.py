@@ -6,6 +6,8 @@ a run with other settings; errors name the field and exit with code 2.
 
 from __future__ import annotations
 
+import os
+
 import pyarrow as pa
 from pydantic import ValidationError
 
@@ -14,11 +16,14 @@ from models.clip import load_clip
 from models.judge import load_judge
 from pipelines.batch.commit import read_json
 from pipelines.batch.read import InputPlan, plan_input
-from pipelines.layout import SPEC
+from pipelines.layout import IMAGES, LEASE, METADATA, REJECTED, SHARDS, SPEC, STAGING
 from pipelines.runs.evaluate import read_reference
-from pipelines.spec import JobSpec
-from pipelines.storage import filesystem, join
+from pipelines.spec import JobSpec, redact, redact_text
+from pipelines.storage import filesystem, full_url, is_local, join
 from pipelines.tables import InputError
+
+_RUN_DIRS = {IMAGES, METADATA, REJECTED, SHARDS, STAGING}
+_LOCAL_ROOTS = {"", "/", os.path.expanduser("~").rstrip("/"), os.getcwd().rstrip("/")}
 
 
 class PreflightError(ValueError):
@@ -26,15 +31,85 @@ class PreflightError(ValueError):
 
 
 def fingerprint(spec: JobSpec) -> dict:
-    """What decides the pixels of an existing sample; a rerun must not change it under the same output."""
-    return {"seed": spec.seed, "image_format": spec.output.image_format, "format": spec.output.format,
-            "models": {m.name: {"family": m.family, "checkpoint": m.checkpoint, "sampling": m.sampling,
-                                **({"rerank_clip": spec.scoring.clip} if m.candidates > 1 else {})}
-                       for m in spec.models}}
+    """What decides the pixels and scores of an existing sample; a rerun must not change it under the same
+    output. Written (redacted) to `_spec.json` before the first image, so a crashed first run guards it too."""
+    s = spec.scoring
+    return redact({"seed": spec.seed, "image_format": spec.output.image_format, "format": spec.output.format,
+                   "scoring": {"enabled": s.enabled, "clip": s.clip, "judge": s.judge},
+                   "models": {m.name: {"family": m.family, "checkpoint": m.checkpoint, "sampling": m.sampling,
+                                       **({"rerank_clip": s.clip} if m.candidates > 1 else {})}
+                              for m in spec.models}})
 
 
-def preflight(spec: JobSpec) -> InputPlan:
-    """Open the input and every checkpoint, check sampling and output; raise PreflightError naming the field."""
+def merged_fingerprint(spec: JobSpec, previous: dict | None) -> dict:
+    """This run's fingerprint plus the models an earlier run wrote that this one leaves out (--allow-subset):
+    their images stay in the output, so their settings stay guarded."""
+    now = fingerprint(spec)
+    for name, m in (previous or {}).get("models", {}).items():
+        now["models"].setdefault(name, m)
+    return now
+
+
+def _check_fingerprint(spec: JobSpec, previous: dict, allow_subset: bool) -> None:
+    now, where = fingerprint(spec), f"output.path {redact_text(spec.output.path)!r}"
+    for k in ("seed", "image_format", "format", "scoring"):
+        old = previous.get(k, "files" if k == "format" else None)
+        if k in previous or k == "format":
+            if old != now[k]:
+                raise PreflightError(f"{where} already holds a run with {k} {old!r}; this spec has {now[k]!r}. "
+                                     "Use a new output path")
+    for name, m in now["models"].items():
+        old = previous["models"].get(name)
+        if old is not None and old != m:
+            raise PreflightError(f"{where} already holds model {name!r} with other settings ({old}); this spec has "
+                                 f"{m}. Use a new output path")
+    dropped = sorted(set(previous["models"]) - set(now["models"]))
+    if dropped and not allow_subset:
+        raise PreflightError(f"{where} already holds images of models {dropped} that this spec leaves out; use a new "
+                             "output path, or --allow-subset to add to it with these models only")
+
+
+_OURS = {SPEC, LEASE, STAGING}  # what may sit in an output before its first `_spec.json`
+
+
+def check_output(spec: JobSpec, plan: InputPlan, allow_subset: bool = False) -> dict | None:
+    """The output is a path we may write into: not a root, not overlapping the input, empty or a promptmill run
+    with the same settings. Returns the previous fingerprint (None for a new output)."""
+    o = spec.output
+    fs, root = filesystem(o.path, o.storage_options)
+    where = f"output.path {redact_text(o.path)!r}"
+    stripped = root.strip("/")
+    if not o.path.strip() or not stripped or (is_local(o.path) and root.rstrip("/") in _LOCAL_ROOTS) \
+            or (not is_local(o.path) and "/" not in stripped):
+        raise PreflightError(f"{where} is empty or a root (a filesystem, home, working directory or bucket root); "
+                             "name a folder of its own, e.g. runs/my-job/ or s3://bucket/runs/my-job/")
+    out_url = full_url(fs, root)
+    in_fs, in_root = filesystem(spec.input.path, spec.input.storage_options)
+    in_url = full_url(in_fs, in_root.split("*")[0].rstrip("/"))
+    input_files = {full_url(plan.fs, f) for f in plan.files}
+    if out_url == in_url or out_url.startswith(in_url.rstrip("/") + "/") and in_url not in input_files:
+        raise PreflightError(f"{where} is inside input.path {redact_text(spec.input.path)!r}: a rerun would read its "
+                             "metadata/ and rejected/ as prompts; put the output elsewhere")
+    inside = [f for f in input_files if f.startswith(out_url + "/")]
+    if any(f[len(out_url) + 1:].split("/")[0] in _RUN_DIRS for f in inside) or \
+            any(fs.isdir(f) for f in ([in_url] if in_url.startswith(out_url + "/") and in_url not in input_files else [])):
+        raise PreflightError(f"input.path {redact_text(spec.input.path)!r} is inside {where}, where the run writes; "
+                             "keep prompts outside the output (a single prompts file at its top is fine)")
+    previous = read_json(fs, join(root, SPEC))
+    if previous is None and fs.exists(root):
+        foreign = sorted(p.rsplit("/", 1)[-1] for p in fs.ls(root, detail=False)
+                         if p.rsplit("/", 1)[-1] not in _OURS and full_url(fs, p) not in input_files)
+        if foreign:
+            raise PreflightError(f"{where} holds files that are not a promptmill run ({foreign[:5]}); a run writes "
+                                 "only into an empty folder or one of its own. Use a new output path")
+    if previous is not None:
+        _check_fingerprint(spec, previous, allow_subset)
+    return previous
+
+
+def preflight(spec: JobSpec, allow_subset: bool = False) -> tuple[InputPlan, dict | None]:
+    """Open the input and every checkpoint, check sampling and output; raise PreflightError naming the field.
+    Returns the input plan and the output's previous fingerprint (None for a new output)."""
     try:
         plan = plan_input(spec.input)
     except InputError as e:
@@ -65,18 +140,7 @@ def preflight(spec: JobSpec) -> InputPlan:
             read_reference(spec.metrics.reference, spec.metrics.storage_options, spec.metrics.image_column, 4)
         except (OSError, ValueError, KeyError, pa.ArrowException) as e:
             raise PreflightError(f"metrics.reference: cannot read images from {spec.metrics.reference!r} ({e})") from e
-    fs, root = filesystem(spec.output.path, spec.output.storage_options)
-    previous = read_json(fs, join(root, SPEC))
-    if previous is not None:
-        now = fingerprint(spec)
-        for name, m in now["models"].items():
-            old = previous["models"].get(name)
-            same = all(previous.get(k, "files" if k == "format" else None) == now[k]
-                       for k in ("seed", "image_format", "format"))
-            if old is not None and old != m or not same:
-                raise PreflightError(f"output.path {spec.output.path!r} already holds a run with different "
-                                     f"seed/format/model {name!r} settings ({previous}); use a new output path")
-    return plan
+    return plan, check_output(spec, plan, allow_subset)
 
 
 def scoring_on(spec: JobSpec) -> bool:

@@ -16,7 +16,7 @@ import torch
 from models.clip import load_clip
 from models.images import to_nchw
 from models.judge import judge_prompts, load_judge
-from pipelines.spec import ScoringSpec
+from pipelines.spec import ScoringSpec, redact
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +32,7 @@ class ScoreStage:
         so = scoring.storage_options
         self.clip = load_clip(scoring.clip, self.device, so) if scoring.clip else None
         self.judge = load_judge(scoring.judge, self.device, so) if scoring.judge else None
-        log.info("scoring on %s (clip=%s, judge=%s)", self.device, scoring.clip, scoring.judge)
+        log.info("scoring on %s (clip=%s, judge=%s)", self.device, *redact([scoring.clip, scoring.judge]))
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         prompts = [str(p) for p in batch["prompt"]]

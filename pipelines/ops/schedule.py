@@ -73,6 +73,9 @@ class ScheduleSpec(Strict):
     seed: int = 0
     submit_address: str | None = Field(default=None, description="Ray dashboard URL: submit each fire as a Ray "
                                        "job instead of running it in this process")
+    pass_aws_credentials: bool = Field(default=False, description="with submit_address: send this process's AWS "
+                                       "keys with each job (readable through the Jobs API; default: the "
+                                       "cluster's own identity)")
 
     @field_validator("cron")
     @classmethod
@@ -220,7 +223,7 @@ def fire(s: ScheduleSpec, slot: dt.datetime, dry_run: bool = False) -> dict[str,
     if s.submit_address:
         from pipelines.ops.submit import submit
 
-        sid, created = submit(data, s.submit_address)
+        sid, created = submit(data, s.submit_address, s.pass_aws_credentials)
         return {"run": rid, "status": "submitted" if created else "already submitted", "submission_id": sid}
     from pipelines.batch.job import run_job
 

@@ -1,9 +1,12 @@
 """Ray Jobs submission: the generate job shipped to a cluster through `JobSubmissionClient`.
 
-The project travels as the job's `working_dir` (checkpoints included: relative paths in a spec resolve
-there), the spec travels in an environment variable, and the submitter's S3 environment (AWS_*) goes
-with it. The submission id is a hash of the spec and its output path, so submitting the same job twice
-reports the first submission instead of running it again.
+What travels is an allow-list, never the checkout: the three packages, `pyproject.toml` and the checkpoint
+directories the spec references by relative path (`shipped_files`; `--dry-run` prints it), each file under a
+size cap. The spec travels in an environment variable, which Ray keeps in JobInfo for anyone who can reach
+the Jobs API: so it must hold no secrets (`${ENV_VAR}` references resolve on the cluster), and credentials
+come from the cluster's own identity (instance profile, IRSA, the nodes' environment); the submitter's AWS
+keys go only with `--pass-aws-credentials`. The submission id is a hash of the spec and its output path, so
+submitting the same job twice reports the first submission instead of running it again.
 """
 
 from __future__ import annotations
@@ -12,21 +15,23 @@ import hashlib
 import json
 import logging
 import os
+import shutil
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from pipelines.spec import JobSpec, spec_data, validated
+from pipelines.spec import JobSpec, SpecError, literal_secrets, resolve_env, spec_data, validated
 
 log = logging.getLogger(__name__)
 PROJECT = Path(__file__).resolve().parents[2]  # the checkout: pipelines/ops/submit.py
 SPEC_ENV = "PROMPTMILL_SPEC"
-# what the cluster does not need from a checkout (the venv alone is GBs); anchored at the checkout's root,
-# since gitignore-style "runs" would also drop the code in pipelines/runs/
-EXCLUDES = ["/.venv", "/.git", "/data", "/runs", "/logs", "**/__pycache__", "/.pytest_cache", "/.ruff_cache", "/docs",
-            "*.egg-info"]
-S3_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_DEFAULT_REGION", "AWS_REGION",
-          "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3", "AWS_PROFILE")
+PACKAGES = ("jobs", "pipelines", "models")
+PACKAGE_FILES = (".py", ".md", ".yaml")  # code, docs beside it, the recipe configs
+MAX_FILE_MB = 256  # a shipped checkpoint is ~10 MB; anything this big is a mistake (a dataset, a venv's wheel)
+# not secret: where S3 is and which region; keys and tokens travel only with --pass-aws-credentials
+AWS_PLACE_ENV = ("AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
+AWS_SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 AGENT_WAIT_S = 120
 
@@ -41,10 +46,63 @@ def submission_id(data: dict[str, Any]) -> str:
 
 def resolved_spec(source: str | Path | dict, overrides: list[str] | None = None) -> dict[str, Any]:
     """The spec as data with overrides applied, validated here (fail before submitting) but not filled with
-    defaults: defaults such as the shipped checkpoints resolve on the cluster, inside its working_dir."""
+    defaults (the shipped checkpoints resolve on the cluster, inside its working_dir) and with its `${ENV_VAR}`
+    references kept (they resolve on the cluster). A secret written out in it is refused."""
     data, name = spec_data(source, overrides)
-    validated(JobSpec, data, name)  # raises SpecError naming the field
+    validated(JobSpec, resolve_env(data, placeholder="x"), name)  # raises SpecError naming the field
+    refuse_literal_secrets(data, name)
     return data
+
+
+def refuse_literal_secrets(data: dict[str, Any], name: str = "spec") -> None:
+    secrets = literal_secrets(data)
+    if secrets:
+        raise SpecError(f"{name}: {', '.join(secrets)} hold a secret written out; a submitted spec is readable by "
+                        "anyone who can reach the cluster's Jobs API. Reference a variable the cluster has instead, "
+                        "e.g. secret: ${AWS_SECRET_ACCESS_KEY}, or leave credentials to the cluster's identity")
+
+
+def shipped_files(data: dict[str, Any], max_file_mb: float = MAX_FILE_MB) -> list[tuple[str, int]]:
+    """(path relative to the project, bytes) of everything the job's working_dir holds: the packages, the
+    project file, and the checkpoints the spec names by relative path (the shipped scorers when it leaves
+    scoring at its defaults). Raises SpecError naming a referenced checkpoint that is not in the project or a
+    file over the size cap."""
+    spec = JobSpec.model_validate(resolve_env(data, placeholder="x"))
+    roots = [PROJECT / p for p in PACKAGES]
+    files = [f for r in roots for f in r.rglob("*") if f.is_file() and f.suffix in PACKAGE_FILES
+             and "__pycache__" not in f.parts]
+    files.append(PROJECT / "pyproject.toml")
+    refs = [(f"models[{i}].checkpoint", m.checkpoint) for i, m in enumerate(spec.models)]
+    if spec.scoring.enabled:
+        refs += [(f"scoring.{k}", getattr(spec.scoring, k)) for k in ("clip", "judge") if getattr(spec.scoring, k)]
+    for where, ref in refs:
+        if "://" in ref:
+            continue  # an object-store URL: nothing to ship
+        d = (PROJECT / ref).resolve()  # a default (the shipped scorers) is absolute, inside the project
+        if Path(ref).is_absolute() and PROJECT.resolve() not in d.parents:
+            continue  # a path the cluster's nodes have
+        if not d.is_dir() or PROJECT.resolve() not in d.parents:
+            raise SpecError(f"{where}: {ref!r} is not a checkpoint directory inside the project, so it cannot travel "
+                            "with the job; use an object-store URL")
+        files += sorted(f for f in d.rglob("*") if f.is_file())
+    out = []
+    for f in sorted(set(files)):
+        size = f.stat().st_size
+        if size > max_file_mb * 2**20:
+            raise SpecError(f"{f.relative_to(PROJECT)} is {size / 2**20:.0f} MB, over the {max_file_mb:g} MB cap on a "
+                            "shipped file; put it in object storage and reference its URL")
+        out.append((str(f.relative_to(PROJECT)), size))
+    return out
+
+
+def stage_working_dir(files: list[tuple[str, int]]) -> str:
+    """A temporary directory holding exactly `files` (Ray zips and uploads it); the caller removes it."""
+    tmp = tempfile.mkdtemp(prefix="promptmill-submit-")
+    for rel, _ in files:
+        dest = Path(tmp, rel)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(PROJECT / rel, dest)
+    return tmp
 
 
 def client(address: str | None):
@@ -53,17 +111,37 @@ def client(address: str | None):
     return JobSubmissionClient(address or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265")
 
 
-def submit(data: dict[str, Any], address: str | None = None) -> tuple[str, bool]:
+def job_env(data: dict[str, Any], pass_aws_credentials: bool = False) -> dict[str, str]:
+    """The job's environment variables (stored in JobInfo, readable through the Jobs API)."""
+    names = AWS_PLACE_ENV + (AWS_SECRET_ENV if pass_aws_credentials else ())
+    if pass_aws_credentials:
+        log.warning("--pass-aws-credentials: your AWS keys travel in the job's runtime_env, readable by anyone who "
+                    "can reach this cluster's Jobs API or dashboard; prefer the cluster's own IAM identity")
+    env = {k: os.environ[k] for k in names if k in os.environ}
+    env[SPEC_ENV] = json.dumps(data)
+    return env
+
+
+def submit(data: dict[str, Any], address: str | None = None, pass_aws_credentials: bool = False,
+           max_file_mb: float = MAX_FILE_MB) -> tuple[str, bool]:
     """Submit; returns (submission id, whether this call created it)."""
+    refuse_literal_secrets(data)  # schedules submit without going through resolved_spec
     sid = submission_id(data)
     c = client(address)
-    env = {k: os.environ[k] for k in S3_ENV if k in os.environ}
-    env[SPEC_ENV] = json.dumps(data)
+    env = job_env(data, pass_aws_credentials)
+    working_dir = stage_working_dir(shipped_files(data, max_file_mb))
+    try:
+        return _submit(c, sid, data, env, working_dir)
+    finally:
+        shutil.rmtree(working_dir, ignore_errors=True)
+
+
+def _submit(c, sid: str, data: dict[str, Any], env: dict[str, str], working_dir: str) -> tuple[str, bool]:
     t0 = time.time()
     while True:
         try:
             c.submit_job(entrypoint=f"python -m jobs.cli generate env:{SPEC_ENV}", submission_id=sid,
-                         runtime_env={"working_dir": str(PROJECT), "excludes": EXCLUDES, "env_vars": env},
+                         runtime_env={"working_dir": working_dir, "env_vars": env},
                          metadata={"promptmill": "generate", "name": str(data.get("name", ""))})
             return sid, True
         except RuntimeError as e:
