@@ -20,7 +20,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from pipelines.batch.job import PreflightError, run_job
+    from pipelines.batch.job import JobFailed, PreflightError, run_job
     from pipelines.spec import SpecError, load_spec
 
     try:
@@ -29,5 +29,7 @@ def main(args: argparse.Namespace) -> int:
         result = run_job(spec, allow_subset=args.allow_subset)
     except (SpecError, PreflightError) as e:
         return error(e)
+    except JobFailed as e:
+        return error(e, code=1)
     print(result.line())
     return 0

@@ -47,9 +47,64 @@ def save_checkpoint(
     fs.pipe(_join(path, CONFIG_NAME), json.dumps(config, indent=2, sort_keys=True).encode())
 
 
-def load_checkpoint(url: str, storage_options: dict | None = None, kind: str | None = None
+MAX_HEADER_BYTES = 100 * 2**20
+MAX_CONFIG_INT = 1 << 16  # widths, vocabularies, codebooks, lengths
+MAX_LAYERS = 256
+Shapes = dict[str, tuple[int, ...]]
+
+
+def meta_shapes(make: Callable[[], Any]) -> Shapes:
+    """Tensor shapes of `make().state_dict()`, built on the meta device: no memory, whatever the config says."""
+    with torch.device("meta"):
+        obj = make()
+    return {k: tuple(v.shape) for k, v in obj.state_dict().items()}
+
+
+def _check_config(url: str, config: dict) -> None:
+    """Bound every integer in the model config before anything is built from it (a hand-edited `n_embd` must not
+    allocate gigabytes, a `n_layer` of a million must not build a million blocks, even on the meta device)."""
+    for section, values in config.items():
+        if not isinstance(values, dict):
+            continue
+        for k, v in values.items():
+            limit = MAX_LAYERS if "layer" in k else MAX_CONFIG_INT
+            if isinstance(v, int) and not isinstance(v, bool) and not 0 <= v <= limit:
+                raise CheckpointError(f"checkpoint {url!r}: {CONFIG_NAME} {section}.{k} = {v} is out of range "
+                                      f"[0, {limit}]")
+
+
+def read_header(fs, path: str, url: str) -> Shapes:
+    """Tensor names and shapes from a safetensors header (8-byte length, then JSON), without reading the weights."""
+    with fs.open(path, "rb") as f:
+        head = f.read(8)
+        n = int.from_bytes(head, "little") if len(head) == 8 else -1
+        if not 0 < n <= MAX_HEADER_BYTES:
+            raise CheckpointError(f"checkpoint {url!r}: {WEIGHTS_NAME} is corrupt (header length {n})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CheckpointError(f"checkpoint {url!r}: {WEIGHTS_NAME} is corrupt (header: {e})") from e
+    return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+
+
+def check_shapes(url: str, expected: Shapes, found: Shapes) -> None:
+    if expected == found:
+        return
+    missing, extra = sorted(set(expected) - set(found)), sorted(set(found) - set(expected))
+    wrong = [f"{k}: {found[k]} (config wants {expected[k]})" for k in sorted(set(expected) & set(found))
+             if expected[k] != found[k]]
+    parts = [f"missing {missing[:3]}" if missing else "", f"unexpected {extra[:3]}" if extra else "",
+             f"shapes {wrong[:3]}" if wrong else ""]
+    raise CheckpointError(f"checkpoint {url!r}: weights do not match {CONFIG_NAME} "
+                          f"({'; '.join(p for p in parts if p)})")
+
+
+def load_checkpoint(url: str, storage_options: dict | None = None, kind: str | None = None,
+                    expect: Callable[[dict], Shapes] | None = None, read_weights: bool = True
                     ) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Return (config, fp32 tensors); `kind`: the `family` the caller needs. Raises CheckpointError naming the file."""
+    """Return (config, fp32 tensors); `kind`: the `family` the caller needs; `expect(config)`: the tensor shapes the
+    config implies (`meta_shapes`), checked against the file's header before any weight is read. Raises
+    CheckpointError naming the file."""
     fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
     cfg_path, w_path = _join(path, CONFIG_NAME), _join(path, WEIGHTS_NAME)
     for p in (cfg_path, w_path):
@@ -63,6 +118,17 @@ def load_checkpoint(url: str, storage_options: dict | None = None, kind: str | N
         raise CheckpointError(f"checkpoint {url!r}: {CONFIG_NAME} lacks 'family' or 'config'")
     if kind is not None and config["family"] != kind:
         raise CheckpointError(f"checkpoint {url!r} is a {config['family']!r} checkpoint, not a {kind!r} one")
+    _check_config(url, config)
+    if expect is not None:
+        try:
+            expected = expect(config)
+        except CheckpointError:
+            raise
+        except (KeyError, TypeError, ValueError, RuntimeError) as e:
+            raise CheckpointError(f"checkpoint {url!r}: {CONFIG_NAME} does not describe a model ({e})") from e
+        check_shapes(url, expected, read_header(fs, w_path, url))
+    if not read_weights:
+        return config, {}
     try:
         tensors = st_load(fs.cat_file(w_path))
     except (SafetensorError, ValueError, RuntimeError) as e:
@@ -74,7 +140,7 @@ def load_module(url: str, kind: str, build: Callable[[dict], torch.nn.Module], s
                 ) -> tuple[dict, torch.nn.Module]:
     """(config, module in eval mode) for the non-generator checkpoints (judge, vq, clip): `build(config)` makes
     the module, the weights must fit it exactly; any disagreement is a CheckpointError, never a traceback."""
-    config, tensors = load_checkpoint(url, storage_options, kind)
+    config, tensors = load_checkpoint(url, storage_options, kind, lambda c: meta_shapes(lambda: build(c)))
     try:
         module = build(config)
         module.load_state_dict(tensors)

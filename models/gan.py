@@ -213,9 +213,14 @@ class GANGenerator:
                 "tokenizer": self.tokenizer.to_config()}
 
     @classmethod
+    def from_config(cls, config: dict, device: torch.device) -> GANGenerator:
+        """Built from config.json, untrained (the checkpoint loader checks shapes on the meta device with it)."""
+        return cls.build(GANConfig(**config["config"]), CLIPConfig(**config["text"]),
+                         WordTokenizer.from_config(config["tokenizer"]), device)
+
+    @classmethod
     def from_checkpoint(cls, config: dict, tensors: dict[str, torch.Tensor], device: torch.device) -> GANGenerator:
-        g = cls.build(GANConfig(**config["config"]), CLIPConfig(**config["text"]),
-                      WordTokenizer.from_config(config["tokenizer"]), device)
+        g = cls.from_config(config, device)
         g.text.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("text.")})
         g.gen.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("gen.")})
         return g

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel
 
-from models.checkpoint import CheckpointError, load_checkpoint
+from models.checkpoint import CheckpointError, load_checkpoint, meta_shapes
 
 # family -> module defining `GENERATOR` (imported lazily: loading a GAN never imports the transformer)
 FAMILIES: dict[str, str] = {"gan": "models.gan", "transformer": "models.transformer"}
@@ -27,6 +27,12 @@ class Generator(Protocol):
 
     def generate(self, prompts: list[str], seeds: list[int], **sampling: Any) -> np.ndarray: ...
 
+    @classmethod
+    def from_config(cls, config: dict, device: torch.device) -> Generator: ...  # untrained, from config.json
+
+    @classmethod
+    def from_checkpoint(cls, config: dict, tensors: dict[str, torch.Tensor], device: torch.device) -> Generator: ...
+
 
 def generator_class(family: str) -> type[Generator]:
     if family not in FAMILIES:
@@ -37,12 +43,18 @@ def generator_class(family: str) -> type[Generator]:
 def load_generator(
     url: str, device: str | torch.device | None = None, storage_options: dict | None = None
 ) -> Generator:
-    """Load a checkpoint directory (local path or fsspec URL) onto `device` (default: CUDA if present)."""
-    config, tensors = load_checkpoint(url, storage_options)
+    """Load a checkpoint directory (local path or fsspec URL) onto `device` (default: CUDA if present). The
+    weights' names and shapes are checked against what the config builds before any weight is read."""
+
     try:
+        config, _ = load_checkpoint(url, storage_options, read_weights=False)
         cls = generator_class(config["family"])
-    except ValueError as e:
+    except CheckpointError:
+        raise
+    except ValueError as e:  # an unknown family
         raise CheckpointError(f"checkpoint {url!r}: {e}") from e
+    config, tensors = load_checkpoint(
+        url, storage_options, expect=lambda c: meta_shapes(lambda: cls.from_config(c, torch.device("meta"))))
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         return cls.from_checkpoint(config, tensors, device)

@@ -190,10 +190,15 @@ class TransformerGenerator:
                 "tokenizer": self.tokenizer.to_config()}
 
     @classmethod
+    def from_config(cls, config: dict, device: torch.device) -> TransformerGenerator:
+        """Built from config.json, untrained (the checkpoint loader checks shapes on the meta device with it)."""
+        return cls.build(TransformerConfig(**config["config"]), VQConfig(**config["vq"]),
+                         WordTokenizer.from_config(config["tokenizer"]), device)
+
+    @classmethod
     def from_checkpoint(cls, config: dict, tensors: dict[str, torch.Tensor],
                         device: torch.device) -> TransformerGenerator:
-        g = cls.build(TransformerConfig(**config["config"]), VQConfig(**config["vq"]),
-                      WordTokenizer.from_config(config["tokenizer"]), device)
+        g = cls.from_config(config, device)
         g.model.load_state_dict({k[12:]: v for k, v in tensors.items() if k.startswith("transformer.")})
         g.vq.load_state_dict({k[3:]: v for k, v in tensors.items() if k.startswith("vq.")})
         return g

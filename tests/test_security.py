@@ -412,3 +412,82 @@ def test_deploy_files_keep_the_dashboard_private_with_token_auth_and_no_static_k
         assert "AWS_SECRET_ACCESS_KEY" not in text and "promptmill-s3" not in text and "serviceAccountName" in text
     rayjob = list(yaml.safe_load_all((root / "deploy" / "kuberay" / "rayjob-generate.yaml").read_text()))[1]
     assert rayjob["spec"]["rayClusterSpec"]["authOptions"] == {"mode": "token"}
+
+
+# ---------------------------------------------------------------- 9, 14: checkpoints and runaway restarts
+
+def test_a_checkpoint_config_cannot_make_the_loader_allocate(checkpoints, tmp_path):
+    """config.json is checked against the safetensors header (names, shapes) on the meta device before any
+    weight is read: an edited n_embd cost 505 MiB before, a bigger one would kill the driver."""
+    import shutil
+
+    import psutil
+
+    from models import CheckpointError, load_generator
+    from models.judge import load_judge
+
+    edited = tmp_path / "edited"
+    shutil.copytree(checkpoints["transformer"], edited)
+    cfg = json.loads((edited / "config.json").read_text())
+    cfg["config"]["n_embd"] = 4096  # ~6 GB of fp32 weights if built for real
+    (edited / "config.json").write_text(json.dumps(cfg))
+    rss = psutil.Process().memory_info().rss
+    with pytest.raises(CheckpointError, match=r"weights do not match config.json \(.*config wants"):
+        load_generator(str(edited), "cpu")
+    assert psutil.Process().memory_info().rss - rss < 200 * 2**20
+    cfg["config"]["n_layer"] = 10**6
+    (edited / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"config.n_layer = 1000000 is out of range"):
+        load_generator(str(edited), "cpu")
+    with pytest.raises(CheckpointError, match="is a 'transformer' checkpoint, not a 'judge' one"):
+        load_judge(checkpoints["transformer"])
+    judge = tmp_path / "judge"
+    shutil.copytree(Path(__file__).resolve().parents[1] / "checkpoints" / "judge", judge)
+    cfg = json.loads((judge / "config.json").read_text())
+    cfg["config"]["width"] *= 2
+    (judge / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match="weights do not match"):
+        load_judge(str(judge))
+
+
+def test_a_bad_scorer_checkpoint_is_a_preflight_error(checkpoints, tmp_path, capsys):
+    write_prompts(tmp_path / "in" / "a.parquet", ["a red circle"], ["a"])
+    spec = make_spec(str(tmp_path / "in"), str(tmp_path / "out"), checkpoints,
+                     scoring={"clip": checkpoints["gan"], "judge": None})
+    assert _cli(spec, tmp_path) == 2
+    assert "scoring.clip" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def test_an_actor_that_keeps_dying_fails_the_job_instead_of_hanging(ray_local, checkpoints, tmp_path):
+    """Ray restarts pool actors without limit by default: a batch that kills its actor every time (OOM) hung the
+    job. Restarts are bounded; past them the job fails with one line and the rerun resumes."""
+    import threading
+    import time
+
+    import psutil
+
+    from pipelines.batch.job import MAX_ACTOR_RESTARTS, JobFailed
+
+    write_prompts(tmp_path / "in" / "a.parquet", [f"a red circle {i}" for i in range(64)], [f"p{i}" for i in range(64)])
+    spec = make_spec(str(tmp_path / "in"), str(tmp_path / "out"), checkpoints, scoring={"enabled": False})
+    stop, kills = threading.Event(), []
+
+    def killer() -> None:  # plays the OOM killer: every generator actor dies as soon as it is up
+        while not stop.is_set():
+            for p in psutil.process_iter(["cmdline"]):
+                if "GenerateStage" in " ".join(p.info["cmdline"] or []) and p.pid not in kills:
+                    kills.append(p.pid)
+                    p.kill()
+            time.sleep(0.2)
+
+    t = threading.Thread(target=killer, daemon=True)
+    t.start()
+    t0 = time.time()
+    try:
+        with pytest.raises(JobFailed, match="generate"):
+            run_job(load_spec(spec))
+    finally:
+        stop.set()
+        t.join()
+    assert len(kills) >= MAX_ACTOR_RESTARTS + 1 and time.time() - t0 < 180
+    assert run_job(load_spec(spec)).images_total == {"gan": 128}  # nothing lost: the rerun finishes it

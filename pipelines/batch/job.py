@@ -31,6 +31,13 @@ from pipelines.spec import JobSpec, SpecError
 from pipelines.storage import arrow_fs, filesystem, full_url, join
 
 log = logging.getLogger(__name__)
+# Ray restarts pool actors and retries their tasks without limit by default: a batch that OOM-kills its actor
+# every time hung the job. Past these, the job fails with one line (JobFailed) and a rerun resumes.
+MAX_ACTOR_RESTARTS = 3
+MAX_TASK_RETRIES = 3
+# passed as map_batches kwargs, the way Ray 2.60 reads them (actor_pool_map_operator; it warns that
+# ray_remote_args are deprecated, but no named parameter carries these yet)
+_BOUNDED = {"max_restarts": MAX_ACTOR_RESTARTS, "max_task_retries": MAX_TASK_RETRIES}
 EMBEDDED_OVERSUBSCRIPTION = 4  # logical CPUs per core an embedded Ray may promise (actors idle while others work)
 
 
@@ -113,14 +120,14 @@ def _images(spec: JobSpec, validated: ray.data.Dataset, done: frozenset[str]) ->
         branches.append(samples.map_batches(
             GenerateStage, fn_constructor_kwargs={"model": m, "scoring": spec.scoring},
             compute=ActorPoolStrategy(min_size=r.actors, max_size=r.max_actors),
-            num_gpus=r.num_gpus, num_cpus=r.num_cpus, batch_size=r.batch_size))
+            num_gpus=r.num_gpus, num_cpus=r.num_cpus, batch_size=r.batch_size, **_BOUNDED))
     images = branches[0].union(*branches[1:]) if len(branches) > 1 else branches[0]
     if not scoring_on(spec):
         return images
     s = spec.scoring.resources
     return images.map_batches(ScoreStage, fn_constructor_kwargs={"scoring": spec.scoring},
                               compute=ActorPoolStrategy(min_size=s.actors, max_size=s.max_actors),
-                              num_gpus=s.num_gpus, num_cpus=s.num_cpus, batch_size=s.batch_size)
+                              num_gpus=s.num_gpus, num_cpus=s.num_cpus, batch_size=s.batch_size, **_BOUNDED)
 
 
 def _write(spec: JobSpec, images: ray.data.Dataset, out_url: str) -> dict[str, int]:
@@ -129,10 +136,26 @@ def _write(spec: JobSpec, images: ray.data.Dataset, out_url: str) -> dict[str, i
     stream = images.map_batches(WriteStage(out_url, o.storage_options, o.image_format, o.format),
                                 batch_size=None if o.format == "files" else o.shard_size, num_cpus=0.5)
     written: dict[str, int] = {m.name: 0 for m in spec.models}
-    for batch in stream.iter_batches(batch_size=None, batch_format="numpy"):
-        for name, n in zip(batch["model"], batch["images"]):
-            written[str(name)] += int(n)
+    try:
+        for batch in stream.iter_batches(batch_size=None, batch_format="numpy"):
+            for name, n in zip(batch["model"], batch["images"]):
+                written[str(name)] += int(n)
+    except ray.exceptions.RayError as e:
+        raise JobFailed.from_ray(e) from e
     return written
+
+
+class JobFailed(RuntimeError):
+    """The job stopped part-way (staged work is kept: the same command resumes); one line for the CLI."""
+
+    @classmethod
+    def from_ray(cls, e: Exception) -> JobFailed:
+        text = str(e)
+        stage = next((s for s in ("GenerateStage", "ScoreStage", "WriteStage") if s in text), "a stage")
+        first = next((ln.strip() for ln in text.splitlines() if "Error" in ln or "died" in ln), text.splitlines()[0])
+        verb = {"GenerateStage": "generate", "ScoreStage": "score", "WriteStage": "write"}.get(stage, stage)
+        return cls(f"{verb} failed ({type(e).__name__}: {first[:300]}); staged work is kept, "
+                   "run the same command again to resume")
 
 
 def run_job(spec: JobSpec, allow_subset: bool = False) -> JobResult:
@@ -173,4 +196,4 @@ def _ray_job_id() -> str:
         return ""
 
 
-__all__ = ["JobResult", "PreflightError", "SpecError", "preflight", "run_job"]
+__all__ = ["JobFailed", "JobResult", "PreflightError", "SpecError", "preflight", "run_job"]
