@@ -235,5 +235,3 @@ class GANGenerator:
         sent = sentence(self.text, self.tokenizer.encode_batch(prompts).to(self.device))
         return to_uint8(self.gen(z, sent)).cpu().numpy()
 
-
-GENERATOR = GANGenerator

@@ -1,12 +1,20 @@
 """The seam between the generate job and the models: `load_generator(url).generate(prompts, seeds, **sampling)`.
 
-A family registers its class here by name; the checkpoint's `family` field picks it, so adding a family
-never touches the pipeline.
+Families are plugins: a class registered under the entry-point group `promptmill.generators` (ours register
+there too, in pyproject.toml), so a team ships its own family in its own package and names it in a spec. The
+checkpoint's `family` (or the spec's) picks the class; adding a family never touches the pipeline.
+
+The contract (`Generator`): `family`, a pydantic `Sampling` model (validated in preflight), `height`/`width`,
+and `generate(prompts, seeds, **sampling) -> uint8 (N, H, W, 3)` whose image i depends only on (prompts[i],
+seeds[i], sampling): the same pixels at any batch size and on any actor, which resume and rerank rely on.
+Loading: either our checkpoint format (`from_config` + `from_checkpoint`, config.json + model.safetensors) or
+the family's own `load(url, device, storage_options)` classmethod for any other layout.
 """
 
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
@@ -15,8 +23,10 @@ from pydantic import BaseModel
 
 from models.checkpoint import CheckpointError, load_checkpoint, meta_shapes
 
-# family -> module defining `GENERATOR` (imported lazily: loading a GAN never imports the transformer)
-FAMILIES: dict[str, str] = {"gan": "models.gan", "transformer": "models.transformer"}
+GROUP = "promptmill.generators"
+# our own families, also registered in pyproject.toml: found even when running from a checkout that is not
+# installed; imported lazily (loading a GAN never imports the transformer)
+BUILTIN: dict[str, str] = {"gan": "models.gan:GANGenerator", "transformer": "models.transformer:TransformerGenerator"}
 
 
 class Generator(Protocol):
@@ -34,18 +44,39 @@ class Generator(Protocol):
     def from_checkpoint(cls, config: dict, tensors: dict[str, torch.Tensor], device: torch.device) -> Generator: ...
 
 
+def _registry() -> dict[str, str]:
+    """family -> "module:Class", ours plus every installed plugin's."""
+    return {**BUILTIN, **{ep.name: ep.value for ep in importlib.metadata.entry_points(group=GROUP)}}
+
+
+def installed_families() -> list[str]:
+    return sorted(_registry())
+
+
 def generator_class(family: str) -> type[Generator]:
-    if family not in FAMILIES:
-        raise ValueError(f"unknown generator family {family!r}; known: {sorted(FAMILIES)}")
-    return importlib.import_module(FAMILIES[family]).GENERATOR
+    target = _registry().get(family)
+    if target is None:
+        raise ValueError(f"unknown generator family {family!r}; installed: {installed_families()} (a family is a "
+                         f"package registering an entry point in the {GROUP!r} group)")
+    module, _, attr = target.partition(":")
+    return getattr(importlib.import_module(module), attr)
 
 
 def load_generator(
-    url: str, device: str | torch.device | None = None, storage_options: dict | None = None
+    url: str, device: str | torch.device | None = None, storage_options: dict | None = None,
+    family: str | None = None,
 ) -> Generator:
-    """Load a checkpoint directory (local path or fsspec URL) onto `device` (default: CUDA if present). The
+    """Load a checkpoint (local path or fsspec URL) onto `device` (default: CUDA if present). `family` (the
+    spec's) picks a plugin's own loader for its own layout; our layout names its family in config.json, and its
     weights' names and shapes are checked against what the config builds before any weight is read."""
-
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if family is not None:
+        try:
+            cls = generator_class(family)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from e
+        if hasattr(cls, "load"):
+            return cls.load(url, device, storage_options)
     try:
         config, _ = load_checkpoint(url, storage_options, read_weights=False)
         cls = generator_class(config["family"])
@@ -55,7 +86,6 @@ def load_generator(
         raise CheckpointError(f"checkpoint {url!r}: {e}") from e
     config, tensors = load_checkpoint(
         url, storage_options, expect=lambda c: meta_shapes(lambda: cls.from_config(c, torch.device("meta"))))
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     try:
         return cls.from_checkpoint(config, tensors, device)
     except (KeyError, RuntimeError, TypeError, ValueError) as e:  # config and weights disagree

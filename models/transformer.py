@@ -214,5 +214,3 @@ class TransformerGenerator:
         tokens = self.model.sample_tokens(text, u, **s.model_dump())
         return to_uint8(self.vq.decode(tokens)).cpu().numpy()
 
-
-GENERATOR = TransformerGenerator

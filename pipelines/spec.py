@@ -99,7 +99,8 @@ SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints"  # the project's t
 
 class ModelSpec(Strict):
     name: SafeName = Field(description="used in output paths and metadata; path-safe, unique in the job")
-    family: Literal["transformer", "gan"] = Field(description="generator family")
+    family: SafeName = Field(description="generator family: 'transformer', 'gan' or an installed plugin's "
+                             "(entry-point group promptmill.generators); checked in preflight")
     checkpoint: str = Field(description="checkpoint directory (config.json + model.safetensors); path or fsspec URL")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for the checkpoint URL")
     images_per_prompt: int = Field(default=1, ge=1, le=1000, description="samples per accepted prompt")

@@ -25,7 +25,7 @@ class GenerateStage:
     def __init__(self, model: ModelSpec, scoring: ScoringSpec) -> None:
         self.device = device_for(model.resources.num_gpus)
         self.model = model
-        self.gen = load_generator(model.checkpoint, self.device, model.storage_options)
+        self.gen = load_generator(model.checkpoint, self.device, model.storage_options, family=model.family)
         self.sampling = self.gen.Sampling(**model.family_sampling).model_dump()
         self.scorer = load_clip(scoring.clip, self.device, scoring.storage_options) if model.candidates > 1 else None
         self.checkpoint = redact_text(model.checkpoint)  # metadata rows and WebDataset .json carry it
