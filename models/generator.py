@@ -13,8 +13,6 @@ the family's own `load(url, device, storage_options)` classmethod for any other 
 
 from __future__ import annotations
 
-import importlib
-import importlib.metadata
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
@@ -22,11 +20,7 @@ import torch
 from pydantic import BaseModel
 
 from models.checkpoint import CheckpointError, load_checkpoint, meta_shapes
-
-GROUP = "promptmill.generators"
-# our own families, also registered in pyproject.toml: found even when running from a checkout that is not
-# installed; imported lazily (loading a GAN never imports the transformer)
-BUILTIN: dict[str, str] = {"gan": "models.gan:GANGenerator", "transformer": "models.transformer:TransformerGenerator"}
+from models.families import generator_class
 
 
 class Generator(Protocol):
@@ -42,24 +36,6 @@ class Generator(Protocol):
 
     @classmethod
     def from_checkpoint(cls, config: dict, tensors: dict[str, torch.Tensor], device: torch.device) -> Generator: ...
-
-
-def _registry() -> dict[str, str]:
-    """family -> "module:Class", ours plus every installed plugin's."""
-    return {**BUILTIN, **{ep.name: ep.value for ep in importlib.metadata.entry_points(group=GROUP)}}
-
-
-def installed_families() -> list[str]:
-    return sorted(_registry())
-
-
-def generator_class(family: str) -> type[Generator]:
-    target = _registry().get(family)
-    if target is None:
-        raise ValueError(f"unknown generator family {family!r}; installed: {installed_families()} (a family is a "
-                         f"package registering an entry point in the {GROUP!r} group)")
-    module, _, attr = target.partition(":")
-    return getattr(importlib.import_module(module), attr)
 
 
 def load_generator(

@@ -12,6 +12,7 @@ from typing import Annotated, Any, Literal, get_args, get_origin
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from models.families import installed_families
 from pipelines.layout import IMAGE_FORMATS, OUTPUT_FORMATS
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # always fullmatch: `$` lets "ok\n" through
@@ -99,13 +100,22 @@ SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints"  # the project's t
 
 class ModelSpec(Strict):
     name: SafeName = Field(description="used in output paths and metadata; path-safe, unique in the job")
-    family: SafeName = Field(description="generator family: 'transformer', 'gan' or an installed plugin's "
-                             "(entry-point group promptmill.generators); checked in preflight")
+    family: str = Field(description="generator family: 'transformer', 'gan' or an installed plugin's "
+                        "(entry-point group promptmill.generators)")
     checkpoint: str = Field(description="checkpoint directory (config.json + model.safetensors); path or fsspec URL")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for the checkpoint URL")
     images_per_prompt: int = Field(default=1, ge=1, le=1000, description="samples per accepted prompt")
     sampling: dict[str, Any] = Field(default_factory=dict, description="family-specific sampling parameters")
     resources: Resources = Field(default_factory=Resources, description="actor pool and batch size")
+
+    @field_validator("family")
+    @classmethod
+    def _installed(cls, v: str) -> str:
+        families = installed_families()
+        if v not in families:
+            raise ValueError(f"{v!r} is not an installed generator family; installed: {families} (a family is a "
+                             "package with an entry point in 'promptmill.generators')")
+        return v
 
     @field_validator("sampling")
     @classmethod

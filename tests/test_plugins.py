@@ -63,7 +63,7 @@ def test_a_plugin_family_runs_through_the_job_batch_invariantly(tmp_path):
     assert not np.array_equal(images[("a", 0)], images[("a", 1)])  # two seeds, two places
 
 
-def test_an_unknown_family_is_a_preflight_error_listing_the_installed_ones(checkpoints, tmp_path, capsys):
+def test_an_unknown_family_is_an_error_listing_the_installed_ones(checkpoints, tmp_path, capsys):
     from jobs.cli import main
 
     write_prompts(tmp_path / "in" / "a.parquet", ["a red circle"], ["a"])
@@ -72,7 +72,7 @@ def test_an_unknown_family_is_a_preflight_error_listing_the_installed_ones(check
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     assert main(["generate", str(tmp_path / "spec.yaml")]) == 2
     err = capsys.readouterr().err
-    assert "models[0] (gan).family: 'stylegan' is not an installed generator family" in err
+    assert "models[0].family: Value error, 'stylegan' is not an installed generator family" in err
     assert "['gan', 'transformer']" in err and not (tmp_path / "out").exists()
 
 
