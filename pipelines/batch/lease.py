@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass
 from fsspec import AbstractFileSystem
 
 from pipelines.layout import LEASE
-from pipelines.storage import is_local_fs, join
+from pipelines.storage import is_local_fs, join, put_atomic
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,7 @@ class Lease:
                 log.error("lost the output lease to %s", h.describe() if h else "nobody (deleted)")
                 self.lost.set()
                 return
-            self.fs.pipe_file(self.path, self._payload())
+            put_atomic(self.fs, self.path, self._payload())  # a reader never sees half a lease (it would look stale)
 
     def check(self) -> None:
         """Raise if another run took the lease over (this one stalled past its expiry): do not commit."""

@@ -23,7 +23,15 @@ from pipelines.storage import filesystem, full_url, is_local, join
 from pipelines.tables import InputError
 
 _RUN_DIRS = {IMAGES, METADATA, REJECTED, SHARDS, STAGING}
-_LOCAL_ROOTS = {"", "/", os.path.expanduser("~").rstrip("/"), os.getcwd().rstrip("/")}
+
+
+def _root_like(path: str, root: str) -> bool:
+    """"", "/", "~", the working directory, a bucket root: places a run must never own."""
+    if not path.strip() or not root.strip("/"):
+        return True
+    if is_local(path):
+        return root.rstrip("/") in {os.path.expanduser("~").rstrip("/"), os.getcwd().rstrip("/")}
+    return "/" not in root.strip("/")
 
 
 class PreflightError(ValueError):
@@ -78,21 +86,21 @@ def check_output(spec: JobSpec, plan: InputPlan, allow_subset: bool = False) -> 
     o = spec.output
     fs, root = filesystem(o.path, o.storage_options)
     where = f"output.path {redact_text(o.path)!r}"
-    stripped = root.strip("/")
-    if not o.path.strip() or not stripped or (is_local(o.path) and root.rstrip("/") in _LOCAL_ROOTS) \
-            or (not is_local(o.path) and "/" not in stripped):
+    if _root_like(o.path, root):
         raise PreflightError(f"{where} is empty or a root (a filesystem, home, working directory or bucket root); "
                              "name a folder of its own, e.g. runs/my-job/ or s3://bucket/runs/my-job/")
     out_url = full_url(fs, root)
     in_fs, in_root = filesystem(spec.input.path, spec.input.storage_options)
-    in_url = full_url(in_fs, in_root.split("*")[0].rstrip("/"))
     input_files = {full_url(plan.fs, f) for f in plan.files}
-    if out_url == in_url or out_url.startswith(in_url.rstrip("/") + "/") and in_url not in input_files:
+    in_url = full_url(in_fs, in_root.split("*")[0].rstrip("/"))
+    in_dir = None if in_url in input_files else in_url  # a folder (or a glob's folder), not a single file
+    if out_url == in_url or (in_dir and out_url.startswith(in_dir + "/")):
         raise PreflightError(f"{where} is inside input.path {redact_text(spec.input.path)!r}: a rerun would read its "
                              "metadata/ and rejected/ as prompts; put the output elsewhere")
-    inside = [f for f in input_files if f.startswith(out_url + "/")]
-    if any(f[len(out_url) + 1:].split("/")[0] in _RUN_DIRS for f in inside) or \
-            any(fs.isdir(f) for f in ([in_url] if in_url.startswith(out_url + "/") and in_url not in input_files else [])):
+    # the reverse: a prompts folder inside the output, or prompt files where the run writes (a single prompts
+    # file at the output's top, as schedules keep it, is fine)
+    if (in_dir and in_dir.startswith(out_url + "/")) or any(
+            f.startswith(out_url + "/") and f[len(out_url) + 1:].split("/")[0] in _RUN_DIRS for f in input_files):
         raise PreflightError(f"input.path {redact_text(spec.input.path)!r} is inside {where}, where the run writes; "
                              "keep prompts outside the output (a single prompts file at its top is fine)")
     previous = read_json(fs, join(root, SPEC))
