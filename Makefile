@@ -7,7 +7,7 @@ PIP := $(VENV)/bin/pip
 help:  ## list targets
 	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
 
-setup: $(VENV)/.installed  ## venv + torch==2.13.0 (local CPU build, first) + project with test extras; no root needed
+setup: $(VENV)/.installed  ## venv + torch==2.13.0 (local CPU build, first) + project with test and diffusers extras; no root
 
 chromium:  ## the report test's headless browser: Debian's chromium via apt when root (as on CI), else say how
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || \
@@ -22,7 +22,7 @@ $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
 	$(PIP) install -q torch==2.13.0
-	$(PIP) install -q -e ".[test]"
+	$(PIP) install -q -e ".[test,diffusers]"
 	touch $@
 
 demo: setup  ## run the demo job on an embedded Ray -> runs/demo/

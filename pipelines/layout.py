@@ -34,7 +34,7 @@ METADATA_SCHEMA = pa.schema([
     ("sampling", pa.string()), ("device", pa.string()), ("node", pa.string()), ("clip_score", pa.float64()),
     ("prompt_match", pa.bool_()),
     ("judged", pa.string()), ("candidates", pa.int32()), ("candidate_index", pa.int32()),
-    ("candidate_score", pa.float64()), ("image", pa.binary()),
+    ("candidate_score", pa.float64()), ("image", pa.binary()), ("pipeline_class", pa.string()),
 ])
 SCORES = ("clip_score", "prompt_match", "judged")  # null when the job does not score
 

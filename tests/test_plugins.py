@@ -73,7 +73,7 @@ def test_an_unknown_family_is_an_error_listing_the_installed_ones(checkpoints, t
     assert main(["generate", str(tmp_path / "spec.yaml")]) == 2
     err = capsys.readouterr().err
     assert "models[0].family: Value error, 'stylegan' is not an installed generator family" in err
-    assert "['gan', 'transformer']" in err and not (tmp_path / "out").exists()
+    assert "['diffusers', 'gan', 'transformer']" in err and not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("family", ["gan", "transformer"])

@@ -53,7 +53,13 @@ def _read(fs: AbstractFileSystem, files: list[str], columns: list[str] | None = 
         with fs.open(f, "rb") as fh:
             tables.append(pq.read_table(fh, columns=columns))
     schema = METADATA_SCHEMA if columns is None else pa.schema([METADATA_SCHEMA.field(c) for c in columns])
-    return pa.concat_tables([t.cast(schema) for t in tables]) if tables else schema.empty_table()
+    return pa.concat_tables([_conform(t, schema) for t in tables]) if tables else schema.empty_table()
+
+
+def _conform(t: pa.Table, schema: pa.Schema) -> pa.Table:
+    """`t` in `schema`'s columns and types; a column added to the layout later is null in older parts."""
+    cols = [t[f.name] if f.name in t.column_names else pa.nulls(len(t), f.type) for f in schema]
+    return pa.Table.from_arrays(cols, schema=pa.schema([f.with_type(c.type) for f, c in zip(schema, cols)])).cast(schema)
 
 
 def read_metadata(fs: AbstractFileSystem, root: str) -> pa.Table:

@@ -50,8 +50,9 @@ class GenerateStage:
         batch["family"] = np.full(n, self.model.family, object)
         batch["checkpoint"] = np.full(n, self.checkpoint, object)
         batch["sampling"] = np.full(n, json.dumps({**self.sampling, "candidates": k}, sort_keys=True), object)
-        batch["width"] = np.full(n, self.gen.width, np.int32)
-        batch["height"] = np.full(n, self.gen.height, np.int32)
+        batch["width"] = np.full(n, np.asarray(batch["pixels"]).shape[2], np.int32)  # sampling may set the size
+        batch["height"] = np.full(n, np.asarray(batch["pixels"]).shape[1], np.int32)
+        batch["pipeline_class"] = np.full(n, getattr(self.gen, "pipeline_class", None), object)
         batch["device"] = np.full(n, self.device, object)
         batch["node"] = np.full(n, self.node, object)
         return batch

@@ -11,7 +11,7 @@ import os
 import pyarrow as pa
 from pydantic import ValidationError
 
-from models import CheckpointError, load_generator
+from models import CheckpointError, generator_class, load_generator
 from models.clip import load_clip
 from models.judge import load_judge
 from pipelines.batch.commit import read_json
@@ -124,6 +124,15 @@ def preflight(spec: JobSpec, allow_subset: bool = False) -> tuple[InputPlan, dic
         raise PreflightError(str(e)) from e
     for i, m in enumerate(spec.models):
         where = f"models[{i}] ({m.name})"
+        cls = generator_class(m.family)
+        if hasattr(cls, "preflight"):  # a family that can check itself without loading weights in the driver
+            try:
+                cls.preflight(m.checkpoint, m.storage_options, m.family_sampling)
+            except CheckpointError as e:
+                raise PreflightError(f"{where}.checkpoint: {e}") from e
+            except ValidationError as e:
+                raise PreflightError(f"{where}.sampling: {e}") from e
+            continue
         try:
             gen = load_generator(m.checkpoint, "cpu", m.storage_options, family=m.family)
         except CheckpointError as e:
