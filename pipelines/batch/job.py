@@ -51,10 +51,11 @@ def _ensure_ray(spec: JobSpec) -> None:
     # forever for CPUs; logical CPUs may exceed cores (actors idle while others work).
     needed = pool_cpus(spec) + 2
     cores = os.cpu_count() or 1
-    if needed > max(EMBEDDED_OVERSUBSCRIPTION * cores, 8):  # `actors: 400` started 401 torch processes on 2 cores
+    allowed = max(EMBEDDED_OVERSUBSCRIPTION * cores, 8)
+    if needed > allowed:  # `actors: 400` started 401 torch processes on 2 cores
         raise PreflightError(f"models[*].resources: the actor pools need {needed:g} CPUs (actors x num_cpus, plus 2 for "
                              f"reading and writing); an embedded Ray on this machine ({cores} cores) allows at most "
-                             f"{max(EMBEDDED_OVERSUBSCRIPTION * cores, 8)}: lower actors, or run on a cluster (RAY_ADDRESS)")
+                             f"{allowed}: lower actors, or run on a cluster (RAY_ADDRESS)")
     num_cpus = max(cores, int(needed + 0.999))
     # address="local": always a fresh embedded Ray; without it ray.init() joins whatever cluster the last
     # `ray start` on this machine recorded in /tmp/ray (a stale record made jobs hang on a dead GCS)
