@@ -8,8 +8,10 @@ from a blue triangle. `CLIPScorer.score` is torchmetrics' CLIPScore: max(100 * c
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict, dataclass
 
+import fsspec
 import numpy as np
 import torch
 import torch.nn as nn
@@ -137,6 +139,21 @@ class CLIPScorer:
         return {**self.model.config(), "tokenizer": self.tokenizer.to_config()}
 
 
-def load_clip(url: str, device: torch.device | str = "cpu", storage_options: dict | None = None) -> CLIPScorer:
+def load_clip(url: str, device: torch.device | str = "cpu", storage_options: dict | None = None):
+    """Our CLIP checkpoint, or a Hugging Face CLIP directory (its config.json says model_type "clip"): both score
+    with `.score(images, prompts)` by torchmetrics' CLIPScore definition."""
+    if _is_hf_clip(url, storage_options):
+        from models.hf_clip import load_hf_clip
+
+        return load_hf_clip(url, device, storage_options)
     config, model = load_module(url, "clip", lambda c: CLIP(CLIPConfig(**c["config"])), storage_options)
     return CLIPScorer(model, WordTokenizer.from_config(config["tokenizer"]), device)
+
+
+def _is_hf_clip(url: str, storage_options: dict | None) -> bool:
+    try:
+        with fsspec.open(f"{url.rstrip('/')}/config.json", "rb", **(storage_options or {})) as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return False  # the loader below names what is missing or broken
+    return isinstance(config, dict) and "family" not in config and config.get("model_type") == "clip"

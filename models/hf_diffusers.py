@@ -10,13 +10,9 @@ image at a time). Needs the optional extra: `pip install promptmill[diffusers]`.
 
 from __future__ import annotations
 
-import hashlib
 import inspect
 import json
 import os
-import shutil
-import uuid
-from pathlib import Path
 from typing import Any
 
 import fsspec
@@ -26,6 +22,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 
 from models.checkpoint import CheckpointError
 from models.generator import check_inputs
+from models.local_cache import local_copy
 
 INDEX = "model_index.json"
 # arguments the adapter itself sets (one image per prompt, our generators, numpy out), or that only code can pass
@@ -73,41 +70,6 @@ def sampling_model(cls: type) -> type[BaseModel]:
     params = inspect.signature(cls.__call__).parameters
     own = {n: (Any, None) for n in params if n not in RESERVED and n not in DiffusersCommon.model_fields}
     return create_model(f"{cls.__name__}Sampling", __base__=DiffusersCommon, **own)
-
-
-def cache_dir() -> Path:
-    return Path(os.environ.get("PROMPTMILL_CACHE", Path.home() / ".cache" / "promptmill")) / "models"
-
-
-def local_copy(url: str, storage_options: dict | None = None) -> str:
-    """A local directory holding the pipeline: the path itself when local, else a per-node cached copy keyed by
-    URL + each file's size and etag (a replaced weight file is a new key), written to a temporary name and renamed
-    (two actors on one node copy at most twice, never into each other)."""
-    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
-    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
-        return root
-    files = fs.find(root, detail=True)
-    if not files:
-        raise CheckpointError(f"checkpoint {url!r}: no files there")
-    listing = sorted((p[len(root):], info.get("size"), str(info.get("ETag") or info.get("etag") or ""))
-                     for p, info in files.items())
-    key = hashlib.blake2b(json.dumps([url, listing]).encode(), digest_size=12).hexdigest()
-    dest = cache_dir() / key
-    if (dest / INDEX).exists():
-        return str(dest)
-    tmp = cache_dir() / f".{key}.{uuid.uuid4().hex[:8]}"
-    tmp.mkdir(parents=True)
-    try:
-        for p, _, _ in listing:
-            (tmp / p.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
-            fs.get(root + p, str(tmp / p.lstrip("/")))
-        tmp.rename(dest)
-    except OSError:
-        if not (dest / INDEX).exists():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return str(dest)
 
 
 def _default_size(pipe: Any) -> int:

@@ -162,3 +162,59 @@ def test_a_pipeline_on_s3_is_cached_once_and_bad_input_exits_2(ray_local, pipeli
     gen = DiffusersGenerator.load(pipelines["sd"], torch.device("cpu"))
     assert os.environ.get("HF_HUB_OFFLINE") == "1"  # set by the loader: never a hub download at run time
     assert gen.generate(["a red circle"], [7], **SIZES["sd"]).shape == (1, 32, 32, 3)
+
+
+def tiny_hf_clip(d: Path) -> Path:
+    torch.manual_seed(0)
+    tok = clip_tokenizer(d.parent / "tok-clip")
+    config = transformers.CLIPConfig(
+        text_config=dict(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37,
+                         num_attention_heads=4, num_hidden_layers=2, vocab_size=len(tok), max_position_embeddings=16),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
+                           image_size=32, patch_size=8), projection_dim=16)
+    image_proc = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    transformers.CLIPModel(config).save_pretrained(str(d))
+    transformers.CLIPProcessor(image_processor=image_proc, tokenizer=tok).save_pretrained(str(d))
+    return d
+
+
+class TensorFeatures(torch.nn.Module):
+    """torchmetrics 1.9 expects get_*_features to return tensors, as transformers < 5 did; transformers 5 returns
+    an output whose pooler_output is that tensor. The adapter only bridges the return type."""
+
+    def __init__(self, model) -> None:
+        super().__init__()
+        self.model, self.config = model, model.config
+
+    def get_image_features(self, *args, **kwargs):
+        return self.model.get_image_features(*args, **kwargs).pooler_output
+
+    def get_text_features(self, *args, **kwargs):
+        return self.model.get_text_features(*args, **kwargs).pooler_output
+
+
+def test_a_hugging_face_clip_scores_as_torchmetrics_does_and_through_the_job(ray_local, pipelines, tmp_path):
+    from torchmetrics.multimodal.clip_score import CLIPScore
+
+    from models.clip import load_clip
+
+    clip_dir = str(tiny_hf_clip(tmp_path / "clip"))
+    scorer = load_clip(clip_dir)
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    prompts = ["a red circle", "a blue square", "a photo of a cat", "the dog on the left"]
+    ours = scorer.score(images, prompts)
+    reference = []
+    for im, p in zip(images, prompts):  # torchmetrics' own metric on the same model and processor, one pair at a time
+        metric = CLIPScore(model_name_or_path=lambda: (TensorFeatures(scorer.model), scorer.processor))
+        metric.update(torch.from_numpy(im).permute(2, 0, 1), p)
+        reference.append(metric.compute().item())
+    assert np.allclose(ours, reference, atol=1e-4), (ours, reference)
+    # end to end: a diffusers model scored by the HF CLIP, clip_score in every row, report written
+    write_prompts(tmp_path / "in" / "a.parquet", ["a red circle", "a photo of a cat"], ["a", "b"])
+    spec = _spec(tmp_path, pipelines["sd"], "sd", str(tmp_path / "out"))
+    spec["scoring"] = {"clip": clip_dir, "judge": None}
+    run_job(load_spec(spec))
+    rows = pq.read_table(tmp_path / "out" / "metadata").to_pylist()
+    assert len(rows) == 4 and all(r["clip_score"] is not None and 0 <= r["clip_score"] <= 100 for r in rows)
+    assert all(r["prompt_match"] is None for r in rows) and (tmp_path / "out" / "report.html").exists()
