@@ -218,3 +218,18 @@ def test_a_hugging_face_clip_scores_as_torchmetrics_does_and_through_the_job(ray
     rows = pq.read_table(tmp_path / "out" / "metadata").to_pylist()
     assert len(rows) == 4 and all(r["clip_score"] is not None and 0 <= r["clip_score"] <= 100 for r in rows)
     assert all(r["prompt_match"] is None for r in rows) and (tmp_path / "out" / "report.html").exists()
+
+
+def test_stage_model_copies_checks_and_loads_from_storage(pipelines, s3, tmp_path, capsys, monkeypatch):
+    import shutil
+
+    monkeypatch.setenv("PROMPTMILL_CACHE", str(tmp_path / "cache"))
+    opts = [f"--storage-option={k}={v}" for k, v in s3.items()]
+    assert main(["stage-model", pipelines["sd"], "s3://bucket/staged/sd", *opts, "--load"]) == 0
+    out = capsys.readouterr().out
+    assert "diffusers) -> s3://bucket/staged/sd; loads from there" in out and out.startswith("staged 10 files")
+    broken = tmp_path / "broken"
+    shutil.copytree(pipelines["sd"], broken)
+    shutil.rmtree(broken / "unet")  # model_index.json still names it
+    assert main(["stage-model", str(broken), "s3://bucket/staged/broken", *opts]) == 2
+    assert "names components with no folder: ['unet']" in capsys.readouterr().err

@@ -1,0 +1,32 @@
+"""promptmill stage-model SRC DST [--load]: copy a model directory (a diffusers pipeline, a Hugging Face CLIP, or
+one of our checkpoints) to object storage, then check the copy: every file there with its size, and the layout
+its loader needs (`--load` also loads it from DST on this machine's CPU)."""
+
+from __future__ import annotations
+
+import argparse
+
+from jobs import error
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("stage-model", help="copy a local model directory to storage and check it loads from there")
+    p.add_argument("src", help="local model directory")
+    p.add_argument("dst", help="destination URL, e.g. s3://bucket/models/sd-turbo/")
+    p.add_argument("--storage-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="fsspec option for DST (s3fs: endpoint_url=..., anon=true); AWS_* from the environment")
+    p.add_argument("--load", action="store_true", help="also load the model from DST (CPU; slow for big models)")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    from models import CheckpointError
+    from pipelines.spec import SpecError, parse_overrides
+    from pipelines.staging import stage_model
+
+    try:
+        line = stage_model(args.src, args.dst, dict(parse_overrides(args.storage_option, "--storage-option")), args.load)
+    except (CheckpointError, SpecError, OSError) as e:
+        return error(e)
+    print(line)
+    return 0
