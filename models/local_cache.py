@@ -44,9 +44,11 @@ def local_copy(url: str, storage_options: dict | None = None) -> str:
             (tmp / p.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
             fs.get(root + p, str(tmp / p.lstrip("/")))
         (tmp / DONE).touch()
+        if dest.exists() and not (dest / DONE).exists():
+            shutil.rmtree(dest, ignore_errors=True)  # an unfinished copy (an older version's, or a crash's): ours
         tmp.rename(dest)
     except OSError:
-        if not (dest / DONE).exists():
+        if not (dest / DONE).exists():  # losing the rename to another actor's identical copy is fine
             raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -233,3 +233,18 @@ def test_stage_model_copies_checks_and_loads_from_storage(pipelines, s3, tmp_pat
     shutil.rmtree(broken / "unet")  # model_index.json still names it
     assert main(["stage-model", str(broken), "s3://bucket/staged/broken", *opts]) == 2
     assert "names components with no folder: ['unet']" in capsys.readouterr().err
+
+
+def test_an_unfinished_cache_entry_is_replaced(pipelines, s3, tmp_path, monkeypatch):
+    import s3fs
+
+    from models.hf_diffusers import INDEX
+    from models.local_cache import cache_dir, local_copy
+
+    monkeypatch.setenv("PROMPTMILL_CACHE", str(tmp_path / "cache"))
+    s3fs.S3FileSystem(**s3).put(pipelines["amused"] + "/", "bucket/models/amused/", recursive=True)
+    first = Path(local_copy("s3://bucket/models/amused", s3))
+    (first / ".promptmill-complete").unlink()  # as a crashed copy (or an older version's) would leave it
+    (first / INDEX).unlink()
+    assert Path(local_copy("s3://bucket/models/amused", s3)) == first and (first / INDEX).exists()
+    assert first.parent == cache_dir()
