@@ -100,8 +100,7 @@ def check_shapes(url: str, expected: Shapes, found: Shapes) -> None:
 
 
 def load_checkpoint(url: str, storage_options: dict | None = None, kind: str | None = None,
-                    expect: Callable[[dict], Shapes] | None = None, read_weights: bool = True
-                    ) -> tuple[dict, dict[str, torch.Tensor]]:
+                    expect: Callable[[dict], Shapes] | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
     """Return (config, fp32 tensors); `kind`: the `family` the caller needs; `expect(config)`: the tensor shapes the
     config implies (`meta_shapes`), checked against the file's header before any weight is read. Raises
     CheckpointError naming the file."""
@@ -127,8 +126,6 @@ def load_checkpoint(url: str, storage_options: dict | None = None, kind: str | N
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"checkpoint {url!r}: {CONFIG_NAME} does not describe a model ({e})") from e
         check_shapes(url, expected, read_header(fs, w_path, url))
-    if not read_weights:
-        return config, {}
     try:
         tensors = st_load(fs.cat_file(w_path))
     except (SafetensorError, ValueError, RuntimeError) as e:

@@ -53,15 +53,16 @@ def load_generator(
             raise CheckpointError(str(e)) from e
         if hasattr(cls, "load"):
             return cls.load(url, device, storage_options)
-    try:
-        config, _ = load_checkpoint(url, storage_options, read_weights=False)
-        cls = generator_class(config["family"])
-    except CheckpointError:
-        raise
-    except ValueError as e:  # an unknown family
-        raise CheckpointError(f"checkpoint {url!r}: {e}") from e
-    config, tensors = load_checkpoint(
-        url, storage_options, expect=lambda c: meta_shapes(lambda: cls.from_config(c, torch.device("meta"))))
+
+    def expect(config: dict):  # the class its config names, built on the meta device
+        try:
+            cls = generator_class(config["family"])
+        except ValueError as e:  # an unknown family
+            raise CheckpointError(f"checkpoint {url!r}: {e}") from e
+        return meta_shapes(lambda: cls.from_config(config, torch.device("meta")))
+
+    config, tensors = load_checkpoint(url, storage_options, expect=expect)  # config.json read once
+    cls = generator_class(config["family"])
     try:
         return cls.from_checkpoint(config, tensors, device)
     except (KeyError, RuntimeError, TypeError, ValueError) as e:  # config and weights disagree

@@ -7,9 +7,8 @@ import json
 from pathlib import Path
 
 from models.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError
+from models.hf_diffusers import INDEX
 from pipelines.storage import filesystem, full_url, join
-
-INDEX = "model_index.json"
 
 
 def kind_of(files: set[str]) -> str:
