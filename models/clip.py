@@ -109,7 +109,23 @@ class CLIP(nn.Module):
         return {"family": "clip", "config": asdict(self.cfg)}
 
 
-class CLIPScorer:
+class Scorer:
+    """clip_score from `embed_images` / `embed_texts` (unit vectors): ours and Hugging Face CLIPs alike."""
+
+    def similarity(self, images: np.ndarray | torch.Tensor, prompts: list[str]) -> np.ndarray:
+        """100 * cos(image, prompt) per pair, unclamped: rerank orders by it (clamping at 0 ties every candidate
+        a CLIP finds unrelated)."""
+        if len(images) != len(prompts):
+            raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
+        cos = (self.embed_images(images) * self.embed_texts(prompts)).sum(-1)
+        return (100 * cos).float().cpu().numpy()
+
+    def score(self, images: np.ndarray | torch.Tensor, prompts: list[str]) -> np.ndarray:
+        """torchmetrics' CLIPScore per pair: max(100 * cos(image, prompt), 0)."""
+        return np.maximum(self.similarity(images, prompts), 0)
+
+
+class CLIPScorer(Scorer):
     """A trained CLIP with its tokenizer: prompts and images in, clip_score out."""
 
     def __init__(self, model: CLIP, tokenizer: WordTokenizer, device: torch.device | str = "cpu") -> None:
@@ -124,13 +140,6 @@ class CLIPScorer:
     @torch.no_grad()
     def embed_texts(self, prompts: list[str]) -> torch.Tensor:
         return self.model.encode_text(self.tokenizer.encode_batch(prompts).to(self.device))
-
-    def score(self, images: np.ndarray | torch.Tensor, prompts: list[str]) -> np.ndarray:
-        """torchmetrics' CLIPScore per pair: max(100 * cos(image, prompt), 0)."""
-        if len(images) != len(prompts):
-            raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
-        cos = (self.embed_images(images) * self.embed_texts(prompts)).sum(-1)
-        return (100 * cos).clamp(min=0).float().cpu().numpy()
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return self.model.state_dict()

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 
 from models.checkpoint import CheckpointError
+from models.clip import Scorer
 from models.images import to_nchw
 from models.local_cache import local_copy
 
@@ -26,7 +27,7 @@ def _features(out) -> torch.Tensor:
     raise TypeError(f"unexpected CLIP feature output {type(out).__name__}")
 
 
-class HFCLIPScorer:
+class HFCLIPScorer(Scorer):
     def __init__(self, model, processor, device: torch.device | str = "cpu") -> None:
         self.device = torch.device(device)
         self.model, self.processor = model.to(self.device).eval(), processor
@@ -47,13 +48,6 @@ class HFCLIPScorer:
             ids, mask = ids[:, :self.max_len], mask[:, :self.max_len]
         f = _features(self.model.get_text_features(input_ids=ids.to(self.device), attention_mask=mask.to(self.device)))
         return f / f.norm(dim=-1, keepdim=True)
-
-    def score(self, images: np.ndarray, prompts: list[str]) -> np.ndarray:
-        """torchmetrics' CLIPScore per pair: max(100 * cos(image, prompt), 0)."""
-        if len(images) != len(prompts):
-            raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
-        cos = (self.embed_images(images) * self.embed_texts(prompts)).sum(-1)
-        return (100 * cos).clamp(min=0).float().cpu().numpy()
 
 
 def load_hf_clip(url: str, device: torch.device | str = "cpu", storage_options: dict | None = None) -> HFCLIPScorer:

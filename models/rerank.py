@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from models.clip import CLIPScorer
+from models.clip import Scorer
 from models.generator import Generator
 
 
@@ -31,7 +31,7 @@ class Reranked:
     all_scores: np.ndarray  # (N, K)
 
 
-def generate_best_of(gen: Generator, scorer: CLIPScorer, prompts: list[str], seeds: list[int], candidates: int,
+def generate_best_of(gen: Generator, scorer: Scorer, prompts: list[str], seeds: list[int], candidates: int,
                      **sampling) -> Reranked:
     """One generate call for all N*K candidates (image-major), then one scoring pass."""
     if candidates < 1:
@@ -40,7 +40,8 @@ def generate_best_of(gen: Generator, scorer: CLIPScorer, prompts: list[str], see
     all_prompts = [p for p in prompts for _ in range(candidates)]
     all_seeds = [candidate_seed(s, k) for s in seeds for k in range(candidates)]
     imgs = gen.generate(all_prompts, all_seeds, **sampling)
-    scores = scorer.score(imgs, all_prompts).reshape(n, candidates)
-    best = scores.argmax(1)  # ties keep the earliest draw
+    sims = scorer.similarity(imgs, all_prompts).reshape(n, candidates)
+    best = sims.argmax(1)  # by the raw similarity (clip_score clamps at 0); ties keep the earliest draw
     kept = imgs.reshape(n, candidates, *imgs.shape[1:])[np.arange(n), best]
+    scores = np.maximum(sims, 0)
     return Reranked(kept, best, scores[np.arange(n), best], scores)

@@ -3,7 +3,6 @@ aMUSEd directories, saved locally and to moto S3, through the full generate job.
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -17,71 +16,12 @@ diffusers = pytest.importorskip("diffusers", reason="pip install 'promptmill[dif
 transformers = pytest.importorskip("transformers")
 
 import torch  # noqa: E402
+from tiny_hf import tiny_amused, tiny_hf_clip, tiny_sd  # noqa: E402
 
 from jobs.cli import main  # noqa: E402
 from models.images import decode_image  # noqa: E402
 from pipelines.batch.job import run_job  # noqa: E402
 from pipelines.spec import load_spec  # noqa: E402
-
-WORDS = ["a", "red", "blue", "green", "circle", "square", "photo", "of", "cat", "dog", "the", "on", "left"]
-
-
-def clip_tokenizer(d: Path):
-    """A CLIPTokenizer from a vocabulary written here (no hub): whole words and letters, one-line merges."""
-    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1, "!": 2}
-    for w in WORDS:
-        vocab[w + "</w>"] = len(vocab)
-    for c in "abcdefghijklmnopqrstuvwxyz":
-        vocab.setdefault(c, len(vocab))
-        vocab.setdefault(c + "</w>", len(vocab))
-    d.mkdir(parents=True, exist_ok=True)
-    (d / "vocab.json").write_text(json.dumps(vocab))
-    (d / "merges.txt").write_text("#version: 0.2\n")
-    return transformers.CLIPTokenizer(str(d / "vocab.json"), str(d / "merges.txt"), model_max_length=16)
-
-
-def text_config(tok, **kw):
-    return transformers.CLIPTextConfig(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32,
-                                       intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-                                       vocab_size=len(tok), max_position_embeddings=16, **kw)
-
-
-def tiny_sd(d: Path) -> Path:
-    torch.manual_seed(0)
-    tok = clip_tokenizer(d.parent / "tok-sd")
-    unet = diffusers.UNet2DConditionModel(
-        block_out_channels=(4, 8), layers_per_block=1, sample_size=16, in_channels=4, out_channels=4,
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-        cross_attention_dim=32, norm_num_groups=2)
-    vae = diffusers.AutoencoderKL(block_out_channels=[4, 8], in_channels=3, out_channels=3, latent_channels=4,
-                                  down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-                                  norm_num_groups=2, sample_size=32)
-    sched = diffusers.DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                                    set_alpha_to_one=False)
-    pipe = diffusers.StableDiffusionPipeline(vae=vae, text_encoder=transformers.CLIPTextModel(text_config(tok)),
-                                             tokenizer=tok, unet=unet, scheduler=sched, safety_checker=None,
-                                             feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(str(d))
-    return d
-
-
-def tiny_amused(d: Path) -> Path:
-    torch.manual_seed(0)
-    tok = clip_tokenizer(d.parent / "tok-amused")
-    transformer = diffusers.UVit2DModel(
-        hidden_size=32, cond_embed_dim=32, micro_cond_encode_dim=2, micro_cond_embed_dim=10, encoder_hidden_size=32,
-        vocab_size=32, codebook_size=32, in_channels=8, block_out_channels=8, num_res_blocks=1, downsample=True,
-        upsample=True, block_num_heads=1, num_hidden_layers=1, num_attention_heads=1, intermediate_size=8,
-        sample_size=4)
-    vq = diffusers.VQModel(block_out_channels=[8], down_block_types=["DownEncoderBlock2D"], in_channels=3,
-                           latent_channels=8, layers_per_block=1, norm_num_groups=8, num_vq_embeddings=32,
-                           out_channels=3, sample_size=8, up_block_types=["UpDecoderBlock2D"],
-                           mid_block_add_attention=False, lookup_from_codebook=True)
-    pipe = diffusers.AmusedPipeline(vqvae=vq, tokenizer=tok, transformer=transformer,
-                                    text_encoder=transformers.CLIPTextModelWithProjection(text_config(tok, projection_dim=32)),
-                                    scheduler=diffusers.AmusedScheduler(mask_token_id=31))  # codebook size - 1
-    pipe.save_pretrained(str(d))
-    return d
 
 
 @pytest.fixture(scope="module")
@@ -164,20 +104,6 @@ def test_a_pipeline_on_s3_is_cached_once_and_bad_input_exits_2(ray_local, pipeli
     assert gen.generate(["a red circle"], [7], **SIZES["sd"]).shape == (1, 32, 32, 3)
 
 
-def tiny_hf_clip(d: Path) -> Path:
-    torch.manual_seed(0)
-    tok = clip_tokenizer(d.parent / "tok-clip")
-    config = transformers.CLIPConfig(
-        text_config=dict(bos_token_id=0, eos_token_id=1, pad_token_id=1, hidden_size=32, intermediate_size=37,
-                         num_attention_heads=4, num_hidden_layers=2, vocab_size=len(tok), max_position_embeddings=16),
-        vision_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
-                           image_size=32, patch_size=8), projection_dim=16)
-    image_proc = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    transformers.CLIPModel(config).save_pretrained(str(d))
-    transformers.CLIPProcessor(image_processor=image_proc, tokenizer=tok).save_pretrained(str(d))
-    return d
-
-
 class TensorFeatures(torch.nn.Module):
     """torchmetrics 1.9 expects get_*_features to return tensors, as transformers < 5 did; transformers 5 returns
     an output whose pooler_output is that tensor. The adapter only bridges the return type."""
@@ -210,14 +136,32 @@ def test_a_hugging_face_clip_scores_as_torchmetrics_does_and_through_the_job(ray
         metric.update(torch.from_numpy(im).permute(2, 0, 1), p)
         reference.append(metric.compute().item())
     assert np.allclose(ours, reference, atol=1e-4), (ours, reference)
-    # end to end: a diffusers model scored by the HF CLIP, clip_score in every row, report written
-    write_prompts(tmp_path / "in" / "a.parquet", ["a red circle", "a photo of a cat"], ["a", "b"])
+    # end to end, reranked: a diffusers model draws 3 candidates per image, the HF CLIP keeps the best; clip_score
+    # in every row, report written
+    write_prompts(tmp_path / "in" / "a.parquet", ["a red circle", "a photo of a cat", "the dog on the left"],
+                  ["a", "b", "c"])
     spec = _spec(tmp_path, pipelines["sd"], "sd", str(tmp_path / "out"))
+    spec["models"][0]["sampling"] = {**SIZES["sd"], "candidates": 3}
     spec["scoring"] = {"clip": clip_dir, "judge": None}
     run_job(load_spec(spec))
     rows = pq.read_table(tmp_path / "out" / "metadata").to_pylist()
-    assert len(rows) == 4 and all(r["clip_score"] is not None and 0 <= r["clip_score"] <= 100 for r in rows)
+    assert len(rows) == 6 and all(r["clip_score"] is not None and 0 <= r["clip_score"] <= 100 for r in rows)
     assert all(r["prompt_match"] is None for r in rows) and (tmp_path / "out" / "report.html").exists()
+    # the same draws made here, one image at a time, outside the job: the kept one is their best by clip_score
+    from models.hf_diffusers import DiffusersGenerator
+    from models.rerank import candidate_seed
+
+    gen = DiffusersGenerator.load(pipelines["sd"], torch.device("cpu"))
+    for r in rows:
+        draws = np.concatenate([gen.generate([r["prompt"]], [candidate_seed(r["seed"], k)], **SIZES["sd"])
+                                for k in range(3)])
+        sims = scorer.similarity(draws, [r["prompt"]] * 3)  # rerank's order: raw 100 cos (a tiny random CLIP's are < 0)
+        k = r["candidate_index"]  # the best, up to batched-vs-single rounding (pixels differ by <= 2/255)
+        assert r["candidates"] == 3 and sims[k] >= sims.max() - 0.5, (k, sims)
+        assert abs(r["clip_score"] - max(sims[k], 0)) < 0.5
+        kept = decode_image(Path(r["image_path"]).read_bytes()).astype(int)
+        assert np.abs(kept - draws[k]).max() <= 2, (r, sims)
+    assert any(r["candidate_index"] != 0 for r in rows)  # rerank changed something: not always the plain sample
 
 
 def test_stage_model_copies_checks_and_loads_from_storage(pipelines, s3, tmp_path, capsys, monkeypatch):

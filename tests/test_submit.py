@@ -30,7 +30,8 @@ def head():
     port, dash, agent, grpc, metrics, runtime_env = (_free_port() for _ in range(6))
     temp = tempfile.mkdtemp(prefix="pmray", dir="/tmp")  # short: Ray's socket paths must fit 107 chars
     before = CURRENT.read_text() if CURRENT.exists() else None
-    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}"}  # the job's `python` is this venv's
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}",  # the job's `python` is this venv's
+           "PROMPTMILL_CACHE": f"{temp}/cache"}  # model copies from S3 stay out of the user's cache
     proc = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
                              "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
                              f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={grpc}",
@@ -97,3 +98,30 @@ def test_submit_wait_status_logs_and_no_double_run(head, s3, tmp_path):
     assert json.loads(status.stdout)["status"] == "SUCCEEDED"
     logs = _cli(["logs", sid, "--address", head], s3)
     assert "6 images (6 in output), 1 rejected" in logs.stdout, logs.stdout[-2000:]
+
+
+def test_submit_a_diffusers_job_reranked_by_a_hugging_face_clip_from_s3(head, s3, tmp_path):
+    """Bring your own model, as the README tells a GPU-cluster user: pipeline and CLIP staged on S3, submitted."""
+    pytest.importorskip("diffusers", reason="pip install 'promptmill[diffusers]'")
+    from tiny_hf import tiny_hf_clip, tiny_sd
+
+    fs = s3fs.S3FileSystem(**s3)
+    fs.put(str(tiny_sd(tmp_path / "sd")) + "/", "bucket/byom/models/sd/", recursive=True)
+    fs.put(str(tiny_hf_clip(tmp_path / "clip")) + "/", "bucket/byom/models/clip/", recursive=True)
+    with fs.open("bucket/byom/in/prompts.parquet", "wb") as fh:
+        pq.write_table(pa.table({"id": ["a", "b"], "prompt": ["a red circle", "a photo of a cat"]}), fh)
+    spec = {"name": "byom", "input": {"path": "s3://bucket/byom/in", "id_column": "id"},
+            "models": [{"name": "sd", "family": "diffusers", "checkpoint": "s3://bucket/byom/models/sd",
+                        "sampling": {"height": 32, "width": 32, "num_inference_steps": 2, "candidates": 2}}],
+            "scoring": {"clip": "s3://bucket/byom/models/clip", "judge": None},
+            "output": {"path": "s3://bucket/byom/out"}}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    run = _cli(["submit", str(path), "--address", head, "--wait", "--timeout", "300", "--pass-aws-credentials"], s3)
+    sid = run.stdout.split()[0]
+    assert run.returncode == 0, run.stdout + run.stderr + _cli(["logs", sid, "--address", head], s3).stdout[-3000:]
+    rows = pq.read_table(fs.open(fs.ls("bucket/byom/out/metadata")[0])).to_pylist()
+    assert sorted(r["id"] for r in rows) == ["a", "b"] and {r["pipeline_class"] for r in rows} == {
+        "StableDiffusionPipeline"}
+    assert all(r["family"] == "diffusers" and r["candidates"] == 2 and 0 <= r["clip_score"] <= 100 for r in rows)
+    assert fs.exists("bucket/byom/out/report.html") and fs.exists("bucket/byom/out/_SUCCESS")
