@@ -44,10 +44,11 @@ bench: setup  ## benchmarks (ratios measured side by side)
 # ---- shipped checkpoints: the documented recipes (one at a time: two torch jobs on 2 cores run 10x slower)
 DATA := data/shapes
 TRAIN := $(VENV)/bin/promptmill train
-data: setup  ## render the shapes train/test splits
+data: setup  ## render the shapes train/test/full splits and the near-miss corpus (judge training)
 	$(VENV)/bin/promptmill dataset shapes --rows 60000 --split train --out $(DATA)/train
 	$(VENV)/bin/promptmill dataset shapes --rows 2000 --split test --out $(DATA)/test
 	$(VENV)/bin/promptmill dataset shapes --rows 60000 --split full --out $(DATA)/full
+	$(VENV)/bin/promptmill dataset near-miss --rows 36000 --out $(DATA)/near-miss
 
 RECIPES := pipelines/training/configs
 checkpoints: data  ## train all shipped models from scratch, one at a time, from their versioned recipes

@@ -6,9 +6,9 @@ import argparse
 import logging
 import sys
 
-from jobs import dataset, eval_models, evaluate, export, generate, report, schedule, spec, stage_model, submit, train
+from jobs import dataset, eval_models, evaluate, export, generate, report, schedule, score, spec, stage_model, submit, train
 
-COMMANDS = [generate, submit, schedule, evaluate, report, dataset, train, eval_models, export, spec, stage_model]
+COMMANDS = [generate, submit, schedule, score, evaluate, report, dataset, train, eval_models, export, spec, stage_model]
 
 
 def main(argv: list[str] | None = None) -> int:

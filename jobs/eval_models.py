@@ -18,6 +18,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("-n", type=int, default=1000, help="test prompts per family")
     p.add_argument("--rerank", default="1,4,16", help="candidates K to measure rerank at ('' to skip)")
     p.add_argument("--rerank-n", type=int, default=300, help="test prompts per K and family")
+    p.add_argument("--diversity-n", type=int, default=200, help="prompts drawn with 4 seeds for diversity")
     p.add_argument("--grid-dir", default="docs", help="where sample grids go")
     p.add_argument("--sampling", default="{}", help='JSON per family, e.g. {"transformer": {"top_k": 64}}')
     p.set_defaults(func=main)
@@ -41,7 +42,9 @@ def main(args: argparse.Namespace) -> int:
         eval_vq,
         grid_png,
         judge_accuracy,
+        near_miss_rejection,
         r_precision_split,
+        sample_diversity,
         seed_diversity,
     )
 
@@ -50,6 +53,8 @@ def main(args: argparse.Namespace) -> int:
     sampling = json.loads(args.sampling)
     report: dict = {"judge_accuracy_real": {k: round(v, 4) for k, v in judge_accuracy(judge, split).items()}}
     print("judge accuracy on real test renders:", json.dumps(report["judge_accuracy_real"]))
+    report["near_miss_rejected"] = near_miss_rejection(judge)
+    print("near misses rejected (seed 1, by kind):", json.dumps(report["near_miss_rejected"]))
     scorer = load_clip(args.clip) if Path(args.clip).exists() else None
     if scorer is not None:
         report["clip_r_precision"] = r_precision_split(scorer, split, 1000)
@@ -65,17 +70,39 @@ def main(args: argparse.Namespace) -> int:
         if not Path(url).exists():
             print(f"{family}: no checkpoint at {url}, skipped")
             continue
-        res, errors, imgs = eval_generator(url, judge, split, args.n, **sampling.get(family, {}))
-        report[family] = {"prompt_match": res, "attribute_errors": errors, "sampling": sampling.get(family, {})}
+        res, errors, imgs, card = eval_generator(url, judge, split, args.n, **sampling.get(family, {}))
+        report[family] = {"prompt_match": res, "attribute_errors": errors, "sampling": sampling.get(family, {}),
+                          "report_card": card}
         grid_png(imgs[:32], split.captions[:32], f"{args.grid_dir}/samples_{family}.png")
         print(f"{family} prompt-match:", json.dumps(res))
         print(f"{family} attribute error rates:", json.dumps(errors))
         report[family]["seed_diversity"] = seed_diversity(url, split.captions[:50])
         print(f"{family} per-pixel std across 8 seeds (first 50 prompts):", report[family]["seed_diversity"])
+        report[family]["samples"] = sample_diversity(url, judge, split.captions[:args.diversity_n],
+                                                     **sampling.get(family, {}))
+        print(f"{family} 4 seeds of the first {args.diversity_n} prompts:", json.dumps(report[family]["samples"]))
         if scorer is not None and args.rerank:
             ks = [int(k) for k in args.rerank.split(",")]
             report[family]["rerank"] = eval_rerank(url, scorer, judge, split, args.rerank_n, ks, **sampling.get(family, {}))
             for k, r in report[family]["rerank"].items():
                 print(f"{family} rerank K={k}:", json.dumps(r))
     print(json.dumps(report))
+    print(card_markdown(report))
     return 0
+
+
+def card_markdown(report: dict) -> str:
+    """The report card as MODEL_CARD's table: one row per category, one column per family."""
+    from models.shapes.evaluate import CATEGORIES
+
+    fams = [f for f in ("transformer", "gan") if f in report]
+    lines = ["| category | " + " | ".join(fams) + " |", "|---|" + "---|" * len(fams)]
+    for c in (*CATEGORIES, "judge agrees with geometry"):
+        cells = [report[f]["report_card"][c] for f in fams]
+        lines.append(f"| {c} | " + " | ".join("–" if x["rate"] is None else f"{x['rate']:.1%} (n={x['n']})"
+                                               for x in cells) + " |")
+    for key, label, fmt in (("diversity", "seed diversity (judge features, 4 seeds)", "{:.4f}"),
+                            ("near_duplicate_rate", "near-duplicate rate (4 seeds)", "{:.1%}")):
+        vals = [report[f]["samples"][key] for f in fams]
+        lines.append(f"| {label} | " + " | ".join("–" if v is None else fmt.format(v) for v in vals) + " |")
+    return "\n".join(lines)

@@ -1,20 +1,26 @@
-"""Judge: attribute classifier for the shapes domain, trained on real renders.
+"""Judge: attribute classifier for the shapes domain, trained on real renders and the near-miss corpus.
 
 It is the domain's evaluator (prompt-match) and its penultimate layer is the feature space for FID / KID /
 precision-recall, since Inception weights cannot be fetched here. Predicts the canonical scene
-(see `Scene.canonical`): object count, background, per-slot shape/colour/size, position or relation.
+(see `Scene.canonical`): object count, background, per-slot shape/colour/size, position or relation; with
+`malformed` (the shipped judge) also whether the drawing is a near miss (a ring, lobes, a notch, a blend, blur,
+noise, a cut, an extra object, a wrong aspect: `models/shapes/near_miss.py`), which fails `prompt_match` whatever
+the attributes read. `prompt_match` also needs the non-learned geometry check (`models/shapes/geometry.py`).
 """
 
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
 from models.checkpoint import load_module
+from models.images import to_nhwc
 from models.shapes import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, Obj, Scene, matches, parse
+from models.shapes.geometry import Geometry, geometry_matches, read_geometry
 
 CANON_RELATIONS = ["left of", "above"]
 HEADS = {"count": 2, "background": len(BACKGROUNDS), "position": len(POSITIONS), "relation": len(CANON_RELATIONS),
@@ -29,6 +35,7 @@ class JudgeConfig:
     width: int = 32
     features: int = 128
     image_size: int = 32
+    malformed: bool = False  # a near-miss head (judges before it had none and load unchanged)
 
 
 class Judge(nn.Module):
@@ -43,8 +50,14 @@ class Judge(nn.Module):
         self.conv = nn.Sequential(*layers)
         side = cfg.image_size // 8
         self.fc = nn.Sequential(nn.Flatten(), nn.Linear(4 * w * side * side, cfg.features), nn.ReLU())
-        self.heads = nn.ModuleDict({k: nn.Linear(cfg.features, n) for k, n in HEADS.items()})
+        self.heads = nn.ModuleDict({k: nn.Linear(cfg.features, n) for k, n in self.head_sizes.items()})
         self.num_features = cfg.features  # torchmetrics' custom feature extractors read this
+        # set from real renders when the recipe exports (`calibrate`); travels in config.json
+        self.calibration: dict[str, float] = {}
+
+    @property
+    def head_sizes(self) -> dict[str, int]:
+        return {**HEADS, **({"malformed": 2} if self.cfg.malformed else {})}
 
     def features(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (N, 3, H, W) or float in [-1, 1] -> (N, features) penultimate activations."""
@@ -56,12 +69,18 @@ class Judge(nn.Module):
 
     def loss(self, images: torch.Tensor, labels: dict[str, torch.Tensor]) -> torch.Tensor:
         out = self(images)
-        return sum(F.cross_entropy(out[k], labels[k], ignore_index=IGNORE) for k in HEADS)
+        return sum(F.cross_entropy(out[k], labels[k], ignore_index=IGNORE) for k in self.head_sizes
+                   if (labels[k] != IGNORE).any())
 
     @torch.no_grad()
-    def read(self, images: torch.Tensor) -> list[Scene]:
-        """The canonical scene the judge sees in each image."""
-        pred = {k: v.argmax(-1).tolist() for k, v in self(images).items()}
+    def read(self, images: torch.Tensor) -> Reading:
+        """The canonical scene the judge sees in each image, whether it sees a near miss (False without the
+        head), and its features (one forward pass for all three)."""
+        f = self.features(images)
+        pred = {k: h(f).argmax(-1).tolist() for k, h in self.heads.items() if k != "malformed"}
+        if "malformed" in self.heads:  # its threshold is calibrated: real renders must not be called near misses
+            p = self.heads["malformed"](f).softmax(-1)[:, 1]
+            pred["malformed"] = (p > self.calibration.get("malformed_threshold", 0.5)).tolist()
         scenes = []
         for i in range(images.size(0)):
             n = pred["count"][i] + 1
@@ -70,16 +89,29 @@ class Judge(nn.Module):
             scenes.append(Scene(objs, list(BACKGROUNDS)[pred["background"][i]],
                                 POSITIONS[pred["position"][i]] if n == 1 else None,
                                 CANON_RELATIONS[pred["relation"][i]] if n == 2 else None))
-        return scenes
+        return Reading(scenes, [bool(m) for m in pred.get("malformed", [0] * len(scenes))], f)
 
     def config(self) -> dict:
-        return {"family": "judge", "config": asdict(self.cfg)}
+        return {"family": "judge", "config": asdict(self.cfg), "calibration": self.calibration}
 
 
-def labels(scenes: list[Scene]) -> dict[str, torch.Tensor]:
-    """Canonical scenes -> one integer label per head (IGNORE where a head does not apply)."""
+@dataclass
+class Reading:
+    scenes: list[Scene]
+    malformed: list[bool]
+    features: torch.Tensor  # (N, features)
+
+
+def labels(scenes: list[Scene], near_miss: list[bool] | None = None) -> dict[str, torch.Tensor]:
+    """Canonical scenes -> one integer label per head (IGNORE where a head does not apply). A near miss is
+    labelled malformed and nothing else: its caption's attributes are not what it shows."""
+    near_miss = near_miss or [False] * len(scenes)
     rows: dict[str, list[int]] = {k: [] for k in HEADS}
-    for s in scenes:
+    for s, bad in zip(scenes, near_miss):
+        if bad:
+            for k in HEADS:
+                rows[k].append(IGNORE)
+            continue
         s = s.canonical()
         n = len(s.objects)
         rows["count"].append(n - 1)
@@ -90,7 +122,7 @@ def labels(scenes: list[Scene]) -> dict[str, torch.Tensor]:
             o = s.objects[slot] if slot < n else None
             for k in ("shape", "color", "size"):
                 rows[f"{k}{slot}"].append(_VOCAB[k].index(getattr(o, k)) if o else IGNORE)
-    return {k: torch.tensor(v) for k, v in rows.items()}
+    return {**{k: torch.tensor(v) for k, v in rows.items()}, "malformed": torch.tensor([int(b) for b in near_miss])}
 
 
 def as_model_input(images: torch.Tensor, size: int) -> torch.Tensor:
@@ -102,15 +134,47 @@ def as_model_input(images: torch.Tensor, size: int) -> torch.Tensor:
     return images
 
 
-def judge_prompts(judge: Judge, images: torch.Tensor, prompts: list[str]) -> tuple[list[Scene], list[bool | None]]:
-    """What the judge sees in each image, and whether it agrees with every attribute the prompt states
-    (None when the prompt is outside the shapes grammar)."""
-    scenes = [s for i in range(0, len(prompts), 512) for s in judge.read(images[i:i + 512])]
-    ok = []
-    for p, s in zip(prompts, scenes):
+@dataclass
+class Verdict:
+    """What the scorers read in one image: the judge's scene, its near-miss flag, the geometry, and whether the
+    image matches its prompt (None outside the shapes grammar)."""
+
+    scene: Scene
+    malformed: bool
+    geometry: Geometry | None
+    match: bool | None
+    features: torch.Tensor  # the judge's penultimate features: diversity and near-duplicates are measured there
+
+    def judged(self) -> dict:
+        return {**self.scene.to_dict(), "malformed": self.malformed}
+
+
+def judge_prompts(judge: Judge, images: torch.Tensor, prompts: list[str]) -> list[Verdict]:
+    """`prompt_match` = the judge reads every attribute the prompt states, sees no near miss, and the geometry check
+    finds whole objects that agree (None when the prompt is outside the shapes grammar: no geometry either)."""
+    read = [judge.read(images[i:i + 512]) for i in range(0, len(prompts), 512)]
+    scenes = [s for r in read for s in r.scenes]
+    malformed = [m for r in read for m in r.malformed]
+    features = torch.cat([r.features for r in read]) if read else torch.zeros(0, judge.num_features)
+    if images.dtype != torch.uint8:  # [-1, 1] floats, as in training
+        images = ((images + 1) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    pixels = to_nhwc(images)
+    out = []
+    for i, (p, s, bad) in enumerate(zip(prompts, scenes, malformed)):
         parsed = parse(p)
-        ok.append(None if parsed is None else matches(parsed, s))
-    return scenes, ok
+        if parsed is None:
+            out.append(Verdict(s, bad, None, None, features[i]))
+            continue
+        geo = read_geometry(pixels[i])
+        ok = matches(parsed, s) and not bad and geometry_matches(parsed, geo)
+        out.append(Verdict(s, bad, geo, ok, features[i]))
+    return out
+
+
+def pairwise_cosine(f: np.ndarray) -> np.ndarray:
+    """(k, d) features -> (k, k) cosine distances: the judge's feature space, where diversity is measured."""
+    u = f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+    return np.clip(1.0 - u @ u.T, 0.0, 2.0)
 
 
 def scene_from_dict(d: dict) -> Scene:
@@ -119,4 +183,6 @@ def scene_from_dict(d: dict) -> Scene:
 
 def load_judge(url: str, device: torch.device | str = "cpu", storage_options: dict | None = None) -> Judge:
     """A judge checkpoint directory, in eval mode on `device`."""
-    return load_module(url, "judge", lambda c: Judge(JudgeConfig(**c["config"])), storage_options)[1].to(device)
+    config, judge = load_module(url, "judge", lambda c: Judge(JudgeConfig(**c["config"])), storage_options)
+    judge.calibration = dict(config.get("calibration") or {})
+    return judge.to(device)

@@ -32,12 +32,13 @@ def list_files(url: str, storage_options: dict) -> tuple[AbstractFileSystem, lis
     return fs, sorted(files)
 
 
-def read_rows(data: str, columns: list[str], storage_options: dict | None = None, max_rows: int | None = None,
-              rank: int = 0, world: int = 1) -> dict[str, list]:
-    """Columns of every Parquet file under `data` (first `max_rows` rows), then this worker's shard."""
-    fs, files = list_files(data, storage_options or {})
+def read_rows(data: str | list[str], columns: list[str], storage_options: dict | None = None,
+              max_rows: int | None = None, rank: int = 0, world: int = 1) -> dict[str, list]:
+    """Columns of every Parquet file under `data` (one source or several, in order; first `max_rows` rows), then
+    this worker's shard."""
+    listed = [list_files(d, storage_options or {}) for d in ([data] if isinstance(data, str) else data)]
     out: dict[str, list] = {c: [] for c in columns}
-    for f in files:
+    for fs, f in ((fs, f) for fs, files in listed for f in files):
         with fs.open(f, "rb") as fh:
             t = pq.read_table(fh, columns=columns)
         for c in columns:

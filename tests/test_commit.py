@@ -32,3 +32,33 @@ def test_duplicates_merge_to_one_row_and_tmp_files_are_ignored(tmp_path):
     put_atomic(fs, f"{stage}/d.parquet", parquet_bytes(part(["x", "w"], [0, 0])))
     assert commit(fs, root).num_rows == 4
     assert pq.read_table(tmp_path / "metadata").num_rows == 4
+
+
+def test_diversity_and_near_duplicates_span_runs(tmp_path):
+    """A prompt's samples committed in two runs are compared together: copies are near-duplicates with diversity
+    0, distinct samples are not; one sample alone has neither."""
+    import numpy as np
+
+    fs = fsspec.filesystem("file")
+    root = str(tmp_path)
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=128).astype(np.float32), rng.normal(size=128).astype(np.float32)
+
+    def with_features(t, feats):
+        return t.set_column(t.schema.get_field_index("judge_features"), "judge_features",
+                            pa.array([list(map(float, f)) for f in feats], pa.list_(pa.float32())))
+
+    put_atomic(fs, f"{root}/_staging/metadata/1.parquet",
+               parquet_bytes(with_features(part(["copy", "apart", "alone"], [0, 0, 0]), [a, a, b])))
+    commit(fs, root, near_duplicate_distance=0.01)  # first run: one sample each, nothing to compare yet
+    put_atomic(fs, f"{root}/_staging/metadata/2.parquet",  # the rerun draws each prompt's second sample
+               parquet_bytes(with_features(part(["copy", "apart"], [1, 1]), [a * 1.0001, b])))
+    rows = {(r["id"], r["sample"]): r for r in commit(fs, root, near_duplicate_distance=0.01).to_pylist()}
+    assert rows[("copy", 0)]["near_duplicate"] and rows[("copy", 1)]["near_duplicate"]
+    assert rows[("copy", 0)]["diversity"] < 1e-6
+    assert rows[("apart", 0)]["near_duplicate"] is False and rows[("apart", 0)]["diversity"] > 0.5
+    assert rows[("alone", 0)]["diversity"] is None and rows[("alone", 0)]["near_duplicate"] is None
+    from pipelines.runs.results import score_summary
+
+    s = score_summary(pq.read_table(tmp_path / "metadata"))["gan"]
+    assert s["near_duplicate_rate"] == 0.5 and s["prompts_with_samples"] == 2

@@ -151,3 +151,26 @@ def test_attribute_errors_name_the_attribute_the_judge_reads_otherwise():
     assert errors["two_objects"]["shape0"] == 0 and errors["two_objects"]["relation"] == 0
     assert errors["one_object"] == {"count": 0, "position": 1.0, "color0": 0, "shape0": 0}
     assert mismatches(parse(caps[0]), scenes[0]) == []
+
+
+@pytest.mark.parametrize("phrase,position", [("on the top", "top"), ("in the top", "top"), ("up top", "top"),
+                                             ("at top", "top"), ("towards the bottom", "bottom"),
+                                             ("in the centre", "center"), ("on the left-hand side", "left")])
+def test_natural_variants_parse_but_captions_never_use_them(phrase, position):
+    p = parse(f"a small red square {phrase}")
+    assert p is not None and p.position == position and p.objects[0] == {"shape": "square", "color": "red",
+                                                                          "size": "small"}
+    assert parse("a red circle underneath a blue square").relation == "below"
+    from models.shapes import POSITION_VARIANTS
+
+    variants = {v for vs in POSITION_VARIANTS.values() for v in vs}
+    assert not any(v in example(i, 0, "train")[1] for i in range(3000) for v in variants if len(v) > 8)
+
+
+def test_near_miss_rows_are_pure_functions_of_seed_and_index():
+    from models.shapes.near_miss import KINDS, near_miss
+
+    a, b = near_miss(12, 0), near_miss(12, 0)
+    assert a[0] == KINDS[12 % len(KINDS)] and a[2] == b[2] and (a[3] == b[3]).all()
+    assert not (near_miss(12, 1)[3] == a[3]).all()
+    assert parse(a[2]) is not None and matches(parse(a[2]), a[1])  # the caption states the intended scene

@@ -34,6 +34,17 @@ POSITION_WORDS = {
 RELATION_WORDS = {"left of": ["left of", "to the left of", "on the left of"],
                   "right of": ["right of", "to the right of", "on the right of"],
                   "above": ["above", "over", "on top of"], "below": ["below", "under", "beneath"]}
+# variants the parser also reads (prompts people write), never written into captions: the train split stays as it is
+POSITION_VARIANTS = {
+    "left": ["in the left", "at left", "on left", "toward the left", "towards the left", "on the left-hand side"],
+    "right": ["in the right", "at right", "on right", "toward the right", "towards the right", "on the right-hand side"],
+    "top": ["on the top", "in the top", "up top", "at top", "top side", "on the top side", "toward the top",
+            "towards the top"],
+    "bottom": ["in the bottom", "at bottom", "bottom side", "on the bottom side", "toward the bottom",
+               "towards the bottom", "down at the bottom"],
+    "center": ["in the centre", "at the centre", "centred", "in the center of the image", "in the middle of the image"],
+}
+RELATION_VARIANTS = {"left of": [], "right of": [], "above": ["atop"], "below": ["underneath"]}
 PREFIXES = ["", "a picture of ", "an image of ", "a drawing of "]
 BG_FORMS = [" on a {bg} background", ", on a {bg} background", " with a {bg} background", ", {bg} background"]
 
@@ -194,8 +205,8 @@ def _alt(words) -> str:
 
 
 _SIZE_OF = {w: s for s, ws in SIZE_WORDS.items() for w in ws}
-_POS_OF = {w: p for p, ws in POSITION_WORDS.items() for w in ws}
-_REL_OF = {w: r for r, ws in RELATION_WORDS.items() for w in ws}
+_POS_OF = {w: p for table in (POSITION_WORDS, POSITION_VARIANTS) for p, ws in table.items() for w in ws}
+_REL_OF = {w: r for table in (RELATION_WORDS, RELATION_VARIANTS) for r, ws in table.items() for w in ws}
 
 
 def _obj_re(i: int) -> str:
@@ -258,19 +269,35 @@ _SCALE = {1: {"small": 0.26, "large": 0.48}, 2: {"small": 0.22, "large": 0.38}}
 SUPERSAMPLE = 4
 
 
-def _draw(d: ImageDraw.ImageDraw, o: Obj, cx: float, cy: float, r: float) -> None:
-    color = COLORS[o.color]
+def _draw(d: ImageDraw.ImageDraw, o: Obj, cx: float, cy: float, r: float, sx: float = 1.0, sy: float = 1.0,
+          fill: tuple[int, int, int] | None = None) -> None:
+    """One shape at (cx, cy) with radius r; sx, sy stretch it (the near-miss corpus's wrong aspects)."""
+    color = fill or COLORS[o.color]
+    rx, ry = r * sx, r * sy
     if o.shape == "circle":
-        d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=color)
+        d.ellipse([cx - rx, cy - ry, cx + rx, cy + ry], fill=color)
     elif o.shape == "square":
-        s = r * 0.9
-        d.rectangle([cx - s, cy - s, cx + s, cy + s], fill=color)
+        d.rectangle([cx - rx * 0.9, cy - ry * 0.9, cx + rx * 0.9, cy + ry * 0.9], fill=color)
     elif o.shape == "triangle":
-        d.polygon([(cx, cy - r), (cx + r * 1.05, cy + r * 0.8), (cx - r * 1.05, cy + r * 0.8)], fill=color)
+        d.polygon([(cx, cy - ry), (cx + rx * 1.05, cy + ry * 0.8), (cx - rx * 1.05, cy + ry * 0.8)], fill=color)
     elif o.shape == "diamond":
-        d.polygon([(cx, cy - r * 1.1), (cx + r * 0.8, cy), (cx, cy + r * 1.1), (cx - r * 0.8, cy)], fill=color)
+        d.polygon([(cx, cy - ry * 1.1), (cx + rx * 0.8, cy), (cx, cy + ry * 1.1), (cx - rx * 0.8, cy)], fill=color)
     else:
         raise ValueError(f"unknown shape {o.shape!r}")
+
+
+def layout(scene: Scene, big: int, rng: random.Random | None = None) -> list[tuple[Obj, float, float, float]]:
+    """(object, cx, cy, r) in pixels of a `big` canvas; `rng` adds small jitter (three draws per object)."""
+    n = len(scene.objects)
+    slots = [scene.position] if n == 1 else list(_REL_CENTERS[scene.relation])
+    out = []
+    for o, slot in zip(scene.objects, slots):
+        fx, fy = _CENTERS[slot]
+        j = (lambda: rng.uniform(-0.03, 0.03)) if rng else (lambda: 0.0)
+        r = _SCALE[n][o.size] * big / 2 * (1 + (rng.uniform(-0.08, 0.08) if rng else 0))
+        cx = (fx + j()) * big
+        out.append((o, cx, (fy + j()) * big, r))
+    return out
 
 
 def render(scene: Scene, size: int = 32, rng: random.Random | None = None) -> np.ndarray:
@@ -278,13 +305,8 @@ def render(scene: Scene, size: int = 32, rng: random.Random | None = None) -> np
     big = size * SUPERSAMPLE
     img = Image.new("RGB", (big, big), BACKGROUNDS[scene.background])
     d = ImageDraw.Draw(img)
-    n = len(scene.objects)
-    slots = [scene.position] if n == 1 else list(_REL_CENTERS[scene.relation])
-    for o, slot in zip(scene.objects, slots):
-        fx, fy = _CENTERS[slot]
-        j = (lambda: rng.uniform(-0.03, 0.03)) if rng else (lambda: 0.0)
-        r = _SCALE[n][o.size] * big / 2 * (1 + (rng.uniform(-0.08, 0.08) if rng else 0))
-        _draw(d, o, (fx + j()) * big, (fy + j()) * big, r)
+    for o, cx, cy, r in layout(scene, big, rng):
+        _draw(d, o, cx, cy, r)
     return np.asarray(img.resize((size, size), Image.BOX))
 
 

@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
+from pipelines.batch.diversity import annotate
 from pipelines.layout import (
     METADATA,
     METADATA_SCHEMA,
@@ -72,8 +73,9 @@ def done_keys(fs: AbstractFileSystem, root: str) -> frozenset[str]:
     return frozenset(sample_keys(_read(fs, committed + staged, ["model", "id", "sample"])))
 
 
-def commit(fs: AbstractFileSystem, root: str) -> pa.Table:
-    """Merge staging into metadata/ with one row per sample; returns the committed table."""
+def commit(fs: AbstractFileSystem, root: str, near_duplicate_distance: float | None = None) -> pa.Table:
+    """Merge staging into metadata/ with one row per sample, each prompt's diversity and near-duplicates set over
+    all its samples (`pipelines.batch.diversity`); returns the committed table."""
     committed, staged = metadata_files(fs, root)
     table = _read(fs, committed + staged)
     keys = pa.array(sample_keys(table), pa.string())
@@ -81,6 +83,7 @@ def commit(fs: AbstractFileSystem, root: str) -> pa.Table:
     if not staged and committed and len(first) == len(table):
         return table  # nothing staged and already one row per sample (always checked: a second writer's leftovers)
     table = table.take(first["i_min"]).sort_by([("model", "ascending"), ("id", "ascending"), ("sample", "ascending")])
+    table = annotate(table, near_duplicate_distance)
     table = _finalize_shards(fs, root, table)
     gen = uuid.uuid4().hex[:8]
     for n, start in enumerate(range(0, max(len(table), 1), ROWS_PER_FILE)):

@@ -73,6 +73,16 @@ def _publish_rejected(fs: AbstractFileSystem, root: str, previous: list[str]) ->
     return names
 
 
+def near_duplicate_distance(spec: JobSpec) -> float | None:
+    """The scoring judge's calibrated threshold (None without a judge or a calibration)."""
+    if not (spec.scoring.enabled and spec.scoring.judge):
+        return None
+    from models.judge import load_judge
+
+    return load_judge(spec.scoring.judge, storage_options=spec.scoring.storage_options).calibration.get(
+        "near_duplicate_distance")
+
+
 def finalize(spec: JobSpec, fs: AbstractFileSystem, root: str, *, input_rows: int, rejected: dict[str, int],
              written: dict[str, int], started: float) -> JobResult:
     """Finish a run: exactly one metadata row per sample, then rejected rows, summary, metrics, report and
@@ -91,7 +101,7 @@ def finalize(spec: JobSpec, fs: AbstractFileSystem, root: str, *, input_rows: in
     pause_point("commit")
     if fs.exists(success):
         fs.rm(success)
-    table = commit(fs, root)
+    table = commit(fs, root, near_duplicate_distance(spec))
     previous = read_json(fs, join(root, SUMMARY)) or {}
     if "rejected_files" in previous or not fs.exists(join(root, REJECTED)):
         mine = previous.get("rejected_files", [])

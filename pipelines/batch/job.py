@@ -41,15 +41,15 @@ _BOUNDED = {"max_restarts": MAX_ACTOR_RESTARTS, "max_task_retries": MAX_TASK_RET
 EMBEDDED_OVERSUBSCRIPTION = 4  # logical CPUs per core an embedded Ray may promise (actors idle while others work)
 
 
-def _ensure_ray(spec: JobSpec) -> None:
+def ensure_ray(needed: float) -> None:
+    """Join RAY_ADDRESS's cluster, or start an embedded Ray with `needed` logical CPUs (the pools' minimum actors
+    plus read/write tasks; fewer and the job waits forever for CPUs). Logical CPUs may exceed cores (actors idle
+    while others work), within a bound."""
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
         ray.init()  # join the cluster RAY_ADDRESS names
         return
-    # Embedded: every pool's minimum actors must fit beside the read/write tasks, or the job waits
-    # forever for CPUs; logical CPUs may exceed cores (actors idle while others work).
-    needed = pool_cpus(spec) + 2
     cores = os.cpu_count() or 1
     allowed = max(EMBEDDED_OVERSUBSCRIPTION * cores, 8)
     if needed > allowed:  # `actors: 400` started 401 torch processes on 2 cores
@@ -165,7 +165,7 @@ def run_job(spec: JobSpec, allow_subset: bool = False) -> JobResult:
     plan, previous = preflight(spec, allow_subset)
     fs, root = filesystem(spec.output.path, spec.output.storage_options)
     out_url = full_url(fs, root)
-    _ensure_ray(spec)
+    ensure_ray(pool_cpus(spec) + 2)
     _check_capacity(spec)
     # 2. One writer per output; its settings are on record before the first image
     try:

@@ -18,7 +18,7 @@ from pipelines.batch.commit import read_json
 from pipelines.batch.read import InputPlan, plan_input
 from pipelines.layout import IMAGES, LEASE, METADATA, REJECTED, SHARDS, SPEC, STAGING
 from pipelines.runs.evaluate import read_reference
-from pipelines.spec import JobSpec, redact, redact_text
+from pipelines.spec import JobSpec, ScoringSpec, redact, redact_text
 from pipelines.storage import filesystem, full_url, is_local, join
 from pipelines.tables import InputError
 
@@ -144,20 +144,25 @@ def preflight(spec: JobSpec, allow_subset: bool = False) -> tuple[InputPlan, dic
         except ValidationError as e:
             raise PreflightError(f"{where}.sampling: {e}") from e
     if scoring_on(spec):
-        for field_name, loader in (("clip", load_clip), ("judge", load_judge)):
-            url = getattr(spec.scoring, field_name)
-            if url is None:
-                continue
-            try:
-                loader(url, storage_options=spec.scoring.storage_options)
-            except (CheckpointError, OSError) as e:
-                raise PreflightError(f"scoring.{field_name}: {e}") from e
+        check_scoring(spec.scoring)
     if spec.metrics.reference:
         try:
             read_reference(spec.metrics.reference, spec.metrics.storage_options, spec.metrics.image_column, 4)
         except (OSError, ValueError, KeyError, pa.ArrowException) as e:
             raise PreflightError(f"metrics.reference: cannot read images from {spec.metrics.reference!r} ({e})") from e
     return plan, check_output(spec, plan, allow_subset)
+
+
+def check_scoring(scoring: ScoringSpec, where: str = "scoring.") -> None:
+    """Load each scorer once in the driver: a bad checkpoint is an error naming its field before any work."""
+    for field_name, loader in (("clip", load_clip), ("judge", load_judge)):
+        url = getattr(scoring, field_name)
+        if url is None:
+            continue
+        try:
+            loader(url, storage_options=scoring.storage_options)
+        except (CheckpointError, OSError) as e:
+            raise PreflightError(f"{where}{field_name}: {e}") from e
 
 
 def scoring_on(spec: JobSpec) -> bool:

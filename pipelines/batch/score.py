@@ -1,8 +1,10 @@
 """The scoring stage: its own Ray Data actor pool (CLIP + judge loaded once per actor) between generate and write.
 
 Adds `clip_score` (torchmetrics' CLIPScore: max(100 * cosine, 0)), `judged` (the judge's reading of the
-image as JSON) and `prompt_match` (that reading agrees with every attribute the prompt states; null for
-prompts outside the shapes grammar). A disabled scorer or one without a checkpoint leaves its columns null.
+image as JSON, with its near-miss flag), `geometry` (the non-learned check's reading: objects, holes, solidity,
+template fits) and `prompt_match` (both readings agree with every attribute the prompt states and neither sees a
+malformed drawing; null, like `geometry`, for prompts outside the shapes grammar). A disabled scorer or one
+without a checkpoint leaves its columns null.
 """
 
 from __future__ import annotations
@@ -43,10 +45,14 @@ class ScoreStage:
         if self.judge is not None:
             with torch.no_grad():
                 x = to_nchw(pixels).to(self.device)
-                scenes, ok = judge_prompts(self.judge, x, prompts)
-            batch["judged"] = np.array([json.dumps(s.to_dict(), sort_keys=True) for s in scenes], object)
-            batch["prompt_match"] = np.array(ok, object)
+                verdicts = judge_prompts(self.judge, x, prompts)
+            batch["judged"] = np.array([json.dumps(v.judged(), sort_keys=True) for v in verdicts], object)
+            batch["geometry"] = np.array([v.geometry and json.dumps(v.geometry.to_dict(), sort_keys=True)
+                                          for v in verdicts], object)
+            batch["prompt_match"] = np.array([v.match for v in verdicts], object)
+            batch["judge_features"] = np.array([v.features.float().cpu().numpy() for v in verdicts] + [None],
+                                               object)[:-1]  # an array of arrays, not a 2-D array
         else:
-            batch["judged"] = np.full(n, None, object)
-            batch["prompt_match"] = np.full(n, None, object)
+            for k in ("judged", "geometry", "prompt_match", "judge_features"):
+                batch[k] = np.full(n, None, object)
         return batch

@@ -19,6 +19,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipelines.layout import (
+    DERIVED,
     METADATA,
     METADATA_SCHEMA,
     OUTPUT_FORMATS,
@@ -62,7 +63,7 @@ class WriteStage:
         encoded = [encode_image(im, self.image_format) for im in np.asarray(batch["pixels"])]
         cols = {k: batch[k] for k in METADATA_SCHEMA.names if k in batch}
         cols["image_format"] = np.full(n, self.image_format, object)
-        for k in SCORES:
+        for k in (*SCORES, *DERIVED):
             cols.setdefault(k, [None] * n)
         cols["image_key"] = [None] * n
         cols["image"] = [None] * n

@@ -46,7 +46,8 @@ class JudgeLogits(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.judge(x)
         joint = out["shape0"].log_softmax(-1)[:, :, None] + out["color0"].log_softmax(-1)[:, None, :]
-        return joint.flatten(1)
+        # a floor: a judge certain enough to underflow a class to 0 in every image made IS 0 * log 0 = nan
+        return joint.flatten(1).clamp(min=-50)
 
 
 def knn_precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = PR_K) -> tuple[float, float]:

@@ -96,7 +96,7 @@ def build_report(run: Run, gallery_prompts: int = 24, extremes: int = 8) -> str:
                    _fmt(s.get("images_per_s")), _fmt(s.get("wall_s"))]]))
     scores = score_summary(md) if len(md) else {}
     metrics = (s.get("metrics") or {}).get("models", {})
-    cols = ["images", "clip_score_mean", "prompt_match", "candidates"]
+    cols = ["images", "clip_score_mean", "prompt_match", "candidates", "diversity_mean", "near_duplicate_rate"]
     mcols = ["fid", "kid", "inception_score", "precision", "recall"]
     parts.append("<h2>Per model</h2>" + _table(["model", *cols, *mcols],
                  [[html.escape(m), *(_fmt(scores.get(m, {}).get(c)) for c in cols),

@@ -8,6 +8,7 @@ import pyarrow.compute as pc
 from fsspec import AbstractFileSystem
 
 from models.images import decode_image
+from pipelines.batch import diversity
 from pipelines.batch.commit import read_json, read_metadata
 from pipelines.layout import SUMMARY, extension, tar_members
 from pipelines.storage import filesystem, join
@@ -62,13 +63,16 @@ def read_image_bytes(fs: AbstractFileSystem, rows: pa.Table) -> list[bytes]:
 
 
 def score_summary(metadata: pa.Table) -> dict[str, dict]:
-    """Per model: images, mean clip_score, prompt-match rate over in-domain prompts, rerank settings."""
+    """Per model: images, mean clip_score, prompt-match rate over in-domain prompts, rerank settings, and over its
+    prompts with several samples the mean diversity and near-duplicate rate."""
     out = {}
     for model in sorted(set(metadata.column("model").to_pylist())):
         t = metadata.filter(pc.equal(metadata["model"], model))
         clip = [v for v in t.column("clip_score").to_pylist() if v is not None]
         match = [v for v in t.column("prompt_match").to_pylist() if v is not None]
+        candidates = [c for c in t.column("candidates").to_pylist() if c is not None]
         out[model] = {"images": len(t), "clip_score_mean": round(float(np.mean(clip)), 4) if clip else None,
                       "prompt_match": round(float(np.mean(match)), 4) if match else None,
-                      "prompt_match_n": len(match), "candidates": max(t.column("candidates").to_pylist(), default=None)}
+                      "prompt_match_n": len(match), "candidates": max(candidates, default=None),
+                      **diversity.summary(t)}
     return out

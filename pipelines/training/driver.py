@@ -48,7 +48,8 @@ class TrainSpec(Strict):
     """One training run; also the schema of the versioned recipe configs in `pipelines/training/configs/`."""
 
     kind: Literal[KINDS] = Field(description="which model to train")  # type: ignore[valid-type]
-    data: str = Field(description="image-caption Parquet: file, directory, glob or fsspec URL")
+    data: str | list[str] = Field(description="image-caption Parquet: file, directory, glob or fsspec URL, or a "
+                                  "list of them (read in order)")
     out: str = Field(description="where the exported checkpoint directory goes")
     steps: int = Field(default=2000, ge=1)
     batch_size: int = Field(default=64, ge=1, description="per worker")
@@ -75,7 +76,8 @@ class TrainSpec(Strict):
     @model_validator(mode="after")
     def _check(self) -> TrainSpec:
         # Ray Train workers do not share the driver's cwd
-        self.data, self.out = absolute(self.data), absolute(self.out)
+        self.data = [absolute(d) for d in self.data] if isinstance(self.data, list) else absolute(self.data)
+        self.out = absolute(self.out)
         self.vq = absolute(self.vq) if self.vq else None
         self.clip = absolute(self.clip) if self.clip else None
         for kind, field_, what in (("transformer", "vq", "VQ"), ("gan", "clip", "CLIP")):
@@ -129,7 +131,8 @@ def load_data(spec: TrainSpec, recipe: Recipe, rank: int, world: int) -> dict[st
     images = to_nchw(np.stack([decode_image(b) for b in rows[spec.image_column]]))
     data: dict[str, Any] = {"images": images, "captions": rows[spec.caption_column]}
     if spec.kind == "judge":
-        data["labels"] = labels([scene_from_dict(json.loads(a)) for a in rows[spec.attributes_column]])
+        attributes = [json.loads(a) for a in rows[spec.attributes_column]]
+        data["labels"] = labels([scene_from_dict(a) for a in attributes], [bool(a.get("near_miss")) for a in attributes])
     if isinstance(recipe, TransformerRecipe):
         with torch.no_grad():
             data["tokens"] = torch.cat([recipe.vq.encode(images[i:i + 512].float() / 127.5 - 1)

@@ -143,6 +143,12 @@ class JudgeRecipe(Recipe):
         return {"loss": loss.item()}
 
     def export(self, url: str, storage_options: dict | None = None) -> None:
+        from models.shapes.evaluate import malformed_threshold, near_duplicate_distance
+
+        self.model.eval().cpu()
+        self.model.calibration = {"near_duplicate_distance": near_duplicate_distance(self.model)}
+        if self.model.cfg.malformed:
+            self.model.calibration["malformed_threshold"] = malformed_threshold(self.model)
         save_checkpoint(url, self.model.state_dict(), self.model.config(), storage_options)
 
 

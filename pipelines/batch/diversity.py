@@ -1,0 +1,62 @@
+"""Per-prompt diversity and near-duplicates, from the judge features the scoring stage stores per image.
+
+Computed when the metadata is committed, over the whole committed table: the samples of one prompt can come
+from different batches, actors or runs. For each (model, id) with two or more samples:
+
+  diversity       mean pairwise cosine distance between its samples' judge features
+  near_duplicate  this sample has a sibling closer than two real renders of one scene ever are (the judge's
+                  `near_duplicate_distance`, calibrated on real renders when it was trained)
+
+Both stay null for a single sample, without features (scoring off, no judge), or, for near_duplicate, with a
+judge that carries no calibration. A GAN that draws one image per prompt has diversity near 0 and every
+sample a near-duplicate: `images_per_prompt: 4` then buys four copies, and the summary says so.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+
+def annotate(table: pa.Table, threshold: float | None) -> pa.Table:
+    """`table` (sorted by model, id) with its diversity and near_duplicate columns set."""
+    from models.judge import pairwise_cosine  # torch: only when committing
+
+    n = len(table)
+    diversity = np.full(n, np.nan, np.float32)
+    near = np.full(n, -1, np.int8)  # -1: null
+    feats = table.column("judge_features")
+    if n and feats.null_count < n:
+        keys = pc.binary_join_element_wise(table["model"], table["id"], "\x1f").to_numpy(zero_copy_only=False)
+        starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
+        ends = np.r_[starts[1:], n]
+        rows = feats.to_pylist()
+        for a, b in zip(starts, ends):
+            idx = [i for i in range(a, b) if rows[i] is not None]
+            if len(idx) < 2:
+                continue
+            d = pairwise_cosine(np.asarray([rows[i] for i in idx], np.float32))
+            diversity[idx] = d[np.triu_indices(len(idx), 1)].mean()
+            if threshold is not None:
+                np.fill_diagonal(d, np.inf)
+                near[idx] = d.min(1) < threshold
+    table = table.set_column(table.schema.get_field_index("diversity"), "diversity",
+                             pa.array(diversity, pa.float32(), mask=np.isnan(diversity)))
+    return table.set_column(table.schema.get_field_index("near_duplicate"), "near_duplicate",
+                            pa.array(near == 1, pa.bool_(), mask=near < 0))
+
+
+def summary(table: pa.Table) -> dict:
+    """One model's figures over its prompts with two or more scored samples: mean diversity, and the share of
+    those prompts with at least one near-duplicate pair."""
+    per: dict[str, list] = {}  # id -> [diversity, any near-duplicate (None: unknown)]
+    for i, d, n in zip(*(table.column(c).to_pylist() for c in ("id", "diversity", "near_duplicate"))):
+        if d is not None:
+            seen = per.setdefault(i, [d, None])
+            if n is not None:
+                seen[1] = bool(seen[1]) or n
+    flagged = [n for _, n in per.values() if n is not None]
+    return {"diversity_mean": round(float(np.mean([d for d, _ in per.values()])), 4) if per else None,
+            "near_duplicate_rate": round(float(np.mean(flagged)), 4) if flagged else None,
+            "prompts_with_samples": len(per)}
