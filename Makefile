@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: help setup chromium demo test lint bench data checkpoints eval spec-docs
+.PHONY: help setup chromium demo test chaos lint bench data checkpoints eval spec-docs
 help:  ## list targets
 	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
 
@@ -30,6 +30,9 @@ demo: setup  ## run the demo job on an embedded Ray -> runs/demo/
 
 test: setup chromium  ## the test suite (CI runs exactly this)
 	$(PY) -m pytest -q
+
+chaos: setup  ## the fault-injection suite, long cases included (storage outages, ...)
+	$(PY) -m pytest -q tests/chaos -m 'chaos or not chaos'
 
 spec-docs: setup  ## regenerate docs/spec.md from the pydantic field descriptions (a test keeps it in sync)
 	$(VENV)/bin/promptmill spec --markdown > docs/spec.md

@@ -16,20 +16,24 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="override a spec field, e.g. --set models.0.images_per_prompt=4")
     p.add_argument("--allow-subset", action="store_true",
                    help="write into an output that holds models this spec leaves out (their images stay)")
+    p.add_argument("--verbose", action="store_true", help="print the traceback of a failure, not only its one line")
     p.set_defaults(func=main)
 
 
 def main(args: argparse.Namespace) -> int:
-    from pipelines.batch.job import JobFailed, PreflightError, run_job
+    import traceback
+
+    from pipelines.batch.job import JobFailed, PreflightError, StorageError, run_job
     from pipelines.spec import SpecError, load_spec
 
     try:
         source = json.loads(os.environ[args.spec[4:]]) if args.spec.startswith("env:") else args.spec
         spec = load_spec(source, args.overrides)
         result = run_job(spec, allow_subset=args.allow_subset)
-    except (SpecError, PreflightError) as e:
-        return error(e)
-    except JobFailed as e:
-        return error(e, code=1)
+    except (SpecError, PreflightError, JobFailed, StorageError) as e:
+        if args.verbose:
+            traceback.print_exc()
+        # 2: bad spec or input, nothing done; 3: storage gave up (the same command resumes); 1: the job failed
+        return error(e, code=3 if isinstance(e, StorageError) else 1 if isinstance(e, JobFailed) else 2)
     print(result.line())
     return 0

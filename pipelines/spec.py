@@ -175,6 +175,19 @@ class OutputSpec(Strict):
                                 "writing waits this long for it, then stops naming it (one writer per output)")
 
 
+class RetrySpec(Strict):
+    attempts: int = Field(default=10, ge=1, le=100, description="tries per storage call, the first included")
+    max_wait_s: float = Field(default=120, ge=0, le=3600, description="seconds of backoff per call at most; the "
+                              "defaults wait out an outage of at least ~65 s (backoff doubles from 1 s to 20 s, "
+                              "half of each step jittered)")
+
+
+class StorageSpec(Strict):
+    retry: RetrySpec = Field(default_factory=RetrySpec, description="transient storage errors (connection "
+                             "refused/reset, timeouts, 5xx, SlowDown, throttling) are retried with backoff; "
+                             "permanent ones (403, missing bucket, bad credentials) fail at once")
+
+
 class JobSpec(Strict):
     name: str = Field(description="job name, recorded in the summary")
     seed: int = Field(default=0, description="job seed; per-image seeds derive from (seed, id, model, sample)")
@@ -183,6 +196,7 @@ class JobSpec(Strict):
     output: OutputSpec = Field(description="where images, metadata and the summary go")
     scoring: ScoringSpec = Field(default_factory=ScoringSpec, description="per-image scores and rerank")
     metrics: MetricsSpec = Field(default_factory=MetricsSpec, description="job-level metrics against a reference")
+    storage: StorageSpec = Field(default_factory=StorageSpec, description="how storage calls ride through faults")
 
     @model_validator(mode="after")
     def _unique_models(self) -> JobSpec:

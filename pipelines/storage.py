@@ -11,6 +11,8 @@ import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 from pyarrow.fs import FSSpecHandler, PyFileSystem
 
+from pipelines.retry import RetryingFS, RetryPolicy
+
 
 def is_local(url: str) -> bool:
     return "://" not in url or url.startswith("file://")
@@ -23,9 +25,12 @@ def absolute(url: str) -> str:
     return os.path.abspath(os.path.expanduser(url)) if is_local(url) else url.rstrip("/")
 
 
-def filesystem(url: str, storage_options: dict | None = None) -> tuple[AbstractFileSystem, str]:
-    """(fs, path-without-protocol) for `url`."""
-    return fsspec.core.url_to_fs(absolute(url), **(storage_options or {}))
+def filesystem(url: str, storage_options: dict | None = None,
+               retry: RetryPolicy | None = None) -> tuple[AbstractFileSystem, str]:
+    """(fs, path-without-protocol) for `url`; every storage call on fs retries transient errors (`retry`, else
+    the process's policy: `pipelines.retry`)."""
+    fs, path = fsspec.core.url_to_fs(absolute(url), **(storage_options or {}))
+    return RetryingFS(fs, retry), path
 
 
 def full_url(fs: AbstractFileSystem, path: str) -> str:

@@ -44,15 +44,16 @@ def _parquet_files(fs: AbstractFileSystem, path: str) -> list[str]:
 
 
 def metadata_files(fs: AbstractFileSystem, root: str) -> tuple[list[str], list[str]]:
-    """(committed files, staging parts)."""
+    """(committed files, staging parts), listed afresh: workers wrote parts since this process last listed, and
+    s3fs answers info() from its listing cache (a part missing there is FileNotFoundError, not a read)."""
+    fs.invalidate_cache()  # all of it: s3fs drops only the path and its parents, not the folders below
     return _parquet_files(fs, join(root, METADATA)), _parquet_files(fs, join(root, STAGING, METADATA))
 
 
 def _read(fs: AbstractFileSystem, files: list[str], columns: list[str] | None = None) -> pa.Table:
     tables = []
-    for f in files:
-        with fs.open(f, "rb") as fh:
-            tables.append(pq.read_table(fh, columns=columns))
+    for f in files:  # whole objects (one GET each, retried as one), not streams cut mid-read by an outage
+        tables.append(pq.read_table(pa.BufferReader(fs.cat_file(f)), columns=columns))
     schema = METADATA_SCHEMA if columns is None else pa.schema([METADATA_SCHEMA.field(c) for c in columns])
     return pa.concat_tables([_conform(t, schema) for t in tables]) if tables else schema.empty_table()
 

@@ -27,6 +27,8 @@ from pipelines.batch.score import ScoreStage
 from pipelines.batch.validate import ID, REASON, validate_batch
 from pipelines.batch.write import WriteStage
 from pipelines.layout import REJECTED, SPEC, STAGING
+from pipelines.retry import ENV as RETRY_ENV
+from pipelines.retry import STORAGE_LINE, RetryPolicy, StorageError
 from pipelines.spec import JobSpec, SpecError
 from pipelines.storage import arrow_fs, filesystem, full_url, join
 
@@ -78,9 +80,13 @@ def _check_capacity(spec: JobSpec) -> None:
                     need_gpu, have.get("GPU", 0))
 
 
+def retry_policy(spec: JobSpec) -> RetryPolicy:
+    return RetryPolicy(spec.storage.retry.attempts, spec.storage.retry.max_wait_s)
+
+
 def _write_rejected(spec: JobSpec, plan: InputPlan, validated: ray.data.Dataset, root_url: str) -> dict[str, int]:
     """Rejected rows (original columns + reason) -> _staging/rejected; returns counts by reason."""
-    fs, root = filesystem(root_url, spec.output.storage_options)
+    fs, root = filesystem(root_url, spec.output.storage_options, retry_policy(spec))
     staging = join(root, STAGING, REJECTED)
     if fs.exists(staging):
         fs.rm(staging, recursive=True)
@@ -134,7 +140,7 @@ def _images(spec: JobSpec, validated: ray.data.Dataset, done: frozenset[str]) ->
 def _write(spec: JobSpec, images: ray.data.Dataset, out_url: str) -> dict[str, int]:
     """Images first, then each batch's metadata part; returns images written per model."""
     o = spec.output
-    stream = images.map_batches(WriteStage(out_url, o.storage_options, o.image_format, o.format),
+    stream = images.map_batches(WriteStage(out_url, o.storage_options, o.image_format, o.format, retry_policy(spec)),
                                 batch_size=None if o.format == "files" else o.shard_size, num_cpus=0.5)
     written: dict[str, int] = {m.name: 0 for m in spec.models}
     try:
@@ -150,8 +156,11 @@ class JobFailed(RuntimeError):
     """The job stopped part-way (staged work is kept: the same command resumes); one line for the CLI."""
 
     @classmethod
-    def from_ray(cls, e: Exception) -> JobFailed:
+    def from_ray(cls, e: Exception) -> JobFailed | StorageError:
         text = str(e)
+        storage = STORAGE_LINE.search(text)
+        if storage:  # a stage gave up on storage: its one line, not Ray's wrapping
+            return StorageError(f"{storage[0]}; staged work is kept, run the same command again to resume")
         stage = next((s for s in ("GenerateStage", "ScoreStage", "WriteStage") if s in text), "a stage")
         first = next((ln.strip() for ln in text.splitlines() if "Error" in ln or "died" in ln), text.splitlines()[0])
         verb = {"GenerateStage": "generate", "ScoreStage": "score", "WriteStage": "write"}.get(stage, stage)
@@ -161,9 +170,10 @@ class JobFailed(RuntimeError):
 
 def run_job(spec: JobSpec, allow_subset: bool = False) -> JobResult:
     t0 = time.time()
+    os.environ[RETRY_ENV] = f"{spec.storage.retry.attempts},{spec.storage.retry.max_wait_s}"  # this process's calls
     # 1. Check inputs: spec, input files, checkpoints, sampling, output (ours, same settings), capacity
     plan, previous = preflight(spec, allow_subset)
-    fs, root = filesystem(spec.output.path, spec.output.storage_options)
+    fs, root = filesystem(spec.output.path, spec.output.storage_options, retry_policy(spec))
     out_url = full_url(fs, root)
     ensure_ray(pool_cpus(spec) + 2)
     _check_capacity(spec)
@@ -197,4 +207,4 @@ def _ray_job_id() -> str:
         return ""
 
 
-__all__ = ["JobFailed", "JobResult", "PreflightError", "SpecError", "preflight", "run_job"]
+__all__ = ["JobFailed", "JobResult", "PreflightError", "SpecError", "StorageError", "preflight", "run_job"]

@@ -32,6 +32,7 @@ from pipelines.layout import (
     sample_member_key,
     tar_bytes,
 )
+from pipelines.retry import RetryPolicy
 from pipelines.storage import filesystem, full_url, is_local, join, parquet_bytes, put_atomic
 
 
@@ -52,13 +53,15 @@ def _column(values, type_: pa.DataType) -> pa.Array:
 class WriteStage:
     """Plain function stage (tasks, not actors); returns one count row per model in the batch for progress."""
 
-    def __init__(self, out_url: str, storage_options: dict, image_format: str, fmt: str = "files") -> None:
+    def __init__(self, out_url: str, storage_options: dict, image_format: str, fmt: str = "files",
+                 retry: RetryPolicy | None = None) -> None:
         if fmt not in OUTPUT_FORMATS:
             raise ValueError(f"format must be one of {OUTPUT_FORMATS}, got {fmt!r}")
         self.out_url, self.storage_options, self.image_format, self.fmt = out_url, storage_options, image_format, fmt
+        self.retry = retry  # the job's storage.retry, carried to the worker with the stage
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        fs, root = filesystem(self.out_url, self.storage_options)
+        fs, root = filesystem(self.out_url, self.storage_options, self.retry)
         n = len(batch["id"])
         encoded = [encode_image(im, self.image_format) for im in np.asarray(batch["pixels"])]
         cols = {k: batch[k] for k in METADATA_SCHEMA.names if k in batch}
