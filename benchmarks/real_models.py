@@ -10,8 +10,8 @@ one. For each batch size:
   adapter  promptmill's generator seam (models/hf_diffusers.py): one generator per image, so pixels do not depend
            on the batch; aMUSEd's scheduler takes one generator per call, so the adapter draws it one image at a time
   job      `promptmill generate` as a user runs it (embedded Ray, started once before timing; scoring off; PNG files,
-           metadata, commit), wall img/s at n images and marginal img/s from n to 2n images (model load and
-           start-up cancel out)
+           metadata, commit), wall img/s at 2n images and marginal img/s from n to 2n images, n = max(batch, 2)
+           (model load and start-up cancel out)
 
     python benchmarks/real_models.py [--models sd15,amused256] [--size 128] [--steps 2] [--batches 1,4,16]
 
@@ -151,7 +151,7 @@ def main() -> None:
             gc.collect()
             for row in (r for r in rows if r[0] == name):
                 b = row[1]
-                n = max(2 * b, 4)
+                n = max(b, 2)
                 rates = []
                 for k, count in enumerate((n, 2 * n)):
                     ids = [f"p{i}" for i in range(count)]

@@ -36,9 +36,10 @@ METADATA_SCHEMA = pa.schema([
     ("judged", pa.string()), ("candidates", pa.int32()), ("candidate_index", pa.int32()),
     ("candidate_score", pa.float64()), ("image", pa.binary()), ("pipeline_class", pa.string()),
     ("geometry", pa.string()), ("judge_features", pa.list_(pa.float32())), ("diversity", pa.float32()),
-    ("near_duplicate", pa.bool_()),
+    ("near_duplicate", pa.bool_()), ("scoring_error", pa.string()),
 ])
-SCORES = ("clip_score", "prompt_match", "judged", "geometry", "judge_features")  # null when the job does not score
+# null when the job does not score
+SCORES = ("clip_score", "prompt_match", "judged", "geometry", "judge_features", "scoring_error")
 DERIVED = ("diversity", "near_duplicate")  # per prompt, across its samples: set when the metadata is committed
 
 

@@ -171,6 +171,9 @@ class OutputSpec(Strict):
     shard_size: int = Field(default=1000, ge=1, le=100_000, description="samples per write batch: per WebDataset "
                             "shard (a batch holding two models' images makes one shard each) or metadata part")
     report: bool = Field(default=True, description="write report.html at the end of the job")
+    max_error_fraction: float = Field(default=0.01, ge=0, le=1, description="rows a model raises on (alone, "
+                                      "twice) go to rejected/ as generation_error; more than this share of the "
+                                      "images fails the job")
     lease_wait_s: float = Field(default=0, ge=0, le=86_400, description="a run whose output another live run is "
                                 "writing waits this long for it, then stops naming it (one writer per output)")
 

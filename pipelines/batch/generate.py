@@ -15,6 +15,7 @@ import ray
 from models import load_generator
 from models.clip import load_clip
 from models.rerank import generate_best_of
+from pipelines.batch.isolate import run_isolated
 from pipelines.batch.score import device_for
 from pipelines.spec import ModelSpec, ScoringSpec, redact_text
 
@@ -36,15 +37,27 @@ class GenerateStage:
         prompts = [str(p) for p in batch["prompt"]]
         seeds = [int(s) for s in batch["seed"]]
         n, k = len(prompts), self.model.candidates
-        if self.scorer is None:
-            batch["pixels"] = self.gen.generate(prompts, seeds, **self.sampling)
-            batch["candidate_index"] = np.zeros(n, np.int32)
-            batch["candidate_score"] = np.full(n, None, object)
-        else:
-            best = generate_best_of(self.gen, self.scorer, prompts, seeds, k, **self.sampling)
-            batch["pixels"] = best.images
-            batch["candidate_index"] = best.index.astype(np.int32)
-            batch["candidate_score"] = best.score.astype(np.float64)
+
+        def draw(idx: list[int]):
+            p, s = [prompts[i] for i in idx], [seeds[i] for i in idx]
+            if self.scorer is None:
+                return np.asarray(self.gen.generate(p, s, **self.sampling)), np.zeros(len(idx), np.int32), None
+            best = generate_best_of(self.gen, self.scorer, p, s, k, **self.sampling)
+            return best.images, best.index.astype(np.int32), best.score.astype(np.float64)
+
+        done, failed = run_isolated(draw, list(range(n)))  # a poison row fails alone, the rest go on
+        shape = done[0][1][0].shape[1:] if done else (8, 8, 3)
+        pixels = np.zeros((n, *shape), np.uint8)
+        index, score = np.zeros(n, np.int32), np.full(n, None, object)
+        for idx, (imgs, ci, cs) in done:
+            pixels[idx], index[idx] = imgs, ci
+            if cs is not None:
+                score[idx] = cs
+        error = np.full(n, None, object)
+        for i, text in failed.items():
+            error[i] = text
+        batch["pixels"], batch["candidate_index"], batch["candidate_score"] = pixels, index, score
+        batch["generation_error"] = error  # the writer sends these rows to rejected/, not to metadata
         batch["candidates"] = np.full(n, k, np.int32)
         batch["model"] = np.full(n, self.model.name, object)
         batch["family"] = np.full(n, self.model.family, object)

@@ -137,19 +137,27 @@ def _images(spec: JobSpec, validated: ray.data.Dataset, done: frozenset[str]) ->
                               num_gpus=s.num_gpus, num_cpus=s.num_cpus, batch_size=s.batch_size, **_BOUNDED)
 
 
-def _write(spec: JobSpec, images: ray.data.Dataset, out_url: str) -> dict[str, int]:
-    """Images first, then each batch's metadata part; returns images written per model."""
+def _write(spec: JobSpec, images: ray.data.Dataset, out_url: str, expected: int) -> tuple[dict[str, int], int]:
+    """Images first, then each batch's metadata part; returns images written per model and the rows rejected as
+    generation errors. More errors than `output.max_error_fraction` of the job's `expected` images fails it."""
     o = spec.output
     stream = images.map_batches(WriteStage(out_url, o.storage_options, o.image_format, o.format, retry_policy(spec)),
                                 batch_size=None if o.format == "files" else o.shard_size, num_cpus=0.5)
     written: dict[str, int] = {m.name: 0 for m in spec.models}
+    errors, first = 0, None
     try:
         for batch in stream.iter_batches(batch_size=None, batch_format="numpy"):
-            for name, n in zip(batch["model"], batch["images"]):
+            for name, n, bad, text in zip(batch["model"], batch["images"], batch["errors"], batch["first_error"]):
                 written[str(name)] += int(n)
+                errors += int(bad)
+                first = first or (f"{name}: {text}" if bad else None)
     except ray.exceptions.RayError as e:
         raise JobFailed.from_ray(e) from e
-    return written
+    if errors and errors > o.max_error_fraction * expected:
+        raise JobFailed(f"{errors} of {expected} images failed to generate (more than output.max_error_fraction = "
+                        f"{o.max_error_fraction:g}); first: {first}; they are in rejected/ after a successful run; "
+                        "staged work is kept, run the same command again to resume")
+    return written, errors
 
 
 class JobFailed(RuntimeError):
@@ -194,7 +202,10 @@ def run_job(spec: JobSpec, allow_subset: bool = False) -> JobResult:
         # 4. Rejected rows -> staging (published by finalize)
         rejected = _write_rejected(spec, plan, validated, out_url)
         # 5. Generate, score and write what is missing
-        written = _write(spec, _images(spec, validated, done_keys(fs, root)), out_url)
+        expected = (plan.rows - sum(rejected.values())) * sum(m.images_per_prompt for m in spec.models)
+        written, errors = _write(spec, _images(spec, validated, done_keys(fs, root)), out_url, expected)
+        if errors:
+            rejected = {**rejected, "generation_error": errors}
         # 6. Commit exactly once, rejected rows, summary, metrics, report, _SUCCESS last
         lease.check()
         return finalize(spec, fs, root, input_rows=plan.rows, rejected=rejected, written=written, started=t0)

@@ -18,9 +18,11 @@ import torch
 from models.clip import load_clip
 from models.images import to_nchw
 from models.judge import judge_prompts, load_judge
+from pipelines.batch.isolate import run_isolated
 from pipelines.spec import ScoringSpec, redact
 
 log = logging.getLogger(__name__)
+COLUMNS = ("clip_score", "judged", "geometry", "prompt_match", "judge_features")
 
 
 def device_for(num_gpus: float) -> str:
@@ -36,23 +38,35 @@ class ScoreStage:
         self.judge = load_judge(scoring.judge, self.device, so) if scoring.judge else None
         log.info("scoring on %s (clip=%s, judge=%s)", self.device, *redact([scoring.clip, scoring.judge]))
 
+    def score(self, pixels: np.ndarray, prompts: list[str]) -> dict[str, list]:
+        """The score columns for these images, one value per image."""
+        n = len(prompts)
+        out: dict[str, list] = {k: [None] * n for k in COLUMNS}
+        if self.clip is not None:
+            out["clip_score"] = self.clip.score(pixels, prompts).astype(np.float64).tolist()
+        if self.judge is not None:
+            with torch.no_grad():
+                verdicts = judge_prompts(self.judge, to_nchw(pixels).to(self.device), prompts)
+            out["judged"] = [json.dumps(v.judged(), sort_keys=True) for v in verdicts]
+            out["geometry"] = [v.geometry and json.dumps(v.geometry.to_dict(), sort_keys=True) for v in verdicts]
+            out["prompt_match"] = [v.match for v in verdicts]
+            out["judge_features"] = [v.features.float().cpu().numpy() for v in verdicts]
+        return out
+
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         prompts = [str(p) for p in batch["prompt"]]
         n = len(prompts)
         pixels = np.asarray(batch["pixels"])
-        batch["clip_score"] = (self.clip.score(pixels, prompts).astype(np.float64) if self.clip
-                               else np.full(n, None, object))
-        if self.judge is not None:
-            with torch.no_grad():
-                x = to_nchw(pixels).to(self.device)
-                verdicts = judge_prompts(self.judge, x, prompts)
-            batch["judged"] = np.array([json.dumps(v.judged(), sort_keys=True) for v in verdicts], object)
-            batch["geometry"] = np.array([v.geometry and json.dumps(v.geometry.to_dict(), sort_keys=True)
-                                          for v in verdicts], object)
-            batch["prompt_match"] = np.array([v.match for v in verdicts], object)
-            batch["judge_features"] = np.array([v.features.float().cpu().numpy() for v in verdicts] + [None],
-                                               object)[:-1]  # an array of arrays, not a 2-D array
-        else:
-            for k in ("judged", "geometry", "prompt_match", "judge_features"):
-                batch[k] = np.full(n, None, object)
+        gen_error = batch.get("generation_error", np.full(n, None, object))
+        todo = [i for i in range(n) if not isinstance(gen_error[i], str)]  # a failed row has nothing to score
+        cols = {k: np.full(n, None, object) for k in (*COLUMNS, "scoring_error")}
+        done, failed = run_isolated(lambda idx: self.score(pixels[idx], [prompts[i] for i in idx]), todo) \
+            if todo else ([], {})
+        for idx, out in done:
+            for k, values in out.items():
+                for i, v in zip(idx, values):
+                    cols[k][i] = v
+        for i, text in failed.items():  # the image is kept, unscored, with the reason
+            cols["scoring_error"][i] = text
+        batch.update(cols)
         return batch

@@ -70,6 +70,7 @@ class ScoreRows(ScoreStage):
                                        "prompt": np.array([captions[i] for i in idx], object)})
             for k in SCORE_COLUMNS[:-1]:
                 out[k][idx] = scored[k]
+            out["score_error"][idx] = scored["scoring_error"]  # a row the scorers raised on, alone
         batch.update(out)
         return batch
 

@@ -23,6 +23,7 @@ from pipelines.layout import (
     METADATA,
     METADATA_SCHEMA,
     OUTPUT_FORMATS,
+    REJECTED,
     SCORES,
     SHARDS,
     STAGING,
@@ -62,7 +63,16 @@ class WriteStage:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         fs, root = filesystem(self.out_url, self.storage_options, self.retry)
+        errors = batch.get("generation_error")
+        # a text per failed row; Ray Data may turn a column of only None into NaN, so "failed" means "has a text"
+        failed = [] if errors is None else [i for i, e in enumerate(errors) if isinstance(e, str)]
+        counts = self._reject(fs, root, batch, failed) if failed else {}
+        if failed:
+            keep = np.array([not isinstance(e, str) for e in errors])
+            batch = {k: np.asarray(v)[keep] for k, v in batch.items()}
         n = len(batch["id"])
+        if n == 0:
+            return self._counts(batch, counts)
         encoded = [encode_image(im, self.image_format) for im in np.asarray(batch["pixels"])]
         cols = {k: batch[k] for k in METADATA_SCHEMA.names if k in batch}
         cols["image_format"] = np.full(n, self.image_format, object)
@@ -88,8 +98,33 @@ class WriteStage:
         if self.fmt == "webdataset":
             table = self._write_shards(fs, root, table, encoded)
         put_atomic(fs, join(root, STAGING, METADATA, f"{uuid.uuid4().hex}.parquet"), parquet_bytes(table))
-        models, counts = np.unique(batch["model"].astype(str), return_counts=True)
-        return {"model": models, "images": counts}
+        return self._counts(batch, counts)
+
+    @staticmethod
+    def _counts(batch: dict[str, np.ndarray], errors: dict[str, tuple[int, str]]) -> dict[str, np.ndarray]:
+        """One row per model: images written, rows rejected as generation errors, and the first error's text."""
+        written = dict(zip(*np.unique(np.asarray(batch["model"]).astype(str), return_counts=True)))
+        models = sorted({*written, *errors})
+        return {"model": np.array(models, object), "images": np.array([int(written.get(m, 0)) for m in models]),
+                "errors": np.array([errors.get(m, (0, ""))[0] for m in models]),
+                "first_error": np.array([errors.get(m, (0, None))[1] for m in models], object)}
+
+    @staticmethod
+    def _reject(fs, root: str, batch: dict[str, np.ndarray], rows: list[int]) -> dict[str, tuple[int, str]]:
+        """Rows the generator failed on, alone, twice: to rejected/ with reason generation_error and the error."""
+        t = pa.table({"id": pa.array([str(batch["id"][i]) for i in rows]),
+                      "prompt": pa.array([str(batch["prompt"][i]) for i in rows]),
+                      "model": pa.array([str(batch["model"][i]) for i in rows]),
+                      "sample": pa.array([int(batch["sample"][i]) for i in rows], pa.int32()),
+                      "seed": pa.array([int(batch["seed"][i]) for i in rows], pa.int64()),
+                      "reason": pa.array(["generation_error"] * len(rows)),
+                      "error": pa.array([str(batch["generation_error"][i]) for i in rows])})
+        put_atomic(fs, join(root, STAGING, REJECTED, f"generation-{uuid.uuid4().hex}.parquet"), parquet_bytes(t))
+        out: dict[str, tuple[int, str]] = {}
+        for i in rows:
+            m = str(batch["model"][i])
+            out[m] = (out.get(m, (0, ""))[0] + 1, out.get(m, (0, str(batch["generation_error"][i])))[1])
+        return out
 
     def _write_shards(self, fs, root: str, table: pa.Table, encoded: list[bytes]) -> pa.Table:
         """One staged tar per model in the batch; rows get its path."""
