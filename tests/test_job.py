@@ -47,7 +47,8 @@ def assert_exactly_once(out: Path, expected_keys: set[tuple]) -> list[dict]:
     return rows
 
 
-def test_end_to_end_local(ray_local, checkpoints, tmp_path):
+def test_end_to_end_local(ray_local, checkpoints, tmp_path, caplog, monkeypatch):
+    monkeypatch.setenv("PROMPTMILL_PROGRESS_S", "0")  # a progress line per write batch
     prompts = GOOD + ["", None, "x" * 1001, "dup one", "dup two", "unsafe"]
     ids = [f"p{i}" for i in range(len(GOOD))] + ["e", "n", "long", "dup", "dup", "a/b"]
     write_prompts(tmp_path / "in" / "part-0.parquet", prompts, ids, extra=list(range(len(ids))))
@@ -56,7 +57,10 @@ def test_end_to_end_local(ray_local, checkpoints, tmp_path):
                            "images_per_prompt": 1, "sampling": {"guidance_scale": 2.0, "top_k": 8},
                            "resources": {"batch_size": 4}})
     spec["input"]["storage_options"] = {"secret": "hunter2"}
-    res = run_job(load_spec(spec))
+    with caplog.at_level("INFO", logger="pipelines.batch.progress"):
+        res = run_job(load_spec(spec))
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress: ")]
+    assert len(lines) >= 2 and lines[-1].startswith("progress: 15 / 15 images (100 %)") and "6 rejected" in lines[-1]
     out = tmp_path / "out"
     expected = {("gan", f"p{i}", s) for i in range(5) for s in (0, 1)} | {("dalle", f"p{i}", 0) for i in range(5)}
     rows = assert_exactly_once(out, expected)

@@ -94,8 +94,9 @@ def test_submit_wait_status_logs_and_no_double_run(head, s3, tmp_path):
     fs.invalidate_cache()
     assert fs.info("bucket/submit/out/_SUCCESS")["LastModified"] == stamp  # not run twice
 
-    status = _cli(["status", sid, "--address", head], s3)
-    assert json.loads(status.stdout)["status"] == "SUCCEEDED"
+    status = json.loads(_cli(["status", sid, "--address", head], s3).stdout)
+    assert status["status"] == "SUCCEEDED"
+    assert status["progress"].startswith("6 / 6 images (100 %)") and "1 rejected" in status["progress"], status
     logs = _cli(["logs", sid, "--address", head], s3)
     assert "6 images (6 in output), 1 rejected" in logs.stdout, logs.stdout[-2000:]
 

@@ -22,6 +22,7 @@ from pipelines.batch.finalize import JobResult, finalize
 from pipelines.batch.generate import GenerateStage
 from pipelines.batch.lease import Lease, LeaseHeld
 from pipelines.batch.preflight import PreflightError, merged_fingerprint, pool_cpus, pools, preflight, scoring_on
+from pipelines.batch.progress import Progress
 from pipelines.batch.read import InputPlan, read_prompts
 from pipelines.batch.score import ScoreStage
 from pipelines.batch.validate import ID, REASON, validate_batch
@@ -137,7 +138,8 @@ def _images(spec: JobSpec, validated: ray.data.Dataset, done: frozenset[str]) ->
                               num_gpus=s.num_gpus, num_cpus=s.num_cpus, batch_size=s.batch_size, **_BOUNDED)
 
 
-def _write(spec: JobSpec, images: ray.data.Dataset, out_url: str, expected: int) -> tuple[dict[str, int], int]:
+def _write(spec: JobSpec, images: ray.data.Dataset, out_url: str, expected: int,
+           progress: Progress) -> tuple[dict[str, int], int]:
     """Images first, then each batch's metadata part; returns images written per model and the rows rejected as
     generation errors. More errors than `output.max_error_fraction` of the job's `expected` images fails it."""
     o = spec.output
@@ -151,6 +153,7 @@ def _write(spec: JobSpec, images: ray.data.Dataset, out_url: str, expected: int)
                 written[str(name)] += int(n)
                 errors += int(bad)
                 first = first or (f"{name}: {text}" if bad else None)
+                progress.update(int(n), int(bad))
     except ray.exceptions.RayError as e:
         raise JobFailed.from_ray(e) from e
     if errors and errors > o.max_error_fraction * expected:
@@ -203,7 +206,10 @@ def run_job(spec: JobSpec, allow_subset: bool = False) -> JobResult:
         rejected = _write_rejected(spec, plan, validated, out_url)
         # 5. Generate, score and write what is missing
         expected = (plan.rows - sum(rejected.values())) * sum(m.images_per_prompt for m in spec.models)
-        written, errors = _write(spec, _images(spec, validated, done_keys(fs, root)), out_url, expected)
+        done = done_keys(fs, root)
+        progress = Progress(max(expected - len(done), 0), sum(rejected.values()))
+        written, errors = _write(spec, _images(spec, validated, done), out_url, expected, progress)
+        progress.final()
         if errors:
             rejected = {**rejected, "generation_error": errors}
         # 6. Commit exactly once, rejected rows, summary, metrics, report, _SUCCESS last

@@ -167,9 +167,15 @@ def wait(sid: str, address: str | None = None, timeout: float | None = None, pol
 
 
 def info(sid: str, address: str | None = None) -> dict[str, Any]:
-    i = client(address).get_job_info(sid)
+    """The job's status, and its driver's last progress line (from its log: images done / total, img/s, ETA)."""
+    from pipelines.batch.progress import PREFIX
+
+    c = client(address)
+    i = c.get_job_info(sid)
+    lines = [ln for ln in c.get_job_logs(sid).splitlines() if PREFIX in ln]
     return {"submission_id": sid, "status": str(i.status.value), "message": i.message, "entrypoint": i.entrypoint,
-            "start_time": i.start_time, "end_time": i.end_time, "metadata": i.metadata}
+            "start_time": i.start_time, "end_time": i.end_time, "metadata": i.metadata,
+            "progress": lines[-1][lines[-1].rindex(PREFIX) + len(PREFIX):] if lines else None}
 
 
 def logs(sid: str, address: str | None = None, follow: bool = False) -> None:

@@ -115,20 +115,20 @@ def _exactly_once(store: Store, n: int) -> None:
 
 
 def test_a_10_second_outage_mid_job_is_ridden_through(store, tmp_path):
-    path, env = _job(store, tmp_path, 600)
+    path, env = _job(store, tmp_path, 400)
     proc = _run(path, env)
-    _outage_after(store, proc, 100, 10)
+    _outage_after(store, proc, 80, 10)
     out, err = proc.communicate(timeout=400)
     assert proc.returncode == 0, err[-3000:]
     assert "retry" in err  # the workers said so while they waited
-    _exactly_once(store, 600)
+    _exactly_once(store, 400)
 
 
 def test_an_outage_past_the_budget_is_one_line_exit_3_then_the_same_command_finishes(store, tmp_path):
-    path, env = _job(store, tmp_path, 600, retry={"attempts": 3, "max_wait_s": 5})
+    path, env = _job(store, tmp_path, 400, retry={"attempts": 3, "max_wait_s": 5})
     proc = _run(path, env)
     t0 = time.time()
-    while _images_written(store) < 100:
+    while _images_written(store) < 80:
         assert proc.poll() is None and time.time() - t0 < 240, proc.communicate()
         time.sleep(0.5)
     store.stop()
@@ -141,7 +141,7 @@ def test_an_outage_past_the_budget_is_one_line_exit_3_then_the_same_command_fini
     rerun = _run(path, env)
     _, err2 = rerun.communicate(timeout=400)
     assert rerun.returncode == 0, err2[-3000:]
-    _exactly_once(store, 600)
+    _exactly_once(store, 400)
 
 
 @pytest.mark.chaos
