@@ -43,6 +43,7 @@ lint: setup  ## ruff
 bench: setup  ## benchmarks (ratios measured side by side)
 	$(PY) benchmarks/pipeline.py
 	$(PY) benchmarks/generators.py
+	$(PY) benchmarks/real_models.py
 
 # ---- shipped checkpoints: the documented recipes (one at a time: two torch jobs on 2 cores run 10x slower)
 DATA := data/shapes
