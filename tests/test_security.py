@@ -407,7 +407,7 @@ def test_deploy_files_keep_the_dashboard_private_with_token_auth_and_no_static_k
     starts = cluster["head_start_ray_commands"] + cluster["worker_start_ray_commands"]
     assert all("RAY_AUTH_MODE=token" in c for c in starts if c.startswith("RAY_AUTH_MODE") or "ray start" in c)
     assert not any("0.0.0.0" in c for c in starts) and "~/.ray/auth_token" in cluster["file_mounts"]
-    for name in ("rayjob-generate.yaml", "cronjob-schedule.yaml"):
+    for name in ("rayjob-generate.yaml", "raycronjob-schedule.yaml"):
         text = (root / "deploy" / "kuberay" / name).read_text()
         assert "AWS_SECRET_ACCESS_KEY" not in text and "promptmill-s3" not in text and "serviceAccountName" in text
     rayjob = list(yaml.safe_load_all((root / "deploy" / "kuberay" / "rayjob-generate.yaml").read_text()))[1]
