@@ -16,6 +16,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="override a spec field, e.g. --set models.0.images_per_prompt=4")
     p.add_argument("--allow-subset", action="store_true",
                    help="write into an output that holds models this spec leaves out (their images stay)")
+    p.add_argument("--dry-run", action="store_true", help="preflight and plan (rows, rejected, images per model, what "
+                   "the output already holds) as JSON; nothing is written")
     p.add_argument("--verbose", action="store_true", help="print the traceback of a failure, not only its one line")
     p.set_defaults(func=main)
 
@@ -29,6 +31,11 @@ def main(args: argparse.Namespace) -> int:
     try:
         source = json.loads(os.environ[args.spec[4:]]) if args.spec.startswith("env:") else args.spec
         spec = load_spec(source, args.overrides)
+        if args.dry_run:
+            from pipelines.batch.plan import plan_job
+
+            print(json.dumps(plan_job(spec, allow_subset=args.allow_subset), indent=2))
+            return 0
         result = run_job(spec, allow_subset=args.allow_subset)
     except (SpecError, PreflightError, JobFailed, StorageError) as e:
         if args.verbose:

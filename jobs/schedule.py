@@ -19,9 +19,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from pipelines.batch.read import InputError
     from pipelines.ops.schedule import due_slots, fire, load_schedule, run_forever, slot_at_or_before
     from pipelines.spec import SpecError
 
+    if args.at and not (args.once or args.dry_run):
+        return error(ValueError("--at names the slot to fire once: add --once (or --dry-run); without them "
+                                "schedule runs forever from now"))
     try:
         s = load_schedule(args.schedule)
         if args.once or args.dry_run:
@@ -29,7 +33,7 @@ def main(args: argparse.Namespace) -> int:
             slot = slot_at_or_before(s, at)
             print(json.dumps(fire(s, slot, dry_run=args.dry_run), default=str))
             return 0
-    except SpecError as e:
+    except (SpecError, InputError) as e:
         return error(e)
     print(json.dumps({"schedule": s.name, "due now": [str(t) for t in due_slots(s, dt.datetime.now(dt.UTC))]}))
     run_forever(s)

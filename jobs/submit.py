@@ -1,58 +1,106 @@
-"""promptmill submit SPEC.yaml --address URL [--wait]; promptmill status ID; promptmill logs ID [--follow]."""
+"""promptmill submit SPEC.yaml [--no-wait]; status / logs / stop / delete ID; list. As `ray job submit` does:
+logs stream until the job ends (exit 0 only if it SUCCEEDED), --address or $RAY_API_SERVER_ADDRESS names the
+Jobs API (an http(s) $RAY_ADDRESS is the fallback)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
+
+import yaml
 
 from jobs import error
 
+ADDRESS = {"default": None, "help": "the cluster's Jobs API (dashboard), e.g. http://HOST:8265 (default: "
+           "$RAY_API_SERVER_ADDRESS, then $RAY_ADDRESS if it is an http(s) URL)"}
+
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    addr = {"default": None, "help": "Ray dashboard, e.g. http://HOST:8265 (default: $RAY_ADDRESS)"}
-    p = sub.add_parser("submit", help="submit the generate job to a Ray cluster (Ray Jobs)")
+    p = sub.add_parser("submit", help="submit the generate job to a Ray cluster (Ray Jobs) and stream its logs")
     p.add_argument("spec", help="job spec YAML")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--address", **addr)
-    p.add_argument("--wait", action="store_true", help="wait for the job; exit 0 only if it SUCCEEDED")
-    p.add_argument("--timeout", type=float, default=None, help="seconds to wait")
+    p.add_argument("--address", **ADDRESS)
+    p.add_argument("--no-wait", action="store_true", help="return once submitted instead of streaming the logs")
+    p.add_argument("--wait", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for old scripts
+    p.add_argument("--timeout", type=float, default=None, help="seconds to stream before giving up (exit 1)")
     p.add_argument("--dry-run", action="store_true", help="print what would be shipped to the cluster; submit nothing")
     p.add_argument("--pass-aws-credentials", action="store_true",
                    help="send your AWS_ACCESS_KEY_ID / SECRET / SESSION_TOKEN with the job (readable through the Jobs "
                         "API; by default the cluster's own identity is used)")
     p.add_argument("--max-file-mb", type=float, default=None, help="refuse to ship any file bigger than this (256)")
+    p.add_argument("--runtime-env", type=Path, default=None, help="a YAML/JSON runtime_env merged into the job's "
+                   "(pip, env_vars, ...; the job's working_dir and spec variable are promptmill's)")
+    p.add_argument("--runtime-env-json", default=None, help="the same, inline JSON")
+    p.add_argument("--metadata-json", default=None, help='JSON object of job metadata, e.g. \'{"team": "ads"}\'')
+    p.add_argument("--entrypoint-num-cpus", type=float, default=None)
+    p.add_argument("--entrypoint-num-gpus", type=float, default=None)
+    p.add_argument("--entrypoint-memory", type=int, default=None, help="bytes")
     p.set_defaults(func=main_submit)
-    s = sub.add_parser("status", help="status of a submitted job")
-    s.add_argument("id")
-    s.add_argument("--address", **addr)
-    s.set_defaults(func=main_status)
-    lg = sub.add_parser("logs", help="logs of a submitted job")
-    lg.add_argument("id")
-    lg.add_argument("--address", **addr)
-    lg.add_argument("--follow", action="store_true", help="stream until the job ends")
-    lg.set_defaults(func=main_logs)
+    for name, text, func in (("status", "status and progress of a submitted job", main_status),
+                             ("logs", "logs of a submitted job", main_logs),
+                             ("stop", "stop a submitted job", main_stop),
+                             ("delete", "delete a finished job's record from the cluster", main_delete)):
+        s = sub.add_parser(name, help=text)
+        s.add_argument("id")
+        s.add_argument("--address", **ADDRESS)
+        if name == "logs":
+            s.add_argument("--follow", action="store_true", help="stream until the job ends")
+        s.set_defaults(func=func)
+    ls = sub.add_parser("list", help="promptmill's jobs on the cluster")
+    ls.add_argument("--address", **ADDRESS)
+    ls.set_defaults(func=main_list)
+
+
+def _json_object(text: str, flag: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{flag}: not JSON: {e}") from e
+    if not isinstance(value, dict):
+        raise ValueError(f"{flag}: wants a JSON object, got {type(value).__name__}")
+    return value
+
+
+def _passthrough(args: argparse.Namespace) -> dict:
+    renv = {}
+    if args.runtime_env:
+        renv = yaml.safe_load(args.runtime_env.read_text()) or {}
+        if not isinstance(renv, dict):
+            raise ValueError(f"--runtime-env {args.runtime_env}: wants a mapping")
+    if args.runtime_env_json:
+        renv = {**renv, **_json_object(args.runtime_env_json, "--runtime-env-json")}
+    meta = _json_object(args.metadata_json, "--metadata-json") if args.metadata_json else {}
+    entry = {k: v for k in ("entrypoint_num_cpus", "entrypoint_num_gpus", "entrypoint_memory")
+             if (v := getattr(args, k)) is not None}
+    return {"runtime_env": renv, "metadata": {str(k): str(v) for k, v in meta.items()}, **entry}
 
 
 def main_submit(args: argparse.Namespace) -> int:
-    from pipelines.ops.submit import MAX_FILE_MB, resolved_spec, shipped_files, submit, wait
+    from pipelines.ops.submit import MAX_FILE_MB, info, logs, resolved_spec, shipped_files, submit
     from pipelines.spec import SpecError
 
     cap = args.max_file_mb or MAX_FILE_MB
     try:
         data = resolved_spec(args.spec, args.overrides)
         files = shipped_files(data, cap)
-    except SpecError as e:
+        extra = _passthrough(args)
+    except (SpecError, ValueError, OSError) as e:
         return error(e)
     if args.dry_run:
         for rel, size in files:
             print(f"{size:>12,}  {rel}")
         print(f"{sum(s for _, s in files):>12,}  total, {len(files)} files would be shipped; nothing submitted")
         return 0
-    sid, created = submit(data, args.address, args.pass_aws_credentials, cap)
-    print(f"{sid} {'submitted' if created else 'already submitted'}")
-    if not args.wait:
+    sid, created = submit(data, args.address, args.pass_aws_credentials, cap, **extra)
+    print(f"{sid} {'submitted' if created else 'already submitted'}", flush=True)
+    if args.no_wait:
         return 0
-    status = wait(sid, args.address, args.timeout)
+    try:
+        logs(sid, args.address, follow=True, timeout=args.timeout)
+    except TimeoutError as e:
+        return error(e)
+    status = info(sid, args.address)["status"]
     print(f"{sid} {status}")
     return 0 if status == "SUCCEEDED" else 1
 
@@ -68,4 +116,26 @@ def main_logs(args: argparse.Namespace) -> int:
     from pipelines.ops.submit import logs
 
     logs(args.id, args.address, args.follow)
+    return 0
+
+
+def main_stop(args: argparse.Namespace) -> int:
+    from pipelines.ops.submit import stop
+
+    print(f"{args.id} {'stop requested' if stop(args.id, args.address) else 'was not running'}")
+    return 0
+
+
+def main_delete(args: argparse.Namespace) -> int:
+    from pipelines.ops.submit import delete
+
+    print(f"{args.id} {'deleted' if delete(args.id, args.address) else 'not deleted'}")
+    return 0
+
+
+def main_list(args: argparse.Namespace) -> int:
+    from pipelines.ops.submit import jobs
+
+    for j in jobs(args.address):
+        print(f"{j['submission_id']}\t{j['status']}\t{j['name']}\tattempt {j['attempt'] or 1}")
     return 0

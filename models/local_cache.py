@@ -1,5 +1,6 @@
-"""Model directories from any fsspec URL, copied once per node into a local cache (Hugging Face loaders want a
-local directory). Keyed by the URL and each file's size and etag, so weights replaced in place are a new copy."""
+"""Model directories from any fsspec URL: copied once per node into a local cache (Hugging Face loaders want a
+local directory), keyed by the URL and each file's size and etag, so weights replaced in place are a new copy;
+and identified by content (`content_id`), so an output never mixes two models that share a path."""
 
 from __future__ import annotations
 
@@ -28,11 +29,7 @@ def local_copy(url: str, storage_options: dict | None = None) -> str:
     fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
     if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
         return root
-    files = fs.find(root, detail=True)
-    if not files:
-        raise CheckpointError(f"checkpoint {url!r}: no files there")
-    listing = sorted((p[len(root):], info.get("size"), str(info.get("ETag") or info.get("etag") or ""))
-                     for p, info in files.items())
+    listing = _listing(fs, root, url)
     key = hashlib.blake2b(json.dumps([url, listing]).encode(), digest_size=12).hexdigest()
     dest = cache_dir() / key
     if (dest / DONE).exists():
@@ -53,3 +50,43 @@ def local_copy(url: str, storage_options: dict | None = None) -> str:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return str(dest)
+
+
+def _listing(fs, root: str, url: str) -> list[tuple[str, int, str]]:
+    """(path under root, size, etag) of every file, sorted."""
+    files = fs.find(root, detail=True)
+    if not files:
+        raise CheckpointError(f"checkpoint {url!r}: no files there")
+    return sorted((p[len(root):], info.get("size"), str(info.get("ETag") or info.get("etag") or ""))
+                  for p, info in files.items())
+
+
+_DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> content digest: hash a file once
+
+
+def _file_digest(path: Path) -> str:
+    st = path.stat()
+    key = (str(path), st.st_size, st.st_mtime_ns)
+    if key not in _DIGESTS:
+        h = hashlib.blake2b(digest_size=16)
+        with path.open("rb") as fh:
+            while chunk := fh.read(1 << 20):
+                h.update(chunk)
+        _DIGESTS[key] = h.hexdigest()
+    return _DIGESTS[key]
+
+
+def content_id(url: str, storage_options: dict | None = None) -> str:
+    """A model directory's identity by content: every file's bytes hashed where it is local; size and etag where
+    it is in an object store (S3's etag changes with the bytes). Not its path: weights replaced in place under the
+    same path are another model (the job refuses to add them to an output the old ones wrote)."""
+    fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
+    if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
+        base = Path(root)
+        files = [base] if base.is_file() else sorted(p for p in base.rglob("*") if p.is_file() and p.name != DONE)
+        entries = [(str(p.relative_to(base)) if p != base else p.name, _file_digest(p)) for p in files]
+    else:  # a plugin's checkpoint may be one object or an empty prefix its family fills in: list what is there
+        root = root.rstrip("/")
+        entries = sorted((p[len(root):], i.get("size"), str(i.get("ETag") or i.get("etag") or ""))
+                         for p, i in fs.find(root, detail=True).items())
+    return hashlib.blake2b(json.dumps(entries).encode(), digest_size=8).hexdigest()

@@ -36,7 +36,8 @@ METADATA_SCHEMA = pa.schema([
     ("judged", pa.string()), ("candidates", pa.int32()), ("candidate_index", pa.int32()),
     ("candidate_score", pa.float64()), ("image", pa.binary()), ("pipeline_class", pa.string()),
     ("geometry", pa.string()), ("judge_features", pa.list_(pa.float32())), ("diversity", pa.float32()),
-    ("near_duplicate", pa.bool_()), ("scoring_error", pa.string()),
+    ("near_duplicate", pa.bool_()), ("scoring_error", pa.string()), ("checkpoint_id", pa.string()),
+    ("sha256", pa.string()),
 ])
 # null when the job does not score
 SCORES = ("clip_score", "prompt_match", "judged", "geometry", "judge_features", "scoring_error")
@@ -47,10 +48,14 @@ def extension(image_format: str) -> str:
     return IMAGE_FORMATS[image_format][0]
 
 
-def encode_image(img: np.ndarray, fmt: str) -> bytes:
-    """uint8 (H, W, 3) -> encoded bytes in one of IMAGE_FORMATS."""
+def encode_image(img: np.ndarray, fmt: str, provenance: dict[str, str] | None = None) -> bytes:
+    """uint8 (H, W, 3) -> encoded bytes in one of IMAGE_FORMATS; `provenance` fields are embedded in the file
+    (`pipelines.provenance`: text chunks / XMP and the AI-generated marker)."""
+    from pipelines.provenance import save_arguments
+
     buf = io.BytesIO()
-    Image.fromarray(img, "RGB").save(buf, **IMAGE_FORMATS[fmt][1])
+    extra = save_arguments(fmt, provenance) if provenance else {}
+    Image.fromarray(img, "RGB").save(buf, **IMAGE_FORMATS[fmt][1], **extra)
     return buf.getvalue()
 
 

@@ -7,6 +7,11 @@ SlowDown, throttling) are retried with exponential backoff and jitter until the 
 attempts and seconds, from the spec's `storage.retry`) is spent; permanent ones (403, a missing bucket, bad
 credentials, a missing key) fail at once. What still fails becomes `StorageError`: one line with the
 operation, the URL, the attempts, the time spent and the underlying error; the CLI exits 3 with it.
+
+Why not Ray Data's knobs: `DataContext.retried_io_errors` / `write_file_retry_on_errors` match the messages of
+pyarrow's native S3 client, and every byte here goes through fsspec (pyarrow's S3 ignores AWS_ENDPOINT_URL, so it
+cannot reach a MinIO or moto); Ray has no retry for fsspec calls, hence this one. `max_errored_blocks` stays 0 on
+purpose: a skipped block is images silently missing from the output.
 """
 
 from __future__ import annotations

@@ -78,6 +78,22 @@ class InputSpec(Strict):
     max_prompt_chars: int = Field(default=1000, ge=1, le=100_000, description="longer prompts are rejected")
     blocklist: Blocklist = Field(default_factory=lambda: Blocklist(), description="brand safety: matching prompts "
                                  "are rejected with reason 'blocked'")
+    keep_columns: list[str] = Field(default_factory=list, description="input columns carried into each image's "
+                                    "metadata row (an ad catalog's sku, template, campaign); every input file must "
+                                    "have them, and none may be named like a metadata column")
+
+    @field_validator("keep_columns")
+    @classmethod
+    def _keep_columns(cls, v: list[str]) -> list[str]:
+        from pipelines.layout import METADATA_SCHEMA
+
+        taken = sorted(set(v) & (set(METADATA_SCHEMA.names) | {"pixels", "generation_error", "pm_id", "pm_reason",
+                                                                 "row_hash"}))
+        if taken:
+            raise ValueError(f"{taken} are columns promptmill writes itself; rename them in the input")
+        if len(set(v)) != len(v):
+            raise ValueError(f"{v} names a column twice")
+        return v
 
 
 class Resources(Strict):
@@ -176,6 +192,13 @@ class OutputSpec(Strict):
                                       "images fails the job")
     lease_wait_s: float = Field(default=0, ge=0, le=86_400, description="a run whose output another live run is "
                                 "writing waits this long for it, then stops naming it (one writer per output)")
+    provenance: bool = Field(default=True, description="embed prompt, model, checkpoint id, seed and the IPTC "
+                             "'trainedAlgorithmicMedia' (AI-generated) marker in each image file (PNG text chunks, "
+                             "XMP); off: pixels only")
+    sidecars: bool = Field(default=False, description="files layout: also write <id>-<sample>.txt (the prompt) and "
+                           ".json (the metadata row) beside each image, as img2dataset does")
+    shared: bool = Field(default=False, description="a local path that every node of the cluster mounts (NFS, EFS, "
+                         "Lustre): allowed on a multi-node cluster, where an unshared local path is refused")
 
 
 class RetrySpec(Strict):

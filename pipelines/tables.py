@@ -13,7 +13,7 @@ class InputError(ValueError):
     """Input that cannot be read at all; the message names the file and column."""
 
 
-def list_files(url: str, storage_options: dict) -> tuple[AbstractFileSystem, list[str]]:
+def list_files(url: str, storage_options: dict, field: str = "input.path") -> tuple[AbstractFileSystem, list[str]]:
     fs, path = filesystem(url, storage_options)
     try:
         if any(c in path for c in "*?["):
@@ -24,11 +24,11 @@ def list_files(url: str, storage_options: dict) -> tuple[AbstractFileSystem, lis
         elif fs.exists(path):
             files = [path]
         else:
-            raise InputError(f"input.path {url!r}: no such file or directory")
+            raise InputError(f"{field} {url!r}: no such file or directory")
     except (PermissionError, OSError) as e:
-        raise InputError(f"input.path {url!r}: cannot list ({e})") from e
+        raise InputError(f"{field} {url!r}: cannot list ({e})") from e
     if not files:
-        raise InputError(f"input.path {url!r}: no .parquet files found")
+        raise InputError(f"{field} {url!r}: no .parquet files found")
     return fs, sorted(files)
 
 

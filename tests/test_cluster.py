@@ -17,7 +17,7 @@ import ray
 from conftest import make_spec, write_prompts
 from ray.cluster_utils import Cluster
 
-from pipelines.batch.job import run_job
+from pipelines.batch.job import PreflightError, run_job
 from pipelines.spec import load_spec
 
 
@@ -34,6 +34,7 @@ def cluster(request):
 def _spec(tmp_path: Path, checkpoints, n: int, **resources) -> dict:
     write_prompts(tmp_path / "in.parquet", [f"a small red circle number {i}" for i in range(n)], [f"k{i}" for i in range(n)])
     spec = make_spec(str(tmp_path / "in.parquet"), str(tmp_path / "out"), checkpoints)
+    spec["output"]["shared"] = True  # these nodes share this machine's disk
     spec["models"][0]["resources"] = {"num_gpus": 1, "num_cpus": 1, "batch_size": 4, **resources}
     spec["scoring"] = {"resources": {"batch_size": 4}}
     return spec
@@ -56,6 +57,16 @@ def test_generator_actors_run_on_both_gpu_nodes(cluster, checkpoints, tmp_path):
     assert used == {n.node_id for n in nodes}, used  # one actor per GPU node; none on the CPU-only head
     assert {r["device"] for r in rows} == {"cpu"}  # logical GPUs: CUDA is absent, the CPU fallback ran
     assert res.images_written["gan"] >= 200
+
+
+@pytest.mark.parametrize("cluster", [2], indirect=True)
+def test_an_unshared_local_output_on_two_nodes_is_refused_before_anything_is_written(cluster, checkpoints, tmp_path):
+    spec = _spec(tmp_path, checkpoints, 10)
+    del spec["output"]["shared"]
+    with pytest.raises(PreflightError, match=r"output.path .* local path, but the Ray cluster has 3 nodes.*"
+                                             r"object-store URL.*output.shared: true"):
+        run_job(load_spec(spec))
+    assert not (tmp_path / "out").exists()
 
 
 @pytest.mark.parametrize("cluster", [3], indirect=True)

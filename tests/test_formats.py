@@ -58,6 +58,7 @@ def test_webdataset_read_back_resume_and_rerun(ray_local, checkpoints, tmp_path)
         assert s["txt"].decode() == r["prompt"]
         meta = json.loads(s["json"])
         assert (meta["id"], meta["sample"], meta["seed"]) == (r["id"], r["sample"], r["seed"])
+        assert meta["sha256"] == r["sha256"] == hashlib.sha256(s["png"]).hexdigest()
         assert decode_image(s["png"]).shape == (32, 32, 3)
         assert r["image_path"].endswith(".tar") and Path(r["image_path"]).is_file()
     # rerun: nothing changes; more samples per prompt: only new shards, old bytes kept
@@ -81,7 +82,31 @@ def test_parquet_format_carries_the_image_bytes(ray_local, checkpoints, tmp_path
     ref = {(r["id"], r["sample"]): Path(r["image_path"]).read_bytes() for r in pq.read_table(files / "metadata").to_pylist()}
     for r in t.to_pylist():
         assert r["image"] == ref[(r["id"], r["sample"])]  # same bytes as the files layout
+        assert r["sha256"] == hashlib.sha256(r["image"]).hexdigest()
     assert run_job(load_spec(_spec(tmp_path, str(out), "parquet", checkpoints))).skipped
+
+
+def test_every_image_file_says_what_made_it_and_that_it_is_ai_generated(ray_local, checkpoints, tmp_path):
+    from PIL import Image
+
+    from pipelines.provenance import TRAINED_ALGORITHMIC_MEDIA, read_fields
+
+    out, bare = tmp_path / "out", tmp_path / "bare"
+    run_job(load_spec(_spec(tmp_path, str(out), "files", checkpoints, n=1)))
+    run_job(load_spec(_spec(tmp_path, str(bare), "files", checkpoints, n=1, provenance=False)))
+    plain = {r["id"]: Path(r["image_path"]) for r in pq.read_table(bare / "metadata").to_pylist()}
+    for r in pq.read_table(out / "metadata").to_pylist():
+        data = Path(r["image_path"]).read_bytes()
+        assert r["sha256"] == hashlib.sha256(data).hexdigest()
+        im = Image.open(io.BytesIO(data))
+        fields = read_fields(im)
+        assert fields["prompt"] == r["prompt"] and fields["checkpoint_id"] == r["checkpoint_id"] is not None
+        assert (fields["model"], fields["seed"], fields["sample"]) == (r["model"], str(r["seed"]), str(r["sample"]))
+        xmp = im.text["XML:com.adobe.xmp"]
+        assert f'DigitalSourceType="{TRAINED_ALGORITHMIC_MEDIA}"' in xmp and r["model"] in xmp
+        other = Image.open(plain[r["id"]])
+        assert not read_fields(other) and "XML:com.adobe.xmp" not in other.text  # provenance: false
+        assert (decode_image(data) == decode_image(plain[r["id"]].read_bytes())).all()  # the same pixels
 
 
 def test_changing_the_format_of_an_output_is_refused(ray_local, checkpoints, tmp_path):
@@ -141,3 +166,57 @@ def test_commit_drops_a_shard_written_twice_and_rewrites_a_partial_one(tmp_path)
     members = [m for p in shards for m in tarfile.open(p).getnames()]
     assert sorted(members) == ["x_0.png", "y_0.png", "z_0.png"]
     assert not staged.joinpath("shards").exists()
+
+
+@pytest.mark.parametrize("fmt", ["files", "webdataset", "parquet"])
+def test_catalog_columns_ride_along_and_hugging_face_datasets_loads_each_format(ray_local, checkpoints, tmp_path,
+                                                                                monkeypatch, fmt):
+    """img2dataset parity: input.keep_columns in every metadata row (and WebDataset .json / files sidecars), and
+    the output loads with `datasets` as users load img2dataset's."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    skus = [f"SKU-{i}" for i in range(5)]
+    write_prompts(tmp_path / "in" / "part-0.parquet", PROMPTS, IDS, sku=skus, price=[9.5, 10.0, None, 3.25, 1.0])
+    out = tmp_path / "out"
+    spec = make_spec(str(tmp_path / "in"), str(out), checkpoints,
+                     output={"path": str(out), "format": fmt, "shard_size": 4, "sidecars": fmt == "files"})
+    spec["input"]["keep_columns"] = ["sku", "price"]
+    spec["scoring"] = {"enabled": False}
+    run_job(load_spec(spec))
+    rows = pq.read_table(out / "metadata").to_pylist()
+    want = dict(zip(IDS, zip(skus, [9.5, 10.0, None, 3.25, 1.0])))
+    assert len(rows) == 10 and all((r["sku"], r["price"]) == want[r["id"]] for r in rows)
+    summary = json.loads((out / "summary.json").read_text())
+    assert "GenerateStage" in summary["ray_data_stats"]  # Ray Data's per-operator stats of the run
+
+    meta = datasets.load_dataset("parquet", data_files=str(out / "metadata" / "*.parquet"), split="train")
+    assert meta.num_rows == 10 and sorted(meta["sku"]) == sorted(skus * 2)
+    if fmt == "files":
+        for r in rows:
+            stem = r["image_path"].rsplit(".", 1)[0]
+            assert Path(f"{stem}.txt").read_text() == r["prompt"]
+            side = json.loads(Path(f"{stem}.json").read_text())
+            assert (side["id"], side["sku"], side["sha256"]) == (r["id"], r["sku"], r["sha256"])
+        assert all(decode_image(Path(p).read_bytes()).shape == (32, 32, 3) for p in meta["image_path"])
+    elif fmt == "parquet":
+        assert all(decode_image(b).shape == (32, 32, 3) for b in meta["image"])
+    else:
+        shards = datasets.load_dataset("webdataset", data_files=str(out / "shards" / "gan" / "*.tar"), split="train")
+        assert shards.num_rows == 10
+        first = shards[0]
+        assert first["png"].size == (32, 32) and first["json"]["sku"] in skus and first["txt"] in PROMPTS
+
+
+def test_keep_columns_are_checked_before_any_work(checkpoints, tmp_path):
+    from pipelines.batch.preflight import PreflightError, preflight
+    from pipelines.spec import SpecError
+
+    write_prompts(tmp_path / "in" / "part-0.parquet", PROMPTS, IDS, sku=list("abcde"))
+    spec = make_spec(str(tmp_path / "in"), str(tmp_path / "out"), checkpoints)
+    spec["input"]["keep_columns"] = ["sku", "campaign"]
+    with pytest.raises(PreflightError, match=r"part-0.parquet: missing input.keep_columns \['campaign'\]"):
+        preflight(load_spec(spec))
+    spec["input"]["keep_columns"] = ["sku", "seed"]
+    with pytest.raises(SpecError, match=r"input.keep_columns.*\['seed'\] are columns promptmill writes itself"):
+        load_spec(spec)

@@ -19,7 +19,9 @@ import yaml
 from conftest import kill_session, make_spec, write_prompts
 
 from models.images import decode_image
+from models.local_cache import content_id
 from pipelines.batch.job import run_job
+from pipelines.batch.plan import plan_job
 from pipelines.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,7 +45,10 @@ def assert_exactly_once(out: Path, expected_keys: set[tuple]) -> list[dict]:
     assert set(keys) == expected_keys
     for r in rows:
         assert Path(r["image_path"]).is_file(), r["image_path"]
+    assert len([p for p in (out / "images").rglob("*") if p.is_file()]) == len(rows)  # no orphan images
     assert (out / "_SUCCESS").exists() and not (out / "_staging").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert sum(summary["images_total"].values()) == len(rows)  # the summary counts the table
     return rows
 
 
@@ -57,6 +62,11 @@ def test_end_to_end_local(ray_local, checkpoints, tmp_path, caplog, monkeypatch)
                            "images_per_prompt": 1, "sampling": {"guidance_scale": 2.0, "top_k": 8},
                            "resources": {"batch_size": 4}})
     spec["input"]["storage_options"] = {"secret": "hunter2"}
+    plan = plan_job(load_spec(spec))  # --dry-run: the plan, nothing written
+    assert not (tmp_path / "out").exists() and plan["output_state"] == "new"
+    assert plan["input_rows"] == 11 and plan["accepted"] == 5 and sum(plan["rejected"].values()) == 6
+    assert plan["models"]["gan"] == {"family": "gan", "images": 10, "in_output": 0, "to_draw": 10,
+                                     "candidates_per_image": 1}
     with caplog.at_level("INFO", logger="pipelines.batch.progress"):
         res = run_job(load_spec(spec))
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress: ")]
@@ -67,6 +77,7 @@ def test_end_to_end_local(ray_local, checkpoints, tmp_path, caplog, monkeypatch)
     assert res.images_written == {"gan": 10, "dalle": 5}
     r0 = next(r for r in rows if r["id"] == "p4" and r["model"] == "gan")
     assert r0["prompt"] == GOOD[4] and r0["family"] == "gan" and r0["width"] == 32 and r0["image_format"] == "png"
+    assert r0["checkpoint_id"] == content_id(checkpoints["gan"])  # what drew it, by content
     assert 0 <= r0["clip_score"] <= 100 and r0["prompt_match"] is None  # scored; out of the shapes grammar
     assert "/images/gan/" in r0["image_path"] and r0["image_path"].endswith("/p4-1.png") or r0["sample"] == 0
     dalle = next(r for r in rows if r["model"] == "dalle")
@@ -93,6 +104,11 @@ def test_end_to_end_local(ray_local, checkpoints, tmp_path, caplog, monkeypatch)
     # more samples per prompt: only the missing ones are generated, old images keep their bytes
     digests = file_digests(out)
     spec["models"][0]["images_per_prompt"] = 3
+    before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    plan = plan_job(load_spec(spec))
+    assert plan["output_state"] == "resume" and plan["models"]["gan"]["in_output"] == 10
+    assert plan["models"]["gan"]["to_draw"] == 5 and plan["models"]["dalle"]["to_draw"] == 0
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
     more = run_job(load_spec(spec))
     assert more.images_written == {"gan": 5, "dalle": 0}
     assert_exactly_once(out, expected | {("gan", f"p{i}", 2) for i in range(5)})

@@ -88,3 +88,52 @@ def test_output_of_a_different_spec_is_refused(good, tmp_path, capsys):
     assert run_cli(good, tmp_path) == 2
     assert "already holds a run" in capsys.readouterr().err
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["_spec.json"]
+
+
+def test_a_local_output_is_refused_where_other_nodes_would_write_it(good):
+    """The two-node case runs on a real cluster in test_cluster.py; here the rule itself, on ray.nodes() records."""
+    from pipelines.batch.preflight import PreflightError, check_output_reachable
+    from pipelines.spec import load_spec
+
+    def node(cpu: float, head: bool) -> dict:
+        return {"Alive": True, "Resources": {**({"CPU": cpu} if cpu else {}), **({"node:__internal_head__": 1.0}
+                                                                                 if head else {})}}
+
+    spec = load_spec(good)
+    check_output_reachable(spec, [node(4, True)])  # one node that does the work: fine
+    check_output_reachable(spec, [node(4, True), {**node(8, False), "Alive": False}])  # a dead node is no node
+    with pytest.raises(PreflightError, match="a head with no CPUs"):  # cluster.yaml's head: workers come later
+        check_output_reachable(spec, [node(0, True)])
+    with pytest.raises(PreflightError, match="2 nodes"):
+        check_output_reachable(spec, [node(0, True), node(8, False)])
+    check_output_reachable(load_spec({**good, "output": {**good["output"], "shared": True}}), [node(0, True)])
+    check_output_reachable(load_spec({**good, "output": {"path": "s3://bucket/out"}}), [node(0, True), node(8, False)])
+
+
+def test_weights_replaced_in_place_are_another_model_for_an_existing_output(good, tmp_path):
+    """The fingerprint holds each checkpoint's content id: new weights under the old path are refused, not mixed in."""
+    from safetensors.torch import load_file, save_file
+
+    from models.local_cache import content_id
+    from pipelines.batch.preflight import PreflightError, _check_fingerprint, fingerprint
+    from pipelines.spec import load_spec
+
+    ckpt = tmp_path / "gan"
+    shutil.copytree(good["models"][0]["checkpoint"], ckpt)
+    spec = load_spec({**good, "models": [{**good["models"][0], "checkpoint": str(ckpt)}]})
+    before = fingerprint(spec)
+    assert before["models"]["gan"]["checkpoint_id"] == content_id(str(ckpt))
+    assert before["scoring"]["judge_id"] == content_id(spec.scoring.judge)
+    _check_fingerprint(spec, before, allow_subset=False)  # same weights: fine
+
+    weights = next(ckpt.glob("*.safetensors"))
+    tensors = load_file(weights)
+    name = next(k for k, v in tensors.items() if v.is_floating_point())
+    tensors[name] = tensors[name] + 1e-3  # retrained: same names, same shapes, other values
+    save_file(tensors, weights)
+    assert fingerprint(spec)["models"]["gan"]["checkpoint_id"] != before["models"]["gan"]["checkpoint_id"]
+    with pytest.raises(PreflightError, match="already holds model 'gan' with other settings"):
+        _check_fingerprint(spec, before, allow_subset=False)
+    older = json.loads(json.dumps(before))  # an output written before content ids: compared by path as then
+    del older["models"]["gan"]["checkpoint_id"], older["scoring"]["clip_id"], older["scoring"]["judge_id"]
+    _check_fingerprint(spec, older, allow_subset=False)

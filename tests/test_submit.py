@@ -1,5 +1,6 @@
 """Ray Jobs submission against a real head (`ray start --head`, dashboard and token auth on), reading from
-and writing to a moto S3: submit, a double submit that does not run twice, status, logs, outputs."""
+and writing to a moto S3: submit streaming the logs as `ray job submit` does, a double submit that does not run
+twice, a failed submission retried as the next attempt, stop / delete / list, status, logs, outputs."""
 
 from __future__ import annotations
 
@@ -79,10 +80,13 @@ def test_submit_wait_status_logs_and_no_double_run(head, s3, tmp_path):
             "output": {"path": "s3://bucket/submit/out"}}
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
-    first = _cli(["submit", str(path), "--address", head, "--wait", "--timeout", "300", "--pass-aws-credentials"], s3)
+    first = _cli(["submit", str(path), "--address", head, "--timeout", "300", "--pass-aws-credentials",
+                  "--metadata-json", '{"team": "ads"}', "--runtime-env-json", '{"env_vars": {"TEAM": "ads"}}',
+                  "--entrypoint-num-cpus", "0.5"], s3)
     sid = first.stdout.split()[0]
     assert first.returncode == 0, first.stdout + first.stderr + _cli(["logs", sid, "--address", head], s3).stdout[-3000:]
     assert sid.startswith("promptmill-submitted-") and "submitted" in first.stdout and "SUCCEEDED" in first.stdout
+    assert "6 images (6 in output), 1 rejected" in first.stdout  # the logs streamed by default
     assert fs.exists("bucket/submit/out/_SUCCESS")
     rows = pq.read_table(fs.open(fs.ls("bucket/submit/out/metadata")[0])).to_pylist()
     assert len(rows) == 6 and {r["id"] for r in rows} == {"a", "b", "d"}
@@ -96,9 +100,46 @@ def test_submit_wait_status_logs_and_no_double_run(head, s3, tmp_path):
 
     status = json.loads(_cli(["status", sid, "--address", head], s3).stdout)
     assert status["status"] == "SUCCEEDED"
+    assert status["metadata"]["team"] == "ads" and status["metadata"]["attempt"] == "1"
     assert status["progress"].startswith("6 / 6 images (100 %)") and "1 rejected" in status["progress"], status
     logs = _cli(["logs", sid, "--address", head], s3)
     assert "6 images (6 in output), 1 rejected" in logs.stdout, logs.stdout[-2000:]
+
+
+def test_a_failed_submission_is_retried_as_the_next_attempt_then_stop_delete_list(head, s3, tmp_path):
+    fs = s3fs.S3FileSystem(**s3)
+    spec = {"name": "retried", "input": {"path": "s3://bucket/retried/in", "id_column": "id"},
+            "models": [{"name": "gan", "family": "gan", "checkpoint": "checkpoints/gan"}],
+            "scoring": {"enabled": False}, "output": {"path": "s3://bucket/retried/out", "report": False}}
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    env = ["--address", head, "--timeout", "300", "--pass-aws-credentials"]
+    failed = _cli(["submit", str(path), *env], s3)  # the input is not there yet: the job fails on the cluster
+    sid = failed.stdout.split()[0]
+    assert failed.returncode == 1 and f"{sid} FAILED" in failed.stdout and "input.path" in failed.stdout, failed.stdout
+    with fs.open("bucket/retried/in/prompts.parquet", "wb") as fh:
+        pq.write_table(pa.table({"id": ["a", "b"], "prompt": ["a red circle", "a blue square"]}), fh)
+    retried = _cli(["submit", str(path), *env], s3)
+    assert retried.returncode == 0 and retried.stdout.split()[:2] == [f"{sid}-a2", "submitted"], retried.stdout
+    assert json.loads(_cli(["status", f"{sid}-a2", "--address", head], s3).stdout)["metadata"]["attempt"] == "2"
+    again = _cli(["submit", str(path), *env], s3)  # succeeded: one at a time, no third attempt
+    assert again.stdout.split()[:3] == [f"{sid}-a2", "already", "submitted"], again.stdout
+    assert fs.exists("bucket/retried/out/_SUCCESS")
+
+    spec["output"]["path"] = "s3://bucket/retried/stopped"
+    path.write_text(yaml.safe_dump(spec))
+    queued = _cli(["submit", str(path), "--no-wait", *env], s3)
+    other = queued.stdout.split()[0]
+    assert queued.returncode == 0 and other != sid
+    assert "stop requested" in _cli(["stop", other, "--address", head], s3).stdout
+    t0 = time.time()
+    while json.loads(_cli(["status", other, "--address", head], s3).stdout)["status"] != "STOPPED":
+        assert time.time() - t0 < 60
+        time.sleep(1)
+    listed = _cli(["list", "--address", head], s3).stdout
+    assert all(x in listed for x in (f"{sid}\tFAILED", f"{sid}-a2\tSUCCEEDED", f"{other}\tSTOPPED")), listed
+    assert f"{other} deleted" in _cli(["delete", other, "--address", head], s3).stdout
+    assert other not in _cli(["list", "--address", head], s3).stdout
 
 
 def test_submit_a_diffusers_job_reranked_by_a_hugging_face_clip_from_s3(head, s3, tmp_path):
@@ -118,7 +159,7 @@ def test_submit_a_diffusers_job_reranked_by_a_hugging_face_clip_from_s3(head, s3
             "output": {"path": "s3://bucket/byom/out"}}
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))
-    run = _cli(["submit", str(path), "--address", head, "--wait", "--timeout", "300", "--pass-aws-credentials"], s3)
+    run = _cli(["submit", str(path), "--address", head, "--timeout", "300", "--pass-aws-credentials"], s3)
     sid = run.stdout.split()[0]
     assert run.returncode == 0, run.stdout + run.stderr + _cli(["logs", sid, "--address", head], s3).stdout[-3000:]
     rows = pq.read_table(fs.open(fs.ls("bucket/byom/out/metadata")[0])).to_pylist()

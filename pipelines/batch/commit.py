@@ -54,8 +54,19 @@ def _read(fs: AbstractFileSystem, files: list[str], columns: list[str] | None = 
     tables = []
     for f in files:  # whole objects (one GET each, retried as one), not streams cut mid-read by an outage
         tables.append(pq.read_table(pa.BufferReader(fs.cat_file(f)), columns=columns))
-    schema = METADATA_SCHEMA if columns is None else pa.schema([METADATA_SCHEMA.field(c) for c in columns])
+    schema = (pa.schema(list(METADATA_SCHEMA) + _extra_fields(tables)) if columns is None
+              else pa.schema([METADATA_SCHEMA.field(c) for c in columns]))
     return pa.concat_tables([_conform(t, schema) for t in tables]) if tables else schema.empty_table()
+
+
+def _extra_fields(tables: list[pa.Table]) -> list[pa.Field]:
+    """Columns beyond ours (input.keep_columns), in order of first appearance, each with its first non-null type."""
+    found: dict[str, pa.DataType] = {}
+    for t in tables:
+        for f in t.schema:
+            if f.name not in METADATA_SCHEMA.names and (f.name not in found or pa.types.is_null(found[f.name])):
+                found[f.name] = f.type
+    return [pa.field(k, v) for k, v in found.items()]
 
 
 def _conform(t: pa.Table, schema: pa.Schema) -> pa.Table:

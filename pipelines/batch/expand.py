@@ -17,11 +17,12 @@ def image_seed(job_seed: int, row_id: str, model: str, sample: int) -> int:
 
 
 def expand_batch(table: pa.Table, *, prompt_column: str, model: str, images_per_prompt: int,
-                 job_seed: int, done: frozenset[str]) -> pa.Table:
+                 job_seed: int, done: frozenset[str], keep: tuple[str, ...] = ()) -> pa.Table:
     """Accepted rows -> one row per missing (id, model, sample); samples already written are skipped."""
-    ids, prompts, samples, seeds = [], [], [], []
+    ids, prompts, samples, seeds, rows = [], [], [], [], []
     reasons = table.column(REASON).to_pylist()
-    for rid, p, r in zip(table.column(ID).to_pylist(), column_values(table.column(prompt_column)), reasons):
+    for row, (rid, p, r) in enumerate(zip(table.column(ID).to_pylist(), column_values(table.column(prompt_column)),
+                                          reasons)):
         if r is not None:
             continue
         for k in range(images_per_prompt):
@@ -31,5 +32,9 @@ def expand_batch(table: pa.Table, *, prompt_column: str, model: str, images_per_
             prompts.append(prompt_text(p))
             samples.append(k)
             seeds.append(image_seed(job_seed, rid, model, k))
-    return pa.table({"id": pa.array(ids, pa.string()), "prompt": pa.array(prompts, pa.string()),
-                     "sample": pa.array(samples, pa.int32()), "seed": pa.array(seeds, pa.int64())})
+            rows.append(row)
+    out = pa.table({"id": pa.array(ids, pa.string()), "prompt": pa.array(prompts, pa.string()),
+                    "sample": pa.array(samples, pa.int32()), "seed": pa.array(seeds, pa.int64())})
+    for c in keep:  # the input's own columns (input.keep_columns), one value per sample of the row
+        out = out.append_column(c, table.column(c).take(pa.array(rows, pa.int64())))
+    return out

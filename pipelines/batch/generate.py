@@ -23,13 +23,14 @@ log = logging.getLogger(__name__)
 
 
 class GenerateStage:
-    def __init__(self, model: ModelSpec, scoring: ScoringSpec) -> None:
+    def __init__(self, model: ModelSpec, scoring: ScoringSpec, checkpoint_id: str | None = None) -> None:
         self.device = device_for(model.resources.num_gpus)
         self.model = model
         self.gen = load_generator(model.checkpoint, self.device, model.storage_options, family=model.family)
         self.sampling = self.gen.Sampling(**model.family_sampling).model_dump()
         self.scorer = load_clip(scoring.clip, self.device, scoring.storage_options) if model.candidates > 1 else None
         self.checkpoint = redact_text(model.checkpoint)  # metadata rows and WebDataset .json carry it
+        self.checkpoint_id = checkpoint_id  # its content, as preflight identified it (the path alone is not)
         self.node = ray.get_runtime_context().get_node_id()  # provenance: which Ray node drew the image
         log.info("loaded %s (%s) on %s, node %s", model.name, model.family, self.device, self.node)
 
@@ -62,6 +63,7 @@ class GenerateStage:
         batch["model"] = np.full(n, self.model.name, object)
         batch["family"] = np.full(n, self.model.family, object)
         batch["checkpoint"] = np.full(n, self.checkpoint, object)
+        batch["checkpoint_id"] = np.full(n, self.checkpoint_id, object)
         batch["sampling"] = np.full(n, json.dumps({**self.sampling, "candidates": k}, sort_keys=True), object)
         batch["width"] = np.full(n, np.asarray(batch["pixels"]).shape[2], np.int32)  # sampling may set the size
         batch["height"] = np.full(n, np.asarray(batch["pixels"]).shape[1], np.int32)

@@ -21,7 +21,15 @@ from pipelines.batch.expand import expand_batch
 from pipelines.batch.finalize import JobResult, finalize
 from pipelines.batch.generate import GenerateStage
 from pipelines.batch.lease import Lease, LeaseHeld
-from pipelines.batch.preflight import PreflightError, merged_fingerprint, pool_cpus, pools, preflight, scoring_on
+from pipelines.batch.preflight import (
+    PreflightError,
+    check_output_reachable,
+    merged_fingerprint,
+    pool_cpus,
+    pools,
+    preflight,
+    scoring_on,
+)
 from pipelines.batch.progress import Progress
 from pipelines.batch.read import InputPlan, read_prompts
 from pipelines.batch.score import ScoreStage
@@ -114,19 +122,21 @@ def _write_rejected(spec: JobSpec, plan: InputPlan, validated: ray.data.Dataset,
     return counts
 
 
-def _images(spec: JobSpec, validated: ray.data.Dataset, done: frozenset[str]) -> ray.data.Dataset:
+def _images(spec: JobSpec, validated: ray.data.Dataset, done: frozenset[str], record: dict) -> ray.data.Dataset:
     """One branch per model (expand -> generate actor pool), unioned, then the one scoring pool."""
     branches = []
     for m in spec.models:
         r = m.resources
         samples = validated.map_batches(
             functools.partial(expand_batch, prompt_column=spec.input.prompt_column, model=m.name,
-                              images_per_prompt=m.images_per_prompt, job_seed=spec.seed, done=done),
+                              images_per_prompt=m.images_per_prompt, job_seed=spec.seed, done=done,
+                              keep=tuple(spec.input.keep_columns)),
             batch_format="pyarrow",
         ).repartition(target_num_rows_per_block=r.batch_size)  # one block per generate call: every actor
         # gets work (a small prompt file is one block) and a crash loses at most the blocks in flight
         branches.append(samples.map_batches(
-            GenerateStage, fn_constructor_kwargs={"model": m, "scoring": spec.scoring},
+            GenerateStage, fn_constructor_kwargs={"model": m, "scoring": spec.scoring,
+                                                  "checkpoint_id": record["models"][m.name]["checkpoint_id"]},
             compute=ActorPoolStrategy(min_size=r.actors, max_size=r.max_actors),
             num_gpus=r.num_gpus, num_cpus=r.num_cpus, batch_size=r.batch_size, **_BOUNDED))
     images = branches[0].union(*branches[1:]) if len(branches) > 1 else branches[0]
@@ -139,11 +149,13 @@ def _images(spec: JobSpec, validated: ray.data.Dataset, done: frozenset[str]) ->
 
 
 def _write(spec: JobSpec, images: ray.data.Dataset, out_url: str, expected: int,
-           progress: Progress) -> tuple[dict[str, int], int]:
+           progress: Progress) -> tuple[dict[str, int], int, str]:
     """Images first, then each batch's metadata part; returns images written per model and the rows rejected as
-    generation errors. More errors than `output.max_error_fraction` of the job's `expected` images fails it."""
+    generation errors and Ray Data's stats of the run. More errors than `output.max_error_fraction` of the job's
+    `expected` images fails it."""
     o = spec.output
-    stream = images.map_batches(WriteStage(out_url, o.storage_options, o.image_format, o.format, retry_policy(spec)),
+    stream = images.map_batches(WriteStage(out_url, o.storage_options, o.image_format, o.format, retry_policy(spec),
+                                           o.provenance, tuple(spec.input.keep_columns), o.sidecars),
                                 batch_size=None if o.format == "files" else o.shard_size, num_cpus=0.5)
     written: dict[str, int] = {m.name: 0 for m in spec.models}
     errors, first = 0, None
@@ -160,7 +172,7 @@ def _write(spec: JobSpec, images: ray.data.Dataset, out_url: str, expected: int,
         raise JobFailed(f"{errors} of {expected} images failed to generate (more than output.max_error_fraction = "
                         f"{o.max_error_fraction:g}); first: {first}; they are in rejected/ after a successful run; "
                         "staged work is kept, run the same command again to resume")
-    return written, errors
+    return written, errors, _stats(stream)
 
 
 class JobFailed(RuntimeError):
@@ -188,6 +200,7 @@ def run_job(spec: JobSpec, allow_subset: bool = False) -> JobResult:
     out_url = full_url(fs, root)
     ensure_ray(pool_cpus(spec) + 2)
     _check_capacity(spec)
+    check_output_reachable(spec, ray.nodes())
     # 2. One writer per output; its settings are on record before the first image
     try:
         lease = Lease(fs, root, job=_ray_job_id()).acquire(spec.output.lease_wait_s)
@@ -208,13 +221,22 @@ def run_job(spec: JobSpec, allow_subset: bool = False) -> JobResult:
         expected = (plan.rows - sum(rejected.values())) * sum(m.images_per_prompt for m in spec.models)
         done = done_keys(fs, root)
         progress = Progress(max(expected - len(done), 0), sum(rejected.values()))
-        written, errors = _write(spec, _images(spec, validated, done), out_url, expected, progress)
+        written, errors, stats = _write(spec, _images(spec, validated, done, record), out_url, expected, progress)
         progress.final()
         if errors:
             rejected = {**rejected, "generation_error": errors}
         # 6. Commit exactly once, rejected rows, summary, metrics, report, _SUCCESS last
         lease.check()
-        return finalize(spec, fs, root, input_rows=plan.rows, rejected=rejected, written=written, started=t0)
+        return finalize(spec, fs, root, input_rows=plan.rows, rejected=rejected, written=written, started=t0,
+                        stats=stats)
+
+
+def _stats(ds: ray.data.Dataset) -> str:
+    """Ray Data's per-operator stats of the run (time, rows, bytes per operator), for summary.json."""
+    try:
+        return ds.stats()
+    except Exception as e:  # noqa: BLE001 - diagnostics only; never fail a finished job over them
+        return f"unavailable: {e}"
 
 
 def _ray_job_id() -> str:

@@ -6,6 +6,7 @@ a run with other settings; errors name the field and exit with code 2.
 
 from __future__ import annotations
 
+import logging
 import os
 
 import pyarrow as pa
@@ -14,6 +15,7 @@ from pydantic import ValidationError
 from models import CheckpointError, generator_class, load_generator
 from models.clip import load_clip
 from models.judge import load_judge
+from models.local_cache import content_id
 from pipelines.batch.commit import read_json
 from pipelines.batch.read import InputPlan, plan_input
 from pipelines.layout import IMAGES, LEASE, METADATA, REJECTED, SHARDS, SPEC, STAGING
@@ -21,6 +23,8 @@ from pipelines.runs.evaluate import read_reference
 from pipelines.spec import JobSpec, ScoringSpec, redact, redact_text
 from pipelines.storage import filesystem, full_url, is_local, join
 from pipelines.tables import InputError
+
+log = logging.getLogger(__name__)
 
 _RUN_DIRS = {IMAGES, METADATA, REJECTED, SHARDS, STAGING}
 
@@ -40,13 +44,33 @@ class PreflightError(ValueError):
 
 def fingerprint(spec: JobSpec) -> dict:
     """What decides the pixels and scores of an existing sample; a rerun must not change it under the same
-    output. Written (redacted) to `_spec.json` before the first image, so a crashed first run guards it too."""
+    output. Written (redacted) to `_spec.json` before the first image, so a crashed first run guards it too.
+    Checkpoints count by content (`checkpoint_id`), not only by path: weights replaced in place are another model."""
     s = spec.scoring
+    scorers = {k: getattr(s, k) for k in ("clip", "judge")}
+    ids = {k: _content_id(v, s.storage_options) for k, v in scorers.items() if v and s.enabled}
     return redact({"seed": spec.seed, "image_format": spec.output.image_format, "format": spec.output.format,
-                   "scoring": {"enabled": s.enabled, "clip": s.clip, "judge": s.judge},
-                   "models": {m.name: {"family": m.family, "checkpoint": m.checkpoint, "sampling": m.sampling,
+                   "scoring": {"enabled": s.enabled, **scorers, **{f"{k}_id": v for k, v in ids.items()}},
+                   "models": {m.name: {"family": m.family, "checkpoint": m.checkpoint,
+                                       "checkpoint_id": _content_id(m.checkpoint, m.storage_options),
+                                       "sampling": m.sampling,
                                        **({"rerank_clip": s.clip} if m.candidates > 1 else {})}
                               for m in spec.models}})
+
+
+def _content_id(url: str, storage_options: dict) -> str | None:
+    """None where the checkpoint is not a path we can list (a plugin's own scheme): its path is then all we know."""
+    try:
+        return content_id(url, storage_options)
+    except Exception as e:  # noqa: BLE001 - identification only: loading it is checked elsewhere, loudly
+        log.warning("checkpoint %s: cannot list it to identify its content (%s); compared by path only",
+                    redact_text(url), redact_text(f"{type(e).__name__}: {e}"))
+        return None
+
+
+def _known(old: dict, new: dict) -> dict:
+    """`new` without the content ids an older `_spec.json` did not record (it predates them: nothing to compare)."""
+    return {k: v for k, v in new.items() if not k.endswith("_id") or k in old}
 
 
 def merged_fingerprint(spec: JobSpec, previous: dict | None) -> dict:
@@ -63,12 +87,12 @@ def _check_fingerprint(spec: JobSpec, previous: dict, allow_subset: bool) -> Non
     for k in ("seed", "image_format", "format", "scoring"):
         old = previous.get(k, "files" if k == "format" else None)
         if k in previous or k == "format":
-            if old != now[k]:
+            if old != (_known(old, now[k]) if k == "scoring" and isinstance(old, dict) else now[k]):
                 raise PreflightError(f"{where} already holds a run with {k} {old!r}; this spec has {now[k]!r}. "
                                      "Use a new output path")
     for name, m in now["models"].items():
         old = previous["models"].get(name)
-        if old is not None and old != m:
+        if old is not None and old != _known(old, m):
             raise PreflightError(f"{where} already holds model {name!r} with other settings ({old}); this spec has "
                                  f"{m}. Use a new output path")
     dropped = sorted(set(previous["models"]) - set(now["models"]))
@@ -177,3 +201,21 @@ def pools(spec: JobSpec) -> list:
 def pool_cpus(spec: JobSpec) -> float:
     """CPUs the actor pools hold at their minimum size."""
     return sum(r.actors * r.num_cpus for r in pools(spec))
+
+
+def check_output_reachable(spec: JobSpec, nodes: list[dict]) -> None:
+    """A local output on a multi-node cluster would be written to each worker's own disk (write tasks run where
+    the images are) while the driver commits only what its disk holds: data lost without a word. Refused unless
+    the spec says the path is shared. A head with no CPUs counts as multi-node: its work runs on workers that
+    an autoscaler adds later."""
+    o = spec.output
+    if not is_local(o.path) or o.shared:
+        return
+    alive = [n for n in nodes if n.get("Alive")]
+    headless = any("node:__internal_head__" in n["Resources"] and not n["Resources"].get("CPU") for n in alive)
+    if len(alive) > 1 or headless:
+        where = f"{len(alive)} nodes" if len(alive) > 1 else "a head with no CPUs (work runs on worker nodes)"
+        raise PreflightError(
+            f"output.path {o.path!r} is a local path, but the Ray cluster has {where}: images and metadata would "
+            "stay on the disks of the nodes that wrote them. Use an object-store URL (s3://..., gs://...), or set "
+            "output.shared: true if every node mounts this path")

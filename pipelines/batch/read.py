@@ -56,6 +56,10 @@ def plan_input(spec: InputSpec) -> InputPlan:
                 pf = pq.ParquetFile(fh)
                 schema, n = pf.schema_arrow, pf.metadata.num_rows
                 _check_type(fs, f, schema, spec.prompt_column, "prompt", PROMPT_TYPES)
+                missing = [c for c in spec.keep_columns if c not in schema.names]
+                if missing:
+                    raise InputError(f"{full_url(fs, f)}: missing input.keep_columns {missing} "
+                                     f"(columns: {schema.names})")
                 if spec.id_column is not None:
                     _check_type(fs, f, schema, spec.id_column, "id", ID_TYPES)
                     col = pf.read(columns=[spec.id_column]).column(0)

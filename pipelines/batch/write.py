@@ -12,6 +12,7 @@ A metadata row exists only after its image was written, so a crash can leave an 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import uuid
 
@@ -33,6 +34,7 @@ from pipelines.layout import (
     sample_member_key,
     tar_bytes,
 )
+from pipelines.provenance import FIELDS
 from pipelines.retry import RetryPolicy
 from pipelines.storage import filesystem, full_url, is_local, join, parquet_bytes, put_atomic
 
@@ -55,11 +57,13 @@ class WriteStage:
     """Plain function stage (tasks, not actors); returns one count row per model in the batch for progress."""
 
     def __init__(self, out_url: str, storage_options: dict, image_format: str, fmt: str = "files",
-                 retry: RetryPolicy | None = None) -> None:
+                 retry: RetryPolicy | None = None, provenance: bool = True, keep: tuple[str, ...] = (),
+                 sidecars: bool = False) -> None:
         if fmt not in OUTPUT_FORMATS:
             raise ValueError(f"format must be one of {OUTPUT_FORMATS}, got {fmt!r}")
         self.out_url, self.storage_options, self.image_format, self.fmt = out_url, storage_options, image_format, fmt
         self.retry = retry  # the job's storage.retry, carried to the worker with the stage
+        self.provenance, self.keep, self.sidecars = provenance, keep, sidecars
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         fs, root = filesystem(self.out_url, self.storage_options, self.retry)
@@ -73,8 +77,10 @@ class WriteStage:
         n = len(batch["id"])
         if n == 0:
             return self._counts(batch, counts)
-        encoded = [encode_image(im, self.image_format) for im in np.asarray(batch["pixels"])]
+        encoded = [encode_image(im, self.image_format, provenance(batch, i) if self.provenance else None)
+                   for i, im in enumerate(np.asarray(batch["pixels"]))]
         cols = {k: batch[k] for k in METADATA_SCHEMA.names if k in batch}
+        cols["sha256"] = [hashlib.sha256(b).hexdigest() for b in encoded]  # of the file as written
         cols["image_format"] = np.full(n, self.image_format, object)
         for k in (*SCORES, *DERIVED):
             cols.setdefault(k, [None] * n)
@@ -95,6 +101,15 @@ class WriteStage:
             cols["image_key"] = [sample_member_key(str(i), int(s)) for i, s in zip(batch["id"], batch["sample"])]
             cols["image_path"] = [None] * n
         table = pa.table({k: _column(cols[k], METADATA_SCHEMA.field(k).type) for k in METADATA_SCHEMA.names})
+        for c in self.keep:  # input.keep_columns, after ours
+            table = table.append_column(c, pa.array([None if isinstance(v, float) and np.isnan(v) else v
+                                                     for v in batch[c].tolist()]))
+        if self.fmt == "files" and self.sidecars:  # img2dataset's <key>.txt / <key>.json beside the image
+            side = {}
+            for path, row in zip(paths, table.to_pylist()):
+                stem = path.rsplit(".", 1)[0]
+                side[f"{stem}.txt"], side[f"{stem}.json"] = row["prompt"].encode(), sample_json(row)
+            fs.pipe(side)
         if self.fmt == "webdataset":
             table = self._write_shards(fs, root, table, encoded)
         put_atomic(fs, join(root, STAGING, METADATA, f"{uuid.uuid4().hex}.parquet"), parquet_bytes(table))
@@ -143,3 +158,8 @@ class WriteStage:
             for i in idx:
                 paths[i] = full_url(fs, path)
         return table.set_column(table.schema.get_field_index("image_path"), "image_path", pa.array(paths, pa.string()))
+
+
+def provenance(batch: dict[str, np.ndarray], i: int) -> dict[str, str]:
+    """Row i's provenance fields (what made the image), as text for the file's metadata."""
+    return {k: str(batch[k][i]) for k in FIELDS if k in batch and batch[k][i] is not None}

@@ -161,7 +161,7 @@ def is_done(s: ScheduleSpec, slot: dt.datetime) -> bool:
 
 def render_prompts(s: ScheduleSpec) -> pa.Table:
     """catalog x templates -> (id, prompt, sku, template): ids are `<sku>-t<template index>`."""
-    fs, files = list_files(s.catalog.path, s.catalog.storage_options)
+    fs, files = list_files(s.catalog.path, s.catalog.storage_options, "catalog.path")
     tables = []
     for f in files:
         with fs.open(f, "rb") as fh:

@@ -6,7 +6,10 @@ size cap. The spec travels in an environment variable, which Ray keeps in JobInf
 the Jobs API: so it must hold no secrets (`${ENV_VAR}` references resolve on the cluster), and credentials
 come from the cluster's own identity (instance profile, IRSA, the nodes' environment); the submitter's AWS
 keys go only with `--pass-aws-credentials`. The submission id is a hash of the spec and its output path, so
-submitting the same job twice reports the first submission instead of running it again.
+submitting the same job twice reports the first submission instead of running it again; once that attempt has
+ended FAILED or STOPPED, submitting again makes the next attempt (`<id>-a2`, `-a3`, ...; `attempt` in its
+metadata), still one at a time. Addresses as Ray documents them: `--address` / `RAY_API_SERVER_ADDRESS` name the
+Jobs API (falling back to an http(s) `RAY_ADDRESS`), `RAY_ADDRESS` the cluster a driver joins.
 """
 
 from __future__ import annotations
@@ -105,10 +108,36 @@ def stage_working_dir(files: list[tuple[str, int]]) -> str:
     return tmp
 
 
+def jobs_api_address(address: str | None = None) -> str:
+    """--address, else RAY_API_SERVER_ADDRESS, else RAY_ADDRESS when it is a dashboard URL (Ray's own order)."""
+    ray_address = os.environ.get("RAY_ADDRESS", "")
+    return (address or os.environ.get("RAY_API_SERVER_ADDRESS")
+            or (ray_address if ray_address.startswith(("http://", "https://")) else None) or "http://127.0.0.1:8265")
+
+
 def client(address: str | None):
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(address or os.environ.get("RAY_ADDRESS") or "http://127.0.0.1:8265")
+    return JobSubmissionClient(jobs_api_address(address))
+
+
+def attempt_id(base: str, attempt: int) -> str:
+    return base if attempt == 1 else f"{base}-a{attempt}"
+
+
+def latest_attempt(c, base: str) -> tuple[int, str | None]:
+    """(attempt number, status) of the newest submission of `base`; (0, None) when there is none."""
+    attempts = {}
+    for job in c.list_jobs():
+        sid = job.submission_id or ""
+        if sid == base:
+            attempts[1] = job
+        elif sid.startswith(f"{base}-a") and sid[len(base) + 2:].isdigit():
+            attempts[int(sid[len(base) + 2:])] = job
+    if not attempts:
+        return 0, None
+    n = max(attempts)
+    return n, str(attempts[n].status.value)
 
 
 def job_env(data: dict[str, Any], pass_aws_credentials: bool = False) -> dict[str, str]:
@@ -123,31 +152,41 @@ def job_env(data: dict[str, Any], pass_aws_credentials: bool = False) -> dict[st
 
 
 def submit(data: dict[str, Any], address: str | None = None, pass_aws_credentials: bool = False,
-           max_file_mb: float = MAX_FILE_MB) -> tuple[str, bool]:
-    """Submit; returns (submission id, whether this call created it)."""
+           max_file_mb: float = MAX_FILE_MB, runtime_env: dict[str, Any] | None = None,
+           metadata: dict[str, str] | None = None, **entrypoint: Any) -> tuple[str, bool]:
+    """Submit; returns (submission id, whether this call created it). `runtime_env` and `metadata` are merged
+    into ours (our working_dir and spec variable win); `entrypoint` takes Ray's entrypoint_num_gpus etc."""
     refuse_literal_secrets(data)  # schedules submit without going through resolved_spec
-    sid = submission_id(data)
+    base = submission_id(data)
     c = client(address)
     env = job_env(data, pass_aws_credentials)
     working_dir = stage_working_dir(shipped_files(data, max_file_mb))
+    renv = {**(runtime_env or {}), "working_dir": working_dir,
+            "env_vars": {**(runtime_env or {}).get("env_vars", {}), **env}}
+    meta = {**(metadata or {}), "promptmill": "generate", "name": str(data.get("name", ""))}
     try:
-        return _submit(c, sid, data, env, working_dir)
+        return _submit(c, base, renv, meta, entrypoint)
     finally:
         shutil.rmtree(working_dir, ignore_errors=True)
 
 
-def _submit(c, sid: str, data: dict[str, Any], env: dict[str, str], working_dir: str) -> tuple[str, bool]:
+def _submit(c, base: str, runtime_env: dict, metadata: dict, entrypoint: dict) -> tuple[str, bool]:
     t0 = time.time()
     while True:
         try:
+            n, status = latest_attempt(c, base)
+            if status is not None and status not in ("FAILED", "STOPPED"):
+                log.info("%s was already submitted (status %s); not submitting again", attempt_id(base, n), status)
+                return attempt_id(base, n), False
+            sid = attempt_id(base, n + 1)
+            if n:
+                log.info("%s ended %s: submitting attempt %d as %s", attempt_id(base, n), status, n + 1, sid)
             c.submit_job(entrypoint=f"python -m jobs.cli generate env:{SPEC_ENV}", submission_id=sid,
-                         runtime_env={"working_dir": working_dir, "env_vars": env},
-                         metadata={"promptmill": "generate", "name": str(data.get("name", ""))})
+                         runtime_env=runtime_env, metadata={**metadata, "attempt": str(n + 1)}, **entrypoint)
             return sid, True
         except RuntimeError as e:
-            if "already exists" in str(e):
-                log.info("%s was already submitted (status %s); not submitting again", sid, c.get_job_status(sid))
-                return sid, False
+            if "already exists" in str(e):  # another submitter made this attempt a moment ago
+                continue
             # a head that just started has no job agent yet; Ray says to try again
             if "No available agent" not in str(e) or time.time() - t0 > AGENT_WAIT_S:
                 raise
@@ -178,7 +217,8 @@ def info(sid: str, address: str | None = None) -> dict[str, Any]:
             "progress": lines[-1][lines[-1].rindex(PREFIX) + len(PREFIX):] if lines else None}
 
 
-def logs(sid: str, address: str | None = None, follow: bool = False) -> None:
+def logs(sid: str, address: str | None = None, follow: bool = False, timeout: float | None = None) -> None:
+    """Print the job's log; with `follow`, stream it until the job ends (TimeoutError after `timeout` s)."""
     c = client(address)
     if not follow:
         print(c.get_job_logs(sid), end="")
@@ -189,4 +229,27 @@ def logs(sid: str, address: str | None = None, follow: bool = False) -> None:
         async for chunk in c.tail_job_logs(sid):
             print(chunk, end="", flush=True)
 
-    asyncio.run(tail())
+    async def bounded() -> None:
+        try:
+            await asyncio.wait_for(tail(), timeout)
+        except TimeoutError as e:
+            raise TimeoutError(f"job {sid} still running after {timeout:.0f} s") from e
+
+    asyncio.run(bounded())
+
+
+def stop(sid: str, address: str | None = None) -> bool:
+    return client(address).stop_job(sid)
+
+
+def delete(sid: str, address: str | None = None) -> bool:
+    """Remove a finished job's record (Ray refuses one still running)."""
+    return client(address).delete_job(sid)
+
+
+def jobs(address: str | None = None) -> list[dict[str, Any]]:
+    """promptmill's submissions on the cluster, oldest first."""
+    found = [j for j in client(address).list_jobs() if (j.metadata or {}).get("promptmill") == "generate"]
+    return [{"submission_id": j.submission_id, "status": str(j.status.value), "name": j.metadata.get("name"),
+             "attempt": j.metadata.get("attempt"), "start_time": j.start_time, "end_time": j.end_time}
+            for j in sorted(found, key=lambda j: j.start_time or 0)]

@@ -1,0 +1,48 @@
+"""`promptmill generate --dry-run`: what a run would do, with nothing written.
+
+The same preflight and validation as the run (so a bad spec, input or checkpoint fails the same way), then the
+counts a user checks before paying for GPUs: rows, rejected by reason, images per model, and how many of those
+the output already holds (a rerun draws only the rest).
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import pyarrow.compute as pc
+import ray
+
+from pipelines.batch.commit import done_keys
+from pipelines.batch.job import ensure_ray, retry_policy
+from pipelines.batch.preflight import check_output_reachable, pool_cpus, preflight
+from pipelines.batch.read import read_prompts
+from pipelines.batch.validate import ID, REASON, validate_batch
+from pipelines.layout import sample_key
+from pipelines.spec import JobSpec, redact_text
+from pipelines.storage import filesystem, full_url
+
+
+def plan_job(spec: JobSpec, allow_subset: bool = False) -> dict[str, Any]:
+    plan, previous = preflight(spec, allow_subset)
+    ensure_ray(pool_cpus(spec) + 2)
+    check_output_reachable(spec, ray.nodes())
+    validated = read_prompts(plan, spec.input).map_batches(
+        functools.partial(validate_batch, spec=spec.input, duplicates=plan.duplicate_ids), batch_format="pyarrow")
+    rejected: dict[str, int] = {}
+    accepted: list[str] = []
+    for t in validated.iter_batches(batch_format="pyarrow", batch_size=None):
+        for reason in t.column(REASON).filter(pc.is_valid(t.column(REASON))).to_pylist():
+            rejected[reason] = rejected.get(reason, 0) + 1
+        accepted += t.column(ID).filter(pc.is_null(t.column(REASON))).to_pylist()
+    fs, root = filesystem(spec.output.path, spec.output.storage_options, retry_policy(spec))
+    done = done_keys(fs, root) if previous is not None else frozenset()
+    models = {}
+    for m in spec.models:
+        keys = [sample_key(i, m.name, k) for i in accepted for k in range(m.images_per_prompt)]
+        have = sum(k in done for k in keys)
+        models[m.name] = {"family": m.family, "images": len(keys), "in_output": have, "to_draw": len(keys) - have,
+                          "candidates_per_image": m.candidates}
+    return {"dry_run": True, "input_rows": plan.rows, "input_files": len(plan.files), "accepted": len(accepted),
+            "rejected": rejected, "models": models, "output": redact_text(full_url(fs, root)),
+            "output_state": "new" if previous is None else "resume", "written": "nothing"}
