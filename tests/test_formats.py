@@ -26,12 +26,26 @@ PROMPTS = ["a small red circle on the left", "a large blue square above a green 
 IDS = ["p0", "p.1", "p2", "p3", "p4"]  # a dot in an id must not split a WebDataset key
 
 
-def _spec(tmp_path: Path, out: str, fmt: str, checkpoints, n: int = 2, **output) -> dict:
-    write_prompts(tmp_path / "in" / "part-0.parquet", PROMPTS, IDS)
+SKUS, PRICES = [f"SKU-{i}" for i in range(5)], [9.5, 10.0, None, 3.25, 1.0]  # an ad catalog's columns
+CATALOG = dict(zip(IDS, zip(SKUS, PRICES)))
+
+
+def _spec(tmp_path: Path, out: str, fmt: str, checkpoints, n: int = 2, keep: bool = False, **output) -> dict:
+    write_prompts(tmp_path / "in" / "part-0.parquet", PROMPTS, IDS, sku=SKUS, price=PRICES)
     spec = make_spec(str(tmp_path / "in"), out, checkpoints, output={"path": out, "format": fmt, "shard_size": 4, **output})
     spec["models"][0]["images_per_prompt"] = n
     spec["scoring"] = {"enabled": False}
+    if keep:
+        spec["input"]["keep_columns"] = ["sku", "price"]
     return spec
+
+
+def _load_dataset(tmp_path: Path, monkeypatch, builder: str, files: str):
+    """Hugging Face `datasets`, offline, as a user loads an img2dataset output."""
+    datasets = pytest.importorskip("datasets")
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    return datasets.load_dataset(builder, data_files=files, split="train")
 
 
 def _wds_samples(urls: list[str]) -> list[dict]:
@@ -42,9 +56,9 @@ def _tar_digests(out: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in (out / "shards" / "gan").glob("*.tar")}
 
 
-def test_webdataset_read_back_resume_and_rerun(ray_local, checkpoints, tmp_path):
+def test_webdataset_read_back_resume_and_rerun(ray_local, checkpoints, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    run_job(load_spec(_spec(tmp_path, str(out), "webdataset", checkpoints)))
+    run_job(load_spec(_spec(tmp_path, str(out), "webdataset", checkpoints, keep=True)))
     shards = sorted((out / "shards" / "gan").glob("*.tar"))
     assert [p.name for p in shards] == [f"{i:05d}.tar" for i in range(len(shards))]
     samples = _wds_samples([str(p) for p in shards])
@@ -59,54 +73,63 @@ def test_webdataset_read_back_resume_and_rerun(ray_local, checkpoints, tmp_path)
         meta = json.loads(s["json"])
         assert (meta["id"], meta["sample"], meta["seed"]) == (r["id"], r["sample"], r["seed"])
         assert meta["sha256"] == r["sha256"] == hashlib.sha256(s["png"]).hexdigest()
+        assert (r["sku"], r["price"]) == (meta["sku"], meta["price"]) == CATALOG[r["id"]]  # input.keep_columns
         assert decode_image(s["png"]).shape == (32, 32, 3)
         assert r["image_path"].endswith(".tar") and Path(r["image_path"]).is_file()
+    hf = _load_dataset(tmp_path, monkeypatch, "webdataset", str(out / "shards" / "gan" / "*.tar"))
+    assert hf.num_rows == 10 and hf[0]["png"].size == (32, 32) and hf[0]["json"]["sku"] in SKUS
     # rerun: nothing changes; more samples per prompt: only new shards, old bytes kept
     before = _tar_digests(out)
-    assert run_job(load_spec(_spec(tmp_path, str(out), "webdataset", checkpoints))).skipped
+    assert run_job(load_spec(_spec(tmp_path, str(out), "webdataset", checkpoints, keep=True))).skipped
     assert _tar_digests(out) == before
-    run_job(load_spec(_spec(tmp_path, str(out), "webdataset", checkpoints, n=3)))
+    run_job(load_spec(_spec(tmp_path, str(out), "webdataset", checkpoints, n=3, keep=True)))
     after = _tar_digests(out)
     assert {k: after[k] for k in before} == before and len(after) > len(before)
     samples = _wds_samples([str(p) for p in sorted((out / "shards" / "gan").glob("*.tar"))])
     assert len(samples) == len({s["__key__"] for s in samples}) == 15
 
 
-def test_parquet_format_carries_the_image_bytes(ray_local, checkpoints, tmp_path):
-    out = tmp_path / "out"
-    files = tmp_path / "files"
-    run_job(load_spec(_spec(tmp_path, str(out), "parquet", checkpoints)))
-    run_job(load_spec(_spec(tmp_path, str(files), "files", checkpoints)))
-    t = pq.read_table(out / "metadata")
-    assert t.num_rows == 10 and not (out / "images").exists()
-    ref = {(r["id"], r["sample"]): Path(r["image_path"]).read_bytes() for r in pq.read_table(files / "metadata").to_pylist()}
-    for r in t.to_pylist():
-        assert r["image"] == ref[(r["id"], r["sample"])]  # same bytes as the files layout
-        assert r["sha256"] == hashlib.sha256(r["image"]).hexdigest()
-    assert run_job(load_spec(_spec(tmp_path, str(out), "parquet", checkpoints))).skipped
-
-
-def test_every_image_file_says_what_made_it_and_that_it_is_ai_generated(ray_local, checkpoints, tmp_path):
+def test_parquet_and_files_layouts_carry_the_same_bytes_provenance_catalog_columns_and_load_in_datasets(
+        ray_local, checkpoints, tmp_path, monkeypatch):
+    """img2dataset parity and provenance on one pair of runs: the parquet layout holds the files layout's bytes;
+    each file says what made it and that it is AI-generated; input.keep_columns ride along (and in the files
+    layout's .txt/.json sidecars); Hugging Face `datasets` loads both."""
     from PIL import Image
 
+    from pipelines.layout import encode_image
     from pipelines.provenance import TRAINED_ALGORITHMIC_MEDIA, read_fields
 
-    out, bare = tmp_path / "out", tmp_path / "bare"
-    run_job(load_spec(_spec(tmp_path, str(out), "files", checkpoints, n=1)))
-    run_job(load_spec(_spec(tmp_path, str(bare), "files", checkpoints, n=1, provenance=False)))
-    plain = {r["id"]: Path(r["image_path"]) for r in pq.read_table(bare / "metadata").to_pylist()}
-    for r in pq.read_table(out / "metadata").to_pylist():
+    out = tmp_path / "out"
+    files = tmp_path / "files"
+    run_job(load_spec(_spec(tmp_path, str(out), "parquet", checkpoints, keep=True)))
+    run_job(load_spec(_spec(tmp_path, str(files), "files", checkpoints, keep=True, sidecars=True)))
+    t = pq.read_table(out / "metadata")
+    assert t.num_rows == 10 and not (out / "images").exists()
+    file_rows = pq.read_table(files / "metadata").to_pylist()
+    ref = {(r["id"], r["sample"]): Path(r["image_path"]).read_bytes() for r in file_rows}
+    for r in t.to_pylist():
+        assert r["image"] == ref[(r["id"], r["sample"])]  # same bytes as the files layout
+        assert r["sha256"] == hashlib.sha256(r["image"]).hexdigest() and (r["sku"], r["price"]) == CATALOG[r["id"]]
+    for r in file_rows:
         data = Path(r["image_path"]).read_bytes()
         assert r["sha256"] == hashlib.sha256(data).hexdigest()
         im = Image.open(io.BytesIO(data))
         fields = read_fields(im)
         assert fields["prompt"] == r["prompt"] and fields["checkpoint_id"] == r["checkpoint_id"] is not None
         assert (fields["model"], fields["seed"], fields["sample"]) == (r["model"], str(r["seed"]), str(r["sample"]))
-        xmp = im.text["XML:com.adobe.xmp"]
-        assert f'DigitalSourceType="{TRAINED_ALGORITHMIC_MEDIA}"' in xmp and r["model"] in xmp
-        other = Image.open(plain[r["id"]])
-        assert not read_fields(other) and "XML:com.adobe.xmp" not in other.text  # provenance: false
-        assert (decode_image(data) == decode_image(plain[r["id"]].read_bytes())).all()  # the same pixels
+        assert f'DigitalSourceType="{TRAINED_ALGORITHMIC_MEDIA}"' in im.text["XML:com.adobe.xmp"]
+        stem = r["image_path"].rsplit(".", 1)[0]
+        side = json.loads(Path(f"{stem}.json").read_text())
+        assert Path(f"{stem}.txt").read_text() == r["prompt"] and (side["id"], side["sku"]) == (r["id"], r["sku"])
+    bare = Image.open(io.BytesIO(encode_image(decode_image(data), "png")))  # output.provenance: false
+    assert not read_fields(bare) and "XML:com.adobe.xmp" not in bare.text
+    summary = json.loads((files / "summary.json").read_text())
+    assert "GenerateStage" in summary["ray_data_stats"]  # Ray Data's per-operator stats of the run
+    hf = _load_dataset(tmp_path, monkeypatch, "parquet", str(out / "metadata" / "*.parquet"))
+    assert hf.num_rows == 10 and all(decode_image(b).shape == (32, 32, 3) for b in hf["image"])
+    hf = _load_dataset(tmp_path, monkeypatch, "parquet", str(files / "metadata" / "*.parquet"))
+    assert sorted(hf["sku"]) == sorted(SKUS * 2) and all(Path(p).is_file() for p in hf["image_path"])
+    assert run_job(load_spec(_spec(tmp_path, str(out), "parquet", checkpoints, keep=True))).skipped
 
 
 def test_changing_the_format_of_an_output_is_refused(ray_local, checkpoints, tmp_path):
@@ -166,46 +189,6 @@ def test_commit_drops_a_shard_written_twice_and_rewrites_a_partial_one(tmp_path)
     members = [m for p in shards for m in tarfile.open(p).getnames()]
     assert sorted(members) == ["x_0.png", "y_0.png", "z_0.png"]
     assert not staged.joinpath("shards").exists()
-
-
-@pytest.mark.parametrize("fmt", ["files", "webdataset", "parquet"])
-def test_catalog_columns_ride_along_and_hugging_face_datasets_loads_each_format(ray_local, checkpoints, tmp_path,
-                                                                                monkeypatch, fmt):
-    """img2dataset parity: input.keep_columns in every metadata row (and WebDataset .json / files sidecars), and
-    the output loads with `datasets` as users load img2dataset's."""
-    datasets = pytest.importorskip("datasets")
-    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "hf-cache"))
-    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    skus = [f"SKU-{i}" for i in range(5)]
-    write_prompts(tmp_path / "in" / "part-0.parquet", PROMPTS, IDS, sku=skus, price=[9.5, 10.0, None, 3.25, 1.0])
-    out = tmp_path / "out"
-    spec = make_spec(str(tmp_path / "in"), str(out), checkpoints,
-                     output={"path": str(out), "format": fmt, "shard_size": 4, "sidecars": fmt == "files"})
-    spec["input"]["keep_columns"] = ["sku", "price"]
-    spec["scoring"] = {"enabled": False}
-    run_job(load_spec(spec))
-    rows = pq.read_table(out / "metadata").to_pylist()
-    want = dict(zip(IDS, zip(skus, [9.5, 10.0, None, 3.25, 1.0])))
-    assert len(rows) == 10 and all((r["sku"], r["price"]) == want[r["id"]] for r in rows)
-    summary = json.loads((out / "summary.json").read_text())
-    assert "GenerateStage" in summary["ray_data_stats"]  # Ray Data's per-operator stats of the run
-
-    meta = datasets.load_dataset("parquet", data_files=str(out / "metadata" / "*.parquet"), split="train")
-    assert meta.num_rows == 10 and sorted(meta["sku"]) == sorted(skus * 2)
-    if fmt == "files":
-        for r in rows:
-            stem = r["image_path"].rsplit(".", 1)[0]
-            assert Path(f"{stem}.txt").read_text() == r["prompt"]
-            side = json.loads(Path(f"{stem}.json").read_text())
-            assert (side["id"], side["sku"], side["sha256"]) == (r["id"], r["sku"], r["sha256"])
-        assert all(decode_image(Path(p).read_bytes()).shape == (32, 32, 3) for p in meta["image_path"])
-    elif fmt == "parquet":
-        assert all(decode_image(b).shape == (32, 32, 3) for b in meta["image"])
-    else:
-        shards = datasets.load_dataset("webdataset", data_files=str(out / "shards" / "gan" / "*.tar"), split="train")
-        assert shards.num_rows == 10
-        first = shards[0]
-        assert first["png"].size == (32, 32) and first["json"]["sku"] in skus and first["txt"] in PROMPTS
 
 
 def test_keep_columns_are_checked_before_any_work(checkpoints, tmp_path):

@@ -37,7 +37,7 @@ def _ride_through(store: Store, tmp_path, n: int, after: int, seconds: float) ->
 
 
 def test_a_10_second_outage_mid_job_is_ridden_through(store, tmp_path):
-    _ride_through(store, tmp_path, 400, 80, 10)
+    _ride_through(store, tmp_path, 250, 50, 10)
 
 
 @pytest.mark.chaos
@@ -46,9 +46,9 @@ def test_a_60_second_outage_mid_job_is_ridden_through(store, tmp_path):
 
 
 def test_an_outage_past_the_budget_is_one_line_exit_3_then_the_same_command_finishes(store, tmp_path):
-    path, env = write_job(store, tmp_path, 400, retry={"attempts": 3, "max_wait_s": 5})
+    path, env = write_job(store, tmp_path, 250, retry={"attempts": 3, "max_wait_s": 5})
     proc = run(path, env)
-    wait_for_images(store, proc, 80)
+    wait_for_images(store, proc, 50)
     store.stop()
     _, err = proc.communicate(timeout=300)
     store.start()
@@ -59,7 +59,7 @@ def test_an_outage_past_the_budget_is_one_line_exit_3_then_the_same_command_fini
     rerun = run(path, env)
     _, err2 = rerun.communicate(timeout=400)
     assert rerun.returncode == 0, err2[-3000:]
-    exactly_once(store, 400)
+    exactly_once(store, 250)
     measured("outage past a 3-attempt budget", exit=proc.returncode, line=line[0][:160])
 
 
