@@ -29,7 +29,9 @@ def local_copy(url: str, storage_options: dict | None = None) -> str:
     fs, root = fsspec.core.url_to_fs(url, **(storage_options or {}))
     if "file" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,)):
         return root
-    listing = _listing(fs, root, url)
+    listing = _listing(fs, root)
+    if not listing:
+        raise CheckpointError(f"checkpoint {url!r}: no files there")
     key = hashlib.blake2b(json.dumps([url, listing]).encode(), digest_size=12).hexdigest()
     dest = cache_dir() / key
     if (dest / DONE).exists():
@@ -52,13 +54,10 @@ def local_copy(url: str, storage_options: dict | None = None) -> str:
     return str(dest)
 
 
-def _listing(fs, root: str, url: str) -> list[tuple[str, int, str]]:
+def _listing(fs, root: str) -> list[tuple[str, int, str]]:
     """(path under root, size, etag) of every file, sorted."""
-    files = fs.find(root, detail=True)
-    if not files:
-        raise CheckpointError(f"checkpoint {url!r}: no files there")
     return sorted((p[len(root):], info.get("size"), str(info.get("ETag") or info.get("etag") or ""))
-                  for p, info in files.items())
+                  for p, info in fs.find(root, detail=True).items())
 
 
 _DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> content digest: hash a file once
@@ -86,7 +85,5 @@ def content_id(url: str, storage_options: dict | None = None) -> str:
         files = [base] if base.is_file() else sorted(p for p in base.rglob("*") if p.is_file() and p.name != DONE)
         entries = [(str(p.relative_to(base)) if p != base else p.name, _file_digest(p)) for p in files]
     else:  # a plugin's checkpoint may be one object or an empty prefix its family fills in: list what is there
-        root = root.rstrip("/")
-        entries = sorted((p[len(root):], i.get("size"), str(i.get("ETag") or i.get("etag") or ""))
-                         for p, i in fs.find(root, detail=True).items())
+        entries = _listing(fs, root.rstrip("/"))
     return hashlib.blake2b(json.dumps(entries).encode(), digest_size=8).hexdigest()

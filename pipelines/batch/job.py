@@ -93,6 +93,12 @@ def retry_policy(spec: JobSpec) -> RetryPolicy:
     return RetryPolicy(spec.storage.retry.attempts, spec.storage.retry.max_wait_s)
 
 
+def validated_prompts(plan: InputPlan, spec: JobSpec) -> ray.data.Dataset:
+    """Every input row with its id and reason (null = accepted); the run and --dry-run read the input this way."""
+    return read_prompts(plan, spec.input).map_batches(
+        functools.partial(validate_batch, spec=spec.input, duplicates=plan.duplicate_ids), batch_format="pyarrow")
+
+
 def _write_rejected(spec: JobSpec, plan: InputPlan, validated: ray.data.Dataset, root_url: str) -> dict[str, int]:
     """Rejected rows (original columns + reason) -> _staging/rejected; returns counts by reason."""
     fs, root = filesystem(root_url, spec.output.storage_options, retry_policy(spec))
@@ -212,9 +218,7 @@ def run_job(spec: JobSpec, allow_subset: bool = False) -> JobResult:
             write_json(fs, join(root, SPEC), record)
         # 3. Read and validate once (bad rows are kept, marked with a reason): the rejected write and every
         #    model branch reuse it (prompt rows are small; images are what streams)
-        validated = read_prompts(plan, spec.input).map_batches(
-            functools.partial(validate_batch, spec=spec.input, duplicates=plan.duplicate_ids), batch_format="pyarrow",
-        ).materialize()
+        validated = validated_prompts(plan, spec).materialize()
         # 4. Rejected rows -> staging (published by finalize)
         rejected = _write_rejected(spec, plan, validated, out_url)
         # 5. Generate, score and write what is missing

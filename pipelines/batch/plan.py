@@ -7,17 +7,15 @@ the output already holds (a rerun draws only the rest).
 
 from __future__ import annotations
 
-import functools
 from typing import Any
 
 import pyarrow.compute as pc
 import ray
 
 from pipelines.batch.commit import done_keys
-from pipelines.batch.job import ensure_ray, retry_policy
+from pipelines.batch.job import ensure_ray, retry_policy, validated_prompts
 from pipelines.batch.preflight import check_output_reachable, pool_cpus, preflight
-from pipelines.batch.read import read_prompts
-from pipelines.batch.validate import ID, REASON, validate_batch
+from pipelines.batch.validate import ID, REASON
 from pipelines.layout import sample_key
 from pipelines.spec import JobSpec, redact_text
 from pipelines.storage import filesystem, full_url
@@ -27,8 +25,7 @@ def plan_job(spec: JobSpec, allow_subset: bool = False) -> dict[str, Any]:
     plan, previous = preflight(spec, allow_subset)
     ensure_ray(pool_cpus(spec) + 2)
     check_output_reachable(spec, ray.nodes())
-    validated = read_prompts(plan, spec.input).map_batches(
-        functools.partial(validate_batch, spec=spec.input, duplicates=plan.duplicate_ids), batch_format="pyarrow")
+    validated = validated_prompts(plan, spec)
     rejected: dict[str, int] = {}
     accepted: list[str] = []
     for t in validated.iter_batches(batch_format="pyarrow", batch_size=None):

@@ -44,11 +44,11 @@ def sample_json(row: dict) -> bytes:
                       default=str).encode()
 
 
-def _column(values, type_: pa.DataType) -> pa.Array:
+def _column(values, type_: pa.DataType | None = None) -> pa.Array:
     """Nullable columns cross Ray as NaN-filled floats (None in an object column becomes NaN, a bool column
-    with nulls becomes float32): back to null and to the declared type."""
+    with nulls becomes float32): back to null and to the declared type (inferred when None: input columns)."""
     vals = [None if isinstance(v, float | np.floating) and np.isnan(v) else v for v in values]
-    if pa.types.is_boolean(type_):
+    if type_ is not None and pa.types.is_boolean(type_):
         vals = [None if v is None else bool(v) for v in vals]
     return pa.array(vals, type_)
 
@@ -102,8 +102,7 @@ class WriteStage:
             cols["image_path"] = [None] * n
         table = pa.table({k: _column(cols[k], METADATA_SCHEMA.field(k).type) for k in METADATA_SCHEMA.names})
         for c in self.keep:  # input.keep_columns, after ours
-            table = table.append_column(c, pa.array([None if isinstance(v, float) and np.isnan(v) else v
-                                                     for v in batch[c].tolist()]))
+            table = table.append_column(c, _column(batch[c].tolist()))
         if self.fmt == "files" and self.sidecars:  # img2dataset's <key>.txt / <key>.json beside the image
             side = {}
             for path, row in zip(paths, table.to_pylist()):

@@ -35,7 +35,7 @@ MAX_FILE_MB = 256  # a shipped checkpoint is ~10 MB; anything this big is a mist
 # not secret: where S3 is and which region; keys and tokens travel only with --pass-aws-credentials
 AWS_PLACE_ENV = ("AWS_DEFAULT_REGION", "AWS_REGION", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3")
 AWS_SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN")
-TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+RETRIABLE = ("FAILED", "STOPPED")  # an attempt that ended so may be submitted again
 AGENT_WAIT_S = 120
 
 
@@ -175,7 +175,7 @@ def _submit(c, base: str, runtime_env: dict, metadata: dict, entrypoint: dict) -
     while True:
         try:
             n, status = latest_attempt(c, base)
-            if status is not None and status not in ("FAILED", "STOPPED"):
+            if status is not None and status not in RETRIABLE:
                 log.info("%s was already submitted (status %s); not submitting again", attempt_id(base, n), status)
                 return attempt_id(base, n), False
             sid = attempt_id(base, n + 1)
@@ -191,18 +191,6 @@ def _submit(c, base: str, runtime_env: dict, metadata: dict, entrypoint: dict) -
             if "No available agent" not in str(e) or time.time() - t0 > AGENT_WAIT_S:
                 raise
             time.sleep(2)
-
-
-def wait(sid: str, address: str | None = None, timeout: float | None = None, poll: float = 2.0) -> str:
-    c = client(address)
-    t0 = time.time()
-    while True:
-        status = str(c.get_job_status(sid).value)
-        if status in TERMINAL:
-            return status
-        if timeout is not None and time.time() - t0 > timeout:
-            raise TimeoutError(f"job {sid} still {status} after {timeout:.0f} s")
-        time.sleep(poll)
 
 
 def info(sid: str, address: str | None = None) -> dict[str, Any]:
