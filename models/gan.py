@@ -37,6 +37,9 @@ class GANConfig:
     # DF-GAN projects only the noise to the first 4x4 map, so text can steer layout only through per-channel
     # affines; True projects [noise, sentence] (StackGAN / AttnGAN style) so the caption sets the 4x4 layout
     text_in_fc: bool = False
+    # StyleGAN's per-pixel noise after every up-block conv (learned per-channel scale, starting at 0): local
+    # variation that does not have to come through the 4x4 map; its draws follow z from the image's own seed
+    noise_inject: bool = False
 
 
 def sentence(text: TextTower, tokens: torch.Tensor) -> torch.Tensor:
@@ -75,15 +78,22 @@ class Fuse(nn.Module):
 
 
 class GBlock(nn.Module):
-    def __init__(self, cond_dim: int, cin: int, cout: int) -> None:
+    def __init__(self, cond_dim: int, cin: int, cout: int, noise: bool = False) -> None:
         super().__init__()
         self.fuse1, self.conv1 = Fuse(cond_dim, cin), nn.Conv2d(cin, cout, 3, 1, 1)
         self.fuse2, self.conv2 = Fuse(cond_dim, cout), nn.Conv2d(cout, cout, 3, 1, 1)
         self.shortcut = nn.Conv2d(cin, cout, 1) if cin != cout else nn.Identity()
+        self.noise_scale = nn.Parameter(torch.zeros(2, 1, cout, 1, 1)) if noise else None
 
-    def forward(self, x: torch.Tensor, c: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, c: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """noise: (B, 2, 2H, 2W), one map per conv, when the block injects noise."""
         x = F.interpolate(x, scale_factor=2, mode="nearest")
-        h = self.conv2(self.fuse2(self.conv1(self.fuse1(x, c)), c))
+        h = self.conv1(self.fuse1(x, c))
+        if self.noise_scale is not None:
+            h = h + self.noise_scale[0] * noise[:, 0:1]
+        h = self.conv2(self.fuse2(h, c))
+        if self.noise_scale is not None:
+            h = h + self.noise_scale[1] * noise[:, 1:2]
         return self.shortcut(x) + h
 
 
@@ -105,14 +115,20 @@ class GANNet(nn.Module):
         self.w0, self.text_in_fc = w[0], cfg.text_in_fc
         fc_in = cond if cfg.text_in_fc else cfg.noise_dim
         self.fc = nn.Linear(fc_in, w[0] * 16)
-        self.blocks = nn.ModuleList(GBlock(cond, w[i], w[i + 1]) for i in range(n_up))
+        self.blocks = nn.ModuleList(GBlock(cond, w[i], w[i + 1], cfg.noise_inject) for i in range(n_up))
         self.to_rgb = nn.Conv2d(w[-1], 3, 3, 1, 1)
+        self.noise_sizes = [2 * (8 << i) ** 2 for i in range(n_up)] if cfg.noise_inject else []
 
-    def forward(self, z: torch.Tensor, sent: torch.Tensor) -> torch.Tensor:
+    def forward(self, z: torch.Tensor, sent: torch.Tensor, noise: torch.Tensor | None = None) -> torch.Tensor:
+        """noise: (B, sum(noise_sizes)) standard normal, drawn here when None (training)."""
         c = torch.cat([z, sent], dim=1)
         x = self.fc(c if self.text_in_fc else z).view(z.size(0), self.w0, 4, 4)
-        for blk in self.blocks:
-            x = blk(x, c)
+        if self.noise_sizes and noise is None:
+            noise = torch.randn(z.size(0), sum(self.noise_sizes), device=z.device)
+        maps = noise.split(self.noise_sizes, dim=1) if self.noise_sizes else [None] * len(self.blocks)
+        for blk, n in zip(self.blocks, maps):
+            side = 2 * x.size(-1)
+            x = blk(x, c, None if n is None else n.view(-1, 2, side, side))
         return torch.tanh(self.to_rgb(F.leaky_relu(x, 0.2)))
 
 
@@ -176,8 +192,9 @@ def d_loss(D: Discriminator, real: torch.Tensor, fake: torch.Tensor, sent: torch
     return loss + ma_gp, {"d_hinge": loss.item(), "ma_gp": ma_gp.item()}
 
 
-def g_loss(D: Discriminator, fake: torch.Tensor, sent: torch.Tensor) -> torch.Tensor:
-    return -D.logits(D.features(fake), sent).mean()
+def g_loss(D: Discriminator, feats: torch.Tensor, sent: torch.Tensor) -> torch.Tensor:
+    """feats = D.features(fake), computed once for this and the mode-seeking term."""
+    return -D.logits(feats, sent).mean()
 
 
 class GANSampling(BaseModel):
@@ -231,7 +248,10 @@ class GANGenerator:
         s = GANSampling(**sampling)
         if not prompts:
             return np.zeros((0, self.height, self.width, 3), np.uint8)
-        z = per_image_normal(per_image_generators(seeds), (self.cfg.noise_dim,), s.truncation).to(self.device)
+        gens = per_image_generators(seeds)
+        z = per_image_normal(gens, (self.cfg.noise_dim,), s.truncation).to(self.device)
+        # drawn after z from the same generators: checkpoints without noise keep their images
+        noise = per_image_normal(gens, (sum(self.gen.noise_sizes),)).to(self.device) if self.gen.noise_sizes else None
         sent = sentence(self.text, self.tokenizer.encode_batch(prompts).to(self.device))
-        return to_uint8(self.gen(z, sent)).cpu().numpy()
+        return to_uint8(self.gen(z, sent, noise)).cpu().numpy()
 

@@ -34,6 +34,34 @@ def test_batch_invariance(checkpoints, family):
     assert np.array_equal(batched, single)
 
 
+def test_gan_noise_injection_follows_each_image_seed(tmp_path):
+    """The per-pixel noise is drawn from the image's own generator after z: batch-invariant, seed-dependent,
+    and a saved checkpoint reloads to the same pixels."""
+    from conftest import CAPTIONS
+
+    from models.checkpoint import save_checkpoint
+    from models.clip import CLIPConfig
+    from models.gan import GANConfig, GANGenerator
+    from models.tokenizer import WordTokenizer
+
+    torch.manual_seed(0)
+    tok = WordTokenizer.train(CAPTIONS, max_len=12)
+    text = CLIPConfig(vocab_size=len(tok.vocab), text_len=12, width=32, layers=1, heads=2, embed_dim=32)
+    g = GANGenerator.build(GANConfig(text_dim=32, noise_dim=16, ngf=8, ndf=8, noise_inject=True), text, tok)
+    with torch.no_grad():
+        for b in g.gen.blocks:
+            b.noise_scale.fill_(0.5)  # trained scales are not 0; at 0 the noise would not show
+    save_checkpoint(str(tmp_path / "g"), g.state_dict(), g.config())
+    g = load_generator(str(tmp_path / "g"), "cpu")
+    seeds = [3, 4, 5, 6, 7, 8, 9]
+    batched = g.generate(PROMPTS, seeds)
+    assert np.array_equal(batched, np.stack([g.generate([p], [s])[0] for p, s in zip(PROMPTS, seeds)]))
+    with torch.no_grad():
+        for b in g.gen.blocks:
+            b.noise_scale.zero_()  # same z, no noise: the noise must be what changed the pixels
+    assert not np.array_equal(batched, g.generate(PROMPTS, seeds))
+
+
 def test_kv_cache_equals_no_cache(checkpoints):
     g = load_generator(checkpoints["transformer"], "cpu")
     text = g.tokenizer.encode_batch(PROMPTS[:3])
@@ -114,8 +142,10 @@ def test_forward_backward_shapes_of_every_model():
     assert torch.allclose(sent.norm(dim=1), torch.full((4,), 4.0))  # unit embedding * sqrt(16)
     ld, _ = d_loss(D, x, fake, sent)
     ld.backward()
-    g_loss(D, fake, sent).backward()
+    g_loss(D, D.features(fake), sent).backward()
     assert all(p.grad is not None for p in [*G.parameters(), *D.parameters()])
+    G = GANNet(GANConfig(text_dim=16, noise_dim=8, ngf=4, ndf=4, noise_inject=True))
+    assert G(torch.randn(4, 8), sent).shape == (4, 3, 32, 32) and G.noise_sizes == [128, 512, 2048]
 
     j = Judge(JudgeConfig(width=4, features=8))
     out = j(x)

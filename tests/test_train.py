@@ -105,6 +105,21 @@ def test_gan_step_trains_g_and_d_and_leaves_the_clip_frozen(shapes):
     assert logs["g_clip"] > 0 and set(logs) >= {"loss_d", "loss_g", "ma_gp"}
 
 
+def test_gan_diversity_options_reach_g_and_d(shapes):
+    """Noise injection, mode seeking on D's features and near misses as D's fakes: each term is computed and
+    moves the parameters it is for (the noise scales start at 0, so only a gradient can move them)."""
+    from pipelines.training.driver import make_batch
+    from pipelines.training.recipes import near_miss_batch
+
+    recipe, _, data = tiny_gan(shapes, 64, {"noise_inject": True}, mode_seeking=0.02, near_miss_fakes=0.5)
+    logs = recipe.step(make_batch(data, 0, 32, 0), 0)
+    assert logs["d_near_miss"] > 0 and 0 < logs["g_feature_diversity"] < 2
+    assert all(b.noise_scale.abs().sum() > 0 for b in recipe.G.blocks)
+    a, caps = near_miss_batch(3, 8, recipe.device)
+    b, caps2 = near_miss_batch(3, 8, recipe.device)
+    assert a.shape == (8, 3, 32, 32) and caps == caps2 and (a == b).all()  # a function of the step only
+
+
 def test_same_seed_same_training_and_other_settings_do_not_resume(ray_local, shapes, tmp_path):
     a = train("judge", shapes, tmp_path / "a", 10)
     b = train("judge", shapes, tmp_path / "b", 10)

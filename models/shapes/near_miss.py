@@ -96,11 +96,12 @@ def _spoil(kind: str, d: ImageDraw.ImageDraw, o: Obj, cx: float, cy: float, r: f
         _draw(d, o, cx, cy, r)
 
 
-def near_miss(index: int, seed: int = 0, size: int = 32) -> tuple[str, Scene, str, np.ndarray]:
-    """(kind, scene the caption states, caption, image) for row `index`."""
+def near_miss(index: int, seed: int = 0, size: int = 32, split: str = "full") -> tuple[str, Scene, str, np.ndarray]:
+    """(kind, scene the caption states, caption, image) for row `index`; `split` as in `sample_scene` (the
+    GAN's D takes train-split near misses as fakes, so it never sees a held-out colour-shape pair)."""
     rng = random.Random(f"{seed}/near-miss/{index}")
     kind = KINDS[index % len(KINDS)]
-    scene = sample_scene(rng, "full")
+    scene = sample_scene(rng, split)
     spoilt = rng.randrange(len(scene.objects))
     if kind in ("ring", "lobed"):  # what the caption claims the blob is
         objs = list(scene.objects)

@@ -14,6 +14,7 @@ import random
 from dataclasses import asdict, dataclass, field
 from typing import ClassVar
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
@@ -25,6 +26,7 @@ from models.clip import CLIP, CLIPConfig, CLIPScorer
 from models.gan import Discriminator, GANConfig, GANGenerator, GANNet, d_loss, g_loss, sentence
 from models.judge import Judge, JudgeConfig
 from models.shapes import hard_negatives
+from models.shapes.near_miss import near_miss
 from models.tokenizer import WordTokenizer
 from models.transformer import DalleTransformer, TransformerConfig, TransformerGenerator
 from models.vq import VQConfig, VQModel
@@ -265,6 +267,22 @@ class GANOptions(Options):
                               "CLIP sees them (no pixel-exact adversarial patterns)")
     hard_negatives: bool = Field(default=True, description="the CLIP term also contrasts each caption with itself "
                                  "with one attribute changed or swapped between its objects")
+    mode_seeking: float = Field(default=0.0, ge=0, description="MSGAN's term on D's image features: half the batch "
+                                "is drawn again with other noise and G pays weight / (feature cosine distance / "
+                                "noise distance + 0.01); off = 0")
+    near_miss_fakes: float = Field(default=0.0, ge=0, description="weight of D's extra hinge term that counts "
+                                   "near misses (rings, lobed, notched, blended, blurred, cut... shapes with right "
+                                   "captions; train-split scenes, seed 3, not the judge's) as fakes; off = 0")
+
+
+NEAR_MISS_SEED = 3  # the judge trains on seed 0 and is tested on seed 1
+
+
+def near_miss_batch(step: int, n: int, device: torch.device) -> tuple[torch.Tensor, list[str]]:
+    """n near misses for this step, a function of the step only (a resumed run draws the same ones)."""
+    rows = [near_miss(step * n + i, NEAR_MISS_SEED, split="train") for i in range(n)]
+    images = torch.from_numpy(np.stack([r[3] for r in rows])).permute(0, 3, 1, 2).to(device)
+    return images.float() / 127.5 - 1, [r[2] for r in rows]
 
 
 class GANRecipe(Recipe):
@@ -300,9 +318,25 @@ class GANRecipe(Recipe):
         # D: real/matching vs fake and vs mismatched captions, MA-GP
         ld, logs = d_loss(self.D, real, fake, sent)
         sent = sent.detach()  # d_loss made it require grad for MA-GP
+        if o.near_miss_fakes:
+            images, caps = near_miss_batch(step, real.size(0) // 2, self.device)
+            with torch.no_grad():
+                nm_sent = sentence(self.clip.text, self.tokenizer.encode_batch(caps).to(self.device))
+            l_nm = F.relu(1 + self.D.logits(self.D.features(images), nm_sent)).mean()
+            logs["d_near_miss"] = l_nm.item()
+            ld = ld + o.near_miss_fakes * l_nm
         self.update("D", ld)
         # G: fool D, and let CLIP find its caption
-        lg = g_loss(self.D, fake, sent)
+        feats = self.D.features(fake)
+        lg = g_loss(self.D, feats, sent)
+        if o.mode_seeking:
+            h = real.size(0) // 2
+            z2 = torch.randn(h, self.cfg.noise_dim, device=self.device)
+            f2 = self.D.features(self.G(z2, sent[:h]))
+            dist = (1 - F.cosine_similarity(feats[:h].flatten(1), f2.flatten(1))).mean()
+            ratio = dist / (z[:h] - z2).abs().mean()
+            logs["g_feature_diversity"] = dist.item()
+            lg = lg + o.mode_seeking / (ratio + 0.01)
         if o.clip_weight:
             lc = self.clip.loss(shifted(fake, o.clip_shift), tokens, None if hard is None else hard[1])
             logs["g_clip"] = lc.item()
