@@ -1,7 +1,7 @@
 # promptmill on Ray 2.60: the image the KubeRay manifests and cluster nodes run (head and workers alike).
 #   docker build -t registry.example.com/my-org/promptmill:0.1.0-gpu --build-arg VARIANT=gpu .    # CUDA torch, rayproject/ray:...-gpu
 #   docker build -t registry.example.com/my-org/promptmill:0.1.0-cpu .                            # CPU torch (the default)
-# The project is installed from this checkout with its shipped checkpoints (/app/checkpoints) and the diffusers
+# The project is installed from this checkout with its shipped checkpoints (/app/models/checkpoints) and the diffusers
 # extra, on Ray's own image (same Ray and Python as the cluster: Ray Jobs needs them equal on every node).
 ARG RAY_VERSION=2.60.0
 ARG VARIANT=cpu
@@ -25,9 +25,8 @@ COPY --chown=ray:users pyproject.toml README.md ./
 COPY --chown=ray:users pipelines ./pipelines
 COPY --chown=ray:users models ./models
 COPY --chown=ray:users jobs ./jobs
-COPY --chown=ray:users checkpoints ./checkpoints
 COPY --chown=ray:users examples ./examples
-# editable: the shipped checkpoints are found beside the packages (/app/checkpoints)
+# the shipped checkpoints are package data of models (/app/models/checkpoints; specs name them shipped:NAME)
 RUN pip install --no-cache-dir -e ".[diffusers]" && promptmill --help >/dev/null
 
 ENV HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1

@@ -3,7 +3,7 @@
   images/s of each family at batch 1 and batch 64; the Transformer with vs without KV cache; model FLOPs
   utilisation (FLOPs counted by torch's FlopCounterMode / wall time) against a GEMM peak measured here.
 
-    python benchmarks/generators.py [--gan checkpoints/gan] [--transformer checkpoints/dalle] [--guidance 3]
+    python benchmarks/generators.py [--gan models/checkpoints/gan] [--transformer models/checkpoints/dalle] [--guidance 3]
 
 Issue 3 names this file benchmarks/models.py; run as a script, that name would shadow the `models` package.
 """
@@ -46,8 +46,8 @@ def measure(gen, prompts: list[str], batch: int, reps: int, **sampling) -> tuple
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--gan", default="checkpoints/gan")
-    ap.add_argument("--transformer", default="checkpoints/dalle")
+    ap.add_argument("--gan", default="models/checkpoints/gan")
+    ap.add_argument("--transformer", default="models/checkpoints/dalle")
     ap.add_argument("--guidance", type=float, default=3.0)
     args = ap.parse_args()
     prompts = [example(i, 2, "test")[1] for i in range(64)]

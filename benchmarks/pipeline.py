@@ -6,7 +6,7 @@
       scoring off (as the job ran before the scoring stage existed)
   (d) the same job with the scoring stage on (CLIP + judge actor pool; report written)
 
-    python benchmarks/pipeline.py [--checkpoint checkpoints/gan] [--family gan] [-n 1024] [--batch-size 64]
+    python benchmarks/pipeline.py [--checkpoint models/checkpoints/gan] [--family gan] [-n 1024] [--batch-size 64]
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from pipelines.spec import load_spec
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--checkpoint", default="checkpoints/gan")
+    ap.add_argument("--checkpoint", default="models/checkpoints/gan")
     ap.add_argument("--family", default="gan")
     ap.add_argument("-n", type=int, default=1024)
     ap.add_argument("--batch-size", type=int, default=64)

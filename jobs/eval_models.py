@@ -10,11 +10,10 @@ from pathlib import Path
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval-models", help="measure the shipped models on the shapes test split")
     p.add_argument("--test", default="data/shapes/test", help="shapes test split (promptmill dataset shapes --split test)")
-    p.add_argument("--judge", default="checkpoints/judge")
-    p.add_argument("--vq", default="checkpoints/vq")
-    p.add_argument("--gan", default="checkpoints/gan")
-    p.add_argument("--transformer", default="checkpoints/dalle")
-    p.add_argument("--clip", default="checkpoints/clip")
+    from pipelines.spec import SHIPPED
+
+    for flag, name in (("--judge", "judge"), ("--vq", "vq"), ("--gan", "gan"), ("--transformer", "dalle"), ("--clip", "clip")):
+        p.add_argument(flag, default=str(SHIPPED / name))
     p.add_argument("-n", type=int, default=1000, help="test prompts per family")
     p.add_argument("--rerank", default="1,4,16", help="candidates K to measure rerank at ('' to skip)")
     p.add_argument("--rerank-n", type=int, default=300, help="test prompts per K and family")

@@ -5,9 +5,10 @@ from __future__ import annotations
 import copy
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal, get_args, get_origin
+from types import NoneType, UnionType
+from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -111,14 +112,36 @@ class Resources(Strict):
 
 
 MAX_IMAGES_PER_CALL = 16_384  # candidates x batch_size: the images one actor holds at once
-SHIPPED = Path(__file__).resolve().parents[1] / "checkpoints"  # the project's trained checkpoints
+# the trained checkpoints that come with promptmill: package data of `models`, beside the code in a checkout, a
+# wheel install or a job's working_dir alike
+SHIPPED = Path(__file__).resolve().parents[1] / "models" / "checkpoints"
+SHIPPED_REF = "shipped:"
+
+
+def shipped_names() -> list[str]:
+    return sorted(p.parent.name for p in SHIPPED.glob("*/config.json"))
+
+
+def _checkpoint_ref(v: str | None) -> str | None:
+    """`shipped:NAME` is a checkpoint that comes with promptmill, found where this process has it installed: a
+    spec names it so without knowing the install path (and a submitted spec resolves on the cluster)."""
+    if v is None or not v.startswith(SHIPPED_REF):
+        return v
+    name = v[len(SHIPPED_REF):]
+    if name not in shipped_names():
+        raise ValueError(f"{v!r}: no shipped checkpoint {name!r}; shipped: {shipped_names()}")
+    return str(SHIPPED / name)
+
+
+CheckpointRef = Annotated[str, AfterValidator(_checkpoint_ref)]
 
 
 class ModelSpec(Strict):
     name: SafeName = Field(description="used in output paths and metadata; path-safe, unique in the job")
     family: str = Field(description="generator family: 'transformer', 'gan' or an installed plugin's "
                         "(entry-point group promptmill.generators)")
-    checkpoint: str = Field(description="checkpoint directory (config.json + model.safetensors); path or fsspec URL")
+    checkpoint: CheckpointRef = Field(description="checkpoint directory (config.json + model.safetensors): path, "
+                                      "fsspec URL, or shipped:NAME for one that comes with promptmill")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for the checkpoint URL")
     images_per_prompt: int = Field(default=1, ge=1, le=1000, description="samples per accepted prompt")
     sampling: dict[str, Any] = Field(default_factory=dict, description="family-specific sampling parameters")
@@ -160,9 +183,9 @@ class ModelSpec(Strict):
 
 class ScoringSpec(Strict):
     enabled: bool = Field(default=True, description="false leaves clip_score / prompt_match / judged null")
-    clip: str | None = Field(default=str(SHIPPED / "clip"), description="CLIP checkpoint for clip_score and "
+    clip: CheckpointRef | None = Field(default=str(SHIPPED / "clip"), description="CLIP checkpoint for clip_score and "
                              "rerank; null: no clip_score")
-    judge: str | None = Field(default=str(SHIPPED / "judge"), description="judge checkpoint for prompt_match and "
+    judge: CheckpointRef | None = Field(default=str(SHIPPED / "judge"), description="judge checkpoint for prompt_match and "
                               "judged attributes; null: none")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for both URLs")
     resources: Resources = Field(default_factory=lambda: Resources(batch_size=64),
@@ -286,8 +309,41 @@ def parse_overrides(items: list[str], flag: str = "--set") -> list[tuple[str, An
     return out
 
 
+# the local paths a spec file holds; they resolve against the file's folder (as in a compose file or a Makefile),
+# so a spec means the same from any working directory. `--set` values are the shell's: the working directory's.
+# Training recipes are not in here: `make checkpoints` runs them from the project root, which is what they say.
+SPEC_PATHS = {
+    "spec": ("input.path", "output.path", "models.*.checkpoint", "scoring.clip", "scoring.judge", "metrics.reference"),
+    "schedule": ("catalog.path", "output.prefix", "models.*.checkpoint", "scoring.clip", "scoring.judge",
+                 "metrics.reference"),
+}
+
+
+def _relative_local(v: Any) -> bool:
+    return (isinstance(v, str) and bool(v) and "://" not in v and not os.path.isabs(v)
+            and not v.startswith((SHIPPED_REF, "~", "${")))
+
+
+def rewrite_paths(data: dict, fields: tuple[str, ...], fn: Callable[[Any], Any]) -> None:
+    """In place: the value at each dotted field ('*' = every list item) becomes fn(value)."""
+    def walk(node: Any, keys: list[str]) -> None:
+        if keys[0] == "*":
+            items = list(enumerate(node)) if isinstance(node, list) else []
+        else:
+            items = [(keys[0], node[keys[0]])] if isinstance(node, dict) and keys[0] in node else []
+        for key, child in items:
+            if len(keys) > 1:
+                walk(child, keys[1:])
+            else:
+                node[key] = fn(child)
+
+    for field in fields:
+        walk(data, field.split("."))
+
+
 def spec_data(source: str | Path | dict, overrides: list[str] | None = None, kind: str = "spec") -> tuple[dict, str]:
-    """(data with `--set` overrides applied, its name for messages); SpecError on an unreadable file or bad path."""
+    """(data with `--set` overrides applied, its name for messages); SpecError on an unreadable file or bad path.
+    A file's relative paths (`SPEC_PATHS`) become absolute against its folder."""
     if isinstance(source, dict):
         data, name = copy.deepcopy(source), "<dict>"
     else:
@@ -298,6 +354,9 @@ def spec_data(source: str | Path | dict, overrides: list[str] | None = None, kin
             raise SpecError(f"cannot read {kind} {name}: {e}") from e
         if not isinstance(data, dict):
             raise SpecError(f"{kind} {name} must be a YAML mapping, got {type(data).__name__}")
+        base = Path(source).resolve().parent
+        rewrite_paths(data, SPEC_PATHS.get(kind, ()),
+                      lambda v: os.path.normpath(os.path.join(base, v)) if _relative_local(v) else v)
     for k, v in parse_overrides(overrides or []):
         try:
             set_path(data, k, v)
@@ -381,6 +440,10 @@ def redact_text(text: str) -> str:
 def _type_name(ann: Any) -> str:
     if get_origin(ann) is Literal:
         return " | ".join(repr(a) for a in get_args(ann))
+    if get_origin(ann) is Annotated:  # CheckpointRef: the validator is not part of the type a user writes
+        return _type_name(get_args(ann)[0])
+    if get_origin(ann) in (Union, UnionType):
+        return " | ".join("None" if a is NoneType else _type_name(a) for a in get_args(ann))
     return ann.__name__ if isinstance(ann, type) else str(ann).replace("typing.", "").replace("pipelines.spec.", "")
 
 

@@ -20,7 +20,7 @@ from models.shapes.evaluate import judge_accuracy
 from models.shapes.geometry import geometry_matches, read_geometry
 from models.shapes.near_miss import KINDS, near_miss
 
-CKPT = Path(__file__).resolve().parents[1] / "checkpoints"
+CKPT = Path(__file__).resolve().parents[1] / "models" / "checkpoints"
 SEED = 1  # never trained on
 
 

@@ -16,7 +16,7 @@ from models.rerank import candidate_seed, generate_best_of
 from models.shapes import example
 from pipelines.runs.metrics import Evaluator, knn_precision_recall
 
-CKPT = Path(__file__).resolve().parents[1] / "checkpoints"
+CKPT = Path(__file__).resolve().parents[1] / "models" / "checkpoints"
 
 
 @pytest.fixture(scope="module")

@@ -185,11 +185,14 @@ def test_submit_ships_an_allow_list_and_refuses_big_files(monkeypatch, tmp_path,
         submit.shipped_files(data)
     # --dry-run lists what would travel and submits nothing
     (proj / "checkpoints/gan/model.safetensors").write_text("w")
-    data["models"][0]["checkpoint"] = "checkpoints/gan"
-    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(data))
-    assert main(["submit", str(tmp_path / "spec.yaml"), "--dry-run", "--address", "http://127.0.0.1:9"]) == 0
+    data["models"][0]["checkpoint"] = "../checkpoints/gan"  # relative to the spec file, in a folder of the project
+    (proj / "specs").mkdir()
+    (proj / "specs/spec.yaml").write_text(yaml.safe_dump(data))
+    assert main(["submit", str(proj / "specs/spec.yaml"), "--dry-run", "--address", "http://127.0.0.1:9"]) == 0
     out = capsys.readouterr().out
     assert "checkpoints/gan/config.json" in out and "7 files would be shipped" in out and ".env" not in out
+    # what travels names it relative to the project: the job's cwd on the cluster is the working_dir
+    assert submit.resolved_spec(proj / "specs/spec.yaml")["models"][0]["checkpoint"] == "checkpoints/gan"
 
 
 def test_submitted_specs_hold_references_not_secrets(monkeypatch, tmp_path, caplog):
@@ -442,7 +445,7 @@ def test_a_checkpoint_config_cannot_make_the_loader_allocate(checkpoints, tmp_pa
     with pytest.raises(CheckpointError, match="is a 'transformer' checkpoint, not a 'judge' one"):
         load_judge(checkpoints["transformer"])
     judge = tmp_path / "judge"
-    shutil.copytree(Path(__file__).resolve().parents[1] / "checkpoints" / "judge", judge)
+    shutil.copytree(Path(__file__).resolve().parents[1] / "models" / "checkpoints" / "judge", judge)
     cfg = json.loads((judge / "config.json").read_text())
     cfg["config"]["width"] *= 2
     (judge / "config.json").write_text(json.dumps(cfg))

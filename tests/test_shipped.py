@@ -1,4 +1,4 @@
-"""Checks against the shipped checkpoints in checkpoints/ (the files the demo and users load)."""
+"""Checks against the shipped checkpoints in models/checkpoints/ (the files the demo and users load)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from jobs.eval_models import load_test_split
 from models.judge import load_judge
 from models.shapes.evaluate import judge_accuracy
 
-CKPT = Path(__file__).resolve().parents[1] / "checkpoints"
+CKPT = Path(__file__).resolve().parents[1] / "models" / "checkpoints"
 
 
 @pytest.fixture(scope="module")
@@ -31,7 +31,7 @@ def test_shipped_generators_load_and_draw(name):
     from models import load_generator
 
     if not (CKPT / name).exists():
-        pytest.skip(f"checkpoints/{name} not shipped yet")
+        pytest.skip(f"models/checkpoints/{name} not shipped yet")
     g = load_generator(str(CKPT / name), "cpu")
     out = g.generate(["a large red circle in the center, on a black background"], [0])
     assert out.shape == (1, 32, 32, 3) and out.std() > 5  # not a blank image

@@ -47,6 +47,35 @@ def test_bad_set_syntax_and_yaml(tmp_path):
         load_spec(p)
 
 
+def test_a_spec_files_relative_paths_resolve_against_its_folder_and_set_values_against_the_cwd(tmp_path, monkeypatch):
+    import yaml
+
+    from pipelines.ops.schedule import load_schedule
+    from pipelines.spec import SHIPPED
+
+    (tmp_path / "jobs").mkdir()
+    spec = {**BASE, "models": [{"name": "gan", "family": "gan", "checkpoint": "../ck"},
+                               {"name": "shipped", "family": "gan", "checkpoint": "shipped:gan"},
+                               {"name": "s3", "family": "gan", "checkpoint": "s3://b/ck/"}],
+            "scoring": {"judge": "~/judge", "clip": "${CLIP_URL}"}, "metrics": {"reference": "ref"}}
+    (tmp_path / "jobs/spec.yaml").write_text(yaml.safe_dump(spec))
+    monkeypatch.chdir("/")
+    monkeypatch.setenv("CLIP_URL", "s3://b/clip")
+    s = load_spec(tmp_path / "jobs/spec.yaml", ["output.path=typed/here"])
+    assert s.input.path == str(tmp_path / "jobs/in") and s.metrics.reference == str(tmp_path / "jobs/ref")
+    assert s.models[0].checkpoint == str(tmp_path / "ck") and s.models[2].checkpoint == "s3://b/ck/"
+    assert s.models[1].checkpoint == str(SHIPPED / "gan") and (SHIPPED / "gan/config.json").is_file()
+    assert s.output.path == "typed/here"  # --set is the shell's: relative to where the command runs
+    assert s.scoring.judge == "~/judge" and s.scoring.clip == "s3://b/clip"
+    assert load_spec(dict(BASE)).input.path == "in/"  # a dict has no folder: paths as given
+    with pytest.raises(SpecError, match=r"models\[0\]\.checkpoint.*no shipped checkpoint 'gann'; shipped: \['clip'"):
+        load_spec(dict(BASE), ["models.0.checkpoint=shipped:gann"])
+    sched = yaml.safe_load((Path(__file__).resolve().parents[1] / "examples/schedule.yaml").read_text())
+    (tmp_path / "jobs/schedule.yaml").write_text(yaml.safe_dump(sched))
+    s = load_schedule(str(tmp_path / "jobs/schedule.yaml"))
+    assert s.catalog.path == str(tmp_path / "jobs/catalog.parquet") and s.output.prefix == str(tmp_path / "runs/creatives")
+
+
 def test_redact_hides_secrets_only():
     out = redact({"storage_options": {"key": "AKIA", "secret": "s", "endpoint_url": "http://x"},
                   "models": [{"token": "t", "name": "gan"}], "aws_session_token": None})

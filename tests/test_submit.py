@@ -75,7 +75,7 @@ def test_submit_wait_status_logs_and_no_double_run(head, s3, tmp_path):
     with fs.open("bucket/submit/in/prompts.parquet", "wb") as fh:
         pq.write_table(pa.table({"id": ["a", "b", "c", "d"], "prompt": prompts}), fh)
     spec = {"name": "submitted", "input": {"path": "s3://bucket/submit/in", "id_column": "id"},
-            "models": [{"name": "gan", "family": "gan", "checkpoint": "checkpoints/gan",  # resolves in working_dir
+            "models": [{"name": "gan", "family": "gan", "checkpoint": "shipped:gan",  # resolves in the working_dir
                         "images_per_prompt": 2, "resources": {"batch_size": 4}}],
             "output": {"path": "s3://bucket/submit/out"}}
     path = tmp_path / "spec.yaml"
@@ -109,7 +109,7 @@ def test_submit_wait_status_logs_and_no_double_run(head, s3, tmp_path):
 def test_a_failed_submission_is_retried_as_the_next_attempt_then_stop_delete_list(head, s3, tmp_path):
     fs = s3fs.S3FileSystem(**s3)
     spec = {"name": "retried", "input": {"path": "s3://bucket/retried/in", "id_column": "id"},
-            "models": [{"name": "gan", "family": "gan", "checkpoint": "checkpoints/gan"}],
+            "models": [{"name": "gan", "family": "gan", "checkpoint": "shipped:gan"}],
             "scoring": {"enabled": False}, "output": {"path": "s3://bucket/retried/out", "report": False}}
     path = tmp_path / "spec.yaml"
     path.write_text(yaml.safe_dump(spec))

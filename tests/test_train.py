@@ -146,7 +146,7 @@ def test_shipped_recipe_configs_validate(kind):
 
     cfg = Path(__file__).resolve().parents[1] / "pipelines" / "training" / "configs" / f"{kind}.yaml"
     spec = validated(TrainSpec, *spec_data(cfg, kind="recipe"))
-    assert spec.kind == kind and spec.out.endswith(f"checkpoints/{'dalle' if kind == 'transformer' else kind}")
+    assert spec.kind == kind and spec.out.endswith(f"models/checkpoints/{'dalle' if kind == 'transformer' else kind}")
 
 
 def test_unknown_recipe_and_model_options_fail_naming_the_key_and_the_known_ones(tmp_path):

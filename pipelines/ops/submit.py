@@ -14,6 +14,7 @@ Jobs API (falling back to an http(s) `RAY_ADDRESS`), `RAY_ADDRESS` the cluster a
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -24,10 +25,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipelines.spec import JobSpec, SpecError, literal_secrets, resolve_env, spec_data, validated
+from pipelines.spec import SPEC_PATHS, JobSpec, SpecError, literal_secrets, resolve_env, rewrite_paths, spec_data, validated
 
 log = logging.getLogger(__name__)
-PROJECT = Path(__file__).resolve().parents[2]  # the checkout: pipelines/ops/submit.py
+PROJECT = Path(__file__).resolve().parents[2]  # where the packages are: a checkout, or site-packages in a wheel install
 SPEC_ENV = "PROMPTMILL_SPEC"
 PACKAGES = ("jobs", "pipelines", "models")
 PACKAGE_FILES = (".py", ".md", ".yaml")  # code, docs beside it, the recipe configs
@@ -54,6 +55,20 @@ def resolved_spec(source: str | Path | dict, overrides: list[str] | None = None)
     data, name = spec_data(source, overrides)
     validated(JobSpec, resolve_env(data, placeholder="x"), name)  # raises SpecError naming the field
     refuse_literal_secrets(data, name)
+    return project_relative(data)
+
+
+def project_relative(data: dict[str, Any]) -> dict[str, Any]:
+    """Copy of `data` whose local paths inside the project are relative to it: they travel in the working_dir
+    and resolve there on the cluster (the job's cwd), whatever folder the spec file was in here."""
+    root = PROJECT.resolve()
+
+    def relative(v: Any) -> Any:
+        inside = isinstance(v, str) and os.path.isabs(v) and root in Path(v).resolve().parents
+        return str(Path(v).resolve().relative_to(root)) if inside else v
+
+    data = copy.deepcopy(data)
+    rewrite_paths(data, SPEC_PATHS["spec"], relative)
     return data
 
 
@@ -74,7 +89,8 @@ def shipped_files(data: dict[str, Any], max_file_mb: float = MAX_FILE_MB) -> lis
     roots = [PROJECT / p for p in PACKAGES]
     files = [f for r in roots for f in r.rglob("*") if f.is_file() and f.suffix in PACKAGE_FILES
              and "__pycache__" not in f.parts]
-    files.append(PROJECT / "pyproject.toml")
+    if (PROJECT / "pyproject.toml").is_file():  # a checkout; a wheel install has the packages only
+        files.append(PROJECT / "pyproject.toml")
     refs = [(f"models[{i}].checkpoint", m.checkpoint) for i, m in enumerate(spec.models)]
     if spec.scoring.enabled:
         refs += [(f"scoring.{k}", getattr(spec.scoring, k)) for k in ("clip", "judge") if getattr(spec.scoring, k)]
@@ -157,6 +173,7 @@ def submit(data: dict[str, Any], address: str | None = None, pass_aws_credential
     """Submit; returns (submission id, whether this call created it). `runtime_env` and `metadata` are merged
     into ours (our working_dir and spec variable win); `entrypoint` takes Ray's entrypoint_num_gpus etc."""
     refuse_literal_secrets(data)  # schedules submit without going through resolved_spec
+    data = project_relative(data)
     base = submission_id(data)
     c = client(address)
     env = job_env(data, pass_aws_credentials)

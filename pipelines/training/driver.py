@@ -28,7 +28,7 @@ from models.judge import JudgeConfig, labels, scene_from_dict
 from models.tokenizer import WordTokenizer
 from models.transformer import TransformerConfig
 from models.vq import VQConfig, load_vq
-from pipelines.spec import Strict
+from pipelines.spec import CheckpointRef, Strict
 from pipelines.storage import absolute, filesystem, join
 from pipelines.tables import read_rows
 from pipelines.training import KINDS
@@ -63,8 +63,10 @@ class TrainSpec(Strict):
     caption_column: str = "caption"
     attributes_column: str = Field(default="attributes", description="judge targets (JSON scene per row)")
     max_rows: int | None = Field(default=None, ge=1)
-    vq: str | None = Field(default=None, description="transformer: the VQ checkpoint that tokenizes images")
-    clip: str | None = Field(default=None, description="gan: the CLIP whose frozen towers encode captions and guide G")
+    vq: CheckpointRef | None = Field(default=None, description="transformer: the VQ checkpoint that tokenizes images "
+                                     "(path, URL or shipped:vq)")
+    clip: CheckpointRef | None = Field(default=None, description="gan: the CLIP whose frozen towers encode captions "
+                                       "and guide G (path, URL or shipped:clip)")
     checkpoint_every: int = Field(default=500, ge=1)
     max_failures: int = Field(default=3, ge=0, description="a dead worker (spot node, failed health check) "
                               "restarts from the latest checkpoint, this many times")

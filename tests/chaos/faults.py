@@ -119,7 +119,7 @@ def write_job(store: Store, tmp_path: Path, n: int, retry: dict | None = None, e
     with fs.open("chaos/in/prompts.parquet", "wb") as fh:
         pq.write_table(pa.table({"id": ids, "prompt": prompts}), fh)
     spec = {"name": "chaos", "input": {"path": "s3://chaos/in", "id_column": "id"},
-            "models": [{"name": "gan", "family": "gan", "checkpoint": str(ROOT / "checkpoints" / "gan"),
+            "models": [{"name": "gan", "family": "gan", "checkpoint": "shipped:gan",
                         "resources": {"batch_size": batch_size}}],
             "scoring": {"enabled": False}, "output": {"path": "s3://chaos/out", "report": False}}
     if retry:

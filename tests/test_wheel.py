@@ -1,0 +1,56 @@
+"""A normal install: `pip install` of the wheel (not editable) into a fresh venv runs the demo spec from any folder.
+
+The fresh venv borrows the already-installed dependencies (torch, ray, ...) through a path entry to this
+environment's site-packages, so nothing is downloaded; the editable install of this checkout is not visible
+there (its finder is a .pth file, which Python reads only in a site directory), so every promptmill module and
+checkpoint the run uses must come from the wheel.
+"""
+
+import json
+import shutil
+import subprocess
+import sys
+import sysconfig
+import venv
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_wheel_in_a_fresh_venv_runs_the_demo_spec_from_another_folder(tmp_path):
+    src = tmp_path / "src"  # only what the build reads: no build/ or egg-info left in the checkout
+    src.mkdir()
+    for name in ("pyproject.toml", "README.md", "jobs", "models", "pipelines"):
+        copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy2
+        copy(ROOT / name, src / name, **({"ignore": shutil.ignore_patterns("__pycache__")} if copy is shutil.copytree else {}))
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w",
+                    str(tmp_path / "dist"), str(src)], check=True, capture_output=True)
+    wheel = next((tmp_path / "dist").glob("promptmill-*.whl"))
+
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=False)
+    py = env_dir / "bin" / "python"
+    site = Path(subprocess.check_output([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                        text=True).strip())
+    (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed", str(wheel)],
+                   check=True, capture_output=True)
+    where = subprocess.check_output([str(py), "-c", "import models, pipelines.spec as s; print(models.__file__); "
+                                     "print(s.SHIPPED)"], text=True, cwd=tmp_path).split()
+    assert all(w.startswith(str(site)) for w in where), where  # the wheel's code and checkpoints, not the checkout's
+
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    run = subprocess.run([str(env_dir / "bin" / "promptmill"), "generate", str(ROOT / "examples" / "demo.yaml"),
+                          "--set", "output.path=out", "--set", "input.limit=6"],
+                         cwd=elsewhere, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    out = elsewhere / "out"  # --set output.path: relative to where the command ran
+    summary = json.loads((out / "summary.json").read_text())
+    rows = pq.read_table(out / "metadata").to_pylist()
+    assert summary["images_total"] == {"dalle": 12, "gan": 12} and len(rows) == 24
+    assert {Path(r["checkpoint"]).parent for r in rows} == {site / "models" / "checkpoints"}
+    assert all(r["prompt_match"] is not None for r in rows)  # the shipped judge came from the wheel too
+    assert not (ROOT / "build").exists()
