@@ -101,7 +101,11 @@ class Resources(Strict):
     actors: int = Field(default=1, ge=1, le=1024, description="actor pool minimum size")
     max_actors: int = Field(default=1, ge=1, le=1024, description="actor pool maximum size (autoscaling)")
     num_gpus: float = Field(default=0, ge=0, le=16, description="GPUs per actor; > 0 runs the model on CUDA")
-    num_cpus: float = Field(default=1, gt=0, le=256, description="CPUs per actor")
+    num_cpus: float = Field(default=1, gt=0, le=256, description="CPUs per actor (what Ray reserves for it)")
+    threads: int | None = Field(default=None, ge=1, le=256, description="torch CPU threads in each actor; null: "
+                                "the CPUs it holds (num_cpus), or, when the job runs on this machine alone "
+                                "(embedded Ray, a one-node local head), the machine's cores shared among the pools' "
+                                "actors")
     batch_size: int = Field(default=32, ge=1, le=4096, description="images per generate call")
 
     @model_validator(mode="after")
@@ -188,9 +192,14 @@ class ScoringSpec(Strict):
     judge: CheckpointRef | None = Field(default=str(SHIPPED / "judge"), description="judge checkpoint for prompt_match and "
                               "judged attributes; null: none")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for both URLs")
+    pool: bool = Field(default=False, description="false: each generator actor also loads the scorers and scores "
+                       "every batch it draws, on its own device (no pixels between two pools, one pool fewer); true: "
+                       "a scoring actor pool of its own, sized by scoring.resources (scorers on other hardware than "
+                       "the generators)")
     resources: Resources = Field(default_factory=lambda: Resources(batch_size=64),
-                                 description="the scoring actor pool (like a model's); its batch is also the "
-                                 "write batch, so a crash redoes at most that many images per block in flight")
+                                 description="the scoring actor pool, with pool: true (like a model's); its batch is "
+                                 "also the write batch, so a crash redoes at most that many images per block in "
+                                 "flight; `promptmill score` always uses it")
 
 
 class MetricsSpec(Strict):

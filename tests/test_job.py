@@ -115,18 +115,25 @@ def test_end_to_end_local(ray_local, checkpoints, tmp_path, caplog, monkeypatch)
     assert {k: v for k, v in file_digests(out).items() if k in digests} == digests
 
 
-def test_batch_size_and_actor_count_do_not_change_pixels(ray_local, checkpoints, tmp_path):
+def test_batch_size_actor_count_and_where_scoring_runs_change_no_pixel_and_no_score(ray_local, checkpoints, tmp_path):
+    """Run 0 scores in each generator actor (the default), run 1 in a scoring pool of its own."""
     write_prompts(tmp_path / "in.parquet", GOOD * 2, [f"r{i}" for i in range(10)])
-    digests = []
+    digests, scores = [], []
     for i, (bs, actors) in enumerate([(1, 1), (7, 2)]):
-        spec = make_spec(str(tmp_path / "in.parquet"), str(tmp_path / f"out{i}"), checkpoints)
+        spec = make_spec(str(tmp_path / "in.parquet"), str(tmp_path / f"out{i}"), checkpoints,
+                         scoring={"pool": bool(i), "resources": {"batch_size": 5, "num_cpus": 0.5}})
         res = {"batch_size": bs, "actors": actors, "max_actors": actors, "num_cpus": 0.5}
         spec["models"].append({"name": "dalle", "family": "transformer", "checkpoint": checkpoints["transformer"],
                                "resources": res})
         spec["models"][0]["resources"] = res
         run_job(load_spec(spec))
         digests.append(file_digests(tmp_path / f"out{i}"))
+        scores.append({r["image_path"].split(f"out{i}/")[1]: (r["clip_score"], r["prompt_match"], r["judged"], r["geometry"])
+                       for r in metadata(tmp_path / f"out{i}")})
     assert len(digests[0]) == 30 and digests[0] == digests[1]
+    assert scores[0].keys() == scores[1].keys() and all(s[0] is not None and s[2] for s in scores[0].values())
+    for k, (clip, *rest) in scores[0].items():  # CLIP's float sums differ in the 6th digit between batch sizes
+        assert abs(clip - scores[1][k][0]) < 1e-3 and rest == list(scores[1][k][1:]), k
 
 
 def test_derived_ids_are_stable_and_limit_applies(ray_local, checkpoints, tmp_path):
@@ -149,7 +156,11 @@ def test_pools_that_cannot_fit_are_refused(ray_local, checkpoints, tmp_path):
     write_prompts(tmp_path / "in.parquet", GOOD, [f"r{i}" for i in range(5)])
     spec = make_spec(str(tmp_path / "in.parquet"), str(tmp_path / "out"), checkpoints)
     spec["models"][0]["resources"] = {"actors": 4, "max_actors": 4}
-    with pytest.raises(PreflightError, match="need 6 CPUs at minimum .* has 4"):
+    with pytest.raises(PreflightError, match="need 5 CPUs at minimum .* has 4"):  # 4 actors + reading/writing
+        run_job(load_spec(spec))
+    spec["models"][0]["resources"] = {"actors": 2, "max_actors": 2}
+    spec["scoring"] = {"pool": True, "resources": {"actors": 2, "max_actors": 2}}  # a scoring pool counts too
+    with pytest.raises(PreflightError, match="need 5 CPUs at minimum .* has 4"):
         run_job(load_spec(spec))
 
 

@@ -137,3 +137,17 @@ def test_weights_replaced_in_place_are_another_model_for_an_existing_output(good
     older = json.loads(json.dumps(before))  # an output written before content ids: compared by path as then
     del older["models"]["gan"]["checkpoint_id"], older["scoring"]["clip_id"], older["scoring"]["judge_id"]
     _check_fingerprint(spec, older, allow_subset=False)
+
+
+def test_actor_threads_follow_the_cpus_held_or_share_this_machine():
+    from pipelines.batch.preflight import actor_threads, pool_cpus
+    from pipelines.spec import Resources, load_spec
+
+    assert actor_threads(Resources(num_cpus=4), 3, None) == 4  # a cluster: the CPUs Ray reserved for it
+    assert actor_threads(Resources(num_cpus=0.5), 3, None) == 1
+    assert actor_threads(Resources(), 1, 16) == 16  # alone on this machine: every core (Ray would give it 1)
+    assert actor_threads(Resources(), 3, 16) == 5 and actor_threads(Resources(), 40, 16) == 1
+    assert actor_threads(Resources(threads=3), 1, 16) == 3  # said explicitly
+    spec = load_spec({"name": "t", "input": {"path": "in"}, "output": {"path": "out"},
+                      "models": [{"name": "gan", "family": "gan", "checkpoint": "ck"}]})
+    assert pool_cpus(spec) + 1 == 2  # the default spec, scoring on, fits a 2-CPU `ray start --head`

@@ -33,7 +33,7 @@ def head():
     before = CURRENT.read_text() if CURRENT.exists() else None
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}",  # the job's `python` is this venv's
            "PROMPTMILL_CACHE": f"{temp}/cache"}  # model copies from S3 stay out of the user's cache
-    proc = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=4",
+    proc = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
                              "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
                              f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={grpc}",
                              f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
@@ -82,7 +82,7 @@ def test_submit_wait_status_logs_and_no_double_run(head, s3, tmp_path):
     path.write_text(yaml.safe_dump(spec))
     first = _cli(["submit", str(path), "--address", head, "--timeout", "300", "--pass-aws-credentials",
                   "--metadata-json", '{"team": "ads"}', "--runtime-env-json", '{"env_vars": {"TEAM": "ads"}}',
-                  "--entrypoint-num-cpus", "0.5"], s3)
+                  "--entrypoint-memory", "100000000"], s3)
     sid = first.stdout.split()[0]
     assert first.returncode == 0, first.stdout + first.stderr + _cli(["logs", sid, "--address", head], s3).stdout[-3000:]
     assert sid.startswith("promptmill-submitted-") and "submitted" in first.stdout and "SUCCEEDED" in first.stdout

@@ -11,24 +11,32 @@ import logging
 
 import numpy as np
 import ray
+import torch
 
 from models import load_generator
 from models.clip import load_clip
 from models.rerank import generate_best_of
 from pipelines.batch.isolate import run_isolated
-from pipelines.batch.score import device_for
+from pipelines.batch.score import ScoreStage, device_for
 from pipelines.spec import ModelSpec, ScoringSpec, redact_text
 
 log = logging.getLogger(__name__)
 
 
 class GenerateStage:
-    def __init__(self, model: ModelSpec, scoring: ScoringSpec, checkpoint_id: str | None = None) -> None:
+    def __init__(self, model: ModelSpec, scoring: ScoringSpec, checkpoint_id: str | None = None,
+                 threads: int | None = None, score: bool = False) -> None:
+        if threads:  # Ray set OMP_NUM_THREADS from num_cpus; the job decided (preflight.actor_threads)
+            torch.set_num_threads(threads)
         self.device = device_for(model.resources.num_gpus)
         self.model = model
         self.gen = load_generator(model.checkpoint, self.device, model.storage_options, family=model.family)
         self.sampling = self.gen.Sampling(**model.family_sampling).model_dump()
-        self.scorer = load_clip(scoring.clip, self.device, scoring.storage_options) if model.candidates > 1 else None
+        # score: what this actor draws is scored here, on its device, before it leaves (no scoring pool)
+        self.scores = ScoreStage(scoring, self.device) if score else None
+        rerank = model.candidates > 1
+        held = self.scores.clip if self.scores is not None else None
+        self.scorer = (held or load_clip(scoring.clip, self.device, scoring.storage_options)) if rerank else None
         self.checkpoint = redact_text(model.checkpoint)  # metadata rows and WebDataset .json carry it
         self.checkpoint_id = checkpoint_id  # its content, as preflight identified it (the path alone is not)
         self.node = ray.get_runtime_context().get_node_id()  # provenance: which Ray node drew the image
@@ -70,4 +78,4 @@ class GenerateStage:
         batch["pipeline_class"] = np.full(n, getattr(self.gen, "pipeline_class", None), object)
         batch["device"] = np.full(n, self.device, object)
         batch["node"] = np.full(n, self.node, object)
-        return batch
+        return self.scores(batch) if self.scores is not None else batch

@@ -23,12 +23,14 @@ from pipelines.batch.generate import GenerateStage
 from pipelines.batch.lease import Lease, LeaseHeld
 from pipelines.batch.preflight import (
     PreflightError,
+    actor_threads,
     check_output_reachable,
     merged_fingerprint,
     pool_cpus,
     pools,
     preflight,
     scoring_on,
+    scoring_pool,
 )
 from pipelines.batch.progress import Progress
 from pipelines.batch.read import InputPlan, read_prompts
@@ -74,6 +76,15 @@ def ensure_ray(needed: float) -> None:
     log.info("started an embedded Ray with %d logical CPUs", num_cpus)
 
 
+def local_cores() -> int | None:
+    """This machine's cores when the Ray cluster is this machine alone (embedded, or a one-node local head), else
+    None: actors then share these cores, whatever logical CPUs Ray promises."""
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if len(nodes) == 1 and nodes[0].get("NodeManagerAddress") == ray.util.get_node_ip_address():
+        return os.cpu_count() or 1
+    return None
+
+
 def _check_capacity(spec: JobSpec) -> None:
     """Pools whose minimum actors take every CPU starve the read/write tasks: the job would hang, not fail."""
     have = ray.cluster_resources()
@@ -82,7 +93,7 @@ def _check_capacity(spec: JobSpec) -> None:
         raise PreflightError(
             f"models[*].resources: the actor pools need {need_cpu:g} CPUs at minimum (actors x num_cpus, plus 1 "
             f"for reading and writing) but the Ray cluster has {have.get('CPU', 0):g}; lower actors or num_cpus "
-            "(scoring.resources counts too)")
+            "(scoring.resources counts with scoring.pool: true)")
     need_gpu = sum(r.actors * r.num_gpus for r in pools(spec))
     if need_gpu > have.get("GPU", 0):
         log.warning("actor pools ask for %g GPUs, the cluster has %g now: waiting for the autoscaler",
@@ -129,8 +140,10 @@ def _write_rejected(spec: JobSpec, plan: InputPlan, validated: ray.data.Dataset,
 
 
 def _images(spec: JobSpec, validated: ray.data.Dataset, done: frozenset[str], record: dict) -> ray.data.Dataset:
-    """One branch per model (expand -> generate actor pool), unioned, then the one scoring pool."""
-    branches = []
+    """One branch per model (expand -> generate actor pool, which also scores unless scoring has its own pool),
+    unioned, then the scoring pool if there is one."""
+    branches, cores, actors = [], local_cores(), sum(p.actors for p in pools(spec))
+    fused = scoring_on(spec) and not scoring_pool(spec)
     for m in spec.models:
         r = m.resources
         samples = validated.map_batches(
@@ -141,15 +154,17 @@ def _images(spec: JobSpec, validated: ray.data.Dataset, done: frozenset[str], re
         ).repartition(target_num_rows_per_block=r.batch_size)  # one block per generate call: every actor
         # gets work (a small prompt file is one block) and a crash loses at most the blocks in flight
         branches.append(samples.map_batches(
-            GenerateStage, fn_constructor_kwargs={"model": m, "scoring": spec.scoring,
-                                                  "checkpoint_id": record["models"][m.name]["checkpoint_id"]},
+            GenerateStage, fn_constructor_kwargs={"model": m, "scoring": spec.scoring, "score": fused,
+                                                  "checkpoint_id": record["models"][m.name]["checkpoint_id"],
+                                                  "threads": actor_threads(r, actors, cores)},
             compute=ActorPoolStrategy(min_size=r.actors, max_size=r.max_actors),
             num_gpus=r.num_gpus, num_cpus=r.num_cpus, batch_size=r.batch_size, **_BOUNDED))
     images = branches[0].union(*branches[1:]) if len(branches) > 1 else branches[0]
-    if not scoring_on(spec):
+    if not scoring_pool(spec):
         return images
     s = spec.scoring.resources
-    return images.map_batches(ScoreStage, fn_constructor_kwargs={"scoring": spec.scoring},
+    return images.map_batches(ScoreStage, fn_constructor_kwargs={"scoring": spec.scoring,
+                                                                 "threads": actor_threads(s, actors, cores)},
                               compute=ActorPoolStrategy(min_size=s.actors, max_size=s.max_actors),
                               num_gpus=s.num_gpus, num_cpus=s.num_cpus, batch_size=s.batch_size, **_BOUNDED)
 

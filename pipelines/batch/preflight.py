@@ -193,9 +193,26 @@ def scoring_on(spec: JobSpec) -> bool:
     return spec.scoring.enabled and bool(spec.scoring.clip or spec.scoring.judge)
 
 
+def scoring_pool(spec: JobSpec) -> bool:
+    """Scores come from a pool of their own (else each generator actor scores what it draws)."""
+    return scoring_on(spec) and spec.scoring.pool
+
+
 def pools(spec: JobSpec) -> list:
-    """Every actor pool's resources: each model's, plus the scoring pool."""
-    return [m.resources for m in spec.models] + ([spec.scoring.resources] if scoring_on(spec) else [])
+    """Every actor pool's resources: each model's, plus the scoring pool when there is one."""
+    return [m.resources for m in spec.models] + ([spec.scoring.resources] if scoring_pool(spec) else [])
+
+
+def actor_threads(r, actors: int, local_cores: int | None) -> int:
+    """torch threads for an actor of pool `r`, one of `actors` in all the job's pools: Ray gives a num_cpus=1
+    actor OMP_NUM_THREADS=1, so a model on a 2-core machine ran at half the bare model's speed. Explicit
+    `threads` wins; a job alone on this machine shares its cores among the actors; on a cluster an actor uses
+    the CPUs it holds."""
+    if r.threads:
+        return r.threads
+    if local_cores:
+        return max(1, local_cores // max(1, actors))
+    return max(1, int(r.num_cpus))
 
 
 def pool_cpus(spec: JobSpec) -> float:

@@ -31,8 +31,13 @@ def device_for(num_gpus: float) -> str:
 
 
 class ScoreStage:
-    def __init__(self, scoring: ScoringSpec) -> None:
-        self.device = device_for(scoring.resources.num_gpus)
+    """Its own pool's actor (`scoring.pool`), or held by a generator actor that scores what it draws (`device`:
+    the generator's)."""
+
+    def __init__(self, scoring: ScoringSpec, device: str | None = None, threads: int | None = None) -> None:
+        if threads:
+            torch.set_num_threads(threads)
+        self.device = device or device_for(scoring.resources.num_gpus)
         so = scoring.storage_options
         self.clip = load_clip(scoring.clip, self.device, so) if scoring.clip else None
         self.judge = load_judge(scoring.judge, self.device, so) if scoring.judge else None

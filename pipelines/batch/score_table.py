@@ -23,9 +23,9 @@ import ray
 from ray.data import ActorPoolStrategy
 
 from models.images import decode_image
-from pipelines.batch.job import _BOUNDED, ensure_ray
+from pipelines.batch.job import _BOUNDED, ensure_ray, local_cores
 from pipelines.batch.lease import Lease
-from pipelines.batch.preflight import check_scoring
+from pipelines.batch.preflight import actor_threads, check_scoring
 from pipelines.batch.score import ScoreStage
 from pipelines.layout import LEASE, SUCCESS, SUMMARY
 from pipelines.spec import ScoringSpec, redact
@@ -48,8 +48,8 @@ def part_name(path: str) -> str:
 class ScoreRows(ScoreStage):
     """Decodes the image column and scores each same-size group (a dataset may mix sizes)."""
 
-    def __init__(self, scoring: ScoringSpec, image_column: str, caption_column: str) -> None:
-        super().__init__(scoring)
+    def __init__(self, scoring: ScoringSpec, image_column: str, caption_column: str, threads: int | None = None) -> None:
+        super().__init__(scoring, threads=threads)
         self.image_column, self.caption_column = image_column, caption_column
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -126,10 +126,11 @@ def _score_files(fs_in, files: list[str], fs_out, parts_dir: str, image_column: 
                  scoring: ScoringSpec) -> None:
     r = scoring.resources
     ensure_ray(r.actors * r.num_cpus + 2)
+    threads = actor_threads(r, r.actors, local_cores())
     expected = {full_url(fs_in, f): pq.ParquetFile(fs_in.open(f, "rb")).metadata.num_rows for f in files}
     ds = ray.data.read_parquet(files, filesystem=arrow_fs(fs_in), include_paths=True)
     ds = ds.map_batches(ScoreRows, fn_constructor_kwargs={"scoring": scoring, "image_column": image_column,
-                                                          "caption_column": caption_column},
+                                                          "caption_column": caption_column, "threads": threads},
                         compute=ActorPoolStrategy(min_size=r.actors, max_size=r.max_actors),
                         num_gpus=r.num_gpus, num_cpus=r.num_cpus, batch_size=r.batch_size, **_BOUNDED)
     held: dict[str, list[pa.Table]] = defaultdict(list)
