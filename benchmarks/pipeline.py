@@ -1,78 +1,111 @@
-"""Pipeline overhead, measured side by side in one run on the same prompts and checkpoint:
+"""The job against the bare model, both shipped families, measured side by side in one run (issue 17's table).
 
-  (a) seed-style loop: one prompt per generate call, each image encoded and saved as it comes
-  (b) the bare model in a batched loop (no encoding, no I/O)
-  (c) the full generate job (embedded Ray, validation, actor pool, PNG files, metadata, commit) to local disk,
-      scoring off (as the job ran before the scoring stage existed)
-  (d) the same job with the scoring stage on (CLIP + judge actor pool; report written)
+For each family, on the same shapes test prompts and the shipped checkpoint:
+  bare generate   `load_generator(...).generate` in a batched loop, this process, torch's default threads
+  bare + score    the same, then the job's scorers (`ScoreStage.score`: CLIP + judge + geometry) back to back
+  job             `promptmill generate SPEC` as a user runs it (a fresh process, embedded Ray, PNG files, metadata,
+                  commit), scoring off and on, at two sizes: marginal = extra images / extra wall (steady state:
+                  start-up cancels out), wall = the larger run's images / its wall; start-up = the larger run's
+                  wall minus its images at the marginal rate, itemised from summary.json's `phases_s`.
 
-    python benchmarks/pipeline.py [--checkpoint models/checkpoints/gan] [--family gan] [-n 1024] [--batch-size 64]
+    python benchmarks/pipeline.py [--gan-n 2048 8192] [--transformer-n 256 1024] [--batch-size 64]
 """
 
 from __future__ import annotations
 
 import argparse
-import os
+import json
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import yaml
 
 from models import load_generator
 from models.shapes import example
-from pipelines.batch.job import run_job
-from pipelines.layout import encode_image
-from pipelines.spec import load_spec
+from pipelines.batch.score import ScoreStage
+from pipelines.spec import SHIPPED, ScoringSpec
+
+FAMILIES = {"gan": ("gan", "gan"), "transformer": ("transformer", "dalle")}
+
+
+def bare(family: str, prompts: list[str], batch: int) -> tuple[float, float]:
+    """(generate img/s, generate-then-score img/s), each best of two passes."""
+    gen = load_generator(str(SHIPPED / FAMILIES[family][1]), "cpu")
+    scorer = ScoreStage(ScoringSpec())
+    best_gen, best_both = 0.0, 0.0
+    for _ in range(2):
+        t = time.perf_counter()
+        images = [gen.generate(prompts[i:i + batch], list(range(i, i + len(prompts[i:i + batch]))))
+                  for i in range(0, len(prompts), batch)]
+        t_gen = time.perf_counter() - t
+        t = time.perf_counter()
+        for i, imgs in zip(range(0, len(prompts), batch), images):
+            scorer.score(np.asarray(imgs), prompts[i:i + batch])
+        t_score = time.perf_counter() - t
+        best_gen = max(best_gen, len(prompts) / t_gen)
+        best_both = max(best_both, len(prompts) / (t_gen + t_score))
+    return best_gen, best_both
+
+
+def job(tmp: Path, family: str, n: int, scoring: bool, batch: int) -> tuple[float, dict]:
+    """(wall s of `promptmill generate`, its summary.json)."""
+    name = f"{family}-{n}-{'scored' if scoring else 'plain'}"
+    spec = {"name": "bench", "input": {"path": str(tmp / f"in-{n}.parquet"), "id_column": "id"},
+            "models": [{"name": "m", "family": family, "checkpoint": f"shipped:{FAMILIES[family][1]}",
+                        "resources": {"batch_size": batch}}],
+            "scoring": {"enabled": scoring}, "output": {"path": str(tmp / name), "report": False}}
+    (tmp / f"{name}.yaml").write_text(yaml.safe_dump(spec))
+    t = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "jobs.cli", "generate", str(tmp / f"{name}.yaml")], check=True,
+                   capture_output=True)
+    wall = time.perf_counter() - t
+    summary = json.loads((tmp / name / "summary.json").read_text())
+    assert summary["images_total"] == {"m": n}, summary["images_total"]
+    return wall, summary
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--checkpoint", default="models/checkpoints/gan")
-    ap.add_argument("--family", default="gan")
-    ap.add_argument("-n", type=int, default=1024)
+    ap.add_argument("--gan-n", type=int, nargs=2, default=[2048, 8192])
+    ap.add_argument("--transformer-n", type=int, nargs=2, default=[256, 1024])
     ap.add_argument("--batch-size", type=int, default=64)
     args = ap.parse_args()
-    prompts = [example(i, 1, "test")[1] for i in range(args.n)]
-    seeds = list(range(args.n))
-    gen = load_generator(args.checkpoint, "cpu")
-    with tempfile.TemporaryDirectory() as tmp:
-        t = time.perf_counter()
-        for i, (p, s) in enumerate(zip(prompts, seeds)):
-            Path(tmp, f"a{i}.png").write_bytes(encode_image(gen.generate([p], [s])[0], "png"))
-        a = args.n / (time.perf_counter() - t)
-
-        t = time.perf_counter()
-        for i in range(0, args.n, args.batch_size):
-            gen.generate(prompts[i:i + args.batch_size], seeds[i:i + args.batch_size])
-        b = args.n / (time.perf_counter() - t)
-
-        pq.write_table(pa.table({"id": [f"b{i}" for i in range(args.n)], "prompt": prompts}), f"{tmp}/in.parquet")
-
-        def job(out: str, scoring: bool) -> float:
-            spec = load_spec({"name": "bench", "input": {"path": f"{tmp}/in.parquet", "id_column": "id"},
-                              "models": [{"name": "m", "family": args.family, "checkpoint": args.checkpoint,
-                                          "resources": {"batch_size": args.batch_size}}],
-                              "scoring": {"enabled": scoring}, "output": {"path": f"{tmp}/{out}", "report": scoring}})
-            t = time.perf_counter()
-            res = run_job(spec)
-            assert res.images_written == {"m": args.n}
-            return args.n / (time.perf_counter() - t)
-
-        import ray
-
-        # start-up excluded, as for (a) and (b); logical CPUs as the job's own embedded Ray would size them for (d)
-        # (generator + scoring pools + read/write), or its capacity check refuses the job on a 2-core machine
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, 4), include_dashboard=False, log_to_driver=False)
-        c = job("plain", False)
-        d = job("scored", True)
-    print(f"images={args.n} family={args.family} batch={args.batch_size} checkpoint={args.checkpoint}")
-    print(f"(a) seed-style loop, 1 prompt/call + save : {a:8.1f} img/s")
-    print(f"(b) bare model, batched                    : {b:8.1f} img/s")
-    print(f"(c) full job to local disk                 : {c:8.1f} img/s")
-    print(f"(d) full job + scoring stage + report      : {d:8.1f} img/s")
-    print(f"(c)/(b) = {c / b:.2f}   (c)/(a) = {c / a:.2f}   (d)/(c) = {d / c:.2f}")
+    rows, startups = [], []
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        for family, (n1, n2) in (("gan", args.gan_n), ("transformer", args.transformer_n)):
+            prompts = [example(i, 1, "test")[1] for i in range(n2)]
+            for n in (n1, n2):
+                pq.write_table(pa.table({"id": [f"p{i}" for i in range(n)], "prompt": prompts[:n]}),
+                               tmp / f"in-{n}.parquet")
+            g, gs = bare(family, prompts[:n1], args.batch_size)
+            for scoring, base in ((False, g), (True, gs)):
+                w1, _ = job(tmp, family, n1, scoring, args.batch_size)
+                w2, summary = job(tmp, family, n2, scoring, args.batch_size)
+                marginal = (n2 - n1) / (w2 - w1)
+                startup = w2 - n2 / marginal
+                rows.append((family, "on" if scoring else "off", base, marginal, n2 / w2, startup))
+                phases = summary["phases_s"]
+                outside = w2 - summary["wall_s"]  # process start, imports, CLI, Ray shutdown at exit
+                startups.append((family, "on" if scoring else "off", outside, phases))
+    print(f"img/s on this machine, batch {args.batch_size}; gan n = {args.gan_n}, transformer n = {args.transformer_n}")
+    print("| family | scoring | bare (generate, + score back to back) | job, marginal | job, wall | marginal / bare | "
+          "wall / bare | fixed start-up s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for family, scoring, base, marginal, wall, startup in rows:
+        print(f"| {family} | {scoring} | {base:.1f} | {marginal:.1f} | {wall:.1f} | {marginal / base:.2f} | "
+              f"{wall / base:.2f} | {startup:.1f} |")
+    print("\nwhere the larger run's time went (s): outside run_job = process start, imports, Ray shutdown; then "
+          "summary.json phases_s")
+    for family, scoring, outside, phases in startups:
+        items = ", ".join(f"{k} {v:.1f}" for k, v in phases.items())
+        print(f"- {family}, scoring {scoring}: outside run_job {outside:.1f}; {items}")
 
 
 if __name__ == "__main__":

@@ -84,7 +84,8 @@ def near_duplicate_distance(spec: JobSpec) -> float | None:
 
 
 def finalize(spec: JobSpec, fs: AbstractFileSystem, root: str, *, input_rows: int, rejected: dict[str, int],
-             written: dict[str, int], started: float, stats: str | None = None) -> JobResult:
+             written: dict[str, int], started: float, stats: str | None = None,
+             phases: dict[str, float] | None = None) -> JobResult:
     """Finish a run: exactly one metadata row per sample, then rejected rows, summary, metrics, report and
     `_SUCCESS` (last, so it doubles as the "done" marker). A rerun on a complete output changes nothing."""
     out_url = full_url(fs, root)
@@ -119,6 +120,7 @@ def finalize(spec: JobSpec, fs: AbstractFileSystem, root: str, *, input_rows: in
         "images_per_s": round(result.images_per_s, 3), "spec": redact(spec.model_dump(mode="json")),
         "scores": score_summary(table), "rejected_files": rejected_files,
         "ray_data_stats": stats,  # Ray Data's per-operator times and rows for this run (ds.stats())
+        "phases_s": {**(phases or {}), "commit": round(time.time() - started - sum((phases or {}).values()), 3)},
     }
     write_json(fs, join(root, SUMMARY), result.summary)
     # 4. Job-level metrics and the report

@@ -212,16 +212,31 @@ class JobFailed(RuntimeError):
                    "run the same command again to resume")
 
 
+class Phases(dict):
+    """Seconds per step of the run, in order (summary.json `phases_s`): where a job's fixed cost goes."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.last = time.monotonic()
+
+    def mark(self, name: str, at: float | None = None) -> None:
+        at = time.monotonic() if at is None else at
+        self[name] = round(at - self.last, 3)
+        self.last = at
+
+
 def run_job(spec: JobSpec, allow_subset: bool = False) -> JobResult:
-    t0 = time.time()
+    t0, phases = time.time(), Phases()
     os.environ[RETRY_ENV] = f"{spec.storage.retry.attempts},{spec.storage.retry.max_wait_s}"  # this process's calls
     # 1. Check inputs: spec, input files, checkpoints, sampling, output (ours, same settings), capacity
     plan, previous = preflight(spec, allow_subset)
     fs, root = filesystem(spec.output.path, spec.output.storage_options, retry_policy(spec))
     out_url = full_url(fs, root)
+    phases.mark("preflight")
     ensure_ray(pool_cpus(spec) + 2)
     _check_capacity(spec)
     check_output_reachable(spec, ray.nodes())
+    phases.mark("ray")
     # 2. One writer per output; its settings are on record before the first image
     try:
         lease = Lease(fs, root, job=_ray_job_id()).acquire(spec.output.lease_wait_s)
@@ -236,18 +251,22 @@ def run_job(spec: JobSpec, allow_subset: bool = False) -> JobResult:
         validated = validated_prompts(plan, spec).materialize()
         # 4. Rejected rows -> staging (published by finalize)
         rejected = _write_rejected(spec, plan, validated, out_url)
+        phases.mark("read_validate_rejected")
         # 5. Generate, score and write what is missing
         expected = (plan.rows - sum(rejected.values())) * sum(m.images_per_prompt for m in spec.models)
         done = done_keys(fs, root)
         progress = Progress(max(expected - len(done), 0), sum(rejected.values()))
         written, errors, stats = _write(spec, _images(spec, validated, done, record), out_url, expected, progress)
         progress.final()
+        if progress.first is not None:
+            phases.mark("first_image", progress.first)  # actors start, load their models, draw the first batch
+        phases.mark("images")
         if errors:
             rejected = {**rejected, "generation_error": errors}
         # 6. Commit exactly once, rejected rows, summary, metrics, report, _SUCCESS last
         lease.check()
         return finalize(spec, fs, root, input_rows=plan.rows, rejected=rejected, written=written, started=t0,
-                        stats=stats)
+                        stats=stats, phases=phases)
 
 
 def _stats(ds: ray.data.Dataset) -> str:

@@ -20,8 +20,11 @@ class Progress:
         self.every_s = every_s if every_s is not None else float(os.environ.get("PROMPTMILL_PROGRESS_S", "10"))
         self.done = self.errors = 0
         self.t0 = self.last = time.monotonic()
+        self.first: float | None = None  # when the first image arrived (actor start-up + first batch behind it)
 
     def update(self, images: int, errors: int = 0) -> None:
+        if self.first is None and images:
+            self.first = time.monotonic()
         self.done += images
         self.errors += errors
         now = time.monotonic()

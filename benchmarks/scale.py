@@ -1,0 +1,100 @@
+"""Scale curve: the same job at growing sizes (shipped GAN, scoring on, `promptmill generate` as a user runs it).
+
+Per size: img/s by wall, img/s in steady state (images over summary.json's `images` phase: first image to last),
+the driver's peak RSS (sampled every 0.2 s), and whether Ray Data spilled to disk (its stats in summary.json).
+Writes a PNG of the curve.
+
+    python benchmarks/scale.py [--sizes 1000 10000 100000] [--plot docs/scale.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+
+from models.shapes import example
+
+
+def run(tmp: Path, n: int, prompts: list[str], batch: int) -> dict:
+    pq.write_table(pa.table({"id": [f"p{i}" for i in range(n)], "prompt": [prompts[i % len(prompts)] for i in range(n)]}),
+                   tmp / f"in-{n}.parquet")
+    spec = {"name": f"scale-{n}", "input": {"path": str(tmp / f"in-{n}.parquet"), "id_column": "id"},
+            "models": [{"name": "gan", "family": "gan", "checkpoint": "shipped:gan", "resources": {"batch_size": batch}}],
+            "output": {"path": str(tmp / f"out-{n}"), "report": False}}
+    (tmp / f"{n}.yaml").write_text(yaml.safe_dump(spec))
+    t = time.perf_counter()
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "generate", str(tmp / f"{n}.yaml")],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    driver, peak = psutil.Process(proc.pid), 0
+    while proc.poll() is None:
+        try:
+            peak = max(peak, driver.memory_info().rss)
+        except psutil.NoSuchProcess:
+            break
+        time.sleep(0.2)
+    wall = time.perf_counter() - t
+    assert proc.returncode == 0, f"size {n}: exit {proc.returncode}"
+    summary = json.loads((tmp / f"out-{n}" / "summary.json").read_text())
+    assert summary["images_total"] == {"gan": n}
+    spilled = sum(int(m) for m in re.findall(r"Spilled to disk: (\d+)MB", summary.get("ray_data_stats") or ""))
+    return {"n": n, "wall_s": wall, "wall_img_s": n / wall, "steady_img_s": n / summary["phases_s"]["images"],
+            "driver_peak_rss_mb": peak / 2**20, "spilled_mb": spilled, "phases_s": summary["phases_s"]}
+
+
+def plot(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = [r["n"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot(n, [r["steady_img_s"] for r in rows], "o-", label="img/s, steady (first image to last)")
+    ax.plot(n, [r["wall_img_s"] for r in rows], "s--", label="img/s, wall (with start-up)")
+    ax.set_xscale("log")
+    ax.set_xlabel("prompts (shipped GAN, scoring on)")
+    ax.set_ylabel("images / s")
+    ax.set_ylim(bottom=0)
+    ax2 = ax.twinx()
+    ax2.plot(n, [r["driver_peak_rss_mb"] for r in rows], "^:", color="gray", label="driver peak RSS (MB)")
+    ax2.set_ylabel("driver peak RSS, MB")
+    ax2.set_ylim(bottom=0)
+    lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    ax.legend(lines, [ln.get_label() for ln in lines], loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--plot", default="docs/scale.png")
+    args = ap.parse_args()
+    prompts = [example(i, 1, "test")[1] for i in range(2000)]
+    with tempfile.TemporaryDirectory() as d:
+        rows = [run(Path(d), n, prompts, args.batch_size) for n in args.sizes]
+    print("| prompts | wall s | img/s, wall | img/s, steady | driver peak RSS MB | spilled MB |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['n']:,} | {r['wall_s']:.1f} | {r['wall_img_s']:.1f} | {r['steady_img_s']:.1f} | "
+              f"{r['driver_peak_rss_mb']:.0f} | {r['spilled_mb']} |")
+    for r in rows:
+        print(f"- {r['n']:,}: " + ", ".join(f"{k} {v:.1f}" for k, v in r["phases_s"].items()))
+    plot(rows, args.plot)
+    print(f"plot: {args.plot}")
+
+
+if __name__ == "__main__":
+    main()
