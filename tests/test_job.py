@@ -90,8 +90,8 @@ def test_end_to_end_local(ray_local, checkpoints, tmp_path, caplog, monkeypatch)
     summary = json.loads((out / "summary.json").read_text())
     assert summary["input_rows"] == 11 and summary["accepted"] == 5 and summary["rejected_total"] == 6
     assert summary["rejected"]["duplicate_id"] == 2 and summary["images_total"] == {"gan": 10, "dalle": 5}
-    phases = summary["phases_s"]  # where the fixed cost goes, in order; together about the run's wall time
-    assert list(phases) == ["preflight", "ray", "read_validate_rejected", "first_image", "images", "commit"]
+    phases = summary["phases_s"]  # where the fixed cost goes; together about the run's wall time
+    assert set(phases) == {"preflight", "ray", "read_validate_rejected", "first_image", "images", "commit"}
     assert all(v >= 0 for v in phases.values()) and abs(sum(phases.values()) - summary["wall_s"]) < 2
     assert summary["spec"]["input"]["storage_options"]["secret"] == "***"
     assert "hunter2" not in (out / "summary.json").read_text()

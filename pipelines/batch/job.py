@@ -213,7 +213,7 @@ class JobFailed(RuntimeError):
 
 
 class Phases(dict):
-    """Seconds per step of the run, in order (summary.json `phases_s`): where a job's fixed cost goes."""
+    """Seconds per step of the run (summary.json `phases_s`): where a job's fixed cost goes."""
 
     def __init__(self) -> None:
         super().__init__()
