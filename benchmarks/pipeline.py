@@ -28,6 +28,7 @@ import yaml
 
 from models import load_generator
 from models.shapes import example
+from pipelines.batch.job import PHASES
 from pipelines.batch.score import ScoreStage
 from pipelines.spec import SHIPPED, ScoringSpec
 
@@ -104,7 +105,7 @@ def main() -> None:
     print("\nwhere the larger run's time went (s): outside run_job = process start, imports, Ray shutdown; then "
           "summary.json phases_s")
     for family, scoring, outside, phases in startups:
-        items = ", ".join(f"{k} {v:.1f}" for k, v in phases.items())
+        items = ", ".join(f"{k} {phases[k]:.1f}" for k in PHASES if k in phases)
         print(f"- {family}, scoring {scoring}: outside run_job {outside:.1f}; {items}")
 
 

@@ -24,6 +24,7 @@ import pyarrow.parquet as pq
 import yaml
 
 from models.shapes import example
+from pipelines.batch.job import PHASES
 
 
 def run(tmp: Path, n: int, prompts: list[str], batch: int) -> dict:
@@ -91,7 +92,7 @@ def main() -> None:
         print(f"| {r['n']:,} | {r['wall_s']:.1f} | {r['wall_img_s']:.1f} | {r['steady_img_s']:.1f} | "
               f"{r['driver_peak_rss_mb']:.0f} | {r['spilled_mb']} |")
     for r in rows:
-        print(f"- {r['n']:,}: " + ", ".join(f"{k} {v:.1f}" for k, v in r["phases_s"].items()))
+        print(f"- {r['n']:,}: " + ", ".join(f"{k} {r['phases_s'][k]:.1f}" for k in PHASES if k in r["phases_s"]))
     plot(rows, args.plot)
     print(f"plot: {args.plot}")
 

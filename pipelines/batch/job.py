@@ -77,11 +77,12 @@ def ensure_ray(needed: float) -> None:
 
 
 def local_cores() -> int | None:
-    """This machine's cores when the Ray cluster is this machine alone (embedded, or a one-node local head), else
-    None: actors then share these cores, whatever logical CPUs Ray promises."""
+    """The cores the job may use when the Ray cluster is this machine alone (embedded, or a one-node local head):
+    the machine's, or fewer if the head was started with fewer CPUs; None on a cluster."""
     nodes = [n for n in ray.nodes() if n.get("Alive")]
     if len(nodes) == 1 and nodes[0].get("NodeManagerAddress") == ray.util.get_node_ip_address():
-        return os.cpu_count() or 1
+        cores = os.cpu_count() or 1
+        return max(1, min(cores, int(nodes[0].get("Resources", {}).get("CPU", cores))))
     return None
 
 
@@ -210,6 +211,9 @@ class JobFailed(RuntimeError):
         verb = {"GenerateStage": "generate", "ScoreStage": "score", "WriteStage": "write"}.get(stage, stage)
         return cls(f"{verb} failed ({type(e).__name__}: {first[:300]}); staged work is kept, "
                    "run the same command again to resume")
+
+
+PHASES = ("preflight", "ray", "read_validate_rejected", "first_image", "images", "commit")  # in run_job's order
 
 
 class Phases(dict):
