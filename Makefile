@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: help setup chromium demo test chaos lint bench data checkpoints eval spec-docs
+.PHONY: help setup chromium demo test chaos lint bench bench-scale data checkpoints eval spec-docs
 help:  ## list targets
 	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
 
@@ -40,10 +40,13 @@ spec-docs: setup  ## regenerate docs/spec.md from the pydantic field description
 lint: setup  ## ruff
 	$(VENV)/bin/ruff check .
 
-bench: setup  ## benchmarks (ratios measured side by side)
+bench: setup  ## benchmarks (ratios measured side by side): the job against the bare model first
 	$(PY) benchmarks/pipeline.py
 	$(PY) benchmarks/generators.py
 	$(PY) benchmarks/real_models.py
+
+bench-scale: setup  ## the job at 1k, 10k and 100k prompts (~25 min on 2 cores): img/s, driver RSS, spilling -> docs/scale.png
+	$(PY) benchmarks/scale.py
 
 # ---- shipped checkpoints: the documented recipes (one at a time: two torch jobs on 2 cores run 10x slower)
 DATA := data/shapes

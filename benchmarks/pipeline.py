@@ -4,11 +4,13 @@ For each family, on the same shapes test prompts and the shipped checkpoint:
   bare generate   `load_generator(...).generate` in a batched loop, this process, torch's default threads
   bare + score    the same, then the job's scorers (`ScoreStage.score`: CLIP + judge + geometry) back to back
   job             `promptmill generate SPEC` as a user runs it (a fresh process, embedded Ray, PNG files, metadata,
-                  commit), scoring off and on, at two sizes: marginal = extra images / extra wall (steady state:
-                  start-up cancels out), wall = the larger run's images / its wall; start-up = the larger run's
-                  wall minus its images at the marginal rate, itemised from summary.json's `phases_s`.
+                  commit), scoring off and on, at two sizes: marginal = extra images / extra time from the start
+                  of the image phase (actors starting) to the last image (summary.json `phases_s`; the process,
+                  Ray and preflight times vary by a second or two between runs and would swamp a 10 s difference),
+                  wall = the larger run's images / its wall; start-up = the larger run's wall minus its images at
+                  the marginal rate, itemised from `phases_s`.
 
-    python benchmarks/pipeline.py [--gan-n 2048 8192] [--transformer-n 256 1024] [--batch-size 64]
+    python benchmarks/pipeline.py [--gan-n 2048 8192] [--transformer-n 512 2048] [--batch-size 64]
 """
 
 from __future__ import annotations
@@ -54,13 +56,18 @@ def bare(family: str, prompts: list[str], batch: int) -> tuple[float, float]:
     return best_gen, best_both
 
 
-def job(tmp: Path, family: str, n: int, scoring: bool, batch: int) -> tuple[float, dict]:
+# the sizing before issue 17: Ray's one thread for a num_cpus=1 actor, scoring in a pool of its own
+BEFORE = {"resources": {"threads": 1}, "scoring": {"pool": True, "resources": {"threads": 1}}}
+
+
+def job(tmp: Path, family: str, n: int, scoring: bool, batch: int, before: bool = False) -> tuple[float, dict]:
     """(wall s of `promptmill generate`, its summary.json)."""
-    name = f"{family}-{n}-{'scored' if scoring else 'plain'}"
+    name = f"{family}-{n}-{'scored' if scoring else 'plain'}{'-before' if before else ''}"
     spec = {"name": "bench", "input": {"path": str(tmp / f"in-{n}.parquet"), "id_column": "id"},
             "models": [{"name": "m", "family": family, "checkpoint": f"shipped:{FAMILIES[family][1]}",
-                        "resources": {"batch_size": batch}}],
-            "scoring": {"enabled": scoring}, "output": {"path": str(tmp / name), "report": False}}
+                        "resources": {"batch_size": batch, **(BEFORE["resources"] if before else {})}}],
+            "scoring": {"enabled": scoring, **({k: v for k, v in BEFORE["scoring"].items()} if before else {})},
+            "output": {"path": str(tmp / name), "report": False}}
     (tmp / f"{name}.yaml").write_text(yaml.safe_dump(spec))
     t = time.perf_counter()
     subprocess.run([sys.executable, "-m", "jobs.cli", "generate", str(tmp / f"{name}.yaml")], check=True,
@@ -74,10 +81,12 @@ def job(tmp: Path, family: str, n: int, scoring: bool, batch: int) -> tuple[floa
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gan-n", type=int, nargs=2, default=[2048, 8192])
-    ap.add_argument("--transformer-n", type=int, nargs=2, default=[256, 1024])
+    ap.add_argument("--transformer-n", type=int, nargs=2, default=[512, 2048])
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--before", action="store_true", help="also run the larger size with the sizing before issue 17 "
+                    "(one torch thread per actor, a scoring pool of its own)")
     args = ap.parse_args()
-    rows, startups = [], []
+    rows, startups, befores = [], [], []
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         for family, (n1, n2) in (("gan", args.gan_n), ("transformer", args.transformer_n)):
@@ -87,11 +96,16 @@ def main() -> None:
                                tmp / f"in-{n}.parquet")
             g, gs = bare(family, prompts[:n1], args.batch_size)
             for scoring, base in ((False, g), (True, gs)):
-                w1, _ = job(tmp, family, n1, scoring, args.batch_size)
+                w1, s1 = job(tmp, family, n1, scoring, args.batch_size)
                 w2, summary = job(tmp, family, n2, scoring, args.batch_size)
-                marginal = (n2 - n1) / (w2 - w1)
+                drawing = [s["phases_s"]["first_image"] + s["phases_s"]["images"] for s in (s1, summary)]
+                marginal = (n2 - n1) / (drawing[1] - drawing[0])
                 startup = w2 - n2 / marginal
                 rows.append((family, "on" if scoring else "off", base, marginal, n2 / w2, startup))
+                if args.before:
+                    wb, sb = job(tmp, family, n2, scoring, args.batch_size, before=True)
+                    drawing_b = sb["phases_s"]["first_image"] + sb["phases_s"]["images"]
+                    befores.append((family, "on" if scoring else "off", n2 / wb, n2 / w2, drawing_b, drawing[1]))
                 phases = summary["phases_s"]
                 outside = w2 - summary["wall_s"]  # process start, imports, CLI, Ray shutdown at exit
                 startups.append((family, "on" if scoring else "off", outside, phases))
@@ -102,6 +116,13 @@ def main() -> None:
     for family, scoring, base, marginal, wall, startup in rows:
         print(f"| {family} | {scoring} | {base:.1f} | {marginal:.1f} | {wall:.1f} | {marginal / base:.2f} | "
               f"{wall / base:.2f} | {startup:.1f} |")
+    if befores:
+        print("\nwhat issue 17's sizing bought (larger size, same run): before = 1 torch thread per actor and a "
+              "scoring pool of its own; after = threads from the machine, scoring in the generator actor")
+        print("| family | scoring | wall img/s before | after | after / before | drawing s before | after |")
+        print("|---|---|---|---|---|---|---|")
+        for family, scoring, wb, wa, db, da in befores:
+            print(f"| {family} | {scoring} | {wb:.1f} | {wa:.1f} | {wa / wb:.2f} | {db:.1f} | {da:.1f} |")
     print("\nwhere the larger run's time went (s): outside run_job = process start, imports, Ray shutdown; then "
           "summary.json phases_s")
     for family, scoring, outside, phases in startups:
