@@ -192,10 +192,10 @@ class ScoringSpec(Strict):
     judge: CheckpointRef | None = Field(default=str(SHIPPED / "judge"), description="judge checkpoint for prompt_match and "
                               "judged attributes; null: none")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for both URLs")
-    pool: bool = Field(default=False, description="false: each generator actor also loads the scorers and scores "
-                       "every batch it draws, on its own device (no pixels between two pools, one pool fewer); true: "
-                       "a scoring actor pool of its own, sized by scoring.resources (scorers on other hardware than "
-                       "the generators)")
+    pool: bool | None = Field(default=None, description="true: a scoring actor pool of its own, sized by "
+                              "scoring.resources (scoring overlaps generation; scorers on other hardware than the "
+                              "generators); false: each generator actor also scores every batch it draws, on its own "
+                              "device (one pool fewer); null: a pool when the cluster's CPUs allow one, else false")
     resources: Resources = Field(default_factory=lambda: Resources(batch_size=64),
                                  description="the scoring actor pool, with pool: true (like a model's); its batch is "
                                  "also the write batch, so a crash redoes at most that many images per block in "

@@ -140,7 +140,7 @@ def test_weights_replaced_in_place_are_another_model_for_an_existing_output(good
 
 
 def test_actor_threads_follow_the_cpus_held_or_share_this_machine():
-    from pipelines.batch.preflight import actor_threads, pool_cpus
+    from pipelines.batch.preflight import actor_threads, place_scoring, pool_cpus
     from pipelines.spec import Resources, load_spec
 
     assert actor_threads(Resources(num_cpus=4), 3, None) == 4  # a cluster: the CPUs Ray reserved for it
@@ -150,4 +150,7 @@ def test_actor_threads_follow_the_cpus_held_or_share_this_machine():
     assert actor_threads(Resources(threads=3), 1, 16) == 3  # said explicitly
     spec = load_spec({"name": "t", "input": {"path": "in"}, "output": {"path": "out"},
                       "models": [{"name": "gan", "family": "gan", "checkpoint": "ck"}]})
-    assert pool_cpus(spec) + 1 == 2  # the default spec, scoring on, fits a 2-CPU `ray start --head`
+    assert place_scoring(spec, 3).scoring.pool is True and pool_cpus(place_scoring(spec, 3)) == 2
+    fitted = place_scoring(spec, 2)  # a 2-CPU `ray start --head`: scoring moves into the generator actor
+    assert fitted.scoring.pool is False and pool_cpus(fitted) + 1 == 2
+    assert place_scoring(fitted, 64).scoring.pool is False  # said explicitly: kept

@@ -26,6 +26,7 @@ from pipelines.batch.preflight import (
     actor_threads,
     check_output_reachable,
     merged_fingerprint,
+    place_scoring,
     pool_cpus,
     pools,
     preflight,
@@ -238,6 +239,7 @@ def run_job(spec: JobSpec, allow_subset: bool = False) -> JobResult:
     out_url = full_url(fs, root)
     phases.mark("preflight")
     ensure_ray(pool_cpus(spec) + 2)
+    spec = place_scoring(spec, ray.cluster_resources().get("CPU", 0))
     _check_capacity(spec)
     check_output_reachable(spec, ray.nodes())
     phases.mark("ray")

@@ -194,8 +194,21 @@ def scoring_on(spec: JobSpec) -> bool:
 
 
 def scoring_pool(spec: JobSpec) -> bool:
-    """Scores come from a pool of their own (else each generator actor scores what it draws)."""
-    return scoring_on(spec) and spec.scoring.pool
+    """Scores come from a pool of their own (else each generator actor scores what it draws); an undecided
+    `scoring.pool` counts as a pool (the larger need) until `place_scoring` decides it."""
+    return scoring_on(spec) and spec.scoring.pool is not False
+
+
+def place_scoring(spec: JobSpec, cpus: float) -> JobSpec:
+    """Decide `scoring.pool: null` for a cluster with `cpus` CPUs: a pool of its own when it fits beside the
+    generators and reading/writing, since generation and scoring then overlap (2-core machine, scored jobs
+    0.92 and 0.78 of the pool's speed when fused: benchmarks/pipeline.py --before); else in the generator actors,
+    so the default spec still runs on a 2-CPU head."""
+    if spec.scoring.pool is not None:
+        return spec
+    s = spec.scoring.resources
+    fits = cpus >= sum(m.resources.actors * m.resources.num_cpus for m in spec.models) + s.actors * s.num_cpus + 1
+    return spec.model_copy(update={"scoring": spec.scoring.model_copy(update={"pool": fits})})
 
 
 def pools(spec: JobSpec) -> list:
