@@ -66,7 +66,7 @@ def job(tmp: Path, family: str, n: int, scoring: bool, batch: int, before: bool 
     spec = {"name": "bench", "input": {"path": str(tmp / f"in-{n}.parquet"), "id_column": "id"},
             "models": [{"name": "m", "family": family, "checkpoint": f"shipped:{FAMILIES[family][1]}",
                         "resources": {"batch_size": batch, **(BEFORE["resources"] if before else {})}}],
-            "scoring": {"enabled": scoring, **({k: v for k, v in BEFORE["scoring"].items()} if before else {})},
+            "scoring": {"enabled": scoring, **(BEFORE["scoring"] if before else {})},
             "output": {"path": str(tmp / name), "report": False}}
     (tmp / f"{name}.yaml").write_text(yaml.safe_dump(spec))
     t = time.perf_counter()

@@ -206,8 +206,7 @@ def place_scoring(spec: JobSpec, cpus: float) -> JobSpec:
     so the default spec still runs on a 2-CPU head."""
     if spec.scoring.pool is not None:
         return spec
-    s = spec.scoring.resources
-    fits = cpus >= sum(m.resources.actors * m.resources.num_cpus for m in spec.models) + s.actors * s.num_cpus + 1
+    fits = cpus >= pool_cpus(spec) + 1  # undecided counts as a pool (scoring_pool); + 1 for reading and writing
     return spec.model_copy(update={"scoring": spec.scoring.model_copy(update={"pool": fits})})
 
 
