@@ -37,20 +37,37 @@ def run(tmp: Path, n: int, prompts: list[str], batch: int) -> dict:
     t = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "generate", str(tmp / f"{n}.yaml")],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    driver, peak = psutil.Process(proc.pid), 0
+    driver, timeline = psutil.Process(proc.pid), []
     while proc.poll() is None:
         try:
-            peak = max(peak, driver.memory_info().rss)
+            timeline.append((time.perf_counter() - t, driver.memory_info().rss))
         except psutil.NoSuchProcess:
             break
         time.sleep(0.2)
     wall = time.perf_counter() - t
+    peak = max((r for _, r in timeline), default=0)
     assert proc.returncode == 0, f"size {n}: exit {proc.returncode}"
     summary = json.loads((tmp / f"out-{n}" / "summary.json").read_text())
     assert summary["images_total"] == {"gan": n}
     spilled = sum(int(m) for m in re.findall(r"Spilled to disk: (\d+)MB", summary.get("ray_data_stats") or ""))
     return {"n": n, "wall_s": wall, "wall_img_s": n / wall, "steady_img_s": n / summary["phases_s"]["images"],
-            "driver_peak_rss_mb": peak / 2**20, "spilled_mb": spilled, "phases_s": summary["phases_s"]}
+            "driver_peak_rss_mb": peak / 2**20, "spilled_mb": spilled, "phases_s": summary["phases_s"],
+            "rss_by_phase_mb": _rss_by_phase(timeline, summary["phases_s"], wall)}
+
+
+def _rss_by_phase(timeline: list[tuple[float, int]], phases: dict[str, float], wall: float) -> dict[str, float]:
+    """Peak driver RSS within each phase of run_job, plus 'before' (process start, imports) and 'after' (exit).
+
+    Phase ends are placed by counting back from the process's exit: run_job's last phase ends about when the
+    driver begins its exit, which `exit_s` (a summary field, if present) or 0 puts before the process end."""
+    names = [k for k in PHASES if k in phases and k != "first_image"]  # first_image lies inside images
+    end = wall - phases.get("exit_s", 0.0)
+    bounds, at = [], end
+    for k in reversed(names):
+        bounds.append((k, at - phases[k], at))
+        at -= phases[k]
+    bounds = [("before", 0.0, at), *reversed(bounds), ("after", end, wall)]
+    return {k: max((r for s, r in timeline if lo <= s < hi), default=0) / 2**20 for k, lo, hi in bounds}
 
 
 def plot(rows: list[dict], path: str) -> None:
@@ -93,6 +110,7 @@ def main() -> None:
               f"{r['driver_peak_rss_mb']:.0f} | {r['spilled_mb']} |")
     for r in rows:
         print(f"- {r['n']:,}: " + ", ".join(f"{k} {r['phases_s'][k]:.1f}" for k in PHASES if k in r["phases_s"]))
+        print("  driver peak RSS MB by phase: " + ", ".join(f"{k} {v:.0f}" for k, v in r["rss_by_phase_mb"].items()))
     plot(rows, args.plot)
     print(f"plot: {args.plot}")
 

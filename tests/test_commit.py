@@ -62,3 +62,41 @@ def test_diversity_and_near_duplicates_span_runs(tmp_path):
 
     s = score_summary(pq.read_table(tmp_path / "metadata"))["gan"]
     assert s["near_duplicate_rate"] == 0.5 and s["prompts_with_samples"] == 2
+
+
+def test_bucketed_commit_equals_one_bucket(tmp_path, monkeypatch):
+    """The merge holds one bucket at a time: split into many buckets it commits the same rows, diversity and
+    keep_columns (null-typed in one part, strings in another) as in one, each prompt's samples in one file."""
+    import shutil
+
+    import numpy as np
+
+    import pipelines.batch.commit as c
+
+    fs = fsspec.filesystem("file")
+    rng = np.random.default_rng(1)
+    ids = [f"p{i}" for i in range(40)]
+
+    def staged(name, sample, extra):
+        t = part(ids, [sample] * len(ids))
+        t = t.set_column(t.schema.get_field_index("judge_features"), "judge_features",
+                         pa.array([rng.normal(size=8).astype(np.float32).tolist() for _ in ids], pa.list_(pa.float32())))
+        return t.append_column("sku", pa.array(extra, pa.string() if extra[0] is not None else pa.null()))
+
+    one, many = tmp_path / "one", tmp_path / "many"
+    put_atomic(fs, f"{one}/_staging/metadata/a.parquet", parquet_bytes(staged("a", 0, [None] * len(ids))))
+    put_atomic(fs, f"{one}/_staging/metadata/b.parquet", parquet_bytes(staged("b", 1, [f"s{i}" for i in ids])))
+    put_atomic(fs, f"{one}/_staging/metadata/c.parquet", parquet_bytes(staged("c", 1, ["again"] * len(ids))))  # redone
+    shutil.copytree(one, many)
+    commit(fs, str(one), near_duplicate_distance=0.5)
+    monkeypatch.setattr(c, "BUCKET_BYTES", 1)  # as many buckets as bytes: every prompt's own file, or close
+    summary = commit(fs, str(many), near_duplicate_distance=0.5)
+    files = sorted((many / "metadata").glob("*.parquet"))
+    assert len(files) > 10 and not list((many / "_staging" / "metadata").glob("*.parquet"))
+    a, b = c.read_metadata(fs, str(one)), c.read_metadata(fs, str(many))
+    assert a.num_rows == b.num_rows == 80 and a.equals(b)
+    assert set(b["sku"].to_pylist()) == {None, *(f"s{i}" for i in ids)}  # the first copy of a sample wins
+    assert b["diversity"].null_count == 0 and summary.num_rows == 80
+    for f in files:  # a prompt's two samples are compared in one bucket
+        t = pq.read_table(f)
+        assert sorted(t["sample"].to_pylist()) == sorted([0, 1] * (t.num_rows // 2))

@@ -4,17 +4,27 @@ Ray may run a batch twice (restarted actors recompute in-flight blocks), so stag
 one sample. `commit` reads the committed metadata plus every staging part, keeps one row per
 (model, id, sample), writes the result under a fresh generation name, then deletes what it replaced.
 A crash at any point leaves a state the next commit merges correctly, since reading is a union.
+
+The merge holds one bucket in memory at a time, not the run: rows are split by a hash of (model, id) into
+buckets of about `BUCKET_BYTES` of Parquet, spilled to a local temporary folder, then each bucket is
+deduplicated, sorted, annotated (a prompt's samples all land in one bucket) and written as one file. Only the
+sample keys of the whole run are held at once (`benchmarks/scale.py`: the driver's peak at 100k prompts).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import re
+import tempfile
 import uuid
+import zlib
+from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
@@ -33,27 +43,42 @@ from pipelines.layout import (
 from pipelines.storage import full_url, join, parquet_bytes, put_atomic
 
 log = logging.getLogger(__name__)
-ROWS_PER_FILE = 100_000
+BUCKET_BYTES = 8 << 20  # Parquet bytes merged in memory at once (~10k scored rows): the commit's memory bound
+SPILL_ROWS = 8_192  # rows read before they are split into the buckets' spill files (~16 MB)
+MAX_BUCKETS = 4_096
+KEYS = ["model", "id", "sample"]
+# what the job's summary needs of the committed rows (`pipelines.runs.results.score_summary`), returned by commit
+SUMMARY_COLUMNS = ["model", "id", "sample", "clip_score", "prompt_match", "candidates", "diversity", "near_duplicate"]
 SHARD_MANIFEST = "shards-manifest"
 
 
-def _parquet_files(fs: AbstractFileSystem, path: str) -> list[str]:
+def _listing(fs: AbstractFileSystem, path: str) -> dict[str, int]:
+    """Parquet files under `path` (sorted) with their sizes, from one listing."""
     if not fs.exists(path):
-        return []
-    return sorted(f for f in fs.find(path) if f.endswith(".parquet"))
+        return {}
+    found = fs.find(path, detail=True)
+    return {f: int(found[f].get("size") or 0) for f in sorted(found) if f.endswith(".parquet")}
 
 
 def metadata_files(fs: AbstractFileSystem, root: str) -> tuple[list[str], list[str]]:
     """(committed files, staging parts), listed afresh: workers wrote parts since this process last listed, and
     s3fs answers info() from its listing cache (a part missing there is FileNotFoundError, not a read)."""
     fs.invalidate_cache()  # all of it: s3fs drops only the path and its parents, not the folders below
-    return _parquet_files(fs, join(root, METADATA)), _parquet_files(fs, join(root, STAGING, METADATA))
+    return list(_listing(fs, join(root, METADATA))), list(_listing(fs, join(root, STAGING, METADATA)))
+
+
+def _read_one(fs: AbstractFileSystem, f: str, columns: list[str] | None = None) -> pa.Table:
+    """A whole object (one GET, retried as one), not a stream cut mid-read by an outage."""
+    t = pq.read_table(pa.BufferReader(fs.cat_file(f)))
+    return t if columns is None else t.select([c for c in columns if c in t.column_names])
 
 
 def _read(fs: AbstractFileSystem, files: list[str], columns: list[str] | None = None) -> pa.Table:
-    tables = []
-    for f in files:  # whole objects (one GET each, retried as one), not streams cut mid-read by an outage
-        tables.append(pq.read_table(pa.BufferReader(fs.cat_file(f)), columns=columns))
+    return _union([_read_one(fs, f, columns) for f in files], columns)
+
+
+def _union(tables: list[pa.Table], columns: list[str] | None = None) -> pa.Table:
+    """Tables written at different times as one: our columns in layout order, then the extra ones."""
     schema = (pa.schema(list(METADATA_SCHEMA) + _extra_fields(tables)) if columns is None
               else pa.schema([METADATA_SCHEMA.field(c) for c in columns]))
     return pa.concat_tables([_conform(t, schema) for t in tables]) if tables else schema.empty_table()
@@ -75,71 +100,139 @@ def _conform(t: pa.Table, schema: pa.Schema) -> pa.Table:
     return pa.Table.from_arrays(cols, schema=pa.schema([f.with_type(c.type) for f, c in zip(schema, cols)])).cast(schema)
 
 
+def _sorted(table: pa.Table) -> pa.Table:
+    return table.sort_by([("model", "ascending"), ("id", "ascending"), ("sample", "ascending")])
+
+
 def read_metadata(fs: AbstractFileSystem, root: str) -> pa.Table:
-    """The committed metadata of a run (what a user reads)."""
-    return _read(fs, metadata_files(fs, root)[0])
+    """The committed metadata of a run (what a user reads), sorted by model, id, sample."""
+    return _sorted(_read(fs, metadata_files(fs, root)[0]))
 
 
 def done_keys(fs: AbstractFileSystem, root: str) -> frozenset[str]:
     committed, staged = metadata_files(fs, root)
-    return frozenset(sample_keys(_read(fs, committed + staged, ["model", "id", "sample"])))
+    return frozenset(sample_keys(_read(fs, committed + staged, KEYS)))
+
+
+def _first_rows(table: pa.Table) -> pa.Array:
+    """Index of the first row of each sample key, ascending (committed files are read first, so they win)."""
+    keys = pa.array(sample_keys(table), pa.string())
+    first = pa.table({"k": keys, "i": pa.array(range(len(keys)), pa.int64())}).group_by("k").aggregate([("i", "min")])
+    rows = first["i_min"].combine_chunks() if len(first) else pa.array([], pa.int64())
+    return rows.take(pc.array_sort_indices(rows))
 
 
 def commit(fs: AbstractFileSystem, root: str, near_duplicate_distance: float | None = None) -> pa.Table:
     """Merge staging into metadata/ with one row per sample, each prompt's diversity and near-duplicates set over
-    all its samples (`pipelines.batch.diversity`); returns the committed table."""
+    all its samples (`pipelines.batch.diversity`); returns the committed rows' SUMMARY_COLUMNS."""
+    listing = {**_listing(fs, join(root, METADATA)), **_listing(fs, join(root, STAGING, METADATA))}
     committed, staged = metadata_files(fs, root)
-    table = _read(fs, committed + staged)
-    keys = pa.array(sample_keys(table), pa.string())
-    first = pa.table({"k": keys, "i": pa.array(range(len(keys)), pa.int64())}).group_by("k").aggregate([("i", "min")])
-    if not staged and committed and len(first) == len(table):
-        return table  # nothing staged and already one row per sample (always checked: a second writer's leftovers)
-    table = table.take(first["i_min"]).sort_by([("model", "ascending"), ("id", "ascending"), ("sample", "ascending")])
-    table = annotate(table, near_duplicate_distance)
-    table = _finalize_shards(fs, root, table)
-    gen = uuid.uuid4().hex[:8]
-    for n, start in enumerate(range(0, max(len(table), 1), ROWS_PER_FILE)):
-        put_atomic(fs, join(root, METADATA, f"part-{gen}-{n:05d}.parquet"),
-                   parquet_bytes(table.slice(start, ROWS_PER_FILE)))
-    for f in committed + staged:  # only now: every row above is safely in the new generation
+    files = committed + staged
+    buckets = min(MAX_BUCKETS, max(1, math.ceil(sum(listing.get(f, 0) for f in files) / BUCKET_BYTES)))
+    with tempfile.TemporaryDirectory(prefix="promptmill-commit-") as spill:
+        index = _split(fs, files, buckets, Path(spill))
+        kept = index.take(_first_rows(index))
+        if not staged and committed and len(kept) == len(index):
+            # nothing staged and already one row per sample (always checked: a second writer's leftovers)
+            return _read(fs, committed, SUMMARY_COLUMNS)
+        shards = _finalize_shards(fs, root, kept)
+        gen, summaries = uuid.uuid4().hex[:8], []
+        for b in range(buckets):
+            parts = sorted(Path(spill).glob(f"b{b:05d}-*.parquet"))
+            if not parts:
+                continue
+            table = _union([pq.read_table(p) for p in parts])
+            table = annotate(_sorted(table.take(_first_rows(table))), near_duplicate_distance)
+            if shards:
+                paths = table.column("image_path").to_pylist()
+                table = table.set_column(table.schema.get_field_index("image_path"), "image_path",
+                                         pa.array([shards.get(p, p) for p in paths], pa.string()))
+            put_atomic(fs, join(root, METADATA, f"part-{gen}-{b:05d}.parquet"), parquet_bytes(table))
+            summaries.append(table.select(SUMMARY_COLUMNS))
+            del table
+    if not summaries:  # an empty run still commits one (empty) file: a reader finds its schema
+        put_atomic(fs, join(root, METADATA, f"part-{gen}-00000.parquet"), parquet_bytes(METADATA_SCHEMA.empty_table()))
+    for f in files:  # only now: every row above is safely in the new generation
         fs.rm(f)
-    _sweep_shards(fs, root, table)
-    if len(table) != len(committed) and staged:
-        log.info("committed %d metadata rows (%d staging parts merged)", len(table), len(staged))
-    return table
+    _sweep_shards(fs, root, {shards.get(p, p) for p in kept.column("image_path").to_pylist() if p})
+    if staged:
+        log.info("committed %d metadata rows (%d staging parts merged)", len(kept), len(staged))
+    return _union(summaries, SUMMARY_COLUMNS)
+
+
+INDEX = ["model", "id", "sample", "image_path", "image_key"]
+
+
+def _split(fs: AbstractFileSystem, files: list[str], buckets: int, spill: Path) -> pa.Table:
+    """Every file's rows, in file order, appended to the spill file of their bucket (hash of model and id);
+    returns the run's index (INDEX columns of every row, in the same order).
+
+    Files are gathered to SPILL_ROWS before they are split: thousands of 64-row parts cut into buckets would
+    be tens of thousands of tiny tables, whose overhead outweighed the rows."""
+    index: list[pa.Table] = []
+    pending: list[pa.Table] = []
+    writers: dict[int, pq.ParquetWriter] = {}
+    opened = [0]
+
+    def flush() -> None:
+        t = pa.concat_tables(pending, promote_options="permissive")
+        pending.clear()
+        index.append(t.select(INDEX).combine_chunks())
+        ids, models = t.column("id").to_pylist(), t.column("model").to_pylist()
+        which = pa.array([zlib.crc32(f"{m}\x1f{i}".encode()) % buckets for m, i in zip(models, ids)], pa.int32())
+        for b in pc.unique(which).to_pylist():
+            part, w = t.filter(pc.equal(which, b)), writers.get(b)
+            if w is None or w.schema != part.schema:  # a part with another keep_columns type: a new file for it
+                if w is not None:
+                    w.close()
+                w = writers[b] = pq.ParquetWriter(spill / f"b{b:05d}-{opened[0]:06d}.parquet", part.schema)
+                opened[0] += 1
+            w.write_table(part)
+
+    for f in files:
+        t = _read_one(fs, f)
+        pending.append(_conform(t, pa.schema(list(METADATA_SCHEMA) + _extra_fields([t]))))
+        if sum(len(p) for p in pending) >= SPILL_ROWS:
+            flush()
+    if pending:
+        flush()
+    for w in writers.values():
+        w.close()
+    return pa.concat_tables(index) if index else METADATA_SCHEMA.empty_table().select(INDEX)
 
 
 SHARD_NAME = re.compile(r"/(\d{5,})\.tar$")
 
 
-def _finalize_shards(fs: AbstractFileSystem, root: str, table: pa.Table) -> pa.Table:
-    """Staged WebDataset tars -> `shards/<model>/{n:05d}.tar`, numbered after the committed ones.
+def _finalize_shards(fs: AbstractFileSystem, root: str, kept: pa.Table) -> dict[str, str]:
+    """Staged WebDataset tars -> `shards/<model>/{n:05d}.tar`, numbered after the committed ones; returns each
+    staged tar's final URL. `kept`: model, image_path and image_key of the rows the commit keeps.
 
     Copied, not moved: until the new metadata generation is written, the old one still points at the
     staged tars. A tar none of whose rows survived deduplication (a batch Ray ran twice) is not copied;
     one that kept only some rows is rewritten without the others, so no sample is in two shards.
     """
-    if "image_path" not in table.column_names or not len(table):
-        return table
+    if not len(kept):
+        return {}
     staged_root = full_url(fs, join(root, STAGING, SHARDS))
-    paths = table.column("image_path").to_pylist()
-    keys, models = table.column("image_key").to_pylist(), table.column("model").to_pylist()
-    staged: dict[str, set[str]] = {}
+    paths = kept.column("image_path").to_pylist()
+    keys, models = kept.column("image_key").to_pylist(), kept.column("model").to_pylist()
+    staged: dict[str, tuple[str, set[str]]] = {}
     last: dict[str, int] = {}
     for p, k, m in zip(paths, keys, models):
         if p is None:
             continue
         if p.startswith(staged_root + "/"):
-            staged.setdefault(p, set()).add(k)
+            staged.setdefault(p, (m, set()))[1].add(k)
         elif (hit := SHARD_NAME.search(p)) is not None:
             last[m] = max(last.get(m, -1), int(hit.group(1)))
     if not staged:
-        return table
+        return {}
     final: dict[str, str] = {}
     plan, numbers = [], dict(last)
     referenced = {fs._strip_protocol(p) for p in paths if p}
     for p in sorted(staged):
-        model = models[paths.index(p)]
+        model = staged[p][0]
         while True:  # never overwrite a shard the metadata does not reference: it may not be ours
             numbers[model] = numbers.get(model, -1) + 1
             dest = join(root, shard_relpath(model, numbers[model]))
@@ -152,23 +245,22 @@ def _finalize_shards(fs: AbstractFileSystem, root: str, table: pa.Table) -> pa.T
     for p, dest in plan:
         data = fs.cat_file(fs._strip_protocol(p))
         members = tar_members(data)
-        kept = [(name, b) for name, b in members if member_key(name) in staged[p]]
-        if len(kept) != len(members):
-            data = tar_bytes(kept)
+        keep = [(name, b) for name, b in members if member_key(name) in staged[p][1]]
+        if len(keep) != len(members):
+            data = tar_bytes(keep)
         put_atomic(fs, dest, data)
         final[p] = full_url(fs, dest)
-    return table.set_column(table.schema.get_field_index("image_path"), "image_path",
-                            pa.array([final.get(p, p) for p in paths], pa.string()))
+    return final
 
 
-def _sweep_shards(fs: AbstractFileSystem, root: str, table: pa.Table) -> None:
+def _sweep_shards(fs: AbstractFileSystem, root: str, used_paths: set[str]) -> None:
     """Delete staged tars, and shards a commit copied (listed in its manifest) that the committed metadata does
     not reference (left by a commit that died between copying shards and writing metadata): a reader globbing
     shards/ sees each sample once. A shard no manifest lists is not ours to delete, whatever its name."""
     if fs.exists(join(root, STAGING, SHARDS)):
         fs.rm(join(root, STAGING, SHARDS), recursive=True)
     manifests = fs.glob(join(root, STAGING, f"{SHARD_MANIFEST}-*.json")) if fs.exists(join(root, STAGING)) else []
-    used = {fs._strip_protocol(p) for p in table.column("image_path").to_pylist() if p}
+    used = {fs._strip_protocol(p) for p in used_paths}
     for m in manifests:
         for f in read_json(fs, m) or []:
             if fs._strip_protocol(f) not in used and fs.exists(f):

@@ -31,12 +31,15 @@ def annotate(table: pa.Table, threshold: float | None) -> pa.Table:
         keys = pc.binary_join_element_wise(table["model"], table["id"], "\x1f").to_numpy(zero_copy_only=False)
         starts = np.flatnonzero(np.r_[True, keys[1:] != keys[:-1]])
         ends = np.r_[starts[1:], n]
-        rows = feats.to_pylist()
+        lists = pa.concat_arrays(feats.chunks) if feats.num_chunks != 1 else feats.chunk(0)
+        # offsets (slice-aware) into values (not): numpy views, no Python float per feature
+        offsets, values = lists.offsets.to_numpy(), lists.values.to_numpy(zero_copy_only=False)
+        valid = lists.is_valid().to_numpy(zero_copy_only=False)
         for a, b in zip(starts, ends):
-            idx = [i for i in range(a, b) if rows[i] is not None]
+            idx = [i for i in range(a, b) if valid[i]]
             if len(idx) < 2:
                 continue
-            d = pairwise_cosine(np.asarray([rows[i] for i in idx], np.float32))
+            d = pairwise_cosine(np.stack([values[offsets[i]:offsets[i + 1]] for i in idx]).astype(np.float32))
             diversity[idx] = d[np.triu_indices(len(idx), 1)].mean()
             if threshold is not None:
                 np.fill_diagonal(d, np.inf)

@@ -125,7 +125,7 @@ def finalize(spec: JobSpec, fs: AbstractFileSystem, root: str, *, input_rows: in
     write_json(fs, join(root, SUMMARY), result.summary)
     # 4. Job-level metrics and the report
     if spec.metrics.reference or spec.output.report:
-        run = Run(out_url, spec.output.storage_options, metadata=table, summary=result.summary)
+        run = Run(out_url, spec.output.storage_options, summary=result.summary)  # reads the committed metadata
         if spec.metrics.reference:
             m = spec.metrics
             evaluate_run(run, m.reference, spec.scoring.judge, max_images=m.max_images,
