@@ -16,9 +16,6 @@ For each family, on the same shapes test prompts and the shipped checkpoint:
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,7 +23,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import yaml
+from jobrun import run_generate  # benchmarks/ is the script folder, first on sys.path
 
 from models import load_generator
 from models.shapes import example
@@ -68,12 +65,7 @@ def job(tmp: Path, family: str, n: int, scoring: bool, batch: int, before: bool 
                         "resources": {"batch_size": batch, **(BEFORE["resources"] if before else {})}}],
             "scoring": {"enabled": scoring, **(BEFORE["scoring"] if before else {})},
             "output": {"path": str(tmp / name), "report": False}}
-    (tmp / f"{name}.yaml").write_text(yaml.safe_dump(spec))
-    t = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "jobs.cli", "generate", str(tmp / f"{name}.yaml")], check=True,
-                   capture_output=True)
-    wall = time.perf_counter() - t
-    summary = json.loads((tmp / name / "summary.json").read_text())
+    wall, summary = run_generate(tmp, name, spec)
     assert summary["images_total"] == {"m": n}, summary["images_total"]
     return wall, summary
 

@@ -10,18 +10,14 @@ Writes a PNG of the curve.
 from __future__ import annotations
 
 import argparse
-import json
 import re
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
-import yaml
+from jobrun import run_generate  # benchmarks/ is the script folder, first on sys.path
 
 from models.shapes import example
 from pipelines.batch.job import PHASES
@@ -33,35 +29,23 @@ def run(tmp: Path, n: int, prompts: list[str], batch: int) -> dict:
     spec = {"name": f"scale-{n}", "input": {"path": str(tmp / f"in-{n}.parquet"), "id_column": "id"},
             "models": [{"name": "gan", "family": "gan", "checkpoint": "shipped:gan", "resources": {"batch_size": batch}}],
             "output": {"path": str(tmp / f"out-{n}"), "report": False}}
-    (tmp / f"{n}.yaml").write_text(yaml.safe_dump(spec))
-    t = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "generate", str(tmp / f"{n}.yaml")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    driver, timeline = psutil.Process(proc.pid), []
-    while proc.poll() is None:
-        try:
-            timeline.append((time.perf_counter() - t, driver.memory_info().rss))
-        except psutil.NoSuchProcess:
-            break
-        time.sleep(0.2)
-    wall = time.perf_counter() - t
+    timeline: list[tuple[float, int]] = []
+    t_epoch = time.time()
+    wall, summary = run_generate(tmp, str(n), spec, lambda driver, at: timeline.append((at, driver.memory_info().rss)))
     peak = max((r for _, r in timeline), default=0)
-    assert proc.returncode == 0, f"size {n}: exit {proc.returncode}"
-    summary = json.loads((tmp / f"out-{n}" / "summary.json").read_text())
     assert summary["images_total"] == {"gan": n}
     spilled = sum(int(m) for m in re.findall(r"Spilled to disk: (\d+)MB", summary.get("ray_data_stats") or ""))
     return {"n": n, "wall_s": wall, "wall_img_s": n / wall, "steady_img_s": n / summary["phases_s"]["images"],
             "driver_peak_rss_mb": peak / 2**20, "spilled_mb": spilled, "phases_s": summary["phases_s"],
-            "rss_by_phase_mb": _rss_by_phase(timeline, summary["phases_s"], wall)}
+            "rss_by_phase_mb": _rss_by_phase(timeline, summary["phases_s"],
+                                             (tmp / f"out-{n}" / "_SUCCESS").stat().st_mtime - t_epoch, wall)}
 
 
-def _rss_by_phase(timeline: list[tuple[float, int]], phases: dict[str, float], wall: float) -> dict[str, float]:
-    """Peak driver RSS within each phase of run_job, plus 'before' (process start, imports) and 'after' (exit).
-
-    Phase ends are placed by counting back from the process's exit: run_job's last phase ends about when the
-    driver begins its exit, which `exit_s` (a summary field, if present) or 0 puts before the process end."""
+def _rss_by_phase(timeline: list[tuple[float, int]], phases: dict[str, float], end: float,
+                  wall: float) -> dict[str, float]:
+    """Peak driver RSS within each phase of run_job, plus 'before' (process start, imports) and 'after' (Ray's
+    shutdown, exit). `end`: when run_job finished (the `_SUCCESS` marker it writes last), phases counted back."""
     names = [k for k in PHASES if k in phases and k != "first_image"]  # first_image lies inside images
-    end = wall - phases.get("exit_s", 0.0)
     bounds, at = [], end
     for k in reversed(names):
         bounds.append((k, at - phases[k], at))

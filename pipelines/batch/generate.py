@@ -1,6 +1,7 @@
 """The generate stage: a Ray Data callable class, one model load per actor, one `generate` per batch.
 
-Emits raw pixels (the scoring stage reads them; the writer encodes), and with `sampling.candidates`
+Emits raw pixels (the scoring stage reads them; the writer encodes) or, when it is the job's last actor stage,
+writes them itself (`write`), and with `sampling.candidates`
 K > 1 draws K per image and keeps the best by clip_score (DALL-E's rerank).
 """
 
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import ray
@@ -25,11 +27,12 @@ log = logging.getLogger(__name__)
 
 class GenerateStage:
     def __init__(self, model: ModelSpec, scoring: ScoringSpec, checkpoint_id: str | None = None,
-                 threads: int | None = None, score: bool = False) -> None:
+                 threads: int | None = None, score: bool = False, write: Callable[[dict], dict] | None = None) -> None:
         if threads:  # Ray set OMP_NUM_THREADS from num_cpus; the job decided (preflight.actor_threads)
             torch.set_num_threads(threads)
         self.device = device_for(model.resources.num_gpus)
         self.model = model
+        self.write = write  # the job's WriteStage, when this actor is the last stage (`job._images`)
         self.gen = load_generator(model.checkpoint, self.device, model.storage_options, family=model.family)
         self.sampling = self.gen.Sampling(**model.family_sampling).model_dump()
         # score: what this actor draws is scored here, on its device, before it leaves (no scoring pool)
@@ -78,4 +81,5 @@ class GenerateStage:
         batch["pipeline_class"] = np.full(n, getattr(self.gen, "pipeline_class", None), object)
         batch["device"] = np.full(n, self.device, object)
         batch["node"] = np.full(n, self.node, object)
-        return self.scores(batch) if self.scores is not None else batch
+        batch = self.scores(batch) if self.scores is not None else batch
+        return self.write(batch) if self.write is not None else batch

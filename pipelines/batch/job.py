@@ -141,11 +141,20 @@ def _write_rejected(spec: JobSpec, plan: InputPlan, validated: ray.data.Dataset,
     return counts
 
 
-def _images(spec: JobSpec, validated: ray.data.Dataset, done: frozenset[str], record: dict) -> ray.data.Dataset:
+def _writer(spec: JobSpec, out_url: str) -> WriteStage:
+    o = spec.output
+    return WriteStage(out_url, o.storage_options, o.image_format, o.format, retry_policy(spec), o.provenance,
+                      tuple(spec.input.keep_columns), o.sidecars)
+
+
+def _images(spec: JobSpec, validated: ray.data.Dataset, done: frozenset[str], record: dict,
+            write: WriteStage | None = None) -> ray.data.Dataset:
     """One branch per model (expand -> generate actor pool, which also scores unless scoring has its own pool),
-    unioned, then the scoring pool if there is one."""
+    unioned, then the scoring pool if there is one. `write`: the last actor stage writes what it made (pixels
+    then never cross the object store to a write task)."""
     branches, cores, actors = [], local_cores(), sum(p.actors for p in pools(spec))
     fused = scoring_on(spec) and not scoring_pool(spec)
+    last_writes = write if not scoring_pool(spec) else None
     for m in spec.models:
         r = m.resources
         samples = validated.map_batches(
@@ -158,14 +167,14 @@ def _images(spec: JobSpec, validated: ray.data.Dataset, done: frozenset[str], re
         branches.append(samples.map_batches(
             GenerateStage, fn_constructor_kwargs={"model": m, "scoring": spec.scoring, "score": fused,
                                                   "checkpoint_id": record["models"][m.name]["checkpoint_id"],
-                                                  "threads": actor_threads(r, actors, cores)},
+                                                  "threads": actor_threads(r, actors, cores), "write": last_writes},
             compute=ActorPoolStrategy(min_size=r.actors, max_size=r.max_actors),
             num_gpus=r.num_gpus, num_cpus=r.num_cpus, batch_size=r.batch_size, **_BOUNDED))
     images = branches[0].union(*branches[1:]) if len(branches) > 1 else branches[0]
     if not scoring_pool(spec):
         return images
     s = spec.scoring.resources
-    return images.map_batches(ScoreStage, fn_constructor_kwargs={"scoring": spec.scoring,
+    return images.map_batches(ScoreStage, fn_constructor_kwargs={"scoring": spec.scoring, "write": write,
                                                                  "threads": actor_threads(s, actors, cores)},
                               compute=ActorPoolStrategy(min_size=s.actors, max_size=s.max_actors),
                               num_gpus=s.num_gpus, num_cpus=s.num_cpus, batch_size=s.batch_size, **_BOUNDED)
@@ -177,9 +186,9 @@ def _write(spec: JobSpec, images: ray.data.Dataset, out_url: str, expected: int,
     generation errors and Ray Data's stats of the run. More errors than `output.max_error_fraction` of the job's
     `expected` images fails it."""
     o = spec.output
-    stream = images.map_batches(WriteStage(out_url, o.storage_options, o.image_format, o.format, retry_policy(spec),
-                                           o.provenance, tuple(spec.input.keep_columns), o.sidecars),
-                                batch_size=None if o.format == "files" else o.shard_size, num_cpus=0.5)
+    # files: the actors wrote already (`_images`); shards and Parquet parts gather shard_size rows in write tasks
+    stream = images if o.format == "files" else images.map_batches(_writer(spec, out_url), batch_size=o.shard_size,
+                                                                    num_cpus=0.5)
     written: dict[str, int] = {m.name: 0 for m in spec.models}
     errors, first = 0, None
     try:
@@ -262,7 +271,9 @@ def run_job(spec: JobSpec, allow_subset: bool = False) -> JobResult:
         expected = (plan.rows - sum(rejected.values())) * sum(m.images_per_prompt for m in spec.models)
         done = done_keys(fs, root)
         progress = Progress(max(expected - len(done), 0), sum(rejected.values()))
-        written, errors, stats = _write(spec, _images(spec, validated, done, record), out_url, expected, progress)
+        fused_write = _writer(spec, out_url) if spec.output.format == "files" else None
+        images = _images(spec, validated, done, record, fused_write)
+        written, errors, stats = _write(spec, images, out_url, expected, progress)
         progress.final()
         if progress.first is not None:
             phases.mark("first_image", progress.first)  # actors start, load their models, draw the first batch

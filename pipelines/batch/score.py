@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -34,9 +35,11 @@ class ScoreStage:
     """Its own pool's actor (`scoring.pool`), or held by a generator actor that scores what it draws (`device`:
     the generator's)."""
 
-    def __init__(self, scoring: ScoringSpec, device: str | None = None, threads: int | None = None) -> None:
+    def __init__(self, scoring: ScoringSpec, device: str | None = None, threads: int | None = None,
+                 write: Callable[[dict], dict] | None = None) -> None:
         if threads:
             torch.set_num_threads(threads)
+        self.write = write  # the job's WriteStage, when this actor is the last stage (`job._images`)
         self.device = device or device_for(scoring.resources.num_gpus)
         so = scoring.storage_options
         self.clip = load_clip(scoring.clip, self.device, so) if scoring.clip else None
@@ -74,4 +77,4 @@ class ScoreStage:
         for i, text in failed.items():  # the image is kept, unscored, with the reason
             cols["scoring_error"][i] = text
         batch.update(cols)
-        return batch
+        return self.write(batch) if self.write is not None else batch

@@ -1,0 +1,74 @@
+"""Where a job's CPU goes: CPU seconds per process kind (driver, generator actor, write tasks, Ray's own), sampled
+from /proc every 0.5 s while `promptmill generate` runs one job (shipped checkpoint, scoring off by default).
+
+    python benchmarks/cpu_split.py [--family gan] [--n 8192] [--scoring]
+
+Worker processes are named by what they run at the sample (`ray::IDLE` between tasks): Ray Data's small tasks
+(expand, repartition, write) mostly show as IDLE. The 2-core machine has 2 CPU-s per wall second to share.
+"""
+
+from __future__ import annotations
+
+import argparse
+import tempfile
+from pathlib import Path
+
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+from jobrun import run_generate  # benchmarks/ is the script folder, first on sys.path
+
+from models.shapes import example
+from pipelines.batch.job import PHASES
+
+CHECKPOINT = {"gan": "shipped:gan", "transformer": "shipped:dalle"}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--family", default="gan", choices=sorted(CHECKPOINT))
+    ap.add_argument("--n", type=int, default=8192)
+    ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--scoring", action="store_true")
+    args = ap.parse_args()
+    before = {p.pid for p in psutil.process_iter()}
+    seen: dict[int, tuple[str, float]] = {}
+
+    def watch(driver: psutil.Process, _: float) -> None:
+        for p in psutil.process_iter():
+            if p.pid in before and p.pid != driver.pid:
+                continue
+            try:
+                cmd = p.cmdline()
+                kind = "driver" if p.pid == driver.pid else (cmd[0].split()[0] if cmd and cmd[0].startswith("ray::")
+                                                            else p.name())
+                seen[p.pid] = (kind, sum(p.cpu_times()[:2]))
+            except (psutil.NoSuchProcess, psutil.AccessDenied):
+                pass
+
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+        prompts = [example(i, 1, "test")[1] for i in range(args.n)]
+        pq.write_table(pa.table({"id": [f"p{i}" for i in range(args.n)], "prompt": prompts}), tmp / "in.parquet")
+        spec = {"name": "cpu", "input": {"path": str(tmp / "in.parquet"), "id_column": "id"},
+                "models": [{"name": "m", "family": args.family, "checkpoint": CHECKPOINT[args.family],
+                            "resources": {"batch_size": args.batch_size}}],
+                "scoring": {"enabled": args.scoring}, "output": {"path": str(tmp / "out"), "report": False}}
+        wall, summary = run_generate(tmp, "cpu", spec, watch, every_s=0.5)
+    by_kind: dict[str, float] = {}
+    for kind, cpu in seen.values():
+        by_kind[kind] = by_kind.get(kind, 0.0) + cpu
+    phases = summary["phases_s"]
+    print(f"{args.family}, {args.n} prompts, scoring {'on' if args.scoring else 'off'}: wall {wall:.1f} s, "
+          f"{args.n / phases['images']:.0f} img/s over the images phase; phases " +
+          ", ".join(f"{k} {phases[k]:.1f}" for k in PHASES if k in phases))
+    print("| process | CPU s | share |\n|---|---|---|")
+    total = sum(by_kind.values())
+    for kind, cpu in sorted(by_kind.items(), key=lambda kv: -kv[1]):
+        if cpu >= 0.3:
+            print(f"| {kind} | {cpu:.1f} | {cpu / total:.0%} |")
+    print(f"| all | {total:.1f} | over {wall:.1f} s wall on {psutil.cpu_count()} cores |")
+
+
+if __name__ == "__main__":
+    main()
