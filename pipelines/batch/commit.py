@@ -116,8 +116,8 @@ def done_keys(fs: AbstractFileSystem, root: str) -> frozenset[str]:
 
 def _first_rows(table: pa.Table) -> pa.Array:
     """Index of the first row of each sample key, ascending (committed files are read first, so they win)."""
-    keys = pa.array(sample_keys(table), pa.string())
-    first = pa.table({"k": keys, "i": pa.array(range(len(keys)), pa.int64())}).group_by("k").aggregate([("i", "min")])
+    keys = pc.binary_join_element_wise(table["model"], table["id"], pc.cast(table["sample"], pa.string()), "\x1f")
+    first = pa.table({"k": keys, "i": pa.array(range(len(table)), pa.int64())}).group_by("k").aggregate([("i", "min")])
     rows = first["i_min"].combine_chunks() if len(first) else pa.array([], pa.int64())
     return rows.take(pc.array_sort_indices(rows))
 
@@ -154,7 +154,7 @@ def commit(fs: AbstractFileSystem, root: str, near_duplicate_distance: float | N
         put_atomic(fs, join(root, METADATA, f"part-{gen}-00000.parquet"), parquet_bytes(METADATA_SCHEMA.empty_table()))
     for f in files:  # only now: every row above is safely in the new generation
         fs.rm(f)
-    _sweep_shards(fs, root, {shards.get(p, p) for p in kept.column("image_path").to_pylist() if p})
+    _sweep_shards(fs, root, kept, shards)
     if staged:
         log.info("committed %d metadata rows (%d staging parts merged)", len(kept), len(staged))
     return _union(summaries, SUMMARY_COLUMNS)
@@ -204,6 +204,12 @@ def _split(fs: AbstractFileSystem, files: list[str], buckets: int, spill: Path) 
 SHARD_NAME = re.compile(r"/(\d{5,})\.tar$")
 
 
+def _shard_rows(kept: pa.Table) -> pa.Table:
+    """The rows whose image is a tar member (WebDataset); none in other formats, and no Python object per row."""
+    path = kept["image_path"]
+    return kept.filter(pc.fill_null(pc.ends_with(path, ".tar"), False)) if len(kept) else kept
+
+
 def _finalize_shards(fs: AbstractFileSystem, root: str, kept: pa.Table) -> dict[str, str]:
     """Staged WebDataset tars -> `shards/<model>/{n:05d}.tar`, numbered after the committed ones; returns each
     staged tar's final URL. `kept`: model, image_path and image_key of the rows the commit keeps.
@@ -212,6 +218,7 @@ def _finalize_shards(fs: AbstractFileSystem, root: str, kept: pa.Table) -> dict[
     staged tars. A tar none of whose rows survived deduplication (a batch Ray ran twice) is not copied;
     one that kept only some rows is rewritten without the others, so no sample is in two shards.
     """
+    kept = _shard_rows(kept)
     if not len(kept):
         return {}
     staged_root = full_url(fs, join(root, STAGING, SHARDS))
@@ -220,8 +227,6 @@ def _finalize_shards(fs: AbstractFileSystem, root: str, kept: pa.Table) -> dict[
     staged: dict[str, tuple[str, set[str]]] = {}
     last: dict[str, int] = {}
     for p, k, m in zip(paths, keys, models):
-        if p is None:
-            continue
         if p.startswith(staged_root + "/"):
             staged.setdefault(p, (m, set()))[1].add(k)
         elif (hit := SHARD_NAME.search(p)) is not None:
@@ -253,14 +258,17 @@ def _finalize_shards(fs: AbstractFileSystem, root: str, kept: pa.Table) -> dict[
     return final
 
 
-def _sweep_shards(fs: AbstractFileSystem, root: str, used_paths: set[str]) -> None:
+def _sweep_shards(fs: AbstractFileSystem, root: str, kept: pa.Table, moved: dict[str, str]) -> None:
     """Delete staged tars, and shards a commit copied (listed in its manifest) that the committed metadata does
     not reference (left by a commit that died between copying shards and writing metadata): a reader globbing
-    shards/ sees each sample once. A shard no manifest lists is not ours to delete, whatever its name."""
+    shards/ sees each sample once. A shard no manifest lists is not ours to delete, whatever its name.
+    `kept` / `moved`: the committed rows' image paths before the commit moved their staged tars, and the moves."""
     if fs.exists(join(root, STAGING, SHARDS)):
         fs.rm(join(root, STAGING, SHARDS), recursive=True)
     manifests = fs.glob(join(root, STAGING, f"{SHARD_MANIFEST}-*.json")) if fs.exists(join(root, STAGING)) else []
-    used = {fs._strip_protocol(p) for p in used_paths}
+    if not manifests:
+        return
+    used = {fs._strip_protocol(moved.get(p, p)) for p in _shard_rows(kept).column("image_path").to_pylist()}
     for m in manifests:
         for f in read_json(fs, m) or []:
             if fs._strip_protocol(f) not in used and fs.exists(f):
