@@ -60,17 +60,28 @@ def _listing(fs: AbstractFileSystem, path: str) -> dict[str, int]:
     return {f: int(found[f].get("size") or 0) for f in sorted(found) if f.endswith(".parquet")}
 
 
-def metadata_files(fs: AbstractFileSystem, root: str) -> tuple[list[str], list[str]]:
-    """(committed files, staging parts), listed afresh: workers wrote parts since this process last listed, and
-    s3fs answers info() from its listing cache (a part missing there is FileNotFoundError, not a read)."""
+def _metadata_listing(fs: AbstractFileSystem, root: str) -> tuple[dict[str, int], dict[str, int]]:
+    """(committed files, staging parts) with their sizes, listed afresh: workers wrote parts since this process
+    last listed, and s3fs answers info() from its listing cache (a part missing there is FileNotFoundError)."""
     fs.invalidate_cache()  # all of it: s3fs drops only the path and its parents, not the folders below
-    return list(_listing(fs, join(root, METADATA))), list(_listing(fs, join(root, STAGING, METADATA)))
+    return _listing(fs, join(root, METADATA)), _listing(fs, join(root, STAGING, METADATA))
+
+
+def metadata_files(fs: AbstractFileSystem, root: str) -> tuple[list[str], list[str]]:
+    """(committed files, staging parts), listed afresh (`_metadata_listing`)."""
+    committed, staged = _metadata_listing(fs, root)
+    return list(committed), list(staged)
 
 
 def _read_one(fs: AbstractFileSystem, f: str, columns: list[str] | None = None) -> pa.Table:
-    """A whole object (one GET, retried as one), not a stream cut mid-read by an outage."""
-    t = pq.read_table(pa.BufferReader(fs.cat_file(f)))
-    return t if columns is None else t.select([c for c in columns if c in t.column_names])
+    """A whole object (one GET, retried as one), not a stream cut mid-read by an outage; only `columns` (those
+    the file has) are decoded."""
+    buf = pa.BufferReader(fs.cat_file(f))
+    if columns is not None:
+        have = pq.read_schema(buf).names
+        columns = [c for c in columns if c in have]
+        buf.seek(0)
+    return pq.read_table(buf, columns=columns)
 
 
 def _read(fs: AbstractFileSystem, files: list[str], columns: list[str] | None = None) -> pa.Table:
@@ -125,10 +136,11 @@ def _first_rows(table: pa.Table) -> pa.Array:
 def commit(fs: AbstractFileSystem, root: str, near_duplicate_distance: float | None = None) -> pa.Table:
     """Merge staging into metadata/ with one row per sample, each prompt's diversity and near-duplicates set over
     all its samples (`pipelines.batch.diversity`); returns the committed rows' SUMMARY_COLUMNS."""
-    listing = {**_listing(fs, join(root, METADATA)), **_listing(fs, join(root, STAGING, METADATA))}
-    committed, staged = metadata_files(fs, root)
+    committed_sizes, staged_sizes = _metadata_listing(fs, root)
+    committed, staged = list(committed_sizes), list(staged_sizes)
     files = committed + staged
-    buckets = min(MAX_BUCKETS, max(1, math.ceil(sum(listing.get(f, 0) for f in files) / BUCKET_BYTES)))
+    size = sum(committed_sizes.values()) + sum(staged_sizes.values())
+    buckets = min(MAX_BUCKETS, max(1, math.ceil(size / BUCKET_BYTES)))
     with tempfile.TemporaryDirectory(prefix="promptmill-commit-") as spill:
         index = _split(fs, files, buckets, Path(spill))
         kept = index.take(_first_rows(index))

@@ -153,8 +153,8 @@ def _images(spec: JobSpec, validated: ray.data.Dataset, done: frozenset[str], re
     unioned, then the scoring pool if there is one. `write`: the last actor stage writes what it made (pixels
     then never cross the object store to a write task)."""
     branches, cores, actors = [], local_cores(), sum(p.actors for p in pools(spec))
-    fused = scoring_on(spec) and not scoring_pool(spec)
-    last_writes = write if not scoring_pool(spec) else None
+    pool = scoring_pool(spec)
+    fused, last_writes = scoring_on(spec) and not pool, None if pool else write
     for m in spec.models:
         r = m.resources
         samples = validated.map_batches(
@@ -171,7 +171,7 @@ def _images(spec: JobSpec, validated: ray.data.Dataset, done: frozenset[str], re
             compute=ActorPoolStrategy(min_size=r.actors, max_size=r.max_actors),
             num_gpus=r.num_gpus, num_cpus=r.num_cpus, batch_size=r.batch_size, **_BOUNDED))
     images = branches[0].union(*branches[1:]) if len(branches) > 1 else branches[0]
-    if not scoring_pool(spec):
+    if not pool:
         return images
     s = spec.scoring.resources
     return images.map_batches(ScoreStage, fn_constructor_kwargs={"scoring": spec.scoring, "write": write,
@@ -180,15 +180,14 @@ def _images(spec: JobSpec, validated: ray.data.Dataset, done: frozenset[str], re
                               num_gpus=s.num_gpus, num_cpus=s.num_cpus, batch_size=s.batch_size, **_BOUNDED)
 
 
-def _write(spec: JobSpec, images: ray.data.Dataset, out_url: str, expected: int,
+def _write(spec: JobSpec, images: ray.data.Dataset, write: WriteStage | None, expected: int,
            progress: Progress) -> tuple[dict[str, int], int, str]:
     """Images first, then each batch's metadata part; returns images written per model and the rows rejected as
     generation errors and Ray Data's stats of the run. More errors than `output.max_error_fraction` of the job's
     `expected` images fails it."""
     o = spec.output
-    # files: the actors wrote already (`_images`); shards and Parquet parts gather shard_size rows in write tasks
-    stream = images if o.format == "files" else images.map_batches(_writer(spec, out_url), batch_size=o.shard_size,
-                                                                    num_cpus=0.5)
+    # `write`: what the actors did not write already (`_images`), in write tasks of shard_size rows
+    stream = images if write is None else images.map_batches(write, batch_size=o.shard_size, num_cpus=0.5)
     written: dict[str, int] = {m.name: 0 for m in spec.models}
     errors, first = 0, None
     try:
@@ -271,9 +270,10 @@ def run_job(spec: JobSpec, allow_subset: bool = False) -> JobResult:
         expected = (plan.rows - sum(rejected.values())) * sum(m.images_per_prompt for m in spec.models)
         done = done_keys(fs, root)
         progress = Progress(max(expected - len(done), 0), sum(rejected.values()))
-        fused_write = _writer(spec, out_url) if spec.output.format == "files" else None
-        images = _images(spec, validated, done, record, fused_write)
-        written, errors, stats = _write(spec, images, out_url, expected, progress)
+        # files: the last actor stage writes; WebDataset tars and Parquet parts gather shard_size rows in tasks
+        write, in_actors = _writer(spec, out_url), spec.output.format == "files"
+        images = _images(spec, validated, done, record, write if in_actors else None)
+        written, errors, stats = _write(spec, images, None if in_actors else write, expected, progress)
         progress.final()
         if progress.first is not None:
             phases.mark("first_image", progress.first)  # actors start, load their models, draw the first batch
