@@ -154,3 +154,34 @@ def test_actor_threads_follow_the_cpus_held_or_share_this_machine():
     fitted = place_scoring(spec, 2)  # a 2-CPU `ray start --head`: scoring moves into the generator actor
     assert fitted.scoring.pool is False and pool_cpus(fitted) + 1 == 2
     assert place_scoring(fitted, 64).scoring.pool is False  # said explicitly: kept
+
+
+def test_actor_threads_are_set_on_the_thread_that_runs_the_batches(ray_local):
+    """Ray Data builds a pool stage on one thread and calls it on another; the torch thread count must be the
+    job's on the calling thread, and the building thread must not hold a team of its own (libgomp then counts
+    more threads than cores and stops spinning: benchmarks/actor_threads.py)."""
+    import threading
+
+    import ray
+    import torch
+
+    from pipelines.batch.threads import ActorThreads
+
+    class Probe:  # defined here: Ray pickles a local class by value (the tests folder is not on the workers' path)
+        def __init__(self, n: int) -> None:
+            self.threads = ActorThreads(n)
+            self.built = (threading.get_ident(), torch.get_num_threads())
+
+        def __call__(self, batch: dict) -> dict:
+            self.threads.on_call()
+            n = len(batch["id"])
+            batch["built_on"], batch["built_threads"] = [self.built[0]] * n, [self.built[1]] * n
+            batch["called_on"], batch["called_threads"] = [threading.get_ident()] * n, [torch.get_num_threads()] * n
+            return batch
+
+    rows = ray.data.range(64, override_num_blocks=4).map_batches(
+        Probe, fn_constructor_args=(2,), compute=ray.data.ActorPoolStrategy(size=1), batch_size=16,
+        num_cpus=1).take_all()
+    assert {r["called_threads"] for r in rows} == {2}  # Ray gave this num_cpus=1 actor OMP_NUM_THREADS=1
+    assert {r["built_threads"] for r in rows} == {1}
+    assert all(r["built_on"] != r["called_on"] for r in rows)  # why it matters: two threads, two teams

@@ -13,13 +13,13 @@ from collections.abc import Callable
 
 import numpy as np
 import ray
-import torch
 
 from models import load_generator
 from models.clip import load_clip
 from models.rerank import generate_best_of
 from pipelines.batch.isolate import run_isolated
 from pipelines.batch.score import ScoreStage, device_for
+from pipelines.batch.threads import ActorThreads
 from pipelines.spec import ModelSpec, ScoringSpec, redact_text
 
 log = logging.getLogger(__name__)
@@ -28,8 +28,7 @@ log = logging.getLogger(__name__)
 class GenerateStage:
     def __init__(self, model: ModelSpec, scoring: ScoringSpec, checkpoint_id: str | None = None,
                  threads: int | None = None, score: bool = False, write: Callable[[dict], dict] | None = None) -> None:
-        if threads:  # Ray set OMP_NUM_THREADS from num_cpus; the job decided (preflight.actor_threads)
-            torch.set_num_threads(threads)
+        self.threads = ActorThreads(threads)  # the job's count (preflight.actor_threads), on the calling thread
         self.device = device_for(model.resources.num_gpus)
         self.model = model
         self.write = write  # the job's WriteStage, when this actor is the last stage (`job._images`)
@@ -46,6 +45,7 @@ class GenerateStage:
         log.info("loaded %s (%s) on %s, node %s", model.name, model.family, self.device, self.node)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.threads.on_call()
         prompts = [str(p) for p in batch["prompt"]]
         seeds = [int(s) for s in batch["seed"]]
         n, k = len(prompts), self.model.candidates

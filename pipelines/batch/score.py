@@ -20,6 +20,7 @@ from models.clip import load_clip
 from models.images import to_nchw
 from models.judge import judge_prompts, load_judge
 from pipelines.batch.isolate import run_isolated
+from pipelines.batch.threads import ActorThreads
 from pipelines.spec import ScoringSpec, redact
 
 log = logging.getLogger(__name__)
@@ -37,8 +38,7 @@ class ScoreStage:
 
     def __init__(self, scoring: ScoringSpec, device: str | None = None, threads: int | None = None,
                  write: Callable[[dict], dict] | None = None) -> None:
-        if threads:
-            torch.set_num_threads(threads)
+        self.threads = ActorThreads(threads)
         self.write = write  # the job's WriteStage, when this actor is the last stage (`job._images`)
         self.device = device or device_for(scoring.resources.num_gpus)
         so = scoring.storage_options
@@ -62,6 +62,7 @@ class ScoreStage:
         return out
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.threads.on_call()
         prompts = [str(p) for p in batch["prompt"]]
         n = len(prompts)
         pixels = np.asarray(batch["pixels"])
