@@ -16,7 +16,6 @@ from fsspec import AbstractFileSystem
 
 from pipelines.batch.commit import commit, metadata_files, read_json, write_json
 from pipelines.layout import REJECTED, STAGING, SUCCESS, SUMMARY
-from pipelines.runs.evaluate import evaluate_run
 from pipelines.runs.report import write_report
 from pipelines.runs.results import Run, score_summary
 from pipelines.spec import JobSpec, redact
@@ -127,6 +126,8 @@ def finalize(spec: JobSpec, fs: AbstractFileSystem, root: str, *, input_rows: in
     if spec.metrics.reference or spec.output.report:
         run = Run(out_url, spec.output.storage_options, summary=result.summary)  # reads the committed metadata
         if spec.metrics.reference:
+            from pipelines.runs.evaluate import evaluate_run  # torch and torchmetrics: ~2 s of the driver's start
+
             m = spec.metrics
             evaluate_run(run, m.reference, spec.scoring.judge, max_images=m.max_images,
                          reference_storage_options=m.storage_options, image_column=m.image_column,

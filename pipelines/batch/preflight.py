@@ -19,7 +19,6 @@ from models.local_cache import content_id
 from pipelines.batch.commit import read_json
 from pipelines.batch.read import InputPlan, plan_input
 from pipelines.layout import IMAGES, LEASE, METADATA, REJECTED, SHARDS, SPEC, STAGING
-from pipelines.runs.evaluate import read_reference
 from pipelines.spec import JobSpec, ScoringSpec, redact, redact_text
 from pipelines.storage import filesystem, full_url, is_local, join
 from pipelines.tables import InputError
@@ -170,6 +169,8 @@ def preflight(spec: JobSpec, allow_subset: bool = False) -> tuple[InputPlan, dic
     if scoring_on(spec):
         check_scoring(spec.scoring)
     if spec.metrics.reference:
+        from pipelines.runs.evaluate import read_reference  # torchmetrics: ~1 s a job without metrics need not pay
+
         try:
             read_reference(spec.metrics.reference, spec.metrics.storage_options, spec.metrics.image_column, 4)
         except (OSError, ValueError, KeyError, pa.ArrowException) as e:
