@@ -153,6 +153,30 @@ def test_derived_ids_are_stable_and_limit_applies(ray_local, checkpoints, tmp_pa
     assert res.input_rows == 3 and {r["id"] for r in metadata(tmp_path / "out2")} < ids
 
 
+
+def test_limit_reads_the_first_rows_in_file_order(ray_local, tmp_path):
+    """`input.limit` across files: the first rows of the first files, the same on every read (Ray Data's limit
+    kept whichever blocks came first: a rerun or resume chose other prompts), with the ids a full read gives."""
+    from pipelines.batch.read import plan_input, read_prompts
+    from pipelines.spec import InputSpec
+
+    for name in "abc":
+        write_prompts(tmp_path / "in" / f"{name}.parquet", [f"{p} ({name})" for p in GOOD])
+    full = InputSpec(path=str(tmp_path / "in"), id_column=None)
+    hashes = {r["prompt"]: r["row_hash"] for r in read_prompts(plan_input(full), full).take_all()}
+    spec = InputSpec(path=str(tmp_path / "in"), id_column=None, limit=7)
+    plan = plan_input(spec)
+    assert plan.rows == 7 and plan.head is not None and plan.head[1] == 2
+    want = {f"{p} (a)" for p in GOOD} | {f"{p} (b)" for p in GOOD[:2]}
+    for _ in range(3):
+        rows = read_prompts(plan_input(spec), spec).take_all()
+        assert {r["prompt"] for r in rows} == want
+        assert all(r["row_hash"] == hashes[r["prompt"]] for r in rows)  # derived ids as a full run derives them
+    for name, first in (("a", 0), ("b", 5), ("c", 0)):  # c repeats a's ids, past the limit
+        write_prompts(tmp_path / "ids" / f"{name}.parquet", GOOD, [f"r{first + i}" for i in range(5)])
+    assert plan_input(InputSpec(path=str(tmp_path / "ids"), id_column="id", limit=7)).duplicate_ids == set()
+    assert plan_input(InputSpec(path=str(tmp_path / "ids"), id_column="id")).duplicate_ids == {f"r{i}" for i in range(5)}
+
 def test_pools_that_cannot_fit_are_refused(ray_local, checkpoints, tmp_path):
     from pipelines.batch.job import PreflightError
 
