@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,11 +18,18 @@ import yaml
 def run_generate(tmp: Path, name: str, spec: dict, watch: Callable[[psutil.Process, float], None] | None = None,
                  every_s: float = 0.2) -> tuple[float, dict]:
     """(wall s, summary.json) of one job; `watch(driver, seconds since start)` is called every `every_s` while it
-    runs (memory or CPU sampling). The spec's output.path is where the summary is read from."""
+    runs (memory or CPU sampling). The spec's output.path is where the summary is read from. The summary gains
+    `outside_s`: seconds before run_job started (interpreter, imports, CLI) and after the CLI printed its result
+    line (Ray's shutdown, interpreter exit)."""
     (tmp / f"{name}.yaml").write_text(yaml.safe_dump(spec))
     t = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "generate", str(tmp / f"{name}.yaml")],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})  # the result line when printed
+    printed: list[float] = []  # when the CLI's result line ("... -> <output>") came
+    reader = threading.Thread(target=lambda: [printed.append(time.perf_counter()) for line in proc.stdout
+                                              if b" -> " in line], daemon=True)
+    reader.start()
     driver = psutil.Process(proc.pid)
     while proc.poll() is None:
         if watch is not None:
@@ -29,7 +38,11 @@ def run_generate(tmp: Path, name: str, spec: dict, watch: Callable[[psutil.Proce
             except psutil.NoSuchProcess:
                 pass
         time.sleep(every_s)
-    wall = time.perf_counter() - t
+    end = time.perf_counter()
+    reader.join(5)
     err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
     assert proc.returncode == 0, f"{name}: exit {proc.returncode}: {err[-2000:]}"
-    return wall, json.loads((Path(spec["output"]["path"]) / "summary.json").read_text())
+    summary = json.loads((Path(spec["output"]["path"]) / "summary.json").read_text())
+    after = end - printed[-1] if printed else 0.0
+    summary["outside_s"] = {"start": round(end - t - after - summary["wall_s"], 3), "exit": round(after, 3)}
+    return end - t, summary

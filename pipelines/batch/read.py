@@ -17,8 +17,8 @@ from fsspec import AbstractFileSystem
 
 from pipelines.batch.validate import InvalidUTF8, column_values
 from pipelines.spec import InputSpec
-from pipelines.storage import arrow_fs, full_url
-from pipelines.tables import InputError, list_files
+from pipelines.storage import full_url
+from pipelines.tables import InputError, list_files, ray_read_parquet
 
 PROMPT_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary,
                 pa.types.is_large_binary, pa.types.is_null)
@@ -110,8 +110,7 @@ def read_prompts(plan: InputPlan, spec: InputSpec) -> ray.data.Dataset:
     """All original columns; `row_hash` (file path + row position) when ids are derived. A file is one read task
     whose blocks come in row order, so the head's `limit` keeps its first rows."""
     def read(files: list[str]) -> ray.data.Dataset:
-        return ray.data.read_parquet(files, filesystem=arrow_fs(plan.fs), include_row_hash=spec.id_column is None,
-                                     file_extensions=None)
+        return ray_read_parquet(files, plan.fs, include_row_hash=spec.id_column is None)
 
     whole = plan.files if plan.whole is None else plan.whole
     parts = ([read(whole)] if whole else []) + ([read([plan.head[0]]).limit(plan.head[1])] if plan.head else [])

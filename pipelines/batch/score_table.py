@@ -19,7 +19,6 @@ from collections import defaultdict
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import ray
 from ray.data import ActorPoolStrategy
 
 from models.images import decode_image
@@ -29,8 +28,8 @@ from pipelines.batch.preflight import actor_threads, check_scoring
 from pipelines.batch.score import ScoreStage
 from pipelines.layout import LEASE, SUCCESS, SUMMARY
 from pipelines.spec import ScoringSpec, redact
-from pipelines.storage import arrow_fs, filesystem, full_url, join, parquet_bytes, put_atomic
-from pipelines.tables import InputError, list_files
+from pipelines.storage import filesystem, full_url, join, parquet_bytes, put_atomic
+from pipelines.tables import InputError, list_files, ray_read_parquet
 
 log = logging.getLogger(__name__)
 
@@ -128,7 +127,7 @@ def _score_files(fs_in, files: list[str], fs_out, parts_dir: str, image_column: 
     ensure_ray(r.actors * r.num_cpus + 2)
     threads = actor_threads(r, r.actors, local_cores())
     expected = {full_url(fs_in, f): pq.ParquetFile(fs_in.open(f, "rb")).metadata.num_rows for f in files}
-    ds = ray.data.read_parquet(files, filesystem=arrow_fs(fs_in), include_paths=True)
+    ds = ray_read_parquet(files, fs_in, include_paths=True)
     ds = ds.map_batches(ScoreRows, fn_constructor_kwargs={"scoring": scoring, "image_column": image_column,
                                                           "caption_column": caption_column, "threads": threads},
                         compute=ActorPoolStrategy(min_size=r.actors, max_size=r.max_actors),
