@@ -9,6 +9,7 @@ import json
 import tarfile
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
@@ -18,6 +19,7 @@ from models.images import decode_image
 from pipelines.batch.commit import commit, done_keys
 from pipelines.batch.job import run_job
 from pipelines.layout import METADATA_SCHEMA, sample_member_key, tar_bytes
+from pipelines.runs.results import Run
 from pipelines.spec import load_spec
 from pipelines.storage import filesystem
 
@@ -130,6 +132,12 @@ def test_parquet_and_files_layouts_carry_the_same_bytes_provenance_catalog_colum
     hf = _load_dataset(tmp_path, monkeypatch, "parquet", str(files / "metadata" / "*.parquet"))
     assert sorted(hf["sku"]) == sorted(SKUS * 2) and all(Path(p).is_file() for p in hf["image_path"])
     assert run_job(load_spec(_spec(tmp_path, str(out), "parquet", checkpoints, keep=True))).skipped
+    for run_dir in (out, files):  # report and evaluate read every row without image bytes or judge features
+        run = Run(str(run_dir))
+        assert not {"image", "judge_features"} & set(run.metadata.column_names) and len(run.metadata) == 10
+        rows = run.rows("gan").slice(1, 3)  # the images of just these rows, fetched by key in either layout
+        want = [decode_image(ref[k]) for k in zip(rows.column("id").to_pylist(), rows.column("sample").to_pylist())]
+        assert np.array_equal(run.images(rows), np.stack(want))
 
 
 def test_changing_the_format_of_an_output_is_refused(ray_local, checkpoints, tmp_path):

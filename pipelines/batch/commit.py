@@ -115,9 +115,10 @@ def _sorted(table: pa.Table) -> pa.Table:
     return table.sort_by([("model", "ascending"), ("id", "ascending"), ("sample", "ascending")])
 
 
-def read_metadata(fs: AbstractFileSystem, root: str) -> pa.Table:
-    """The committed metadata of a run (what a user reads), sorted by model, id, sample."""
-    return _sorted(_read(fs, metadata_files(fs, root)[0]))
+def read_metadata(fs: AbstractFileSystem, root: str, columns: list[str] | None = None) -> pa.Table:
+    """The committed metadata of a run (what a user reads), sorted by model, id, sample; `columns` (with those
+    three) or all."""
+    return _sorted(_read(fs, metadata_files(fs, root)[0], columns))
 
 
 def done_keys(fs: AbstractFileSystem, root: str) -> frozenset[str]:

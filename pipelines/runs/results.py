@@ -5,22 +5,27 @@ from __future__ import annotations
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
 from models.images import decode_image
 from pipelines.batch import diversity
-from pipelines.batch.commit import read_json, read_metadata
+from pipelines.batch.commit import SUMMARY_COLUMNS, metadata_files, read_json, read_metadata
 from pipelines.layout import SUMMARY, extension, tar_members
 from pipelines.storage import filesystem, join
+
+# what report and evaluate read of every row: not judge_features (128 floats a row) nor a Parquet-format run's
+# image bytes, which would hold the whole run in the driver; images are fetched for the rows shown (Run.images)
+READ_COLUMNS = [*SUMMARY_COLUMNS, "prompt", "candidate_index", "image_path", "image_key", "image_format"]
 
 
 class Run:
     def __init__(self, url: str, storage_options: dict | None = None, metadata: pa.Table | None = None,
                  summary: dict | None = None) -> None:
-        """`metadata` / `summary`: what the caller already holds (the job, right after its commit)."""
+        """`metadata` / `summary`: what the caller already holds; otherwise READ_COLUMNS of the committed rows."""
         self.url = url
         self.fs, self.root = filesystem(url, storage_options)
-        self.metadata = read_metadata(self.fs, self.root) if metadata is None else metadata
+        self.metadata = read_metadata(self.fs, self.root, READ_COLUMNS) if metadata is None else metadata
         self.summary = (read_json(self.fs, join(self.root, SUMMARY)) or {}) if summary is None else summary
         if not len(self.metadata) and not self.summary:
             raise FileNotFoundError(f"{url!r} holds no promptmill run (no metadata/ and no summary.json)")
@@ -37,7 +42,27 @@ class Run:
         """uint8 (N, H, W, 3) for metadata rows, in row order."""
         if not len(rows):
             return np.zeros((0, 0, 0, 3), np.uint8)
+        if "image" not in rows.column_names:
+            rows = rows.append_column("image", self._inline_images(rows))
         return np.stack([decode_image(b) for b in read_image_bytes(self.fs, rows)])
+
+    def _inline_images(self, rows: pa.Table) -> pa.Array:
+        """The image bytes a Parquet-format run keeps in its metadata, for these rows only (null for an image in a
+        file or a tar): each committed file read for the wanted ids (its row groups are sorted by id)."""
+        keys = list(zip(*(rows.column(c).to_pylist() for c in ("model", "id", "sample"))))
+        wanted = {k for k, p, m in zip(keys, rows.column("image_path").to_pylist(), rows.column("image_key").to_pylist())
+                  if p is None and m is None}
+        found: dict[tuple, bytes] = {}
+        ids = sorted({k[1] for k in wanted})
+        for f in metadata_files(self.fs, self.root)[0] if wanted else []:
+            with self.fs.open(f, "rb") as fh:
+                if "image" not in pq.read_schema(fh).names:
+                    continue
+                fh.seek(0)
+                t = pq.read_table(fh, columns=["model", "id", "sample", "image"], filters=[("id", "in", ids)])
+            cols = (t.column(c).to_pylist() for c in ("model", "id", "sample", "image"))
+            found.update({(m, i, s): b for m, i, s, b in zip(*cols) if (m, i, s) in wanted})
+        return pa.array([found.get(k) for k in keys], pa.binary())
 
 
 def read_image_bytes(fs: AbstractFileSystem, rows: pa.Table) -> list[bytes]:
