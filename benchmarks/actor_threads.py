@@ -23,13 +23,12 @@ import time
 import numpy as np
 import ray
 import torch
+from jobrun import SHIPPED_NAME  # benchmarks/ is the script folder, first on sys.path
 
 from models import load_generator
 from models.shapes import example
 from pipelines.batch.threads import ActorThreads
 from pipelines.spec import SHIPPED
-
-FAMILIES = {"gan": "gan", "transformer": "dalle"}
 
 
 def _switches() -> int:
@@ -42,7 +41,7 @@ class Stage:
         self.threads = ActorThreads(threads if variant == "on call" else None)
         if variant == "built":
             torch.set_num_threads(threads)
-        self.gen = load_generator(str(SHIPPED / FAMILIES[family]), "cpu")
+        self.gen = load_generator(str(SHIPPED / SHIPPED_NAME[family]), "cpu")
         self.gen.generate(["a red circle"] * 8, list(range(8)))  # warm-up, on the building thread
 
     def __call__(self, batch: dict) -> dict:
@@ -69,7 +68,7 @@ def run(variant: str, family: str, n: int, cores: int) -> tuple[float, float, in
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--family", default="transformer", choices=sorted(FAMILIES))
+    ap.add_argument("--family", default="transformer", choices=sorted(SHIPPED_NAME))
     ap.add_argument("--n", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=2)
     args = ap.parse_args()

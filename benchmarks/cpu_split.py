@@ -14,19 +14,14 @@ import tempfile
 from pathlib import Path
 
 import psutil
-import pyarrow as pa
-import pyarrow.parquet as pq
-from jobrun import run_generate  # benchmarks/ is the script folder, first on sys.path
+from jobrun import SHIPPED_NAME, one_model_spec, run_generate, write_prompts  # benchmarks/: first on sys.path
 
-from models.shapes import example
 from pipelines.batch.job import PHASES
-
-CHECKPOINT = {"gan": "shipped:gan", "transformer": "shipped:dalle"}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--family", default="gan", choices=sorted(CHECKPOINT))
+    ap.add_argument("--family", default="gan", choices=sorted(SHIPPED_NAME))
     ap.add_argument("--n", type=int, default=8192)
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--scoring", action="store_true")
@@ -48,12 +43,9 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        prompts = [example(i, 1, "test")[1] for i in range(args.n)]
-        pq.write_table(pa.table({"id": [f"p{i}" for i in range(args.n)], "prompt": prompts}), tmp / "in.parquet")
-        spec = {"name": "cpu", "input": {"path": str(tmp / "in.parquet"), "id_column": "id"},
-                "models": [{"name": "m", "family": args.family, "checkpoint": CHECKPOINT[args.family],
-                            "resources": {"batch_size": args.batch_size}}],
-                "scoring": {"enabled": args.scoring}, "output": {"path": str(tmp / "out"), "report": False}}
+        write_prompts(tmp / "in.parquet", args.n)
+        spec = one_model_spec("cpu", tmp / "in.parquet", tmp / "out", args.family, args.scoring,
+                              {"batch_size": args.batch_size})
         wall, summary = run_generate(tmp, "cpu", spec, watch, every_s=0.5)
     by_kind: dict[str, float] = {}
     for kind, cpu in seen.values():

@@ -1,4 +1,5 @@
-"""`promptmill generate` as a user runs it, for the benchmarks: a spec file, a fresh process, its summary.json."""
+"""`promptmill generate` as a user runs it, for the benchmarks: a spec file, a fresh process, its summary.json;
+and the one-model spec and prompt table they all run."""
 
 from __future__ import annotations
 
@@ -12,7 +13,34 @@ from collections.abc import Callable
 from pathlib import Path
 
 import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
 import yaml
+
+from models.shapes import example
+
+SHIPPED_NAME = {"gan": "gan", "transformer": "dalle"}  # family -> its shipped checkpoint (models/shipped/<name>)
+
+
+def write_prompts(path: Path, n: int, distinct: int | None = None) -> list[str]:
+    """A prompt table of n rows (ids p0..) from the shapes grammar's test split, `distinct` prompts cycled."""
+    prompts = [example(i, 1, "test")[1] for i in range(min(n, distinct or n))]
+    rows = [prompts[i % len(prompts)] for i in range(n)]
+    pq.write_table(pa.table({"id": [f"p{i}" for i in range(n)], "prompt": rows}), path)
+    return rows
+
+
+def one_model_spec(name: str, prompts: Path, out: Path, family: str, scoring: bool | None = None,
+                   resources: dict | None = None, model: str = "m", scoring_extra: dict | None = None) -> dict:
+    """The default spec around one shipped model, report off; `scoring` None keeps the default."""
+    m = {"name": model, "family": family, "checkpoint": f"shipped:{SHIPPED_NAME[family]}"}
+    if resources:
+        m["resources"] = resources
+    spec = {"name": name, "input": {"path": str(prompts), "id_column": "id"}, "models": [m],
+            "output": {"path": str(out), "report": False}}
+    if scoring is not None or scoring_extra:
+        spec["scoring"] = {**({"enabled": scoring} if scoring is not None else {}), **(scoring_extra or {})}
+    return spec
 
 
 def run_generate(tmp: Path, name: str, spec: dict, watch: Callable[[psutil.Process, float], None] | None = None,

@@ -21,22 +21,17 @@ import time
 from pathlib import Path
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
-from jobrun import run_generate  # benchmarks/ is the script folder, first on sys.path
+from jobrun import SHIPPED_NAME, one_model_spec, run_generate, write_prompts  # benchmarks/: first on sys.path
 
 from models import load_generator
-from models.shapes import example
 from pipelines.batch.job import PHASES
 from pipelines.batch.score import ScoreStage
 from pipelines.spec import SHIPPED, ScoringSpec
 
-FAMILIES = {"gan": ("gan", "gan"), "transformer": ("transformer", "dalle")}
-
 
 def bare(family: str, prompts: list[str], batch: int) -> tuple[float, float]:
     """(generate img/s, generate-then-score img/s), each best of two passes."""
-    gen = load_generator(str(SHIPPED / FAMILIES[family][1]), "cpu")
+    gen = load_generator(str(SHIPPED / SHIPPED_NAME[family]), "cpu")
     scorer = ScoreStage(ScoringSpec())
     best_gen, best_both = 0.0, 0.0
     for _ in range(2):
@@ -60,11 +55,9 @@ BEFORE = {"resources": {"threads": 1}, "scoring": {"pool": True, "resources": {"
 def job(tmp: Path, family: str, n: int, scoring: bool, batch: int, before: bool = False) -> tuple[float, dict]:
     """(wall s of `promptmill generate`, its summary.json)."""
     name = f"{family}-{n}-{'scored' if scoring else 'plain'}{'-before' if before else ''}"
-    spec = {"name": "bench", "input": {"path": str(tmp / f"in-{n}.parquet"), "id_column": "id"},
-            "models": [{"name": "m", "family": family, "checkpoint": f"shipped:{FAMILIES[family][1]}",
-                        "resources": {"batch_size": batch, **(BEFORE["resources"] if before else {})}}],
-            "scoring": {"enabled": scoring, **(BEFORE["scoring"] if before else {})},
-            "output": {"path": str(tmp / name), "report": False}}
+    spec = one_model_spec("bench", tmp / f"in-{n}.parquet", tmp / name, family, scoring,
+                          {"batch_size": batch, **(BEFORE["resources"] if before else {})},
+                          scoring_extra=BEFORE["scoring"] if before else None)
     wall, summary = run_generate(tmp, name, spec)
     assert summary["images_total"] == {"m": n}, summary["images_total"]
     return wall, summary
@@ -82,10 +75,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         for family, (n1, n2) in (("gan", args.gan_n), ("transformer", args.transformer_n)):
-            prompts = [example(i, 1, "test")[1] for i in range(n2)]
-            for n in (n1, n2):
-                pq.write_table(pa.table({"id": [f"p{i}" for i in range(n)], "prompt": prompts[:n]}),
-                               tmp / f"in-{n}.parquet")
+            prompts = [write_prompts(tmp / f"in-{n}.parquet", n) for n in (n1, n2)][1]
             g, gs = bare(family, prompts[:n1], args.batch_size)
             for scoring, base in ((False, g), (True, gs)):
                 w1, s1 = job(tmp, family, n1, scoring, args.batch_size)

@@ -15,20 +15,15 @@ import tempfile
 import time
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-from jobrun import run_generate  # benchmarks/ is the script folder, first on sys.path
+from jobrun import one_model_spec, run_generate, write_prompts  # benchmarks/ is the script folder, first on sys.path
 
-from models.shapes import example
 from pipelines.batch.job import PHASES
 
 
-def run(tmp: Path, n: int, prompts: list[str], batch: int) -> dict:
-    pq.write_table(pa.table({"id": [f"p{i}" for i in range(n)], "prompt": [prompts[i % len(prompts)] for i in range(n)]}),
-                   tmp / f"in-{n}.parquet")
-    spec = {"name": f"scale-{n}", "input": {"path": str(tmp / f"in-{n}.parquet"), "id_column": "id"},
-            "models": [{"name": "gan", "family": "gan", "checkpoint": "shipped:gan", "resources": {"batch_size": batch}}],
-            "output": {"path": str(tmp / f"out-{n}"), "report": False}}
+def run(tmp: Path, n: int, batch: int, distinct: int = 2000) -> dict:
+    write_prompts(tmp / f"in-{n}.parquet", n, distinct)
+    spec = one_model_spec(f"scale-{n}", tmp / f"in-{n}.parquet", tmp / f"out-{n}", "gan", None,
+                          {"batch_size": batch}, model="gan")
     timeline: list[tuple[float, int]] = []
     t_epoch = time.time()
     wall, summary = run_generate(tmp, str(n), spec, lambda driver, at: timeline.append((at, driver.memory_info().rss)))
@@ -84,9 +79,8 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--plot", default="docs/scale.png")
     args = ap.parse_args()
-    prompts = [example(i, 1, "test")[1] for i in range(2000)]
     with tempfile.TemporaryDirectory() as d:
-        rows = [run(Path(d), n, prompts, args.batch_size) for n in args.sizes]
+        rows = [run(Path(d), n, args.batch_size) for n in args.sizes]
     print("| prompts | wall s | img/s, wall | img/s, steady | driver peak RSS MB | spilled MB |")
     print("|---|---|---|---|---|---|")
     for r in rows:

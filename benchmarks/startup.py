@@ -15,19 +15,14 @@ import statistics
 import tempfile
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-from jobrun import run_generate  # benchmarks/ is the script folder, first on sys.path
+from jobrun import SHIPPED_NAME, one_model_spec, run_generate, write_prompts  # benchmarks/: first on sys.path
 
-from models.shapes import example
 from pipelines.batch.job import PHASES
-
-CHECKPOINT = {"gan": "shipped:gan", "transformer": "shipped:dalle"}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--family", default="gan", choices=sorted(CHECKPOINT))
+    ap.add_argument("--family", default="gan", choices=sorted(SHIPPED_NAME))
     ap.add_argument("--n", type=int, default=64)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--scoring", action="store_true")
@@ -35,12 +30,9 @@ def main() -> None:
     runs = []
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        prompts = [example(i, 1, "test")[1] for i in range(args.n)]
-        pq.write_table(pa.table({"id": [f"p{i}" for i in range(args.n)], "prompt": prompts}), tmp / "in.parquet")
+        write_prompts(tmp / "in.parquet", args.n)
         for k in range(args.runs):
-            spec = {"name": "startup", "input": {"path": str(tmp / "in.parquet"), "id_column": "id"},
-                    "models": [{"name": "m", "family": args.family, "checkpoint": CHECKPOINT[args.family]}],
-                    "scoring": {"enabled": args.scoring}, "output": {"path": str(tmp / f"out{k}"), "report": False}}
+            spec = one_model_spec("startup", tmp / "in.parquet", tmp / f"out{k}", args.family, args.scoring)
             wall, summary = run_generate(tmp, f"startup{k}", spec)
             items = {"start": summary["outside_s"]["start"], **summary["phases_s"],
                      "exit": summary["outside_s"]["exit"], "wall": wall}
