@@ -20,6 +20,7 @@ from pathlib import Path
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 import s3fs
 import yaml
 from conftest import _free_port
@@ -107,6 +108,15 @@ class Throttle:
         self.server.shutdown()
         self.server.server_close()
 
+
+
+@pytest.fixture(name="store")
+def store_fixture():
+    """A moto S3 server with a `chaos` bucket, stopped after the test (imported by each chaos module)."""
+    s = Store()
+    s.fs().mkdir("chaos")
+    yield s
+    s.stop()
 
 def write_job(store: Store, tmp_path: Path, n: int, retry: dict | None = None, endpoint: str | None = None,
               batch_size: int = 32) -> tuple[Path, dict]:

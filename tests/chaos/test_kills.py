@@ -9,17 +9,18 @@ import time
 
 import pytest
 from conftest import kill_session
-from faults import Store, exactly_once, generator_actors, images_written, measured, run, wait_for_images, write_job
+from faults import (
+    exactly_once,
+    generator_actors,
+    images_written,
+    measured,
+    run,
+    store_fixture,  # noqa: F401 - registers the `store` fixture here
+    wait_for_images,
+    write_job,
+)
 
 pytestmark = pytest.mark.chaos
-
-
-@pytest.fixture
-def store():
-    s = Store()
-    s.fs().mkdir("chaos")
-    yield s
-    s.stop()
 
 
 def test_a_generator_actor_killed_three_times_loses_and_duplicates_nothing(store, tmp_path):

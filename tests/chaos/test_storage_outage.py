@@ -10,15 +10,16 @@ from __future__ import annotations
 import time
 
 import pytest
-from faults import Store, Throttle, exactly_once, measured, run, wait_for_images, write_job
-
-
-@pytest.fixture
-def store():
-    s = Store()
-    s.fs().mkdir("chaos")
-    yield s
-    s.stop()
+from faults import (
+    Store,
+    Throttle,
+    exactly_once,
+    measured,
+    run,
+    store_fixture,  # noqa: F401 - registers the `store` fixture here
+    wait_for_images,
+    write_job,
+)
 
 
 def _ride_through(store: Store, tmp_path, n: int, after: int, seconds: float) -> None:
