@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 
@@ -55,9 +56,13 @@ def run_generate(tmp: Path, name: str, spec: dict, watch: Callable[[psutil.Proce
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})  # the result line when printed
     printed: list[float] = []  # when the CLI's result line ("... -> <output>") came
-    reader = threading.Thread(target=lambda: [printed.append(time.perf_counter()) for line in proc.stdout
-                                              if b" -> " in line], daemon=True)
-    reader.start()
+    err: deque[bytes] = deque(maxlen=200)  # stderr's tail, drained as it comes: Ray Data logs its progress there, and a full pipe
+    # blocked the job's streaming executor mid-run (a 100k run stopped at 41k images)
+    readers = [threading.Thread(target=lambda: [printed.append(time.perf_counter()) for line in proc.stdout
+                                                if b" -> " in line], daemon=True),
+               threading.Thread(target=lambda: [err.append(line) for line in proc.stderr], daemon=True)]
+    for r in readers:
+        r.start()
     driver = psutil.Process(proc.pid)
     while proc.poll() is None:
         if watch is not None:
@@ -67,9 +72,9 @@ def run_generate(tmp: Path, name: str, spec: dict, watch: Callable[[psutil.Proce
                 pass
         time.sleep(every_s)
     end = time.perf_counter()
-    reader.join(5)
-    err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-    assert proc.returncode == 0, f"{name}: exit {proc.returncode}: {err[-2000:]}"
+    for r in readers:
+        r.join(5)
+    assert proc.returncode == 0, f"{name}: exit {proc.returncode}: {b''.join(err).decode(errors='replace')[-4000:]}"
     summary = json.loads((Path(spec["output"]["path"]) / "summary.json").read_text())
     after = end - printed[-1] if printed else 0.0
     summary["outside_s"] = {"start": round(end - t - after - summary["wall_s"], 3), "exit": round(after, 3)}
