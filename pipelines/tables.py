@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 
-from pipelines.storage import filesystem
+from pipelines.storage import arrow_fs, filesystem
 
 if TYPE_CHECKING:
     import ray.data
@@ -24,8 +24,6 @@ def ray_read_parquet(files: list[str], fs: AbstractFileSystem, **kwargs) -> ray.
     prompts in a fresh Ray took 2.4-5.0 s with it, 0.8-0.9 s without (same rows, same row_hash; the start-up
     benchmark, benchmarks/startup.py, shows it per job)."""
     import ray.data  # here, not at the top: training and schedules import this module without Ray Data
-
-    from pipelines.storage import arrow_fs
 
     ctx = ray.data.DataContext.get_current()
     v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False  # read_parquet picks its reader when called

@@ -32,24 +32,11 @@ class InputPlan:
     rows: int  # after `limit`
     columns: list[str]
     duplicate_ids: set[str] = field(default_factory=set)
-    whole: list[str] | None = None  # the files read in full (None: all of them)
-    head: tuple[str, int] | None = None  # `limit` ends inside this file: its first n rows
-
-
-def _limit(files: list[str], counts: list[int], limit: int | None) -> tuple[list[str], tuple[str, int] | None]:
-    """`limit` as the first rows in file order: files read whole, then the head of the one it ends in. (Ray
-    Data's `limit` over several files keeps whichever rows arrive first: a rerun or resume chose other prompts.)"""
-    if limit is None:
-        return files, None
-    whole, left = [], limit
-    for f, n in zip(files, counts):
-        if left <= 0:
-            break
-        if n > left:
-            return whole, (f, left)
-        whole.append(f)
-        left -= n
-    return whole, None
+    # `limit` as the first rows in file order: the files read in full, then the head of the one it ends in (its
+    # first n rows). Ray Data's `limit` over several files kept whichever rows arrived first: a rerun or resume
+    # chose other prompts.
+    whole: list[str] = field(default_factory=list)
+    head: tuple[str, int] | None = None
 
 
 def _check_type(fs: AbstractFileSystem, f: str, schema: pa.Schema, col: str, what: str, ok: tuple) -> None:
@@ -66,14 +53,14 @@ def _describe(schema: pa.Schema) -> str:
 
 def plan_input(spec: InputSpec) -> InputPlan:
     fs, files = list_files(spec.path, spec.storage_options)
-    rows, first, counts = 0, None, []
+    rows, first, whole, head = 0, None, [], None
     ids: Counter[str] = Counter()
     for f in files:
         try:
             with fs.open(f, "rb") as fh:
                 pf = pq.ParquetFile(fh)
                 schema, n = pf.schema_arrow, pf.metadata.num_rows
-                counts.append(n)
+                take = n if spec.limit is None else max(0, min(n, spec.limit - rows))  # rows of it the run reads
                 _check_type(fs, f, schema, spec.prompt_column, "prompt", PROMPT_TYPES)
                 missing = [c for c in spec.keep_columns if c not in schema.names]
                 if missing:
@@ -81,9 +68,10 @@ def plan_input(spec: InputSpec) -> InputPlan:
                                      f"(columns: {schema.names})")
                 if spec.id_column is not None:
                     _check_type(fs, f, schema, spec.id_column, "id", ID_TYPES)
-                    take = _rows_read(rows, n, spec.limit)  # only rows the run reads (`limit`) can collide
-                    col = pf.read(columns=[spec.id_column]).column(0)[:take] if take else pa.chunked_array([], pa.null())
-                    ids.update(str(v) for v in column_values(col) if v is not None and not isinstance(v, InvalidUTF8))
+                    if take:  # only rows the run reads can collide
+                        col = pf.read(columns=[spec.id_column]).column(0)[:take]
+                        ids.update(str(v) for v in column_values(col)
+                                   if v is not None and not isinstance(v, InvalidUTF8))
         except InputError:
             raise
         except Exception as e:  # pyarrow raises ArrowInvalid / OSError for corrupt files
@@ -93,17 +81,15 @@ def plan_input(spec: InputSpec) -> InputPlan:
         elif not schema.equals(first[1]):
             raise InputError(f"input files disagree on their columns: {full_url(fs, first[0])} has "
                              f"{_describe(first[1])}, {full_url(fs, f)} has {_describe(schema)}")
+        if take == n:
+            whole.append(f)
+        elif take:
+            head = (f, take)
         rows += n
     if spec.limit is not None:
         rows = min(rows, spec.limit)
-    whole, head = _limit(files, counts, spec.limit)
     return InputPlan(fs, files, rows, first[1].names if first else [], {i for i, c in ids.items() if c > 1},
-                     whole, head)
-
-
-def _rows_read(before: int, n: int, limit: int | None) -> int:
-    """Of a file of n rows after `before` rows of earlier files, how many the run reads."""
-    return n if limit is None else max(0, min(n, limit - before))
+                     whole=whole, head=head)
 
 
 def read_prompts(plan: InputPlan, spec: InputSpec) -> ray.data.Dataset:
@@ -112,6 +98,5 @@ def read_prompts(plan: InputPlan, spec: InputSpec) -> ray.data.Dataset:
     def read(files: list[str]) -> ray.data.Dataset:
         return ray_read_parquet(files, plan.fs, include_row_hash=spec.id_column is None)
 
-    whole = plan.files if plan.whole is None else plan.whole
-    parts = ([read(whole)] if whole else []) + ([read([plan.head[0]]).limit(plan.head[1])] if plan.head else [])
+    parts = ([read(plan.whole)] if plan.whole else []) + ([read([plan.head[0]]).limit(plan.head[1])] if plan.head else [])
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
