@@ -14,12 +14,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    import torch
-
     from models.checkpoint import load_checkpoint, save_checkpoint
+    from models.precision import DTYPES
 
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     config, tensors = load_checkpoint(args.src)
-    save_checkpoint(args.dst, tensors, config, dtype=dtype)
+    save_checkpoint(args.dst, tensors, config, dtype=DTYPES[args.dtype])
     print(f"{args.src} -> {args.dst} ({args.dtype})")
     return 0

@@ -35,6 +35,7 @@ def _path_safe(v: str) -> str:
 SafeName = Annotated[str, AfterValidator(_path_safe)]  # becomes part of output paths
 OutputFormat = Literal[OUTPUT_FORMATS]  # type: ignore[valid-type]
 ImageFormat = Literal[tuple(IMAGE_FORMATS)]  # type: ignore[valid-type]
+Precision = Literal["fp32", "bf16", "fp16"]  # models.precision.DTYPES
 
 
 class SpecError(ValueError):
@@ -107,6 +108,10 @@ class Resources(Strict):
                                 "(embedded Ray, a one-node local head), the machine's cores shared among the pools' "
                                 "actors")
     batch_size: int = Field(default=32, ge=1, le=4096, description="images per generate call")
+    concurrent_calls: int | None = Field(default=None, ge=1, le=8, description="batches each generator actor works on at once: "
+                                         "they take turns on the device (generate, score) and encode and write "
+                                         "beside it, so the next batch draws while this one is written; null: 2 "
+                                         "with a GPU, 1 on CPU (where the calls would share the same cores)")
 
     @model_validator(mode="after")
     def _pool(self) -> Resources:
@@ -150,6 +155,9 @@ class ModelSpec(Strict):
     images_per_prompt: int = Field(default=1, ge=1, le=1000, description="samples per accepted prompt")
     sampling: dict[str, Any] = Field(default_factory=dict, description="family-specific sampling parameters")
     resources: Resources = Field(default_factory=Resources, description="actor pool and batch size")
+    precision: Precision = Field(default="fp32", description="fp32, or bf16 / fp16: generate runs under torch "
+                                 "autocast to that dtype (tensor cores on CUDA; weights stay as loaded, scorers "
+                                 "stay fp32). Changes the pixels, so a rerun into the same output must keep it")
 
     @field_validator("family")
     @classmethod
@@ -200,6 +208,14 @@ class ScoringSpec(Strict):
                                  description="the scoring actor pool, with pool: true (like a model's); its batch is "
                                  "also the write batch, so a crash redoes at most that many images per block in "
                                  "flight; `promptmill score` always uses it")
+
+    @field_validator("resources")
+    @classmethod
+    def _one_call(cls, v: Resources) -> Resources:
+        if v.concurrent_calls is not None:
+            raise ValueError("concurrent_calls is a generator pool's (models[*].resources); a scoring actor runs one "
+                             "batch at a time")
+        return v
 
 
 class MetricsSpec(Strict):

@@ -139,6 +139,62 @@ def test_batch_size_actor_count_and_where_scoring_runs_change_no_pixel_and_no_sc
         assert abs(clip - scores[1][k][0]) < 1e-3 and rest == list(scores[1][k][1:]), k
 
 
+def test_concurrent_calls_per_actor_change_no_pixel_and_write_each_image_once(ray_local, checkpoints, tmp_path):
+    """resources.concurrent_calls: the actor draws, scores and writes several batches at once (as on a GPU)."""
+    write_prompts(tmp_path / "in.parquet", GOOD * 4, [f"r{i}" for i in range(20)])
+    digests = []
+    for i, calls in enumerate([1, 3]):
+        spec = make_spec(str(tmp_path / "in.parquet"), str(tmp_path / f"out{i}"), checkpoints,
+                         scoring={"pool": False})  # the generator actor scores and writes: all of it concurrent
+        spec["models"][0]["resources"] = {"batch_size": 4, "concurrent_calls": calls}
+        spec["models"][0]["precision"] = "bf16"
+        run_job(load_spec(spec))
+        rows = assert_exactly_once(tmp_path / f"out{i}", {("gan", f"r{j}", s) for j in range(20) for s in (0, 1)})
+        assert all(r["clip_score"] is not None and json.loads(r["sampling"])["precision"] == "bf16" for r in rows)
+        digests.append(file_digests(tmp_path / f"out{i}"))
+    assert len(digests[0]) == 40 and digests[0] == digests[1]
+
+
+def test_concurrent_calls_take_turns_on_the_device_and_write_side_by_side(ray_local, checkpoints):
+    """One call writes while the next draws: a write that waits for the other call's draw finishes only if the
+    device turn is released before writing; draws never overlap."""
+    from pipelines.batch.generate import GenerateStage
+    from pipelines.spec import ModelSpec, ScoringSpec
+
+    both_drawn, drawn, inside, overlaps = threading.Event(), [], [0], []
+
+    def write(batch):
+        assert both_drawn.wait(timeout=30), "the other call never drew: the device turn was held while writing"
+        return {"images": [len(batch["id"])]}
+
+    stage = GenerateStage(ModelSpec(name="gan", family="gan", checkpoint=checkpoints["gan"]),
+                          ScoringSpec(enabled=False), write=write)
+    draw = stage.draw
+
+    def counted(batch):
+        inside[0] += 1
+        overlaps.append(inside[0])
+        try:
+            time.sleep(0.05)
+            return draw(batch)
+        finally:
+            inside[0] -= 1
+            drawn.append(1)
+            if len(drawn) == 2:
+                both_drawn.set()
+
+    stage.draw = counted
+    batches = [{"id": [f"{c}{i}" for i in range(3)], "prompt": GOOD[:3], "seed": [1, 2, 3], "sample": [0, 0, 0]}
+               for c in "ab"]
+    results = [None, None]
+    calls = [threading.Thread(target=lambda j=j: results.__setitem__(j, stage(batches[j]))) for j in range(2)]
+    for t in calls:
+        t.start()
+    for t in calls:
+        t.join(120)
+    assert results == [{"images": [3]}, {"images": [3]}] and max(overlaps) == 1
+
+
 def test_derived_ids_are_stable_and_limit_applies(ray_local, checkpoints, tmp_path):
     write_prompts(tmp_path / "in" / "a.parquet", GOOD)
     write_prompts(tmp_path / "in" / "b.parquet", GOOD)  # same prompts, other file: other ids

@@ -200,3 +200,24 @@ def test_hard_negatives_pair_each_real_image_with_its_own_caption_changed():
     own = tok.encode_batch([caps[i] for i in rows.tolist()])
     assert all(not torch.equal(n, o) for n, o in zip(negs, own))
     assert torch.equal(negative_tokens(tok, caps, 0, 3, torch.device("cpu"))[1], negs)  # (seed, step) fixes them
+
+
+@pytest.mark.parametrize("family", ["gan", "transformer"])
+def test_bf16_autocast_changes_the_arithmetic_not_the_contract(checkpoints, family):
+    """models.precision: fp32 is the generator itself; bf16 runs generate under autocast (pixels move a little
+    for the GAN) and keeps shape, dtype, seed determinism and batch invariance."""
+    from models.precision import at_precision
+
+    g = load_generator(checkpoints[family], "cpu")
+    assert at_precision(g, "cpu", "fp32") is g
+    half = at_precision(g, "cpu", "bf16")
+    assert (half.height, half.width, half.family) == (g.height, g.width, g.family)  # the wrapped generator's
+    seeds = list(range(len(PROMPTS)))
+    full, out = g.generate(PROMPTS, seeds), half.generate(PROMPTS, seeds)
+    assert out.shape == full.shape and out.dtype == np.uint8
+    assert np.array_equal(out, half.generate(PROMPTS, seeds))
+    assert np.array_equal(out[2:4], half.generate(PROMPTS[2:4], seeds[2:4]))
+    if family == "gan":  # one forward pass: bf16 rounding moves some pixels by a few levels, no more
+        diff = np.abs(out.astype(int) - full.astype(int))
+        assert diff.max() > 0 and diff.mean() < 4, (diff.max(), diff.mean())
+    assert not torch.is_autocast_enabled("cpu")  # autocast ends with the call

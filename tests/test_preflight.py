@@ -139,6 +139,22 @@ def test_weights_replaced_in_place_are_another_model_for_an_existing_output(good
     _check_fingerprint(spec, older, allow_subset=False)
 
 
+def test_precision_is_part_of_an_outputs_settings(good):
+    """bf16 draws other pixels: a rerun into an fp32 output at bf16 is refused, and back. fp32 adds nothing to the
+    fingerprint, so outputs written before `precision` existed resume as they did."""
+    from pipelines.batch.preflight import PreflightError, _check_fingerprint, fingerprint
+    from pipelines.spec import load_spec
+
+    full = load_spec(good)
+    half = load_spec({**good, "models": [{**good["models"][0], "precision": "bf16"}]})
+    assert "precision" not in fingerprint(full)["models"]["gan"]
+    assert fingerprint(half)["models"]["gan"]["precision"] == "bf16"
+    for spec, before in ((half, fingerprint(full)), (full, fingerprint(half))):
+        with pytest.raises(PreflightError, match="already holds model 'gan' with other settings"):
+            _check_fingerprint(spec, before, allow_subset=False)
+    _check_fingerprint(half, fingerprint(half), allow_subset=False)
+
+
 def test_actor_threads_follow_the_cpus_held_or_share_this_machine():
     from pipelines.batch.preflight import actor_threads, place_scoring, pool_cpus
     from pipelines.spec import Resources, load_spec

@@ -2,13 +2,16 @@
 
 Emits raw pixels (the scoring stage reads them; the writer encodes) or, when it is the job's last actor stage,
 writes them itself (`write`), and with `sampling.candidates`
-K > 1 draws K per image and keeps the best by clip_score (DALL-E's rerank).
+K > 1 draws K per image and keeps the best by clip_score (DALL-E's rerank). With `resources.concurrent_calls` > 1
+(the default on a GPU) Ray Data runs that many calls in the actor at once: they take turns on the device, and
+one call's encode and write (CPU) run while the next one draws, instead of the GPU waiting for them.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import threading
 from collections.abc import Callable
 
 import numpy as np
@@ -16,6 +19,7 @@ import ray
 
 from models import load_generator
 from models.clip import load_clip
+from models.precision import at_precision
 from models.rerank import generate_best_of
 from pipelines.batch.isolate import run_isolated
 from pipelines.batch.score import ScoreStage, device_for
@@ -32,7 +36,9 @@ class GenerateStage:
         self.device = device_for(model.resources.num_gpus)
         self.model = model
         self.write = write  # the job's WriteStage, when this actor is the last stage (`job._images`)
-        self.gen = load_generator(model.checkpoint, self.device, model.storage_options, family=model.family)
+        self.gen = at_precision(load_generator(model.checkpoint, self.device, model.storage_options, family=model.family),
+                                self.device, model.precision)
+        self.device_turn = threading.Lock()  # concurrent calls draw and score one at a time; they write side by side
         self.sampling = self.gen.Sampling(**model.family_sampling).model_dump()
         # score: what this actor draws is scored here, on its device, before it leaves (no scoring pool)
         self.scores = ScoreStage(scoring, self.device) if score else None
@@ -46,18 +52,24 @@ class GenerateStage:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.threads.on_call()
+        with self.device_turn:
+            batch = self.draw(batch)
+        return self.write(batch) if self.write is not None else batch
+
+    def draw(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Generate (and score) one batch: its pixels and metadata columns."""
         prompts = [str(p) for p in batch["prompt"]]
         seeds = [int(s) for s in batch["seed"]]
         n, k = len(prompts), self.model.candidates
 
-        def draw(idx: list[int]):
+        def draw_rows(idx: list[int]):
             p, s = [prompts[i] for i in idx], [seeds[i] for i in idx]
             if self.scorer is None:
                 return np.asarray(self.gen.generate(p, s, **self.sampling)), np.zeros(len(idx), np.int32), None
             best = generate_best_of(self.gen, self.scorer, p, s, k, **self.sampling)
             return best.images, best.index.astype(np.int32), best.score.astype(np.float64)
 
-        done, failed = run_isolated(draw, list(range(n)))  # a poison row fails alone, the rest go on
+        done, failed = run_isolated(draw_rows, list(range(n)))  # a poison row fails alone, the rest go on
         shape = done[0][1][0].shape[1:] if done else (8, 8, 3)
         pixels = np.zeros((n, *shape), np.uint8)
         index, score = np.zeros(n, np.int32), np.full(n, None, object)
@@ -75,11 +87,11 @@ class GenerateStage:
         batch["family"] = np.full(n, self.model.family, object)
         batch["checkpoint"] = np.full(n, self.checkpoint, object)
         batch["checkpoint_id"] = np.full(n, self.checkpoint_id, object)
-        batch["sampling"] = np.full(n, json.dumps({**self.sampling, "candidates": k}, sort_keys=True), object)
+        precision = {"precision": self.model.precision} if self.model.precision != "fp32" else {}
+        batch["sampling"] = np.full(n, json.dumps({**self.sampling, "candidates": k, **precision}, sort_keys=True), object)
         batch["width"] = np.full(n, np.asarray(batch["pixels"]).shape[2], np.int32)  # sampling may set the size
         batch["height"] = np.full(n, np.asarray(batch["pixels"]).shape[1], np.int32)
         batch["pipeline_class"] = np.full(n, getattr(self.gen, "pipeline_class", None), object)
         batch["device"] = np.full(n, self.device, object)
         batch["node"] = np.full(n, self.node, object)
-        batch = self.scores(batch) if self.scores is not None else batch
-        return self.write(batch) if self.write is not None else batch
+        return self.scores(batch) if self.scores is not None else batch

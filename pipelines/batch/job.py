@@ -25,6 +25,7 @@ from pipelines.batch.preflight import (
     PreflightError,
     actor_threads,
     check_output_reachable,
+    concurrent_calls,
     merged_fingerprint,
     place_scoring,
     pool_cpus,
@@ -147,6 +148,12 @@ def _writer(spec: JobSpec, out_url: str) -> WriteStage:
                       tuple(spec.input.keep_columns), o.sidecars)
 
 
+def _pool_strategy(r, calls: int) -> ActorPoolStrategy:
+    """Ray Data runs one call per actor at a time unless told it may run `calls` side by side (in threads)."""
+    many = {"max_concurrent_calls_per_actor": calls, "enable_true_multi_threading": True} if calls > 1 else {}
+    return ActorPoolStrategy(min_size=r.actors, max_size=r.max_actors, **many)
+
+
 def _images(spec: JobSpec, validated: ray.data.Dataset, done: frozenset[str], record: dict,
             write: WriteStage | None = None) -> ray.data.Dataset:
     """One branch per model (expand -> generate actor pool, which also scores unless scoring has its own pool),
@@ -168,7 +175,7 @@ def _images(spec: JobSpec, validated: ray.data.Dataset, done: frozenset[str], re
             GenerateStage, fn_constructor_kwargs={"model": m, "scoring": spec.scoring, "score": fused,
                                                   "checkpoint_id": record["models"][m.name]["checkpoint_id"],
                                                   "threads": actor_threads(r, actors, cores), "write": last_writes},
-            compute=ActorPoolStrategy(min_size=r.actors, max_size=r.max_actors),
+            compute=_pool_strategy(r, concurrent_calls(r)),
             num_gpus=r.num_gpus, num_cpus=r.num_cpus, batch_size=r.batch_size, **_BOUNDED))
     images = branches[0].union(*branches[1:]) if len(branches) > 1 else branches[0]
     if not pool:

@@ -53,6 +53,7 @@ def fingerprint(spec: JobSpec) -> dict:
                    "models": {m.name: {"family": m.family, "checkpoint": m.checkpoint,
                                        "checkpoint_id": _content_id(m.checkpoint, m.storage_options),
                                        "sampling": m.sampling,
+                                       **({"precision": m.precision} if m.precision != "fp32" else {}),
                                        **({"rerank_clip": s.clip} if m.candidates > 1 else {})}
                               for m in spec.models}})
 
@@ -226,6 +227,12 @@ def actor_threads(r, actors: int, local_cores: int | None) -> int:
     if local_cores:
         return max(1, local_cores // max(1, actors))
     return max(1, int(r.num_cpus))
+
+
+def concurrent_calls(r) -> int:
+    """Batches a generator actor works on at once (`resources.concurrent_calls`): by default two on a GPU, so one
+    is encoded and written (CPU) while the next draws, and one on CPU, where both would share the same cores."""
+    return r.concurrent_calls or (2 if r.num_gpus > 0 else 1)
 
 
 def pool_cpus(spec: JobSpec) -> float:
