@@ -174,3 +174,14 @@ def test_near_miss_rows_are_pure_functions_of_seed_and_index():
     assert a[0] == KINDS[12 % len(KINDS)] and a[2] == b[2] and (a[3] == b[3]).all()
     assert not (near_miss(12, 1)[3] == a[3]).all()
     assert parse(a[2]) is not None and matches(parse(a[2]), a[1])  # the caption states the intended scene
+
+
+def test_template_coverage_is_the_mean_of_each_pixels_sub_samples_to_the_bit():
+    from models.shapes.geometry import _SS, _coverage
+
+    rng = np.random.default_rng(0)
+    for ph, pw in ((1, 1), (7, 13), (15, 17)):
+        inside = rng.random((5, 3, 3, ph * _SS, pw * _SS)) < rng.random()
+        want = inside.reshape(5, 3, 3, ph, _SS, pw, _SS).mean((-3, -1))
+        got = _coverage(inside, ph, pw)
+        assert got.dtype == want.dtype and np.array_equal(got, want)

@@ -200,6 +200,15 @@ def _inside(shape: str, x: np.ndarray, y: np.ndarray, cx, cy, r) -> np.ndarray:
     return (dy <= 0.8 * r) & (np.abs(dx) * 1.8 <= 1.05 * (dy + r))
 
 
+def _coverage(inside: np.ndarray, ph: int, pw: int) -> np.ndarray:
+    """(..., ph * _SS, pw * _SS) booleans -> each pixel's share of inside sub-samples, as `.mean` over the two
+    sub-sample axes gives it to the bit. Counted by adding uint8 slices: numpy's float reduction over two strided
+    axes was 60 % of the scorers' time, and read_geometry ran at half the speed it does now."""
+    y = inside.view(np.uint8).reshape(*inside.shape[:-2], ph, _SS, pw, _SS)
+    cols = sum(y[..., k] for k in range(1, _SS)) + y[..., 0]
+    return (sum(cols[..., k, :] for k in range(1, _SS)) + cols[..., 0, :]) / (_SS * _SS)
+
+
 def _fit(alpha: np.ndarray, pts: np.ndarray) -> dict[str, tuple[float, float]]:
     """{shape: (soft IoU, radius in px)} of each shape's best template in a small search around the area/centroid
     fit."""
@@ -225,7 +234,7 @@ def _fit(alpha: np.ndarray, pts: np.ndarray) -> dict[str, tuple[float, float]]:
         cy = (cy0 + shifts)[None, :, None, None, None]
         cx = (gx + shifts)[None, None, :, None, None]
         inside = _inside(shape, xx[None, None, None], yy[None, None, None], cx, cy, r)
-        t = inside.reshape(*inside.shape[:3], ph, _SS, pw, _SS).mean((-3, -1))
+        t = _coverage(inside, ph, pw)
         iou = np.minimum(t, patch).sum((-2, -1)) / np.maximum(np.maximum(t, patch).sum((-2, -1)), 1e-9)
         i = np.unravel_index(iou.argmax(), iou.shape)
         fits[shape] = (float(iou[i]), float(r0 * scales[i[0]]))
