@@ -145,6 +145,10 @@ def main() -> None:
     ap.add_argument("--scale", type=float, default=1.0, help="multiply every image count")
     ap.add_argument("--check", action="store_true", help="a quick run of the script itself on CPU: small counts, "
                     "real-size models shrunk")
+    ap.add_argument("--runs", default="real-transformer,gan,transformer,real-gan", help="which models, in order")
+    ap.add_argument("--no-scored", dest="scored", action="store_false", help="shipped models: scoring off only")
+    ap.add_argument("--sweep", default="gan:64,1024;transformer:64;real-transformer:128;real-gan:64",
+                    help="bare sweep, model:batches;... (fp32 and bf16 each)")
     args = ap.parse_args()
     if args.check:
         args.device, args.scale = "cpu", 0.01
@@ -177,10 +181,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         real = {f: real_checkpoint(f, tmp / f"real-{f}") for f in REAL}
-        runs = [("GAN, shipped", "gan", str(SHIPPED / "gan"), "fp32", 64, 16384, True, []),
-                ("Transformer, shipped", "transformer", str(SHIPPED / "dalle"), "fp32", 64, 4096, True, []),
-                ("Transformer, 300M real-size, bf16", "transformer", real["transformer"], "bf16", 128, 1024, False, [1]),
-                ("GAN, 256 px real-size, bf16", "gan", real["gan"], "bf16", 64, 2048, False, [8])]
+        every = {"gan": ("GAN, shipped", "gan", str(SHIPPED / "gan"), "fp32", 64, 16384, args.scored, [8]),
+                 "transformer": ("Transformer, shipped", "transformer", str(SHIPPED / "dalle"), "fp32", 64, 4096,
+                                 args.scored, []),
+                 "real-transformer": ("Transformer, 300M real-size, bf16", "transformer", real["transformer"], "bf16",
+                                      128, 1024, False, [1]),
+                 "real-gan": ("GAN, 256 px real-size, bf16", "gan", real["gan"], "bf16", 64, 2048, False, [8])}
+        runs = [every[k] for k in args.runs.split(",")]
         prompt_cache: dict[int, list[str]] = {}
         rows, detail = [], []
         for label, family, ckpt, precision, batch, n_job, scored, other_calls in runs:
@@ -217,12 +224,11 @@ def main() -> None:
             emit(table("concurrent_calls against the default (2 on a GPU), scoring off:",
                        ["model", "calls", "job img/s", "default img/s", "GPU busy %", "default busy %"], detail))
         sweep, pool = [], write_prompts(tmp / "sweep.parquet", 1024)
-        for label, ckpt, batches in (("GAN, shipped", str(SHIPPED / "gan"), (16, 64, 256, 1024)),
-                                     ("Transformer, shipped", str(SHIPPED / "dalle"), (16, 64, 256)),
-                                     ("Transformer, 300M real-size", real["transformer"], (32, 128, 256)),
-                                     ("GAN, 256 px real-size", real["gan"], (16, 64, 256))):
+        for item in args.sweep.split(";"):
+            key, batches = item.split(":")
+            label, _, ckpt = every[key][:3]
             for precision in ("fp32", "bf16"):
-                for batch in (batches[:2] if args.check else batches):
+                for batch in [int(b) for b in batches.split(",")]:
                     if in_budget(f"sweep {label} {precision} {batch}"):
                         b = bare(ckpt, args.device, [pool[i % len(pool)] for i in range(3 * batch)], batch,
                                  precision, busy)
