@@ -53,6 +53,16 @@ MAX_LAYERS = 256
 Shapes = dict[str, tuple[int, ...]]
 
 
+def assign_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix: str,
+                   device: torch.device) -> torch.nn.Module:
+    """Load the `prefix`ed tensors into a module built on the meta device (`with torch.device("meta")`), taking
+    them as they are instead of copying into randomly initialised weights: a 300M-parameter Transformer spent
+    seconds initialising weights it then overwrote, on the one thread an actor builds its stage with. Strict, so a
+    weight the checkpoint lacks fails here rather than staying on the meta device."""
+    module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, assign=True)
+    return module.to(device)
+
+
 def meta_shapes(make: Callable[[], Any]) -> Shapes:
     """Tensor shapes of `make().state_dict()`, built on the meta device: no memory, whatever the config says."""
     with torch.device("meta"):

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
+from models.checkpoint import assign_weights
 from models.clip import CLIPConfig, TextTower
 from models.generator import check_inputs
 from models.sampling import per_image_generators, per_image_normal, to_uint8
@@ -237,9 +238,10 @@ class GANGenerator:
 
     @classmethod
     def from_checkpoint(cls, config: dict, tensors: dict[str, torch.Tensor], device: torch.device) -> GANGenerator:
-        g = cls.from_config(config, device)
-        g.text.load_state_dict({k[5:]: v for k, v in tensors.items() if k.startswith("text.")})
-        g.gen.load_state_dict({k[4:]: v for k, v in tensors.items() if k.startswith("gen.")})
+        with torch.device("meta"):  # no random init of weights the checkpoint replaces (checkpoint.assign_weights)
+            g = cls.from_config(config, torch.device("meta"))
+        g.text, g.gen = assign_weights(g.text, tensors, "text.", device), assign_weights(g.gen, tensors, "gen.", device)
+        g.device = device
         return g
 
     @torch.inference_mode()

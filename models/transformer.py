@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
+from models.checkpoint import assign_weights
 from models.generator import check_inputs
 from models.sampling import (
     filter_logits,
@@ -198,9 +199,10 @@ class TransformerGenerator:
     @classmethod
     def from_checkpoint(cls, config: dict, tensors: dict[str, torch.Tensor],
                         device: torch.device) -> TransformerGenerator:
-        g = cls.from_config(config, device)
-        g.model.load_state_dict({k[12:]: v for k, v in tensors.items() if k.startswith("transformer.")})
-        g.vq.load_state_dict({k[3:]: v for k, v in tensors.items() if k.startswith("vq.")})
+        with torch.device("meta"):  # no random init of weights the checkpoint replaces (checkpoint.assign_weights)
+            g = cls.from_config(config, torch.device("meta"))
+        g.model, g.vq = assign_weights(g.model, tensors, "transformer.", device), assign_weights(g.vq, tensors, "vq.", device)
+        g.device = device
         return g
 
     @torch.inference_mode()

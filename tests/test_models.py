@@ -221,3 +221,21 @@ def test_bf16_autocast_changes_the_arithmetic_not_the_contract(checkpoints, fami
         diff = np.abs(out.astype(int) - full.astype(int))
         assert diff.max() > 0 and diff.mean() < 4, (diff.max(), diff.mean())
     assert not torch.is_autocast_enabled("cpu")  # autocast ends with the call
+
+
+@pytest.mark.parametrize("family", ["gan", "transformer"])
+def test_a_loaded_generator_takes_the_checkpoints_tensors_without_initialising_its_own(checkpoints, family):
+    """from_checkpoint builds on the meta device and assigns the stored tensors: nothing is left on meta, and it
+    draws what a randomly initialised model with the same weights copied in draws."""
+    from models.checkpoint import load_checkpoint
+    from models.families import generator_class
+
+    g = load_generator(checkpoints[family], "cpu")
+    modules = [m for m in vars(g).values() if isinstance(m, torch.nn.Module)]
+    assert modules and all(t.device.type == "cpu" for m in modules for t in (*m.parameters(), *m.buffers()))
+    config, tensors = load_checkpoint(checkpoints[family])
+    copied = generator_class(family).from_config(config, torch.device("cpu"))  # the old way: init, then copy
+    parts = {"gan": {"text.": "text", "gen.": "gen"}, "transformer": {"transformer.": "model", "vq.": "vq"}}[family]
+    for prefix, attr in parts.items():
+        getattr(copied, attr).load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+    assert np.array_equal(g.generate(PROMPTS, list(range(7))), copied.generate(PROMPTS, list(range(7))))
