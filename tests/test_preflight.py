@@ -172,9 +172,7 @@ def test_actor_threads_follow_the_cpus_held_or_share_this_machine():
     assert place_scoring(fitted, 64).scoring.pool is False  # said explicitly: kept
     gpu = load_spec({**spec.model_dump(), "models": [{"name": "gan", "family": "gan", "checkpoint": "ck",
                                                       "resources": {"num_gpus": 1}}]})
-    assert place_scoring(gpu, 64).scoring.pool is False  # a GPU generator scores on its GPU, not in a CPU pool
-    gpu_pool = load_spec({**gpu.model_dump(), "scoring": {"resources": {"num_gpus": 0.5}}})
-    assert place_scoring(gpu_pool, 64).scoring.pool is True  # a scoring pool with GPUs of its own: a pool
+    assert place_scoring(gpu, 16).scoring.pool is True  # the CPU-bound geometry check overlaps a GPU's drawing
 
 
 def test_actor_threads_are_set_on_the_thread_that_runs_the_batches(ray_local):
