@@ -6,7 +6,9 @@ checkpoint's `family` (or the spec's) picks the class; adding a family never tou
 
 The contract (`Generator`): `family`, a pydantic `Sampling` model (validated in preflight), `height`/`width`,
 and `generate(prompts, seeds, **sampling) -> uint8 (N, H, W, 3)` whose image i depends only on (prompts[i],
-seeds[i], sampling): the same pixels at any batch size and on any actor, which resume and rerank rely on.
+seeds[i], sampling): the same pixels at any batch size and on any actor, which resume and rerank rely on. To the
+bit on CPU; on CUDA kernels may differ by batch size, and a 300M Transformer in bf16 on an H200 drew pixels within
+1 level of 255 of its one-batch bare draw (README, "On a GPU").
 Loading: either our checkpoint format (`from_config` + `from_checkpoint`, config.json + model.safetensors) or
 the family's own `load(url, device, storage_options)` classmethod for any other layout.
 """
