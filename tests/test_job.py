@@ -155,16 +155,16 @@ def test_concurrent_calls_per_actor_change_no_pixel_and_write_each_image_once(ra
     assert len(digests[0]) == 40 and digests[0] == digests[1]
 
 
-def test_concurrent_calls_take_turns_on_the_device_and_write_side_by_side(ray_local, checkpoints):
-    """One call writes while the next draws: a write that waits for the other call's draw finishes only if the
-    device turn is released before writing; draws never overlap."""
+def test_concurrent_calls_draw_on_one_device_thread_and_write_side_by_side(ray_local, checkpoints):
+    """One call writes while the next draws: a write that waits for the other call's draw finishes only if drawing
+    is done before writing; draws never overlap and all run on one thread (one OpenMP team, one CUDA stream)."""
     from pipelines.batch.generate import GenerateStage
     from pipelines.spec import ModelSpec, ScoringSpec
 
-    both_drawn, drawn, inside, overlaps = threading.Event(), [], [0], []
+    both_drawn, drawn, inside, overlaps, drew_on = threading.Event(), [], [0], [], set()
 
     def write(batch):
-        assert both_drawn.wait(timeout=30), "the other call never drew: the device turn was held while writing"
+        assert both_drawn.wait(timeout=30), "the other call never drew: drawing waited for this write"
         return {"images": [len(batch["id"])]}
 
     stage = GenerateStage(ModelSpec(name="gan", family="gan", checkpoint=checkpoints["gan"]),
@@ -174,6 +174,7 @@ def test_concurrent_calls_take_turns_on_the_device_and_write_side_by_side(ray_lo
     def counted(batch):
         inside[0] += 1
         overlaps.append(inside[0])
+        drew_on.add(threading.get_ident())
         try:
             time.sleep(0.05)
             return draw(batch)
@@ -193,6 +194,7 @@ def test_concurrent_calls_take_turns_on_the_device_and_write_side_by_side(ray_lo
     for t in calls:
         t.join(120)
     assert results == [{"images": [3]}, {"images": [3]}] and max(overlaps) == 1
+    assert len(drew_on) == 1 and drew_on.isdisjoint(t.ident for t in calls)
 
 
 def test_derived_ids_are_stable_and_limit_applies(ray_local, checkpoints, tmp_path):

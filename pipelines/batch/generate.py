@@ -3,16 +3,16 @@
 Emits raw pixels (the scoring stage reads them; the writer encodes) or, when it is the job's last actor stage,
 writes them itself (`write`), and with `sampling.candidates`
 K > 1 draws K per image and keeps the best by clip_score (DALL-E's rerank). With `resources.concurrent_calls` > 1
-(the default on a GPU) Ray Data runs that many calls in the actor at once: they take turns on the device, and
-one call's encode and write (CPU) run while the next one draws, instead of the GPU waiting for them.
+(the default on a GPU) Ray Data runs that many calls in the actor at once: they draw in turn on one device
+thread, and one call's encode and write (CPU) run while the next one draws, instead of the GPU waiting for them.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import threading
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import ray
@@ -38,7 +38,9 @@ class GenerateStage:
         self.write = write  # the job's WriteStage, when this actor is the last stage (`job._images`)
         self.gen = at_precision(load_generator(model.checkpoint, self.device, model.storage_options, family=model.family),
                                 self.device, model.precision)
-        self.device_turn = threading.Lock()  # concurrent calls draw and score one at a time; they write side by side
+        # concurrent calls (resources.concurrent_calls) hand their draw and score to this one thread and write side
+        # by side: one thread runs torch, so there is one OpenMP team (threads.py) and one CUDA stream in use
+        self.device_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="promptmill-device")
         self.sampling = self.gen.Sampling(**model.family_sampling).model_dump()
         # score: what this actor draws is scored here, on its device, before it leaves (no scoring pool)
         self.scores = ScoreStage(scoring, self.device) if score else None
@@ -51,10 +53,12 @@ class GenerateStage:
         log.info("loaded %s (%s) on %s, node %s", model.name, model.family, self.device, self.node)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        self.threads.on_call()
-        with self.device_turn:
-            batch = self.draw(batch)
+        batch = self.device_thread.submit(self._on_device, batch).result()
         return self.write(batch) if self.write is not None else batch
+
+    def _on_device(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        self.threads.on_call()
+        return self.draw(batch)
 
     def draw(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Generate (and score) one batch: its pixels and metadata columns."""

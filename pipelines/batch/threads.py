@@ -19,11 +19,11 @@ class ActorThreads:
     """Build on one thread (no OpenMP team), run with `n` on whichever thread calls; `n` None leaves torch as is."""
 
     def __init__(self, n: int | None) -> None:
-        self.n, self.threads = n, set()
+        self.n, self.thread = n, None
         if n:
             torch.set_num_threads(1)  # the constructing thread: loading makes no team that outlives it
 
     def on_call(self) -> None:
-        if self.n and threading.get_ident() not in self.threads:  # (several, with resources.concurrent_calls)
+        if self.n and self.thread != threading.get_ident():
             torch.set_num_threads(self.n)  # libgomp's count is per thread: set it on this one
-            self.threads.add(threading.get_ident())
+            self.thread = threading.get_ident()
