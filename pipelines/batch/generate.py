@@ -32,7 +32,7 @@ log = logging.getLogger(__name__)
 class GenerateStage:
     def __init__(self, model: ModelSpec, scoring: ScoringSpec, checkpoint_id: str | None = None,
                  threads: int | None = None, score: bool = False, write: Callable[[dict], dict] | None = None) -> None:
-        self.threads = ActorThreads(threads)  # the job's count (preflight.actor_threads), on the calling thread
+        self.threads = ActorThreads(threads)  # the job's count (preflight.actor_threads), on the device thread
         self.device = device_for(model.resources.num_gpus)
         self.model = model
         self.write = write  # the job's WriteStage, when this actor is the last stage (`job._images`)
