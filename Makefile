@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: help setup chromium demo test chaos lint bench bench-scale data checkpoints eval spec-docs
+.PHONY: help setup chromium demo test chaos lint bench bench-gpu bench-scale data checkpoints eval spec-docs
 help:  ## list targets
 	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
 
@@ -44,6 +44,9 @@ bench: setup  ## benchmarks (ratios measured side by side): the job against the 
 	$(PY) benchmarks/pipeline.py
 	$(PY) benchmarks/generators.py
 	$(PY) benchmarks/real_models.py
+
+bench-gpu: setup  ## on a CUDA machine: the job against the bare model on the GPU, real-size models, GPU busy % (benchmarks/gpu.py)
+	$(PY) benchmarks/gpu.py
 
 bench-scale: setup  ## the job at 1k, 10k and 100k prompts (~25 min on 2 cores): img/s, driver RSS, spilling -> docs/scale.png
 	$(PY) benchmarks/scale.py
