@@ -10,7 +10,7 @@ from typing import Any
 
 _EXPORTS = {
     "CheckpointError": "models.checkpoint", "load_checkpoint": "models.checkpoint", "save_checkpoint": "models.checkpoint",
-    "Generator": "models.generator", "load_generator": "models.generator",
+    "Generator": "models.generator", "load_generator": "models.generator", "check_checkpoint": "models.generator",
     "generator_class": "models.families", "installed_families": "models.families",
 }
 __all__ = sorted(_EXPORTS)

@@ -84,7 +84,8 @@ def _check_config(url: str, config: dict) -> None:
 
 
 def read_header(fs, path: str, url: str) -> Shapes:
-    """Tensor names and shapes from a safetensors header (8-byte length, then JSON), without reading the weights."""
+    """Tensor names and shapes from a safetensors header (8-byte length, then JSON), without reading the weights;
+    a file shorter or longer than the header's tensors is corrupt (a truncated upload, say)."""
     with fs.open(path, "rb") as f:
         head = f.read(8)
         n = int.from_bytes(head, "little") if len(head) == 8 else -1
@@ -92,9 +93,16 @@ def read_header(fs, path: str, url: str) -> Shapes:
             raise CheckpointError(f"checkpoint {url!r}: {WEIGHTS_NAME} is corrupt (header length {n})")
         try:
             header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            tensors = {k: v for k, v in header.items() if k != "__metadata__"}
+            shapes = {k: tuple(v["shape"]) for k, v in tensors.items()}
+            end = 8 + n + max((int(v["data_offsets"][1]) for v in tensors.values()), default=0)
+        except (json.JSONDecodeError, UnicodeDecodeError, AttributeError, KeyError, TypeError, ValueError) as e:
             raise CheckpointError(f"checkpoint {url!r}: {WEIGHTS_NAME} is corrupt (header: {e})") from e
-    return {k: tuple(v["shape"]) for k, v in header.items() if k != "__metadata__"}
+    size = fs.size(path)
+    if size != end:
+        raise CheckpointError(f"checkpoint {url!r}: {WEIGHTS_NAME} is corrupt (its header describes {end} bytes, the "
+                              f"file has {size})")
+    return shapes
 
 
 def check_shapes(url: str, expected: Shapes, found: Shapes) -> None:
@@ -109,11 +117,12 @@ def check_shapes(url: str, expected: Shapes, found: Shapes) -> None:
                           f"({'; '.join(p for p in parts if p)})")
 
 
-def load_checkpoint(url: str, storage_options: dict | None = None, kind: str | None = None,
-                    expect: Callable[[dict], Shapes] | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
-    """Return (config, fp32 tensors); `kind`: the `family` the caller needs; `expect(config)`: the tensor shapes the
-    config implies (`meta_shapes`), checked against the file's header before any weight is read. Raises
-    CheckpointError naming the file."""
+def open_checkpoint(url: str, storage_options: dict | None = None, kind: str | None = None,
+                    expect: Callable[[dict], Shapes] | None = None) -> tuple[dict, Any, str]:
+    """(config, filesystem, weights path) after every check that reads no weight: both files exist, config.json
+    is valid and bounded, `kind` is the `family` the caller needs, and the safetensors header holds the names and
+    shapes `expect(config)` builds (`meta_shapes`) in a file of the length it says. Preflight stops here: a driver
+    need not download a model its actors will load. Raises CheckpointError naming the file."""
     fs, path = fsspec.core.url_to_fs(url, **(storage_options or {}))
     cfg_path, w_path = _join(path, CONFIG_NAME), _join(path, WEIGHTS_NAME)
     for p in (cfg_path, w_path):
@@ -128,6 +137,7 @@ def load_checkpoint(url: str, storage_options: dict | None = None, kind: str | N
     if kind is not None and config["family"] != kind:
         raise CheckpointError(f"checkpoint {url!r} is a {config['family']!r} checkpoint, not a {kind!r} one")
     _check_config(url, config)
+    found = read_header(fs, w_path, url)
     if expect is not None:
         try:
             expected = expect(config)
@@ -135,7 +145,14 @@ def load_checkpoint(url: str, storage_options: dict | None = None, kind: str | N
             raise
         except (KeyError, TypeError, ValueError, RuntimeError) as e:
             raise CheckpointError(f"checkpoint {url!r}: {CONFIG_NAME} does not describe a model ({e})") from e
-        check_shapes(url, expected, read_header(fs, w_path, url))
+        check_shapes(url, expected, found)
+    return config, fs, w_path
+
+
+def load_checkpoint(url: str, storage_options: dict | None = None, kind: str | None = None,
+                    expect: Callable[[dict], Shapes] | None = None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """Return (config, fp32 tensors), after `open_checkpoint`'s checks."""
+    config, fs, w_path = open_checkpoint(url, storage_options, kind, expect)
     try:
         tensors = st_load(fs.cat_file(w_path))
     except (SafetensorError, ValueError, RuntimeError) as e:

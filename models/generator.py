@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel
 
-from models.checkpoint import CheckpointError, load_checkpoint, meta_shapes
+from models.checkpoint import CheckpointError, load_checkpoint, meta_shapes, open_checkpoint
 from models.families import generator_class
 
 
@@ -56,19 +56,29 @@ def load_generator(
         if hasattr(cls, "load"):
             return cls.load(url, device, storage_options)
 
+    config, tensors = load_checkpoint(url, storage_options, expect=_expected(url))  # config.json read once
+    cls = generator_class(config["family"])
+    try:
+        return cls.from_checkpoint(config, tensors, device)
+    except (KeyError, RuntimeError, TypeError, ValueError) as e:  # config and weights disagree
+        raise CheckpointError(f"checkpoint {url!r}: weights do not match config.json ({e})") from e
+
+
+def _expected(url: str):
     def expect(config: dict):  # the class its config names, built on the meta device
         try:
             cls = generator_class(config["family"])
         except ValueError as e:  # an unknown family
             raise CheckpointError(f"checkpoint {url!r}: {e}") from e
         return meta_shapes(lambda: cls.from_config(config, torch.device("meta")))
+    return expect
 
-    config, tensors = load_checkpoint(url, storage_options, expect=expect)  # config.json read once
-    cls = generator_class(config["family"])
-    try:
-        return cls.from_checkpoint(config, tensors, device)
-    except (KeyError, RuntimeError, TypeError, ValueError) as e:  # config and weights disagree
-        raise CheckpointError(f"checkpoint {url!r}: weights do not match config.json ({e})") from e
+
+def check_checkpoint(url: str, storage_options: dict | None = None) -> Any:
+    """The generator class of a checkpoint in our layout, after every check `load_generator` makes before it reads
+    a weight (`checkpoint.open_checkpoint`): what preflight needs, without the driver loading the model."""
+    config, _, _ = open_checkpoint(url, storage_options, expect=_expected(url))
+    return generator_class(config["family"])
 
 
 def check_inputs(prompts: list[str], seeds: list[int]) -> None:

@@ -204,3 +204,25 @@ def test_actor_threads_are_set_on_the_thread_that_runs_the_batches(ray_local):
     assert {r["called_threads"] for r in rows} == {2}  # Ray gave this num_cpus=1 actor OMP_NUM_THREADS=1
     assert {r["built_threads"] for r in rows} == {1}
     assert all(r["built_on"] != r["called_on"] for r in rows)  # why it matters: two threads, two teams
+
+
+def test_preflight_checks_a_checkpoint_without_reading_its_weights(good, tmp_path, capsys, monkeypatch, checkpoints):
+    """Config, names, shapes and the file's length are checked from config.json and the safetensors header; the
+    driver does not load (or download) the weights its actors will load."""
+    import models.checkpoint
+    from pipelines.batch.preflight import PreflightError, preflight
+    from pipelines.spec import load_spec
+
+    def no_weights(*_a, **_k):
+        raise AssertionError("preflight read the weights")
+
+    monkeypatch.setattr(models.checkpoint, "st_load", no_weights)
+    good = {**good, "scoring": {"enabled": False}}  # the scorers (a few MB) are loaded: their own check
+    preflight(load_spec(good))
+    bad = tmp_path / "cut"
+    shutil.copytree(checkpoints["gan"], bad)
+    weights = (bad / "model.safetensors").read_bytes()
+    (bad / "model.safetensors").write_bytes(weights[:-100])  # a truncated upload: header intact, data short
+    with pytest.raises(PreflightError, match=r"models\[0\] \(gan\).checkpoint: .*model.safetensors is corrupt "
+                                             r"\(its header describes \d+ bytes, the file has \d+\)"):
+        preflight(load_spec({**good, "models": [{**good["models"][0], "checkpoint": str(bad)}]}))

@@ -12,7 +12,7 @@ import os
 import pyarrow as pa
 from pydantic import ValidationError
 
-from models import CheckpointError, generator_class, load_generator
+from models import CheckpointError, check_checkpoint, generator_class, load_generator
 from models.clip import load_clip
 from models.judge import load_judge
 from models.local_cache import content_id
@@ -158,7 +158,10 @@ def preflight(spec: JobSpec, allow_subset: bool = False) -> tuple[InputPlan, dic
                 raise PreflightError(f"{where}.sampling: {e}") from e
             continue
         try:
-            gen = load_generator(m.checkpoint, "cpu", m.storage_options, family=m.family)
+            if hasattr(cls, "load"):  # a layout of the family's own: loaded here, once, as its actors will
+                gen = load_generator(m.checkpoint, "cpu", m.storage_options, family=m.family)
+            else:  # ours: config and safetensors header checked, no weight read (a driver need not download it)
+                gen = check_checkpoint(m.checkpoint, m.storage_options)
         except CheckpointError as e:
             raise PreflightError(f"{where}.checkpoint: {e}") from e
         if gen.family != m.family:
