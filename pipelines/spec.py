@@ -189,6 +189,12 @@ class ModelSpec(Strict):
         return self.sampling.get("candidates", 1)
 
     @property
+    def precision_record(self) -> dict[str, str]:
+        """`precision` as the fingerprint and each row's sampling record it: nothing for fp32, so outputs written
+        before the field existed still match."""
+        return {} if self.precision == "fp32" else {"precision": self.precision}
+
+    @property
     def family_sampling(self) -> dict[str, Any]:
         return {k: v for k, v in self.sampling.items() if k != "candidates"}
 

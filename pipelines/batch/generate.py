@@ -91,8 +91,8 @@ class GenerateStage:
         batch["family"] = np.full(n, self.model.family, object)
         batch["checkpoint"] = np.full(n, self.checkpoint, object)
         batch["checkpoint_id"] = np.full(n, self.checkpoint_id, object)
-        precision = {"precision": self.model.precision} if self.model.precision != "fp32" else {}
-        batch["sampling"] = np.full(n, json.dumps({**self.sampling, "candidates": k, **precision}, sort_keys=True), object)
+        record = {**self.sampling, "candidates": k, **self.model.precision_record}
+        batch["sampling"] = np.full(n, json.dumps(record, sort_keys=True), object)
         batch["width"] = np.full(n, np.asarray(batch["pixels"]).shape[2], np.int32)  # sampling may set the size
         batch["height"] = np.full(n, np.asarray(batch["pixels"]).shape[1], np.int32)
         batch["pipeline_class"] = np.full(n, getattr(self.gen, "pipeline_class", None), object)

@@ -148,8 +148,10 @@ def _writer(spec: JobSpec, out_url: str) -> WriteStage:
                       tuple(spec.input.keep_columns), o.sidecars)
 
 
-def _pool_strategy(r, calls: int) -> ActorPoolStrategy:
-    """Ray Data runs one call per actor at a time unless told it may run `calls` side by side (in threads)."""
+def _pool_strategy(r) -> ActorPoolStrategy:
+    """A generator pool: Ray Data runs one call per actor at a time unless told it may run several side by side
+    (in threads; `preflight.concurrent_calls`)."""
+    calls = concurrent_calls(r)
     many = {"max_concurrent_calls_per_actor": calls, "enable_true_multi_threading": True} if calls > 1 else {}
     return ActorPoolStrategy(min_size=r.actors, max_size=r.max_actors, **many)
 
@@ -175,7 +177,7 @@ def _images(spec: JobSpec, validated: ray.data.Dataset, done: frozenset[str], re
             GenerateStage, fn_constructor_kwargs={"model": m, "scoring": spec.scoring, "score": fused,
                                                   "checkpoint_id": record["models"][m.name]["checkpoint_id"],
                                                   "threads": actor_threads(r, actors, cores), "write": last_writes},
-            compute=_pool_strategy(r, concurrent_calls(r)),
+            compute=_pool_strategy(r),
             num_gpus=r.num_gpus, num_cpus=r.num_cpus, batch_size=r.batch_size, **_BOUNDED))
     images = branches[0].union(*branches[1:]) if len(branches) > 1 else branches[0]
     if not pool:

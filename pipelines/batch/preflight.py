@@ -53,7 +53,7 @@ def fingerprint(spec: JobSpec) -> dict:
                    "models": {m.name: {"family": m.family, "checkpoint": m.checkpoint,
                                        "checkpoint_id": _content_id(m.checkpoint, m.storage_options),
                                        "sampling": m.sampling,
-                                       **({"precision": m.precision} if m.precision != "fp32" else {}),
+                                       **m.precision_record,
                                        **({"rerank_clip": s.clip} if m.candidates > 1 else {})}
                               for m in spec.models}})
 
