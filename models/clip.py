@@ -48,7 +48,7 @@ class TextTower(nn.Module):
         nn.init.normal_(self.emb.weight, std=0.02)
         nn.init.zeros_(self.emb.weight[0])
         self.cls = nn.Parameter(torch.zeros(1, 1, cfg.width))
-        self.pos = nn.Parameter(torch.randn(1, cfg.text_len + 1, cfg.width) * 0.02)
+        self.pos = nn.Parameter(torch.randn(1, cfg.text_len + 1, cfg.width).mul_(0.02))  # in place: vq.EMAQuantizer
         layer = nn.TransformerEncoderLayer(cfg.width, cfg.heads, 4 * cfg.width, dropout=0.0, batch_first=True,
                                            norm_first=True, activation="gelu")
         self.encoder = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)

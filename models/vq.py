@@ -46,7 +46,8 @@ class EMAQuantizer(nn.Module):
     def __init__(self, cfg: VQConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        embed = torch.randn(cfg.codebook_size, cfg.embed_dim) * 0.1
+        embed = torch.randn(cfg.codebook_size, cfg.embed_dim).mul_(0.1)  # in place: on the meta device an
+        # out-of-place op runs torch's Python decompositions, which import torch._dynamo (checkpoint.on_meta)
         self.register_buffer("embed", embed)
         self.register_buffer("cluster_size", torch.ones(cfg.codebook_size))
         self.register_buffer("embed_avg", embed.clone())
