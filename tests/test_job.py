@@ -316,3 +316,31 @@ def test_killed_generator_actor_loses_and_duplicates_nothing(ray_local, checkpoi
     assert killed, "no generator actor was found to kill"
     assert res.images_written["gan"] >= 2 * n  # redone batches may be counted twice in staging
     assert_exactly_once(out, {("gan", f"k{i}", s) for i in range(n) for s in (0, 1)})
+
+
+def test_an_embedded_ray_stops_its_autoscaler_monitor_first_and_leaves_no_process():
+    """The monitor (nothing to scale on one machine) is killed before Ray's shutdown, which would otherwise spend a
+    second on its SIGTERM handler; the embedded Ray still runs work without it, and exit leaves no process behind."""
+    code = """
+import json, psutil, ray
+from ray._private import ray_constants, worker
+from pipelines.batch.job import ensure_ray, stop_autoscaler_monitor
+ensure_ray(2)
+heads = [p.pid for p in psutil.Process().children()]  # GCS, raylet, monitor, ... (workers come and go)
+monitor = worker._global_node.all_processes[ray_constants.PROCESS_TYPE_MONITOR][0].process.pid
+stop_autoscaler_monitor()
+alive = [pid for pid in heads if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+every = [p.pid for p in psutil.Process().children(recursive=True)]
+print(json.dumps({"heads": heads, "every": every, "monitor": monitor, "alive": alive,
+                  "task": ray.get(ray.remote(lambda: 7).remote())}))
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out["monitor"] in out["heads"] and out["monitor"] not in out["alive"]
+    assert set(out["alive"]) == set(out["heads"]) - {out["monitor"]}  # only the monitor was stopped
+    assert out["task"] == 7
+    deadline = time.monotonic() + 10
+    while any(psutil.pid_exists(p) for p in out["every"]) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not [p for p in out["every"] if psutil.pid_exists(p)]  # exit left nothing orphaned
