@@ -9,7 +9,7 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "CheckpointError": "models.checkpoint", "load_checkpoint": "models.checkpoint", "save_checkpoint": "models.checkpoint",
+    "CheckpointError": "models.errors", "load_checkpoint": "models.checkpoint", "save_checkpoint": "models.checkpoint",
     "Generator": "models.generator", "load_generator": "models.generator", "check_checkpoint": "models.generator",
     "generator_class": "models.families", "installed_families": "models.families",
 }

@@ -19,12 +19,10 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch.overrides import TorchFunctionMode
 
+from models.errors import CheckpointError
+
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint directory that is missing, incomplete or corrupt; the message names the file."""
 
 
 def _join(url: str, name: str) -> str:

@@ -5,10 +5,13 @@ Encoding lives with the output layout (`pipelines.layout`), which owns the image
 from __future__ import annotations
 
 import io
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from PIL import Image
+
+if TYPE_CHECKING:  # the driver decodes images for its report without importing torch (1.1 s of its start-up)
+    import torch
 
 
 def decode_image(data: bytes) -> np.ndarray:
@@ -18,6 +21,8 @@ def decode_image(data: bytes) -> np.ndarray:
 
 def to_nchw(images: np.ndarray) -> torch.Tensor:
     """uint8 (N, H, W, 3) -> contiguous uint8 (N, 3, H, W); copies, since Ray hands out read-only arrays."""
+    import torch
+
     return torch.from_numpy(np.array(images, copy=True)).permute(0, 3, 1, 2).contiguous()
 
 

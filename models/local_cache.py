@@ -13,7 +13,7 @@ from pathlib import Path
 
 import fsspec
 
-from models.checkpoint import CheckpointError
+from models.errors import CheckpointError
 
 DONE = ".promptmill-complete"
 

@@ -69,6 +69,8 @@ def make_spec(input_path: str, output_path: str, checkpoints: dict[str, str], **
 def ray_local():
     import ray
 
+    if ray.is_initialized():  # the embedded Ray of an earlier CLI test's job (its model checks run while Ray starts)
+        ray.shutdown()
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     yield ray
     ray.shutdown()

@@ -226,3 +226,28 @@ def test_preflight_checks_a_checkpoint_without_reading_its_weights(good, tmp_pat
     with pytest.raises(PreflightError, match=r"models\[0\] \(gan\).checkpoint: .*model.safetensors is corrupt "
                                              r"\(its header describes \d+ bytes, the file has \d+\)"):
         preflight(load_spec({**good, "models": [{**good["models"][0], "checkpoint": str(bad)}]}))
+
+
+def test_the_driver_imports_torch_only_for_its_model_checks(good, tmp_path):
+    """The job imports torch (1.1 s of a core) on a thread while Ray starts: the CLI, the job module and the checks
+    of input and output before it must not import it first (a module-level `import torch` on that path would)."""
+    import subprocess
+    import sys
+
+    spec = tmp_path / "spec.yaml"
+    spec.write_text(yaml.safe_dump({**good, "scoring": {"enabled": True}}))
+    code = f"""
+import sys
+import jobs.cli, jobs.generate
+from pipelines.batch.job import run_job
+from pipelines.batch.preflight import check_models, preflight
+from pipelines.spec import load_spec
+spec = load_spec({str(spec)!r})
+preflight(spec, models=False)
+before = "torch" in sys.modules
+check_models(spec)
+print(before, "torch" in sys.modules)
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.split() == ["False", "True"]

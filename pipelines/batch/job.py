@@ -10,6 +10,7 @@ import functools
 import logging
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -20,11 +21,11 @@ from ray.data import ActorPoolStrategy
 from pipelines.batch.commit import done_keys, write_json
 from pipelines.batch.expand import expand_batch
 from pipelines.batch.finalize import JobResult, finalize
-from pipelines.batch.generate import GenerateStage
 from pipelines.batch.lease import Lease, LeaseHeld
 from pipelines.batch.preflight import (
     PreflightError,
     actor_threads,
+    check_models,
     check_output_reachable,
     concurrent_calls,
     merged_fingerprint,
@@ -37,7 +38,6 @@ from pipelines.batch.preflight import (
 )
 from pipelines.batch.progress import Progress
 from pipelines.batch.read import InputPlan, read_prompts
-from pipelines.batch.score import ScoreStage
 from pipelines.batch.validate import ID, REASON, validate_batch
 from pipelines.batch.write import WriteStage
 from pipelines.layout import REJECTED, SPEC, STAGING
@@ -186,6 +186,9 @@ def _images(spec: JobSpec, validated: ray.data.Dataset, done: frozenset[str], re
     """One branch per model (expand -> generate actor pool, which also scores unless scoring has its own pool),
     unioned, then the scoring pool if there is one. `write`: the last actor stage writes what it made (pixels
     then never cross the object store to a write task)."""
+    from pipelines.batch.generate import GenerateStage  # torch: imported by the actors, and by the driver only
+    from pipelines.batch.score import ScoreStage  # here, once `check_models` has (run_job)
+
     branches, cores, actors = [], local_cores(), sum(p.actors for p in pools(spec))
     pool = scoring_pool(spec)
     fused, last_writes = scoring_on(spec) and not pool, None if pool else write
@@ -276,11 +279,16 @@ def run_job(spec: JobSpec, allow_subset: bool = False) -> JobResult:
     t0, phases = time.time(), Phases()
     os.environ[RETRY_ENV] = f"{spec.storage.retry.attempts},{spec.storage.retry.max_wait_s}"  # this process's calls
     # 1. Check inputs: spec, input files, checkpoints, sampling, output (ours, same settings), capacity
-    plan, previous = preflight(spec, allow_subset)
+    plan, previous = preflight(spec, allow_subset, models=False)
     fs, root = filesystem(spec.output.path, spec.output.storage_options, retry_policy(spec))
     out_url = full_url(fs, root)
     phases.mark("preflight")
-    ensure_ray(pool_cpus(spec) + 2)
+    # checkpoints and scorers are checked while Ray starts: the check imports torch, 1.1 s of one core, while
+    # ray.init mostly waits on the processes it starts (benchmarks/startup.py). Nothing is written before both end.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="promptmill-preflight") as pool:
+        models_checked = pool.submit(check_models, spec)
+        ensure_ray(pool_cpus(spec) + 2)
+        models_checked.result()
     spec = place_scoring(spec, ray.cluster_resources().get("CPU", 0))
     _check_capacity(spec)
     check_output_reachable(spec, ray.nodes())

@@ -12,9 +12,7 @@ import os
 import pyarrow as pa
 from pydantic import ValidationError
 
-from models import CheckpointError, check_checkpoint, generator_class, load_generator
-from models.clip import load_clip
-from models.judge import load_judge
+from models import CheckpointError
 from models.local_cache import content_id
 from pipelines.batch.commit import read_json
 from pipelines.batch.read import InputPlan, plan_input
@@ -139,13 +137,32 @@ def check_output(spec: JobSpec, plan: InputPlan, allow_subset: bool = False) -> 
     return previous
 
 
-def preflight(spec: JobSpec, allow_subset: bool = False) -> tuple[InputPlan, dict | None]:
+def preflight(spec: JobSpec, allow_subset: bool = False,
+              models: bool = True) -> tuple[InputPlan, dict | None]:
     """Open the input and every checkpoint, check sampling and output; raise PreflightError naming the field.
-    Returns the input plan and the output's previous fingerprint (None for a new output)."""
+    Returns the input plan and the output's previous fingerprint (None for a new output). `models` False leaves
+    the checkpoints and scorers to a `check_models` call of the caller's (the job runs it while Ray starts)."""
     try:
         plan = plan_input(spec.input)
     except InputError as e:
         raise PreflightError(str(e)) from e
+    if models:
+        check_models(spec)
+    if spec.metrics.reference:
+        from pipelines.runs.evaluate import read_reference  # torchmetrics: ~1 s a job without metrics need not pay
+
+        try:
+            read_reference(spec.metrics.reference, spec.metrics.storage_options, spec.metrics.image_column, 4)
+        except (OSError, ValueError, KeyError, pa.ArrowException) as e:
+            raise PreflightError(f"metrics.reference: cannot read images from {spec.metrics.reference!r} ({e})") from e
+    return plan, check_output(spec, plan, allow_subset)
+
+
+def check_models(spec: JobSpec) -> None:
+    """Every model's checkpoint, family and sampling, and the scorers; the first call in a driver imports torch
+    (1.1 s on 2 cores), so the job makes it on a thread while Ray starts."""
+    from models import check_checkpoint, generator_class, load_generator
+
     for i, m in enumerate(spec.models):
         where = f"models[{i}] ({m.name})"
         cls = generator_class(m.family)
@@ -172,18 +189,13 @@ def preflight(spec: JobSpec, allow_subset: bool = False) -> tuple[InputPlan, dic
             raise PreflightError(f"{where}.sampling: {e}") from e
     if scoring_on(spec):
         check_scoring(spec.scoring)
-    if spec.metrics.reference:
-        from pipelines.runs.evaluate import read_reference  # torchmetrics: ~1 s a job without metrics need not pay
-
-        try:
-            read_reference(spec.metrics.reference, spec.metrics.storage_options, spec.metrics.image_column, 4)
-        except (OSError, ValueError, KeyError, pa.ArrowException) as e:
-            raise PreflightError(f"metrics.reference: cannot read images from {spec.metrics.reference!r} ({e})") from e
-    return plan, check_output(spec, plan, allow_subset)
 
 
 def check_scoring(scoring: ScoringSpec, where: str = "scoring.") -> None:
     """Load each scorer once in the driver: a bad checkpoint is an error naming its field before any work."""
+    from models.clip import load_clip
+    from models.judge import load_judge
+
     for field_name, loader in (("clip", load_clip), ("judge", load_judge)):
         url = getattr(scoring, field_name)
         if url is None:
