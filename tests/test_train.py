@@ -32,30 +32,35 @@ def train(kind: str, data: str, tmp_path, steps: int, **kw) -> dict:
     return run_training(spec)
 
 
+@pytest.fixture(scope="module")
+def trained(ray_local, shapes, tmp_path_factory) -> dict:
+    """40-step vq and clip runs (a Ray Train run costs ~10 s of start-up here): the loss test reads their
+    histories, the generators build on their exports."""
+    root = tmp_path_factory.mktemp("trained")
+    return {kind: (train(kind, shapes, root, 40), root / kind) for kind in ("vq", "clip")}
+
+
 @pytest.mark.parametrize("kind", ["judge", "vq", "clip"])
-def test_loss_goes_down(ray_local, shapes, tmp_path, kind):
-    s = train(kind, shapes, tmp_path, 40)
+def test_loss_goes_down(ray_local, shapes, trained, tmp_path, kind):
+    s, out = trained[kind] if kind in trained else (train(kind, shapes, tmp_path, 40), tmp_path / kind)
     losses = [h["loss"] for h in s["history"]]
     assert s["steps"] == 40 and losses[-1] < 0.8 * losses[0], losses
-    assert (tmp_path / kind / "training" / "loss.png").stat().st_size > 1000
+    assert (out / "training" / "loss.png").stat().st_size > 1000
     if kind == "clip":  # the export scores prompts
         import numpy as np
 
         from models.clip import load_clip
 
-        scores = load_clip(str(tmp_path / "clip")).score(np.zeros((2, 32, 32, 3), np.uint8),
-                                                         ["a red circle", "a photo of a dog"])
+        scores = load_clip(str(out)).score(np.zeros((2, 32, 32, 3), np.uint8), ["a red circle", "a photo of a dog"])
         assert scores.shape == (2,) and (scores >= 0).all() and (scores <= 100).all()
 
 
-def test_gan_and_transformer_export_generators_and_resume(ray_local, shapes, tmp_path):
-    s = train("vq", shapes, tmp_path, 10)
-    s = train("transformer", shapes, tmp_path, 20, vq=str(tmp_path / "vq"))
+def test_gan_and_transformer_export_generators_and_resume(ray_local, shapes, trained, tmp_path):
+    s = train("transformer", shapes, tmp_path, 20, vq=str(trained["vq"][1]))
     assert s["history"][-1]["loss"] < s["history"][0]["loss"]
     g = load_generator(str(tmp_path / "transformer"), "cpu")
     assert g.generate(["a red circle"], [0]).shape == (1, 32, 32, 3)
-    train("clip", shapes, tmp_path, 10)
-    clip = str(tmp_path / "clip")
+    clip = str(trained["clip"][1])
     s1 = train("gan", shapes, tmp_path, 10, name="gan-resume", clip=clip)
     s2 = train("gan", shapes, tmp_path, 20, name="gan-resume", clip=clip)  # same name: resumes at step 10
     assert [h["step"] for h in s2["history"]] == [5, 10, 15, 20]
