@@ -6,9 +6,12 @@ preflight -> read -> validate -> rejected -> expand -> generate -> score -> writ
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import logging
 import os
+import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -259,6 +262,16 @@ class JobFailed(RuntimeError):
                    "run the same command again to resume")
 
 
+def _check_models_beside_ray(spec: JobSpec) -> None:
+    """`check_models` at a lower CPU priority (Linux nice is per thread): the processes ray.init starts get the
+    cores first, so the raylet registers before ray.init's next once-a-second poll more often, and the import soaks
+    up what they leave. benchmarks/startup.py, 20 fresh processes each, interleaved: wall 8.65 -> 8.09 s mean."""
+    if sys.platform == "linux":
+        with contextlib.suppress(OSError):
+            os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+    check_models(spec)
+
+
 PHASES = ("preflight", "ray", "read_validate_rejected", "first_image", "images", "commit")  # in run_job's order
 
 
@@ -286,7 +299,7 @@ def run_job(spec: JobSpec, allow_subset: bool = False) -> JobResult:
     # checkpoints and scorers are checked while Ray starts: the check imports torch, 1.1 s of one core, while
     # ray.init mostly waits on the processes it starts (benchmarks/startup.py). Nothing is written before both end.
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="promptmill-preflight") as pool:
-        models_checked = pool.submit(check_models, spec)
+        models_checked = pool.submit(_check_models_beside_ray, spec)
         ensure_ray(pool_cpus(spec) + 2)
         models_checked.result()
     spec = place_scoring(spec, ray.cluster_resources().get("CPU", 0))
