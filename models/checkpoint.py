@@ -91,6 +91,18 @@ def assign_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], pr
     return module.to(device)
 
 
+def built_with_weights(make: Callable[[], Any], parts: dict[str, str], tensors: dict[str, torch.Tensor],
+                       device: torch.device) -> Any:
+    """`make()` built on the meta device, then each `prefix -> attribute` module given its stored tensors
+    (`assign_weights`) and the object its `device`: how a generator loads without initialising what it replaces."""
+    with on_meta():
+        obj = make()
+    for prefix, attr in parts.items():
+        setattr(obj, attr, assign_weights(getattr(obj, attr), tensors, prefix, device))
+    obj.device = device
+    return obj
+
+
 def meta_shapes(make: Callable[[], Any]) -> Shapes:
     """Tensor shapes of `make().state_dict()`, built on the meta device: no memory, whatever the config says."""
     with on_meta():

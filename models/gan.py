@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.checkpoint import assign_weights, on_meta
+from models.checkpoint import built_with_weights
 from models.clip import CLIPConfig, TextTower
 from models.generator import check_inputs
 from models.sampling import per_image_generators, per_image_normal, to_uint8
@@ -238,11 +238,8 @@ class GANGenerator:
 
     @classmethod
     def from_checkpoint(cls, config: dict, tensors: dict[str, torch.Tensor], device: torch.device) -> GANGenerator:
-        with on_meta():  # no random init of weights the checkpoint replaces (checkpoint.assign_weights)
-            g = cls.from_config(config, torch.device("meta"))
-        g.text, g.gen = assign_weights(g.text, tensors, "text.", device), assign_weights(g.gen, tensors, "gen.", device)
-        g.device = device
-        return g
+        return built_with_weights(lambda: cls.from_config(config, torch.device("meta")),
+                                  {"text.": "text", "gen.": "gen"}, tensors, device)
 
     @torch.inference_mode()
     def generate(self, prompts: list[str], seeds: list[int], **sampling) -> np.ndarray:

@@ -16,7 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 
-from models.checkpoint import assign_weights, on_meta
+from models.checkpoint import built_with_weights
 from models.generator import check_inputs
 from models.sampling import (
     filter_logits,
@@ -199,11 +199,8 @@ class TransformerGenerator:
     @classmethod
     def from_checkpoint(cls, config: dict, tensors: dict[str, torch.Tensor],
                         device: torch.device) -> TransformerGenerator:
-        with on_meta():  # no random init of weights the checkpoint replaces (checkpoint.assign_weights)
-            g = cls.from_config(config, torch.device("meta"))
-        g.model, g.vq = assign_weights(g.model, tensors, "transformer.", device), assign_weights(g.vq, tensors, "vq.", device)
-        g.device = device
-        return g
+        return built_with_weights(lambda: cls.from_config(config, torch.device("meta")),
+                                  {"transformer.": "model", "vq.": "vq"}, tensors, device)
 
     @torch.inference_mode()
     def generate(self, prompts: list[str], seeds: list[int], **sampling) -> np.ndarray:
