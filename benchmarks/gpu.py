@@ -8,6 +8,8 @@ Transformer drawing 256 VQ tokens into 128 px images; a 256 px GAN), on CUDA:
               metadata, commit), steady state = images after the first batch / the `images` phase of summary.json
   GPU busy    NVML utilisation (share of time a kernel ran), sampled every 0.1 s: during the bare loop, and during
               the job's `images` phase
+  sharing     a small model's job with several actors sharing the one GPU (one actor's CPU-side encode and write
+              capped the shipped GAN at ~2k img/s on the H200)
   sweep       bare images/s by batch size and precision
 
     python benchmarks/gpu.py [--out DIR] [--budget-s 420]   (a CUDA machine; --device cpu checks the script)
@@ -107,9 +109,12 @@ def bare(ckpt: str, device: str, prompts: list[str], batch: int, precision: str,
 
 
 def job(tmp: Path, name: str, family: str, ckpt: str, n: int, batch: int, precision: str, scoring: bool,
-        gpus: float, busy: GpuBusy, calls: int | None = None) -> dict:
-    """Steady-state images/s of `promptmill generate` and the GPU busy % over its images phase."""
-    resources = {"batch_size": batch, "num_gpus": gpus, **({"concurrent_calls": calls} if calls else {})}
+        gpus: float, busy: GpuBusy, calls: int | None = None, actors: int = 1) -> dict:
+    """Steady-state images/s of `promptmill generate` and the GPU busy % over its images phase; `actors` > 1 share
+    the `gpus` (each asks for gpus / actors)."""
+    resources = {"batch_size": batch, "num_gpus": gpus / actors,
+                 **({"actors": actors, "max_actors": actors} if actors > 1 else {}),
+                 **({"concurrent_calls": calls} if calls else {})}
     spec = one_model_spec("gpu", tmp / f"in-{n}.parquet", tmp / name, family, scoring, resources)
     spec["models"][0].update(checkpoint=ckpt, precision=precision)
     t0 = time.perf_counter()
@@ -180,20 +185,21 @@ def main() -> None:
             emit(f"- skipped (budget spent): {what}")
         return left > 0
 
-    # (label, family, checkpoint, precision, batch, job images, scored too, concurrent_calls to compare)
+    # (label, family, checkpoint, precision, batch, job images, scored too, concurrent_calls to compare,
+    #  actors sharing the one GPU to compare: for a small model one actor's encode + write on the CPU set the pace)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         real = {f: real_checkpoint(f, tmp / f"real-{f}") for f in REAL}
-        every = {"gan": ("GAN, shipped", "gan", str(SHIPPED / "gan"), "fp32", 64, 16384, args.scored, [8]),
+        every = {"gan": ("GAN, shipped", "gan", str(SHIPPED / "gan"), "fp32", 64, 16384, args.scored, [8], [4]),
                  "transformer": ("Transformer, shipped", "transformer", str(SHIPPED / "dalle"), "fp32", 64, 4096,
-                                 args.scored, []),
+                                 args.scored, [], []),
                  "real-transformer": ("Transformer, 300M real-size, bf16", "transformer", real["transformer"], "bf16",
-                                      128, 1024, False, [1]),
-                 "real-gan": ("GAN, 256 px real-size, bf16", "gan", real["gan"], "bf16", 64, 2048, False, [8])}
+                                      128, 1024, False, [1], []),
+                 "real-gan": ("GAN, 256 px real-size, bf16", "gan", real["gan"], "bf16", 64, 2048, False, [8], [2])}
         runs = [every[k] for k in args.runs.split(",")]
         prompt_cache: dict[int, list[str]] = {}
-        rows, detail = [], []
-        for label, family, ckpt, precision, batch, n_job, scored, other_calls in runs:
+        rows, detail, shared = [], [], []
+        for label, family, ckpt, precision, batch, n_job, scored, other_calls, sharing in runs:
             if not in_budget(label):
                 continue
             n = n_of(n_job, batch)
@@ -220,6 +226,12 @@ def main() -> None:
                                              precision, False, gpus, busy, calls)
                     detail.append([label, calls, r[f"calls{calls}"]["img_s"], r["plain"]["img_s"],
                                    r[f"calls{calls}"]["busy"], r["plain"]["busy"]])
+            for actors in sharing:
+                if in_budget(f"{label} {actors} actors sharing the GPU"):
+                    r[f"actors{actors}"] = job(tmp, f"{family}-{len(rows)}-actors{actors}", family, ckpt, n, batch,
+                                               precision, False, gpus, busy, actors=actors)
+                    shared.append([label, actors, r[f"actors{actors}"]["img_s"], r["plain"]["img_s"],
+                                   r[f"actors{actors}"]["busy"], r["plain"]["busy"]])
             results[label] = r
             emit(table(f"after {label} ({time.perf_counter() - began:.0f} s):",
                        ["model", "scoring", "batch", "bare img/s", "bare GPU busy %", "job img/s (steady)",
@@ -231,6 +243,9 @@ def main() -> None:
         if detail:
             emit(table("concurrent_calls against the default (2 on a GPU), scoring off:",
                        ["model", "calls", "job img/s", "default img/s", "GPU busy %", "default busy %"], detail))
+        if shared:
+            emit(table("actors sharing the one GPU (each num_gpus 1/actors) against one actor, scoring off:",
+                       ["model", "actors", "job img/s", "one actor img/s", "GPU busy %", "one actor busy %"], shared))
         sweep, pool = [], write_prompts(tmp / "sweep.parquet", 1024)
         for item in args.sweep.split(";"):
             key, batches = item.split(":")
