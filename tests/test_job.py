@@ -324,7 +324,7 @@ def test_an_embedded_ray_stops_its_autoscaler_monitor_first_and_leaves_no_proces
     code = """
 import json, psutil, ray
 from ray._private import ray_constants, worker
-from pipelines.batch.job import ensure_ray, stop_autoscaler_monitor
+from pipelines.batch.ray_cluster import ensure_ray, stop_autoscaler_monitor
 ensure_ray(2)
 heads = [p.pid for p in psutil.Process().children()]  # GCS, raylet, monitor, ... (workers come and go)
 monitor = worker._global_node.all_processes[ray_constants.PROCESS_TYPE_MONITOR][0].process.pid

@@ -13,8 +13,9 @@ import pyarrow.compute as pc
 import ray
 
 from pipelines.batch.commit import done_keys
-from pipelines.batch.job import ensure_ray, retry_policy, validated_prompts
+from pipelines.batch.job import retry_policy, validated_prompts
 from pipelines.batch.preflight import check_output_reachable, pool_cpus, preflight
+from pipelines.batch.ray_cluster import ensure_ray
 from pipelines.batch.validate import ID, REASON
 from pipelines.layout import sample_key
 from pipelines.spec import JobSpec, redact_text

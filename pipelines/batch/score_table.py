@@ -22,9 +22,10 @@ import pyarrow.parquet as pq
 from ray.data import ActorPoolStrategy
 
 from models.images import decode_image
-from pipelines.batch.job import _BOUNDED, ensure_ray, local_cores
+from pipelines.batch.job import _BOUNDED
 from pipelines.batch.lease import Lease
 from pipelines.batch.preflight import actor_threads, check_scoring
+from pipelines.batch.ray_cluster import ensure_ray, local_cores
 from pipelines.batch.score import ScoreStage
 from pipelines.layout import LEASE, SUCCESS, SUMMARY
 from pipelines.spec import ScoringSpec, redact
