@@ -48,13 +48,9 @@ def load_generator(
     spec's) picks a plugin's own loader for its own layout; our layout names its family in config.json, and its
     weights' names and shapes are checked against what the config builds before any weight is read."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    if family is not None:
-        try:
-            cls = generator_class(family)
-        except ValueError as e:
-            raise CheckpointError(str(e)) from e
-        if hasattr(cls, "load"):
-            return cls.load(url, device, storage_options)
+    own = _own_layout(family)
+    if own is not None:
+        return own.load(url, device, storage_options)
 
     config, tensors = load_checkpoint(url, storage_options, expect=_expected(url))  # config.json read once
     cls = generator_class(config["family"])
@@ -74,9 +70,25 @@ def _expected(url: str):
     return expect
 
 
-def check_checkpoint(url: str, storage_options: dict | None = None) -> Any:
-    """The generator class of a checkpoint in our layout, after every check `load_generator` makes before it reads
-    a weight (`checkpoint.open_checkpoint`): what preflight needs, without the driver loading the model."""
+def _own_layout(family: str | None) -> Any:
+    """The class of the spec's `family` when it loads a layout of its own (a `load` classmethod), else None."""
+    if family is None:
+        return None
+    try:
+        cls = generator_class(family)
+    except ValueError as e:
+        raise CheckpointError(str(e)) from e
+    return cls if hasattr(cls, "load") else None
+
+
+def check_checkpoint(url: str, storage_options: dict | None = None, family: str | None = None) -> Any:
+    """What preflight needs of a checkpoint (its `family` and `Sampling`), picked as `load_generator` picks: a
+    family with a layout of its own is loaded, on CPU, once, as its actors will; ours gets every check
+    `load_generator` makes before it reads a weight (`checkpoint.open_checkpoint`) and returns its class, so the
+    driver does not load (or download) the weights."""
+    own = _own_layout(family)
+    if own is not None:
+        return own.load(url, torch.device("cpu"), storage_options)
     config, _, _ = open_checkpoint(url, storage_options, expect=_expected(url))
     return generator_class(config["family"])
 

@@ -161,7 +161,7 @@ def preflight(spec: JobSpec, allow_subset: bool = False,
 def check_models(spec: JobSpec) -> None:
     """Every model's checkpoint, family and sampling, and the scorers; the first call in a driver imports torch
     (1.1 s on 2 cores), so the job makes it on a thread while Ray starts."""
-    from models import check_checkpoint, generator_class, load_generator
+    from models import check_checkpoint, generator_class
 
     for i, m in enumerate(spec.models):
         where = f"models[{i}] ({m.name})"
@@ -175,10 +175,7 @@ def check_models(spec: JobSpec) -> None:
                 raise PreflightError(f"{where}.sampling: {e}") from e
             continue
         try:
-            if hasattr(cls, "load"):  # a layout of the family's own: loaded here, once, as its actors will
-                gen = load_generator(m.checkpoint, "cpu", m.storage_options, family=m.family)
-            else:  # ours: config and safetensors header checked, no weight read (a driver need not download it)
-                gen = check_checkpoint(m.checkpoint, m.storage_options)
+            gen = check_checkpoint(m.checkpoint, m.storage_options, family=m.family)
         except CheckpointError as e:
             raise PreflightError(f"{where}.checkpoint: {e}") from e
         if gen.family != m.family:
