@@ -318,6 +318,30 @@ def test_killed_generator_actor_loses_and_duplicates_nothing(ray_local, checkpoi
     assert_exactly_once(out, {("gan", f"k{i}", s) for i in range(n) for s in (0, 1)})
 
 
+def test_an_embedded_ray_finds_its_raylet_before_rays_own_lookup_and_restores_it():
+    """Ray's lookup of the new raylet sleeps a whole second between tries; ensure_ray polls the GCS first, so Ray's
+    lookup is entered only once the node is alive (it then returns at its first try), and is Ray's again after."""
+    code = """
+import json, ray
+from ray._private import services, state
+from pipelines.batch.ray_cluster import ensure_ray
+rays, alive_at_entry = services.get_node, []
+def recording(gcs_address, node_id):
+    gs = state.GlobalState()
+    gs._initialize_global_state(services._get_gcs_client_options(gcs_address))
+    alive_at_entry.append(any(n["NodeID"] == node_id and n["Alive"] for n in gs.node_table()))
+    return rays(gcs_address, node_id)
+services.get_node = recording
+ensure_ray(2)
+print(json.dumps({"alive_at_entry": alive_at_entry, "restored": services.get_node is recording,
+                  "task": ray.get(ray.remote(lambda: 7).remote())}))
+"""
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    assert out == {"alive_at_entry": [True], "restored": True, "task": 7}
+
+
 def test_an_embedded_ray_stops_its_autoscaler_monitor_first_and_leaves_no_process():
     """The monitor (nothing to scale on one machine) is killed before Ray's shutdown, which would otherwise spend a
     second on its SIGTERM handler; the embedded Ray still runs work without it, and exit leaves no process behind."""

@@ -4,8 +4,11 @@ without Ray's own waits."""
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
+import time
+from collections.abc import Iterator
 
 import ray
 
@@ -34,9 +37,48 @@ def ensure_ray(needed: float) -> None:
     num_cpus = max(cores, int(needed + 0.999))
     # address="local": always a fresh embedded Ray; without it ray.init() joins whatever cluster the last
     # `ray start` on this machine recorded in /tmp/ray (a stale record made jobs hang on a dead GCS)
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
+    with prompt_node_lookup():
+        ray.init(address="local", num_cpus=num_cpus, include_dashboard=False)
     atexit.register(shutdown_embedded_ray)  # before Ray's own hook at exit (atexit: last in, first out)
     log.info("started an embedded Ray with %d logical CPUs", num_cpus)
+
+
+NODE_POLL_S = 0.05
+
+
+@contextlib.contextmanager
+def prompt_node_lookup() -> Iterator[None]:
+    """While an embedded Ray starts, ask the GCS for the new raylet every 50 ms before Ray's own lookup. Ray's
+    (`GlobalStateAccessor::GetNode`, C++) sleeps a whole second between tries, and the raylet registers 1-2 s in,
+    only once its agents are up: ray.init took 1.0 or 2.0 s in that wait, never less. With the poll first, Ray's
+    lookup finds the node on its first try (`ray.init` alone, 4 fresh processes each, alternating: 3.12 -> 2.48 s
+    mean). Reaches into Ray's `services.get_node` (ray is pinned) for this `with` only; without it, Ray's own."""
+    from ray._private import services
+
+    rays = services.get_node
+    try:
+        from ray._raylet import GcsClient, NodeID
+        from ray.core.generated.gcs_pb2 import GcsNodeInfo
+        from ray.core.generated.gcs_service_pb2 import GetAllNodeInfoRequest
+    except ImportError:
+        yield
+        return
+
+    def get_node(gcs_address: str, node_id: str, *args, **kwargs):
+        with contextlib.suppress(Exception):  # any trouble: Ray's lookup decides, as it would have
+            client = GcsClient(address=gcs_address)
+            mine = [GetAllNodeInfoRequest.NodeSelector(node_id=NodeID.from_hex(node_id).binary())]
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline and not client.get_all_node_info(
+                    timeout=5, node_selectors=mine, state_filter=GcsNodeInfo.GcsNodeState.ALIVE):
+                time.sleep(NODE_POLL_S)
+        return rays(gcs_address, node_id, *args, **kwargs)
+
+    services.get_node = get_node
+    try:
+        yield
+    finally:
+        services.get_node = rays
 
 
 def shutdown_embedded_ray() -> None:

@@ -242,8 +242,11 @@ def run_training(spec: TrainSpec) -> dict:
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
+    from pipelines.batch.ray_cluster import prompt_node_lookup
+
     if not ray.is_initialized():
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)  # see pipelines.batch.job
+        with prompt_node_lookup():  # see pipelines.batch.ray_cluster
+            ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
     tokenizer = train_tokenizer(spec) if spec.kind in ("transformer", "clip") else None  # the GAN uses its CLIP's
     storage = spec.storage_path if "://" in spec.storage_path else os.path.abspath(spec.storage_path)
     check_resumable(spec, storage)
