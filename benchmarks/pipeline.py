@@ -11,6 +11,11 @@ For each family, on the same shapes test prompts and the shipped checkpoint:
                   the marginal rate, itemised from `phases_s`.
 
     python benchmarks/pipeline.py [--gan-n 2048 8192] [--transformer-n 512 2048] [--batch-size 64]
+                                  [--families gan transformer] [--scoring off on]
+
+A new output's first ~16k images also make its 4,096 image folders (`layout.image_relpath`), so the GAN's marginal
+between small sizes counts folder creation that a long job has behind it: `--families gan --scoring off --gan-n
+8192 32768` measures past it.
 """
 
 from __future__ import annotations
@@ -68,16 +73,22 @@ def main() -> None:
     ap.add_argument("--gan-n", type=int, nargs=2, default=[2048, 8192])
     ap.add_argument("--transformer-n", type=int, nargs=2, default=[512, 2048])
     ap.add_argument("--batch-size", type=int, default=64)
+    ap.add_argument("--families", nargs="+", default=["gan", "transformer"], choices=["gan", "transformer"])
+    ap.add_argument("--scoring", nargs="+", default=["off", "on"], choices=["off", "on"])
     ap.add_argument("--before", action="store_true", help="also run the larger size with the sizing before issue 17 "
                     "(one torch thread per actor, a scoring pool of its own)")
     args = ap.parse_args()
     rows, startups, befores = [], [], []
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
-        for family, (n1, n2) in (("gan", args.gan_n), ("transformer", args.transformer_n)):
+        sizes = {"gan": args.gan_n, "transformer": args.transformer_n}
+        for family in args.families:
+            n1, n2 = sizes[family]
             prompts = [write_prompts(tmp / f"in-{n}.parquet", n) for n in (n1, n2)][1]
-            g, gs = bare(family, prompts[:n1], args.batch_size)
+            g, gs = bare(family, prompts[:min(n1, 2048)], args.batch_size)
             for scoring, base in ((False, g), (True, gs)):
+                if ("on" if scoring else "off") not in args.scoring:
+                    continue
                 w1, s1 = job(tmp, family, n1, scoring, args.batch_size)
                 w2, summary = job(tmp, family, n2, scoring, args.batch_size)
                 drawing = [s["phases_s"]["first_image"] + s["phases_s"]["images"] for s in (s1, summary)]
