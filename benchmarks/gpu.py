@@ -10,6 +10,8 @@ Transformer drawing 256 VQ tokens into 128 px images; a 256 px GAN), on CUDA:
               the job's `images` phase
   sharing     a small model's job with several actors sharing the one GPU (one actor's CPU-side encode and write
               capped the shipped GAN at ~2k img/s on the H200)
+  write_in    the default beside a GPU model (`output.write_in: tasks`, write tasks over the node's CPUs) against
+              the generator actor writing (`actors`, the default before and on CPU)
   sweep       bare images/s by batch size and precision
 
     python benchmarks/gpu.py [--out DIR] [--budget-s 420]   (a CUDA machine; --device cpu checks the script)
@@ -109,7 +111,7 @@ def bare(ckpt: str, device: str, prompts: list[str], batch: int, precision: str,
 
 
 def job(tmp: Path, name: str, family: str, ckpt: str, n: int, batch: int, precision: str, scoring: bool,
-        gpus: float, busy: GpuBusy, calls: int | None = None, actors: int = 1) -> dict:
+        gpus: float, busy: GpuBusy, calls: int | None = None, actors: int = 1, write_in: str | None = None) -> dict:
     """Steady-state images/s of `promptmill generate` and the GPU busy % over its images phase; `actors` > 1 share
     the `gpus` (each asks for gpus / actors)."""
     resources = {"batch_size": batch, "num_gpus": gpus / actors,
@@ -117,6 +119,8 @@ def job(tmp: Path, name: str, family: str, ckpt: str, n: int, batch: int, precis
                  **({"concurrent_calls": calls} if calls else {})}
     spec = one_model_spec("gpu", tmp / f"in-{n}.parquet", tmp / name, family, scoring, resources)
     spec["models"][0].update(checkpoint=ckpt, precision=precision)
+    if write_in:
+        spec["output"]["write_in"] = write_in
     t0 = time.perf_counter()
     wall, summary = run_generate(tmp, name, spec)
     assert summary["images_total"] == {"m": n}, summary["images_total"]
@@ -186,20 +190,23 @@ def main() -> None:
         return left > 0
 
     # (label, family, checkpoint, precision, batch, job images, scored too, concurrent_calls to compare,
-    #  actors sharing the one GPU to compare: for a small model one actor's encode + write on the CPU set the pace)
+    #  actors sharing the one GPU to compare: for a small model one actor's encode + write on the CPU set the pace;
+    #  output.write_in to compare with the default)
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         real = {f: real_checkpoint(f, tmp / f"real-{f}") for f in REAL}
-        every = {"gan": ("GAN, shipped", "gan", str(SHIPPED / "gan"), "fp32", 64, 16384, args.scored, [8], [4]),
+        every = {"gan": ("GAN, shipped", "gan", str(SHIPPED / "gan"), "fp32", 64, 16384, args.scored, [8], [4],
+                         ["actors"]),
                  "transformer": ("Transformer, shipped", "transformer", str(SHIPPED / "dalle"), "fp32", 64, 4096,
-                                 args.scored, [], []),
+                                 args.scored, [], [], []),
                  "real-transformer": ("Transformer, 300M real-size, bf16", "transformer", real["transformer"], "bf16",
-                                      128, 1024, False, [1], []),
-                 "real-gan": ("GAN, 256 px real-size, bf16", "gan", real["gan"], "bf16", 64, 2048, False, [8], [2])}
+                                      128, 1024, False, [1], [], ["actors"]),
+                 "real-gan": ("GAN, 256 px real-size, bf16", "gan", real["gan"], "bf16", 64, 2048, False, [8], [2],
+                                              ["actors"])}
         runs = [every[k] for k in args.runs.split(",")]
         prompt_cache: dict[int, list[str]] = {}
-        rows, detail, shared = [], [], []
-        for label, family, ckpt, precision, batch, n_job, scored, other_calls, sharing in runs:
+        rows, detail, shared, writes = [], [], [], []
+        for label, family, ckpt, precision, batch, n_job, scored, other_calls, sharing, write_in in runs:
             if not in_budget(label):
                 continue
             n = n_of(n_job, batch)
@@ -232,6 +239,12 @@ def main() -> None:
                                                precision, False, gpus, busy, actors=actors)
                     shared.append([label, actors, r[f"actors{actors}"]["img_s"], r["plain"]["img_s"],
                                    r[f"actors{actors}"]["busy"], r["plain"]["busy"]])
+            for where in write_in:
+                if in_budget(f"{label} write_in {where}"):
+                    r[f"write_{where}"] = job(tmp, f"{family}-{len(rows)}-write-{where}", family, ckpt, n, batch,
+                                              precision, False, gpus, busy, write_in=where)
+                    writes.append([label, where, r[f"write_{where}"]["img_s"], r["plain"]["img_s"],
+                                   r[f"write_{where}"]["busy"], r["plain"]["busy"]])
             results[label] = r
             emit(table(f"after {label} ({time.perf_counter() - began:.0f} s):",
                        ["model", "scoring", "batch", "bare img/s", "bare GPU busy %", "job img/s (steady)",
@@ -246,6 +259,9 @@ def main() -> None:
         if shared:
             emit(table("actors sharing the one GPU (each num_gpus 1/actors) against one actor, scoring off:",
                        ["model", "actors", "job img/s", "one actor img/s", "GPU busy %", "one actor busy %"], shared))
+        if writes:
+            emit(table("output.write_in against the default beside a GPU model (tasks), scoring off:",
+                       ["model", "write_in", "job img/s", "default img/s", "GPU busy %", "default busy %"], writes))
         sweep, pool = [], write_prompts(tmp / "sweep.parquet", 1024)
         for item in args.sweep.split(";"):
             key, batches = item.split(":")

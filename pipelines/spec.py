@@ -238,8 +238,15 @@ class OutputSpec(Strict):
     image_format: ImageFormat = Field(default="png", description="encoding of image files")
     format: OutputFormat = Field(
         default="files", description="files: one object per image; webdataset: tar shards; parquet: bytes in the metadata")
-    shard_size: int = Field(default=1000, ge=1, le=100_000, description="samples per write batch: per WebDataset "
-                            "shard (a batch holding two models' images makes one shard each) or metadata part")
+    write_in: Literal["auto", "actors", "tasks"] = Field(
+        default="auto", description="files layout: where images are encoded and written. actors: in the job's last "
+        "actor stage (no pixels cross the object store; best where CPUs are few); tasks: in write tasks of their own, "
+        "one per generated batch, in parallel over the cluster's CPUs (a fast GPU model outdraws what its one actor "
+        "process can encode); auto: tasks when any model runs on GPUs, else actors. WebDataset and Parquet always "
+        "write in tasks of shard_size rows")
+    shard_size: int = Field(default=1000, ge=1, le=100_000, description="webdataset and parquet: samples per write "
+                            "batch, per WebDataset shard (a batch holding two models' images makes one shard each) or "
+                            "metadata part (files: one part per generated batch)")
     report: bool = Field(default=True, description="write report.html at the end of the job")
     max_error_fraction: float = Field(default=0.01, ge=0, le=1, description="rows a model raises on (alone, "
                                       "twice) go to rejected/ as generation_error; more than this share of the "

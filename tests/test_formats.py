@@ -140,6 +140,22 @@ def test_parquet_and_files_layouts_carry_the_same_bytes_provenance_catalog_colum
         assert np.array_equal(run.images(rows), np.stack(want))
 
 
+def test_files_written_in_tasks_are_the_actors_bytes_exactly_once(ray_local, checkpoints, tmp_path):
+    """output.write_in: tasks (the default beside a GPU model) writes what the actors' write does, byte for byte,
+    exactly once, from write tasks of its own."""
+    from test_job import assert_exactly_once
+
+    runs = {}
+    for where in ("actors", "tasks"):
+        out = tmp_path / where
+        run_job(load_spec(_spec(tmp_path, str(out), "files", checkpoints, write_in=where)))
+        rows = assert_exactly_once(out, {("gan", i, s) for i in IDS for s in (0, 1)})
+        runs[where] = {(r["id"], r["sample"]): (r["sha256"], Path(r["image_path"]).read_bytes()) for r in rows}
+        stats = json.loads((out / "summary.json").read_text())["ray_data_stats"]
+        assert ("MapBatches(WriteStage)" in stats) == (where == "tasks"), stats[:2000]
+    assert runs["tasks"] == runs["actors"]
+
+
 def test_changing_the_format_of_an_output_is_refused(ray_local, checkpoints, tmp_path):
     from pipelines.batch.job import PreflightError
 

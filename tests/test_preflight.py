@@ -175,6 +175,24 @@ def test_actor_threads_follow_the_cpus_held_or_share_this_machine():
     assert place_scoring(gpu, 16).scoring.pool is True  # the CPU-bound geometry check overlaps a GPU's drawing
 
 
+def test_files_are_written_by_the_actors_on_cpu_and_by_tasks_beside_a_gpu_model_unless_said():
+    from pipelines.batch.preflight import writes_in_actors
+    from pipelines.spec import load_spec
+
+    def spec(num_gpus: float = 0, **output) -> object:
+        return load_spec({"name": "t", "input": {"path": "in"}, "output": {"path": "out", **output},
+                          "models": [{"name": "a", "family": "gan", "checkpoint": "ck"},
+                                     {"name": "b", "family": "gan", "checkpoint": "ck",
+                                      "resources": {"num_gpus": num_gpus}}]})
+
+    assert writes_in_actors(spec()) is True  # CPU generators: no pixels through the object store
+    assert writes_in_actors(spec(num_gpus=0.5)) is False  # one GPU model among CPU ones: write tasks
+    assert writes_in_actors(spec(num_gpus=1, write_in="actors")) is True  # said explicitly
+    assert writes_in_actors(spec(write_in="tasks")) is False
+    for fmt in ("webdataset", "parquet"):  # they gather shard_size rows per tar / part: always tasks
+        assert writes_in_actors(spec(format=fmt, write_in="actors")) is False
+
+
 def test_actor_threads_are_set_on_the_thread_that_runs_the_batches(ray_local):
     """Ray Data builds a pool stage on one thread and calls it on another; the torch thread count must be the
     job's on the calling thread, and the building thread must not hold a team of its own (libgomp then counts

@@ -37,6 +37,7 @@ from pipelines.batch.preflight import (
     preflight,
     scoring_on,
     scoring_pool,
+    writes_in_actors,
 )
 from pipelines.batch.progress import Progress
 from pipelines.batch.ray_cluster import ensure_ray, local_cores
@@ -167,8 +168,10 @@ def _write(spec: JobSpec, images: ray.data.Dataset, write: WriteStage | None, ex
     generation errors and Ray Data's stats of the run. More errors than `output.max_error_fraction` of the job's
     `expected` images fails it."""
     o = spec.output
-    # `write`: what the actors did not write already (`_images`), in write tasks of shard_size rows
-    stream = images if write is None else images.map_batches(write, batch_size=o.shard_size, num_cpus=0.5)
+    # `write`: what the actors did not write already (`_images`), in write tasks: one per generated batch for files,
+    # shard_size rows for a WebDataset tar or a Parquet part
+    rows = None if o.format == "files" else o.shard_size
+    stream = images if write is None else images.map_batches(write, batch_size=rows, num_cpus=0.5)
     written: dict[str, int] = {m.name: 0 for m in spec.models}
     errors, first = 0, None
     try:
@@ -266,8 +269,8 @@ def run_job(spec: JobSpec, allow_subset: bool = False) -> JobResult:
         expected = (plan.rows - sum(rejected.values())) * sum(m.images_per_prompt for m in spec.models)
         done = done_keys(fs, root)
         progress = Progress(max(expected - len(done), 0), sum(rejected.values()))
-        # files: the last actor stage writes; WebDataset tars and Parquet parts gather shard_size rows in tasks
-        write, in_actors = _writer(spec, out_url), spec.output.format == "files"
+        # files: the last actor stage writes (output.write_in); WebDataset tars and Parquet parts gather rows in tasks
+        write, in_actors = _writer(spec, out_url), writes_in_actors(spec)
         images = _images(spec, validated, done, record, write if in_actors else None)
         written, errors, stats = _write(spec, images, None if in_actors else write, expected, progress)
         progress.final()
