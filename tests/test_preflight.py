@@ -228,7 +228,7 @@ def test_preflight_checks_a_checkpoint_without_reading_its_weights(good, tmp_pat
     """Config, names, shapes and the file's length are checked from config.json and the safetensors header; the
     driver does not load (or download) the weights its actors will load."""
     import models.checkpoint
-    from pipelines.batch.preflight import PreflightError, preflight
+    from pipelines.batch.preflight import PreflightError, check_models
     from pipelines.spec import load_spec
 
     def no_weights(*_a, **_k):
@@ -236,14 +236,14 @@ def test_preflight_checks_a_checkpoint_without_reading_its_weights(good, tmp_pat
 
     monkeypatch.setattr(models.checkpoint, "st_load", no_weights)
     good = {**good, "scoring": {"enabled": False}}  # the scorers (a few MB) are loaded: their own check
-    preflight(load_spec(good))
+    check_models(load_spec(good))
     bad = tmp_path / "cut"
     shutil.copytree(checkpoints["gan"], bad)
     weights = (bad / "model.safetensors").read_bytes()
     (bad / "model.safetensors").write_bytes(weights[:-100])  # a truncated upload: header intact, data short
     with pytest.raises(PreflightError, match=r"models\[0\] \(gan\).checkpoint: .*model.safetensors is corrupt "
                                              r"\(its header describes \d+ bytes, the file has \d+\)"):
-        preflight(load_spec({**good, "models": [{**good["models"][0], "checkpoint": str(bad)}]}))
+        check_models(load_spec({**good, "models": [{**good["models"][0], "checkpoint": str(bad)}]}))
 
 
 def test_the_driver_imports_torch_only_for_its_model_checks(good, tmp_path):
@@ -261,7 +261,7 @@ from pipelines.batch.job import run_job
 from pipelines.batch.preflight import check_models, preflight
 from pipelines.spec import load_spec
 spec = load_spec({str(spec)!r})
-preflight(spec, models=False)
+preflight(spec)
 before = "torch" in sys.modules
 check_models(spec)
 print(before, "torch" in sys.modules)

@@ -206,6 +206,16 @@ class JobFailed(RuntimeError):
                    "run the same command again to resume")
 
 
+def start_ray(spec: JobSpec) -> None:
+    """Join or start the Ray the job runs on while `check_models` checks its checkpoints and scorers: the check
+    imports torch, 1.1 s of one core, while ray.init mostly waits on the processes it starts
+    (benchmarks/startup.py). Either one's error is raised once both have ended; nothing is written before."""
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="promptmill-preflight") as pool:
+        models_checked = pool.submit(_check_models_beside_ray, spec)
+        ensure_ray(pool_cpus(spec) + 2)
+        models_checked.result()
+
+
 def _check_models_beside_ray(spec: JobSpec) -> None:
     """`check_models` at a lower CPU priority (Linux nice is per thread): the processes ray.init starts get the
     cores first, so the raylet registers before ray.init's next once-a-second poll more often, and the import soaks
@@ -236,16 +246,11 @@ def run_job(spec: JobSpec, allow_subset: bool = False) -> JobResult:
     t0, phases = time.time(), Phases()
     os.environ[RETRY_ENV] = f"{spec.storage.retry.attempts},{spec.storage.retry.max_wait_s}"  # this process's calls
     # 1. Check inputs: spec, input files, checkpoints, sampling, output (ours, same settings), capacity
-    plan, previous = preflight(spec, allow_subset, models=False)
+    plan, previous = preflight(spec, allow_subset)
     fs, root = filesystem(spec.output.path, spec.output.storage_options, retry_policy(spec))
     out_url = full_url(fs, root)
     phases.mark("preflight")
-    # checkpoints and scorers are checked while Ray starts: the check imports torch, 1.1 s of one core, while
-    # ray.init mostly waits on the processes it starts (benchmarks/startup.py). Nothing is written before both end.
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="promptmill-preflight") as pool:
-        models_checked = pool.submit(_check_models_beside_ray, spec)
-        ensure_ray(pool_cpus(spec) + 2)
-        models_checked.result()
+    start_ray(spec)  # checkpoints and scorers are checked while Ray starts
     spec = place_scoring(spec, ray.cluster_resources().get("CPU", 0))
     _check_capacity(spec)
     check_output_reachable(spec, ray.nodes())

@@ -13,9 +13,8 @@ import pyarrow.compute as pc
 import ray
 
 from pipelines.batch.commit import done_keys
-from pipelines.batch.job import retry_policy, validated_prompts
-from pipelines.batch.preflight import check_output_reachable, pool_cpus, preflight
-from pipelines.batch.ray_cluster import ensure_ray
+from pipelines.batch.job import retry_policy, start_ray, validated_prompts
+from pipelines.batch.preflight import check_output_reachable, preflight
 from pipelines.batch.validate import ID, REASON
 from pipelines.layout import sample_key
 from pipelines.spec import JobSpec, redact_text
@@ -24,7 +23,7 @@ from pipelines.storage import filesystem, full_url
 
 def plan_job(spec: JobSpec, allow_subset: bool = False) -> dict[str, Any]:
     plan, previous = preflight(spec, allow_subset)
-    ensure_ray(pool_cpus(spec) + 2)
+    start_ray(spec)
     check_output_reachable(spec, ray.nodes())
     validated = validated_prompts(plan, spec)
     rejected: dict[str, int] = {}

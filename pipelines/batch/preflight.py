@@ -137,17 +137,14 @@ def check_output(spec: JobSpec, plan: InputPlan, allow_subset: bool = False) -> 
     return previous
 
 
-def preflight(spec: JobSpec, allow_subset: bool = False,
-              models: bool = True) -> tuple[InputPlan, dict | None]:
-    """Open the input and every checkpoint, check sampling and output; raise PreflightError naming the field.
-    Returns the input plan and the output's previous fingerprint (None for a new output). `models` False leaves
-    the checkpoints and scorers to a `check_models` call of the caller's (the job runs it while Ray starts)."""
+def preflight(spec: JobSpec, allow_subset: bool = False) -> tuple[InputPlan, dict | None]:
+    """Open the input, the metrics reference and the output; raise PreflightError naming the field. Returns the
+    input plan and the output's previous fingerprint (None for a new output). Checkpoints, sampling and scorers are
+    `check_models`'s (the job and its plan run it while Ray starts: `job.start_ray`)."""
     try:
         plan = plan_input(spec.input)
     except InputError as e:
         raise PreflightError(str(e)) from e
-    if models:
-        check_models(spec)
     if spec.metrics.reference:
         from pipelines.runs.evaluate import read_reference  # torchmetrics: ~1 s a job without metrics need not pay
 
