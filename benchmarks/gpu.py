@@ -227,24 +227,16 @@ def main() -> None:
                 rows.append([label, "on" if scoring else "off", batch, base, b["busy"], r[key]["img_s"],
                              r[key]["wall_img_s"], r[key]["img_s"] / base, r[key]["busy"]])
             r["same_pixels"] = same_pixels(Path(r["plain"]["out"]), ckpt, args.device, precision)
-            for calls in other_calls:
-                if in_budget(f"{label} concurrent_calls {calls}"):
-                    r[f"calls{calls}"] = job(tmp, f"{family}-{len(rows)}-calls{calls}", family, ckpt, n, batch,
-                                             precision, False, gpus, busy, calls)
-                    detail.append([label, calls, r[f"calls{calls}"]["img_s"], r["plain"]["img_s"],
-                                   r[f"calls{calls}"]["busy"], r["plain"]["busy"]])
-            for actors in sharing:
-                if in_budget(f"{label} {actors} actors sharing the GPU"):
-                    r[f"actors{actors}"] = job(tmp, f"{family}-{len(rows)}-actors{actors}", family, ckpt, n, batch,
-                                               precision, False, gpus, busy, actors=actors)
-                    shared.append([label, actors, r[f"actors{actors}"]["img_s"], r["plain"]["img_s"],
-                                   r[f"actors{actors}"]["busy"], r["plain"]["busy"]])
-            for where in write_in:
-                if in_budget(f"{label} write_in {where}"):
-                    r[f"write_{where}"] = job(tmp, f"{family}-{len(rows)}-write-{where}", family, ckpt, n, batch,
-                                              precision, False, gpus, busy, write_in=where)
-                    writes.append([label, where, r[f"write_{where}"]["img_s"], r["plain"]["img_s"],
-                                   r[f"write_{where}"]["busy"], r["plain"]["busy"]])
+            # each variant against the default job: (its table, key, what, the value shown, job's arguments)
+            variants = ([(detail, f"calls{c}", f"concurrent_calls {c}", c, {"calls": c}) for c in other_calls]
+                        + [(shared, f"actors{a}", f"{a} actors sharing the GPU", a, {"actors": a}) for a in sharing]
+                        + [(writes, f"write_{w}", f"write_in {w}", w, {"write_in": w}) for w in write_in])
+            for into, key, what, value, kwargs in variants:
+                if in_budget(f"{label} {what}"):
+                    r[key] = job(tmp, f"{family}-{len(rows)}-{key}", family, ckpt, n, batch, precision, False, gpus,
+                                 busy, **kwargs)
+                    into.append([label, value, r[key]["img_s"], r["plain"]["img_s"], r[key]["busy"],
+                                 r["plain"]["busy"]])
             results[label] = r
             emit(table(f"after {label} ({time.perf_counter() - began:.0f} s):",
                        ["model", "scoring", "batch", "bare img/s", "bare GPU busy %", "job img/s (steady)",
