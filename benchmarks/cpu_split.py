@@ -1,7 +1,7 @@
 """Where a job's CPU goes: CPU seconds per process kind (driver, generator actor, write tasks, Ray's own), sampled
 from /proc every 0.5 s while `promptmill generate` runs one job (shipped checkpoint, scoring off by default).
 
-    python benchmarks/cpu_split.py [--family gan] [--n 8192] [--scoring] [--concurrent-calls N]
+    python benchmarks/cpu_split.py [--family gan] [--n 8192] [--scoring] [--concurrent-calls N] [--write-in tasks]
 
 Worker processes are named by what they run at the sample (`ray::IDLE` between tasks): Ray Data's small tasks
 (expand, repartition, write) mostly show as IDLE. The 2-core machine has 2 CPU-s per wall second to share.
@@ -26,6 +26,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--scoring", action="store_true")
     ap.add_argument("--concurrent-calls", type=int, default=None, help="resources.concurrent_calls (default: the spec's)")
+    ap.add_argument("--write-in", choices=["actors", "tasks"], default=None, help="output.write_in (default: auto)")
     args = ap.parse_args()
     before = {p.pid for p in psutil.process_iter()}
     seen: dict[int, tuple[str, float]] = {}
@@ -48,6 +49,8 @@ def main() -> None:
         spec = one_model_spec("cpu", tmp / "in.parquet", tmp / "out", args.family, args.scoring,
                               {"batch_size": args.batch_size,
                                **({"concurrent_calls": args.concurrent_calls} if args.concurrent_calls else {})})
+        if args.write_in:
+            spec["output"]["write_in"] = args.write_in
         wall, summary = run_generate(tmp, "cpu", spec, watch, every_s=0.5)
     by_kind: dict[str, float] = {}
     for kind, cpu in seen.values():

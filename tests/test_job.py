@@ -318,13 +318,15 @@ def test_killed_generator_actor_loses_and_duplicates_nothing(ray_local, checkpoi
     assert_exactly_once(out, {("gan", f"k{i}", s) for i in range(n) for s in (0, 1)})
 
 
-def test_an_embedded_ray_finds_its_raylet_before_rays_own_lookup_and_restores_it():
+def test_an_embedded_ray_finds_its_raylet_early_stops_its_monitor_first_and_leaves_no_process():
     """Ray's lookup of the new raylet sleeps a whole second between tries; ensure_ray polls the GCS first, so Ray's
-    lookup is entered only once the node is alive (it then returns at its first try), and is Ray's again after."""
+    lookup is entered only once the node is alive (it then returns at its first try), and is Ray's again after.
+    The monitor (nothing to scale on one machine) is killed before Ray's shutdown, which would otherwise spend a
+    second on its SIGTERM handler; the embedded Ray still runs work without it, and exit leaves no process behind."""
     code = """
-import json, ray
-from ray._private import services, state
-from pipelines.batch.ray_cluster import ensure_ray
+import json, psutil, ray
+from ray._private import ray_constants, services, state, worker
+from pipelines.batch.ray_cluster import ensure_ray, stop_autoscaler_monitor
 rays, alive_at_entry = services.get_node, []
 def recording(gcs_address, node_id):
     gs = state.GlobalState()
@@ -333,30 +335,14 @@ def recording(gcs_address, node_id):
     return rays(gcs_address, node_id)
 services.get_node = recording
 ensure_ray(2)
-print(json.dumps({"alive_at_entry": alive_at_entry, "restored": services.get_node is recording,
-                  "task": ray.get(ray.remote(lambda: 7).remote())}))
-"""
-    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
-    assert run.returncode == 0, run.stderr[-3000:]
-    out = json.loads(run.stdout.strip().splitlines()[-1])
-    assert out == {"alive_at_entry": [True], "restored": True, "task": 7}
-
-
-def test_an_embedded_ray_stops_its_autoscaler_monitor_first_and_leaves_no_process():
-    """The monitor (nothing to scale on one machine) is killed before Ray's shutdown, which would otherwise spend a
-    second on its SIGTERM handler; the embedded Ray still runs work without it, and exit leaves no process behind."""
-    code = """
-import json, psutil, ray
-from ray._private import ray_constants, worker
-from pipelines.batch.ray_cluster import ensure_ray, stop_autoscaler_monitor
-ensure_ray(2)
+restored = services.get_node is recording
 heads = [p.pid for p in psutil.Process().children()]  # GCS, raylet, monitor, ... (workers come and go)
 monitor = worker._global_node.all_processes[ray_constants.PROCESS_TYPE_MONITOR][0].process.pid
 stop_autoscaler_monitor()
 alive = [pid for pid in heads if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
 every = [p.pid for p in psutil.Process().children(recursive=True)]
-print(json.dumps({"heads": heads, "every": every, "monitor": monitor, "alive": alive,
-                  "task": ray.get(ray.remote(lambda: 7).remote())}))
+print(json.dumps({"heads": heads, "every": every, "monitor": monitor, "alive": alive, "restored": restored,
+                  "alive_at_entry": alive_at_entry, "task": ray.get(ray.remote(lambda: 7).remote())}))
 """
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
@@ -364,6 +350,7 @@ print(json.dumps({"heads": heads, "every": every, "monitor": monitor, "alive": a
     assert out["monitor"] in out["heads"] and out["monitor"] not in out["alive"]
     assert set(out["alive"]) == set(out["heads"]) - {out["monitor"]}  # only the monitor was stopped
     assert out["task"] == 7
+    assert out["alive_at_entry"] == [True] and out["restored"] is True  # Ray's lookup found the node at once
     deadline = time.monotonic() + 10
     while any(psutil.pid_exists(p) for p in out["every"]) and time.monotonic() < deadline:
         time.sleep(0.2)
