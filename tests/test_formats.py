@@ -156,6 +156,21 @@ def test_files_written_in_tasks_are_the_actors_bytes_exactly_once(ray_local, che
     assert runs["tasks"] == runs["actors"]
 
 
+@pytest.mark.parametrize("fmt", ["files", "webdataset"])
+def test_write_tasks_retry_a_bounded_number_of_times(ray_local, tmp_path, fmt):
+    """Ray Data retries a task whose worker died without limit; the job's write tasks stop at MAX_TASK_RETRIES, as
+    its actor pools do, so a write that kills its worker every time fails the job instead of hanging it."""
+    import ray
+
+    from pipelines.batch.job import MAX_TASK_RETRIES, _writer, write_tasks
+
+    spec = load_spec(make_spec("in", str(tmp_path / "out"), {"gan": "ck"},
+                               output={"path": str(tmp_path / "out"), "format": fmt, "shard_size": 7}))
+    op = write_tasks(ray.data.range(3), _writer(spec, str(tmp_path / "out")), spec.output)._logical_plan.dag
+    assert op.ray_remote_args["max_retries"] == MAX_TASK_RETRIES
+    assert op.batch_size == (None if fmt == "files" else 7)  # a task per generated batch, or shard_size rows
+
+
 def test_changing_the_format_of_an_output_is_refused(ray_local, checkpoints, tmp_path):
     from pipelines.batch.job import PreflightError
 

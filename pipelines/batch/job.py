@@ -168,10 +168,7 @@ def _write(spec: JobSpec, images: ray.data.Dataset, write: WriteStage | None, ex
     generation errors and Ray Data's stats of the run. More errors than `output.max_error_fraction` of the job's
     `expected` images fails it."""
     o = spec.output
-    # `write`: what the actors did not write already (`_images`), in write tasks: one per generated batch for files,
-    # shard_size rows for a WebDataset tar or a Parquet part
-    rows = None if o.format == "files" else o.shard_size
-    stream = images if write is None else images.map_batches(write, batch_size=rows, num_cpus=0.5)
+    stream = images if write is None else write_tasks(images, write, o)
     written: dict[str, int] = {m.name: 0 for m in spec.models}
     errors, first = 0, None
     try:
@@ -188,6 +185,14 @@ def _write(spec: JobSpec, images: ray.data.Dataset, write: WriteStage | None, ex
                         f"{o.max_error_fraction:g}); first: {first}; they are in rejected/ after a successful run; "
                         "staged work is kept, run the same command again to resume")
     return written, errors, _stats(stream)
+
+
+def write_tasks(images: ray.data.Dataset, write: WriteStage, o) -> ray.data.Dataset:
+    """What the actors did not write already (`_images`), in write tasks: one per generated batch for files,
+    `shard_size` rows for a WebDataset tar or a Parquet part. Bounded retries, as for the pools: Ray Data retries
+    its tasks without limit, so a write whose worker dies every time (an OOM on a large shard) hung the job."""
+    rows = None if o.format == "files" else o.shard_size
+    return images.map_batches(write, batch_size=rows, num_cpus=0.5, max_retries=MAX_TASK_RETRIES)
 
 
 class JobFailed(RuntimeError):
