@@ -47,7 +47,7 @@ from pipelines.batch.write import WriteStage
 from pipelines.layout import REJECTED, SPEC, STAGING
 from pipelines.retry import ENV as RETRY_ENV
 from pipelines.retry import STORAGE_LINE, RetryPolicy, StorageError
-from pipelines.spec import JobSpec, SpecError
+from pipelines.spec import JobSpec, OutputSpec, SpecError
 from pipelines.storage import arrow_fs, filesystem, full_url, join
 
 log = logging.getLogger(__name__)
@@ -187,7 +187,7 @@ def _write(spec: JobSpec, images: ray.data.Dataset, write: WriteStage | None, ex
     return written, errors, _stats(stream)
 
 
-def write_tasks(images: ray.data.Dataset, write: WriteStage, o) -> ray.data.Dataset:
+def write_tasks(images: ray.data.Dataset, write: WriteStage, o: OutputSpec) -> ray.data.Dataset:
     """What the actors did not write already (`_images`), in write tasks: one per generated batch for files,
     `shard_size` rows for a WebDataset tar or a Parquet part. Bounded retries, as for the pools: Ray Data retries
     its tasks without limit, so a write whose worker dies every time (an OOM on a large shard) hung the job."""
@@ -223,8 +223,9 @@ def start_ray(spec: JobSpec) -> None:
 
 def _check_models_beside_ray(spec: JobSpec) -> None:
     """`check_models` at a lower CPU priority (Linux nice is per thread): the processes ray.init starts get the
-    cores first, so the raylet registers before ray.init's next once-a-second poll more often, and the import soaks
-    up what they leave. benchmarks/startup.py, 20 fresh processes each, interleaved: wall 8.65 -> 8.09 s mean."""
+    cores first, so the raylet registers sooner, and the import soaks up what they leave. benchmarks/startup.py, 20
+    fresh processes each, interleaved: wall 8.65 -> 8.09 s mean (measured while ray.init still polled for the raylet
+    once a second, before `ray_cluster.prompt_node_lookup`)."""
     if sys.platform == "linux":
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
