@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 
 import pytest
 
@@ -27,8 +29,9 @@ def shapes(tmp_path_factory):
 
 
 def train(kind: str, data: str, tmp_path, steps: int, **kw) -> dict:
+    kw = {"checkpoint_every": 10, "log_every": 5, **kw}
     spec = TrainSpec(kind=kind, data=data, out=str(tmp_path / kind), steps=steps, batch_size=32, threads=1,
-                     storage_path=str(tmp_path / "ray"), checkpoint_every=10, log_every=5, model=TINY[kind], **kw)
+                     storage_path=str(tmp_path / "ray"), model=TINY[kind], **kw)
     return run_training(spec)
 
 
@@ -69,6 +72,35 @@ def test_gan_and_transformer_export_generators_and_resume(ray_local, shapes, tra
     assert g.generate(["a red circle"], [0], truncation=1.0).shape == (1, 32, 32, 3)
     hist = json.loads((tmp_path / "gan" / "training" / "history.json").read_text())
     assert hist["steps"] == 20 and "g_clip" in hist["final"]
+
+
+def test_train_cli_two_workers_on_its_own_ray_report_together_and_log_progress(shapes, tmp_path):
+    """`promptmill train` as a user runs it: its own embedded Ray, two data-parallel workers. Every rank reports
+    when rank 0 checkpoints, and only then (a rank that reported more or less often would leave Ray Train's
+    report barrier waiting forever: the timeout turns that hang into a failure); rank 0 logs each `log_every`
+    step; Ray Train's placement-group cleaner finds the State API it asks about the run."""
+    import subprocess
+    import sys
+
+    from conftest import kill_session
+
+    cfg = tmp_path / "judge.yaml"
+    cfg.write_text(json.dumps({"kind": "judge", "data": shapes, "out": str(tmp_path / "out"), "steps": 10,
+                               "batch_size": 16, "threads": 1, "num_workers": 2, "log_every": 2,
+                               "checkpoint_every": 4, "storage_path": str(tmp_path / "ray"), "model": TINY["judge"]}))
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "train", "judge", "--config", str(cfg)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                            env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+    try:
+        out, _ = proc.communicate(timeout=300)
+    finally:
+        kill_session(proc.pid)
+    assert proc.returncode == 0, out[-3000:]
+    assert [int(m) for m in re.findall(r"judge-seed0 step (\d+)/10", out)] == [2, 4, 6, 8, 10], out[-3000:]
+    assert "State API may be temporarily unavailable" not in out  # the embedded Ray has its dashboard
+    hist = json.loads((tmp_path / "out" / "training" / "history.json").read_text())
+    assert hist["steps"] == 10 and [h["step"] for h in hist["history"]] == [2, 4, 6, 8, 10]
+    assert hist["spec"]["num_workers"] == 2
 
 
 def test_models_that_build_on_another_name_it(tmp_path):

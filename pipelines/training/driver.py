@@ -155,6 +155,11 @@ def make_batch(data: dict[str, Any], step: int, batch_size: int, seed: int) -> B
 
 
 def train_loop(config: dict) -> None:
+    """One worker's steps. It reports to Ray Train only when it checkpoints: the controller takes one report per
+    worker per poll and polls every 2 s (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S), and `ray.train.report` blocks while
+    the previous one waits, so a report every `log_every` steps stalled any run that logged faster than that. The
+    history travels in the checkpoint's meta.json; rank 0 logs the progress line itself (Ray Train's worker
+    logging shows INFO)."""
     import ray.train
     import ray.train.torch
 
@@ -189,8 +194,13 @@ def train_loop(config: dict) -> None:
                    **{k: float(np.mean(v)) for k, v in acc.items()}}
         history.append(metrics)
         t0, acc = time.time(), {}
-        if ((step + 1) % spec.checkpoint_every and not last) or rank != 0:
-            ray.train.report(metrics, checkpoint=None)
+        if rank == 0:
+            log.info("%s step %d/%d %s", spec.run_name, step + 1, spec.steps,
+                     " ".join(f"{k} {v:.4g}" for k, v in metrics.items() if k != "step"))
+        if (step + 1) % spec.checkpoint_every and not last:
+            continue
+        if rank != 0:
+            ray.train.report(metrics, checkpoint=None)  # every rank reports as often as rank 0
             continue
         with tempfile.TemporaryDirectory() as d:
             save_file({k: v.contiguous() for k, v in recipe.state().items()}, os.path.join(d, "state.safetensors"))
@@ -245,8 +255,10 @@ def run_training(spec: TrainSpec) -> dict:
     from pipelines.batch.ray_cluster import prompt_node_lookup
 
     if not ray.is_initialized():
+        # with its dashboard: Ray Train's placement-group cleaner asks the State API (served there) whether the
+        # run's controller lives; without it, it warned every second of the run and could never clean up
         with prompt_node_lookup():  # see pipelines.batch.ray_cluster
-            ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
+            ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=True)
     tokenizer = train_tokenizer(spec) if spec.kind in ("transformer", "clip") else None  # the GAN uses its CLIP's
     storage = spec.storage_path if "://" in spec.storage_path else os.path.abspath(spec.storage_path)
     check_resumable(spec, storage)
