@@ -2,6 +2,7 @@
 from /proc every 0.5 s while `promptmill generate` runs one job (shipped checkpoint, scoring off by default).
 
     python benchmarks/cpu_split.py [--family gan] [--n 8192] [--scoring] [--concurrent-calls N] [--write-in tasks]
+                                     [--actors N] [--threads N]
 
 Worker processes are named by what they run at the sample (`ray::IDLE` between tasks): Ray Data's small tasks
 (expand, repartition, write) mostly show as IDLE. The 2-core machine has 2 CPU-s per wall second to share.
@@ -27,6 +28,8 @@ def main() -> None:
     ap.add_argument("--scoring", action="store_true")
     ap.add_argument("--concurrent-calls", type=int, default=None, help="resources.concurrent_calls (default: the spec's)")
     ap.add_argument("--write-in", choices=["actors", "tasks"], default=None, help="output.write_in (default: auto)")
+    ap.add_argument("--actors", type=int, default=None, help="resources.actors = max_actors (default: the spec's)")
+    ap.add_argument("--threads", type=int, default=None, help="resources.threads (default: the spec's)")
     args = ap.parse_args()
     before = {p.pid for p in psutil.process_iter()}
     seen: dict[int, tuple[str, float]] = {}
@@ -48,7 +51,9 @@ def main() -> None:
         write_prompts(tmp / "in.parquet", args.n)
         spec = one_model_spec("cpu", tmp / "in.parquet", tmp / "out", args.family, args.scoring,
                               {"batch_size": args.batch_size,
-                               **({"concurrent_calls": args.concurrent_calls} if args.concurrent_calls else {})})
+                               **({"concurrent_calls": args.concurrent_calls} if args.concurrent_calls else {}),
+                               **({"actors": args.actors, "max_actors": args.actors} if args.actors else {}),
+                               **({"threads": args.threads} if args.threads else {})})
         if args.write_in:
             spec["output"]["write_in"] = args.write_in
         wall, summary = run_generate(tmp, "cpu", spec, watch, every_s=0.5)

@@ -12,6 +12,7 @@ For each family, on the same shapes test prompts and the shipped checkpoint:
 
     python benchmarks/pipeline.py [--gan-n 2048 8192] [--transformer-n 512 2048] [--batch-size 64]
                                   [--families gan transformer] [--scoring off on]
+                                  [--resources JSON]
 
 A new output's first ~16k images also make its 4,096 image folders (`layout.image_relpath`), so the GAN's marginal
 between small sizes counts folder creation that a long job has behind it: `--families gan --scoring off --gan-n
@@ -21,6 +22,7 @@ between small sizes counts folder creation that a long job has behind it: `--fam
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -58,11 +60,12 @@ def bare(family: str, prompts: list[str], batch: int, score: bool = True) -> tup
 BEFORE = {"resources": {"threads": 1}, "scoring": {"pool": True, "resources": {"threads": 1}}}
 
 
-def job(tmp: Path, family: str, n: int, scoring: bool, batch: int, before: bool = False) -> tuple[float, dict]:
-    """(wall s of `promptmill generate`, its summary.json)."""
-    name = f"{family}-{n}-{'scored' if scoring else 'plain'}{'-before' if before else ''}"
+def job(tmp: Path, family: str, n: int, scoring: bool, batch: int, before: bool = False,
+        resources: dict | None = None) -> tuple[float, dict]:
+    """(wall s of `promptmill generate`, its summary.json); `resources` override the model's."""
+    name = f"{family}-{n}-{'scored' if scoring else 'plain'}{'-before' if before else ''}{'-res' if resources else ''}"
     spec = one_model_spec("bench", tmp / f"in-{n}.parquet", tmp / name, family, scoring,
-                          {"batch_size": batch, **(BEFORE["resources"] if before else {})},
+                          {"batch_size": batch, **(BEFORE["resources"] if before else {}), **(resources or {})},
                           scoring_extra=BEFORE["scoring"] if before else None)
     wall, summary = run_generate(tmp, name, spec)
     assert summary["images_total"] == {"m": n}, summary["images_total"]
@@ -76,6 +79,9 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--families", nargs="+", default=["gan", "transformer"], choices=["gan", "transformer"])
     ap.add_argument("--scoring", nargs="+", default=["off", "on"], choices=["off", "on"])
+    ap.add_argument("--resources", type=json.loads, default=None,
+                    help='also run each job with these model resources (JSON), beside the default: '
+                    '\'{"actors": 2, "max_actors": 2, "threads": 1}\'')
     ap.add_argument("--before", action="store_true", help="also run the larger size with the sizing before issue 17 "
                     "(one torch thread per actor, a scoring pool of its own)")
     args = ap.parse_args()
@@ -90,12 +96,14 @@ def main() -> None:
             for scoring, base in ((False, g), (True, gs)):
                 if ("on" if scoring else "off") not in args.scoring:
                     continue
-                w1, s1 = job(tmp, family, n1, scoring, args.batch_size)
-                w2, summary = job(tmp, family, n2, scoring, args.batch_size)
-                drawing = [s["phases_s"]["first_image"] + s["phases_s"]["images"] for s in (s1, summary)]
-                marginal = (n2 - n1) / (drawing[1] - drawing[0])
-                startup = w2 - n2 / marginal
-                rows.append((family, "on" if scoring else "off", base, marginal, n2 / w2, startup))
+                variants = [("default", None)] + ([(json.dumps(args.resources), args.resources)] if args.resources else [])
+                for label, res in variants:
+                    w1, s1 = job(tmp, family, n1, scoring, args.batch_size, resources=res)
+                    w2, summary = job(tmp, family, n2, scoring, args.batch_size, resources=res)
+                    drawing = [s["phases_s"]["first_image"] + s["phases_s"]["images"] for s in (s1, summary)]
+                    marginal = (n2 - n1) / (drawing[1] - drawing[0])
+                    startup = w2 - n2 / marginal
+                    rows.append((family, "on" if scoring else "off", label, base, marginal, n2 / w2, startup))
                 if args.before:
                     wb, sb = job(tmp, family, n2, scoring, args.batch_size, before=True)
                     drawing_b = sb["phases_s"]["first_image"] + sb["phases_s"]["images"]
@@ -104,11 +112,11 @@ def main() -> None:
                 outside = w2 - summary["wall_s"]  # process start, imports, CLI, Ray shutdown at exit
                 startups.append((family, "on" if scoring else "off", outside, phases))
     print(f"img/s on this machine, batch {args.batch_size}; gan n = {args.gan_n}, transformer n = {args.transformer_n}")
-    print("| family | scoring | bare (generate, + score back to back) | job, marginal | job, wall | marginal / bare | "
-          "wall / bare | fixed start-up s |")
-    print("|---|---|---|---|---|---|---|---|")
-    for family, scoring, base, marginal, wall, startup in rows:
-        print(f"| {family} | {scoring} | {base:.1f} | {marginal:.1f} | {wall:.1f} | {marginal / base:.2f} | "
+    print("| family | scoring | resources | bare (generate, + score back to back) | job, marginal | job, wall | "
+          "marginal / bare | wall / bare | fixed start-up s |")
+    print("|---|---|---|---|---|---|---|---|---|")
+    for family, scoring, label, base, marginal, wall, startup in rows:
+        print(f"| {family} | {scoring} | {label} | {base:.1f} | {marginal:.1f} | {wall:.1f} | {marginal / base:.2f} | "
               f"{wall / base:.2f} | {startup:.1f} |")
     if befores:
         print("\nwhat issue 17's sizing bought (larger size, same run): before = 1 torch thread per actor and a "

@@ -175,6 +175,54 @@ def test_actor_threads_follow_the_cpus_held_or_share_this_machine():
     assert place_scoring(gpu, 16).scoring.pool is True  # the CPU-bound geometry check overlaps a GPU's drawing
 
 
+def test_a_cpu_pool_sized_by_the_job_splits_into_single_threaded_actors_that_fit_in_memory():
+    from pipelines.batch.preflight import ACTOR_PROCESS_BYTES, cpu_actors
+    from pipelines.spec import Resources
+
+    gib, small = 1 << 30, 5 << 20
+    assert cpu_actors(Resources(batch_size=64), 1, 2, small, 24 * gib) == 2  # this machine: one per core
+    assert cpu_actors(Resources(), 1, 16, small, 24 * gib) == 10  # a quarter of 24 GiB / (600 MiB + the model)
+    assert cpu_actors(Resources(), 2, 16, small, 256 * gib) == 8  # the cores this pool would have had as threads
+    assert cpu_actors(Resources(), 1, 16, 5 * gib, 32 * gib) == 1  # two copies of a 5 GB model do not fit
+    assert cpu_actors(Resources(), 1, 16, 3 * gib, 64 * gib) == (16 * gib) // (3 * gib + ACTOR_PROCESS_BYTES)
+    for sized in ({"threads": 2}, {"actors": 1}, {"max_actors": 3}, {"num_gpus": 1}):  # the spec said: kept
+        assert cpu_actors(Resources(**sized), 1, 16, small, 24 * gib) == 1, sized
+    assert cpu_actors(Resources(), 1, None, small, 24 * gib) == 1  # a cluster: the CPUs Ray reserved
+    assert cpu_actors(Resources(), 1, 16, None, 24 * gib) == 1  # a checkpoint that could not be sized
+    assert cpu_actors(Resources(), 1, 1, small, 24 * gib) == 1  # one core: nothing to split
+
+
+def test_the_generate_pool_grows_to_single_threaded_actors_holding_the_cpus_of_one(ray_local, checkpoints,
+                                                                                    tmp_path):
+    """What the job asks Ray Data for: the default GAN pool on this machine starts one single-threaded actor and
+    may grow to one per core, the pool at its largest holding the one CPU a default actor holds; said sizes are
+    kept as they are."""
+    import ray
+
+    from pipelines.batch.job import _images
+    from pipelines.batch.ray_cluster import local_cores
+    from pipelines.spec import load_spec
+
+    cores = local_cores()
+    if cores is None or cores < 2:
+        pytest.skip("needs a machine with 2 cores or more, alone")
+
+    def generate_op(resources: dict):
+        spec = load_spec(make_spec("in", str(tmp_path / "out"), checkpoints, scoring={"enabled": False},
+                                   models=[{"name": "gan", "family": "gan", "checkpoint": checkpoints["gan"],
+                                            "resources": resources}]))
+        return _images(spec, ray.data.range(1), frozenset(), {"models": {"gan": {"checkpoint_id": "x"}}}
+                       )._logical_plan.dag
+
+    op = generate_op({"batch_size": 8})
+    assert op.compute.min_size == 1 and 2 <= op.compute.max_size <= cores  # fewer where memory is short
+    assert op.ray_remote_args["num_cpus"] * op.compute.max_size == pytest.approx(1)
+    assert op.fn_constructor_kwargs["threads"] == 1
+    op = generate_op({"batch_size": 8, "threads": 2})
+    assert (op.compute.min_size, op.compute.max_size, op.ray_remote_args["num_cpus"]) == (1, 1, 1)
+    assert op.fn_constructor_kwargs["threads"] == 2
+
+
 def test_files_are_written_by_the_actors_on_cpu_and_by_tasks_beside_a_gpu_model_unless_said():
     from pipelines.batch.preflight import writes_in_actors
     from pipelines.spec import load_spec

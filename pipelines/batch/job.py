@@ -29,7 +29,9 @@ from pipelines.batch.preflight import (
     actor_threads,
     check_models,
     check_output_reachable,
+    checkpoint_bytes,
     concurrent_calls,
+    cpu_actors,
     merged_fingerprint,
     place_scoring,
     pool_cpus,
@@ -118,12 +120,13 @@ def _writer(spec: JobSpec, out_url: str) -> WriteStage:
                       tuple(spec.input.keep_columns), o.sidecars)
 
 
-def _pool_strategy(r) -> ActorPoolStrategy:
+def _pool_strategy(r, split: int = 1) -> ActorPoolStrategy:
     """A generator pool: Ray Data runs one call per actor at a time unless told it may run several side by side
-    (in threads; `preflight.concurrent_calls`)."""
+    (in threads; `preflight.concurrent_calls`). `split` > 1: the pool may grow to that many single-threaded
+    actors (`preflight.cpu_actors`)."""
     calls = concurrent_calls(r)
     many = {"max_concurrent_calls_per_actor": calls, "enable_true_multi_threading": True} if calls > 1 else {}
-    return ActorPoolStrategy(min_size=r.actors, max_size=r.max_actors, **many)
+    return ActorPoolStrategy(min_size=r.actors, max_size=max(r.max_actors, split), **many)
 
 
 def _images(spec: JobSpec, validated: ray.data.Dataset, done: frozenset[str], record: dict,
@@ -135,10 +138,15 @@ def _images(spec: JobSpec, validated: ray.data.Dataset, done: frozenset[str], re
     from pipelines.batch.score import ScoreStage  # here, once `check_models` has (run_job)
 
     branches, cores, actors = [], local_cores(), sum(p.actors for p in pools(spec))
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # this machine's: only read when alone on it
     pool = scoring_pool(spec)
     fused, last_writes = scoring_on(spec) and not pool, None if pool else write
     for m in spec.models:
         r = m.resources
+        split = cpu_actors(r, actors, cores, checkpoint_bytes(m.checkpoint, m.storage_options) if cores else None,
+                           memory)
+        if split > 1:
+            log.info("%s: up to %d single-threaded actors on this machine's cores", m.name, split)
         samples = validated.map_batches(
             functools.partial(expand_batch, prompt_column=spec.input.prompt_column, model=m.name,
                               images_per_prompt=m.images_per_prompt, job_seed=spec.seed, done=done,
@@ -149,9 +157,10 @@ def _images(spec: JobSpec, validated: ray.data.Dataset, done: frozenset[str], re
         branches.append(samples.map_batches(
             GenerateStage, fn_constructor_kwargs={"model": m, "scoring": spec.scoring, "score": fused,
                                                   "checkpoint_id": record["models"][m.name]["checkpoint_id"],
-                                                  "threads": actor_threads(r, actors, cores), "write": last_writes},
-            compute=_pool_strategy(r),
-            num_gpus=r.num_gpus, num_cpus=r.num_cpus, batch_size=r.batch_size, **_BOUNDED))
+                                                  "threads": 1 if split > 1 else actor_threads(r, actors, cores),
+                                                  "write": last_writes},
+            compute=_pool_strategy(r, split),  # at its largest, the split pool holds the CPUs of one actor
+            num_gpus=r.num_gpus, num_cpus=r.num_cpus / split, batch_size=r.batch_size, **_BOUNDED))
     images = branches[0].union(*branches[1:]) if len(branches) > 1 else branches[0]
     if not pool:
         return images
