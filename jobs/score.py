@@ -18,7 +18,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--clip", default=str(SHIPPED / "clip"), help="our CLIP or a Hugging Face CLIP directory; '' for none")
     p.add_argument("--judge", default=str(SHIPPED / "judge"), help="judge checkpoint; '' for none")
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--actors", type=int, default=1)
+    p.add_argument("--actors", type=int, default=None, help="scoring actors (default: one, or on this machine "
+                   "alone one single-threaded actor per core as the work allows)")
     p.add_argument("--storage-options", default="{}", help="JSON fsspec options for input, output and checkpoints")
     p.set_defaults(func=main)
 
@@ -36,7 +37,9 @@ def main(args: argparse.Namespace) -> int:
     try:
         so = json.loads(args.storage_options)
         scoring = ScoringSpec(clip=args.clip or None, judge=args.judge or None, storage_options=so,
-                              resources=Resources(batch_size=args.batch_size, actors=args.actors, max_actors=args.actors))
+                              resources=Resources(batch_size=args.batch_size,
+                                                  **({"actors": args.actors, "max_actors": args.actors}
+                                                     if args.actors else {})))
         summary = score_table(args.input, args.out, args.image_column, args.caption_column, scoring, so, so)
     except (ValueError, ValidationError, InputError, PreflightError, LeaseHeld) as e:
         return error(e)

@@ -192,6 +192,22 @@ def test_a_cpu_pool_sized_by_the_job_splits_into_single_threaded_actors_that_fit
     assert cpu_actors(Resources(), 1, 1, small, 24 * gib) == 1  # one core: nothing to split
 
 
+def test_the_scoring_pool_sizes_by_the_same_rule_from_its_clip_and_judge(tmp_path):
+    from pipelines.batch.preflight import checkpoint_bytes, scoring_pool_size
+    from pipelines.spec import Resources, ScoringSpec
+
+    scoring = ScoringSpec()  # the shipped CLIP and judge, a few MB
+    assert checkpoint_bytes(scoring.clip, scoring.judge, storage_options={}) > checkpoint_bytes(
+        scoring.clip, storage_options={}) > 0
+    assert checkpoint_bytes(str(tmp_path / "missing"), storage_options={}) is None
+    alone = scoring_pool_size(scoring, 1, 2)  # `promptmill score` on 2 cores: two single-threaded actors
+    assert (alone.min_actors, alone.max_actors, alone.num_cpus, alone.threads) == (1, 2, 0.5, 1)
+    beside = scoring_pool_size(scoring, 2, 2)  # the job's scoring pool beside a generator pool: a core each
+    assert (beside.max_actors, beside.threads) == (1, 1)
+    said = scoring_pool_size(ScoringSpec(resources=Resources(actors=1, max_actors=1)), 1, 2)  # --actors 1
+    assert (said.max_actors, said.num_cpus, said.threads) == (1, 1, 2)
+
+
 def test_the_generate_pool_grows_to_single_threaded_actors_holding_the_cpus_of_one(ray_local, checkpoints,
                                                                                     tmp_path):
     """What the job asks Ray Data for: the default GAN pool on this machine starts one single-threaded actor and

@@ -25,20 +25,21 @@ from pipelines.batch.expand import expand_batch
 from pipelines.batch.finalize import JobResult, finalize
 from pipelines.batch.lease import Lease, LeaseHeld
 from pipelines.batch.preflight import (
+    PoolSize,
     PreflightError,
-    actor_threads,
     check_models,
     check_output_reachable,
     checkpoint_bytes,
     concurrent_calls,
-    cpu_actors,
     merged_fingerprint,
     place_scoring,
     pool_cpus,
+    pool_size,
     pools,
     preflight,
     scoring_on,
     scoring_pool,
+    scoring_pool_size,
     writes_in_actors,
 )
 from pipelines.batch.progress import Progress
@@ -120,13 +121,11 @@ def _writer(spec: JobSpec, out_url: str) -> WriteStage:
                       tuple(spec.input.keep_columns), o.sidecars)
 
 
-def _pool_strategy(r, split: int = 1) -> ActorPoolStrategy:
-    """A generator pool: Ray Data runs one call per actor at a time unless told it may run several side by side
-    (in threads; `preflight.concurrent_calls`). `split` > 1: the pool may grow to that many single-threaded
-    actors (`preflight.cpu_actors`)."""
-    calls = concurrent_calls(r)
+def _pool_strategy(size: PoolSize, calls: int = 1) -> ActorPoolStrategy:
+    """Ray Data runs one call per actor at a time unless told it may run several side by side (in threads;
+    `preflight.concurrent_calls`, generator pools)."""
     many = {"max_concurrent_calls_per_actor": calls, "enable_true_multi_threading": True} if calls > 1 else {}
-    return ActorPoolStrategy(min_size=r.actors, max_size=max(r.max_actors, split), **many)
+    return ActorPoolStrategy(min_size=size.min_actors, max_size=size.max_actors, **many)
 
 
 def _images(spec: JobSpec, validated: ray.data.Dataset, done: frozenset[str], record: dict,
@@ -138,15 +137,14 @@ def _images(spec: JobSpec, validated: ray.data.Dataset, done: frozenset[str], re
     from pipelines.batch.score import ScoreStage  # here, once `check_models` has (run_job)
 
     branches, cores, actors = [], local_cores(), sum(p.actors for p in pools(spec))
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # this machine's: only read when alone on it
     pool = scoring_pool(spec)
     fused, last_writes = scoring_on(spec) and not pool, None if pool else write
     for m in spec.models:
         r = m.resources
-        split = cpu_actors(r, actors, cores, checkpoint_bytes(m.checkpoint, m.storage_options) if cores else None,
-                           memory)
-        if split > 1:
-            log.info("%s: up to %d single-threaded actors on this machine's cores", m.name, split)
+        size = pool_size(r, actors, cores, checkpoint_bytes(m.checkpoint, storage_options=m.storage_options)
+                         if cores else None)
+        if size.max_actors > r.max_actors:
+            log.info("%s: up to %d single-threaded actors on this machine's cores", m.name, size.max_actors)
         samples = validated.map_batches(
             functools.partial(expand_batch, prompt_column=spec.input.prompt_column, model=m.name,
                               images_per_prompt=m.images_per_prompt, job_seed=spec.seed, done=done,
@@ -157,18 +155,18 @@ def _images(spec: JobSpec, validated: ray.data.Dataset, done: frozenset[str], re
         branches.append(samples.map_batches(
             GenerateStage, fn_constructor_kwargs={"model": m, "scoring": spec.scoring, "score": fused,
                                                   "checkpoint_id": record["models"][m.name]["checkpoint_id"],
-                                                  "threads": 1 if split > 1 else actor_threads(r, actors, cores),
-                                                  "write": last_writes},
-            compute=_pool_strategy(r, split),  # at its largest, the split pool holds the CPUs of one actor
-            num_gpus=r.num_gpus, num_cpus=r.num_cpus / split, batch_size=r.batch_size, **_BOUNDED))
+                                                  "threads": size.threads, "write": last_writes},
+            compute=_pool_strategy(size, concurrent_calls(r)),
+            num_gpus=r.num_gpus, num_cpus=size.num_cpus, batch_size=r.batch_size, **_BOUNDED))
     images = branches[0].union(*branches[1:]) if len(branches) > 1 else branches[0]
     if not pool:
         return images
     s = spec.scoring.resources
+    size = scoring_pool_size(spec.scoring, actors, cores)
     return images.map_batches(ScoreStage, fn_constructor_kwargs={"scoring": spec.scoring, "write": write,
-                                                                 "threads": actor_threads(s, actors, cores)},
-                              compute=ActorPoolStrategy(min_size=s.actors, max_size=s.max_actors),
-                              num_gpus=s.num_gpus, num_cpus=s.num_cpus, batch_size=s.batch_size, **_BOUNDED)
+                                                                 "threads": size.threads},
+                              compute=_pool_strategy(size),
+                              num_gpus=s.num_gpus, num_cpus=size.num_cpus, batch_size=s.batch_size, **_BOUNDED)
 
 
 def _write(spec: JobSpec, images: ray.data.Dataset, write: WriteStage | None, expected: int,

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import os
+from dataclasses import dataclass
 
 import pyarrow as pa
 from pydantic import ValidationError
@@ -260,14 +261,49 @@ def cpu_actors(r, actors: int, local_cores: int | None, model_bytes: int | None,
     return max(1, min(actor_threads(r, actors, local_cores), fit))
 
 
-def checkpoint_bytes(url: str, storage_options: dict) -> int | None:
-    """A checkpoint's size on storage (a directory's files summed): a bound on one loaded copy's weights; None
-    when it cannot be listed."""
-    try:
-        fs, path = filesystem(url, storage_options)
-        return int(fs.du(path)) or None  # nothing listed: unknown, not empty
-    except (OSError, ValueError):
-        return None
+def checkpoint_bytes(*urls: str | None, storage_options: dict) -> int | None:
+    """Checkpoints' size on storage (directories' files summed): a bound on one loaded copy's weights; None when
+    one cannot be listed. A None url (a scorer turned off) counts nothing."""
+    total = 0
+    for url in urls:
+        if url is None:
+            continue
+        try:
+            fs, path = filesystem(url, storage_options)
+            size = int(fs.du(path))
+        except (OSError, ValueError):
+            return None
+        if not size:  # nothing listed: unknown, not empty
+            return None
+        total += size
+    return total
+
+
+def scoring_pool_size(scoring: ScoringSpec, actors: int, local_cores: int | None) -> PoolSize:
+    """The scoring pool's sizes (the job's and `promptmill score`'s): its models are the CLIP and the judge."""
+    model_bytes = checkpoint_bytes(scoring.clip, scoring.judge, storage_options=scoring.storage_options) \
+        if local_cores else None
+    return pool_size(scoring.resources, actors, local_cores, model_bytes)
+
+
+@dataclass(frozen=True)
+class PoolSize:
+    """What a pool asks Ray Data for: actors from `min_actors` up to `max_actors`, each holding `num_cpus` and
+    running `threads` torch threads."""
+
+    min_actors: int
+    max_actors: int
+    num_cpus: float
+    threads: int
+
+
+def pool_size(r, actors: int, local_cores: int | None, model_bytes: int | None) -> PoolSize:
+    """A pool's sizes by the rules above (`actor_threads`, `cpu_actors`); `actors`: all the job's pools' actors."""
+    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if local_cores else 0  # this machine's
+    split = cpu_actors(r, actors, local_cores, model_bytes, memory)
+    if split > 1:
+        return PoolSize(r.actors, max(r.max_actors, split), r.num_cpus / split, 1)
+    return PoolSize(r.actors, r.max_actors, r.num_cpus, actor_threads(r, actors, local_cores))
 
 
 def writes_in_actors(spec: JobSpec) -> bool:

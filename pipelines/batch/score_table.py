@@ -19,12 +19,11 @@ from collections import defaultdict
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-from ray.data import ActorPoolStrategy
 
 from models.images import decode_image
-from pipelines.batch.job import _BOUNDED
+from pipelines.batch.job import _BOUNDED, _pool_strategy
 from pipelines.batch.lease import Lease
-from pipelines.batch.preflight import actor_threads, check_scoring
+from pipelines.batch.preflight import check_scoring, scoring_pool_size
 from pipelines.batch.ray_cluster import ensure_ray, local_cores
 from pipelines.batch.score import ScoreStage
 from pipelines.layout import LEASE, SUCCESS, SUMMARY
@@ -126,13 +125,14 @@ def _score_files(fs_in, files: list[str], fs_out, parts_dir: str, image_column: 
                  scoring: ScoringSpec) -> None:
     r = scoring.resources
     ensure_ray(r.actors * r.num_cpus + 2)
-    threads = actor_threads(r, r.actors, local_cores())
+    size = scoring_pool_size(scoring, r.actors, local_cores())
     expected = {full_url(fs_in, f): pq.ParquetFile(fs_in.open(f, "rb")).metadata.num_rows for f in files}
     ds = ray_read_parquet(files, fs_in, include_paths=True)
     ds = ds.map_batches(ScoreRows, fn_constructor_kwargs={"scoring": scoring, "image_column": image_column,
-                                                          "caption_column": caption_column, "threads": threads},
-                        compute=ActorPoolStrategy(min_size=r.actors, max_size=r.max_actors),
-                        num_gpus=r.num_gpus, num_cpus=r.num_cpus, batch_size=r.batch_size, **_BOUNDED)
+                                                          "caption_column": caption_column,
+                                                          "threads": size.threads},
+                        compute=_pool_strategy(size),
+                        num_gpus=r.num_gpus, num_cpus=size.num_cpus, batch_size=r.batch_size, **_BOUNDED)
     held: dict[str, list[pa.Table]] = defaultdict(list)
     count: dict[str, int] = defaultdict(int)
     by_path = {p.split("://", 1)[-1]: p for p in expected}  # Ray reports paths without the scheme
