@@ -39,7 +39,7 @@ def main(args: argparse.Namespace) -> int:
         scoring = ScoringSpec(clip=args.clip or None, judge=args.judge or None, storage_options=so,
                               resources=Resources(batch_size=args.batch_size,
                                                   **({"actors": args.actors, "max_actors": args.actors}
-                                                     if args.actors else {})))
+                                                     if args.actors is not None else {})))
         summary = score_table(args.input, args.out, args.image_column, args.caption_column, scoring, so, so)
     except (ValueError, ValidationError, InputError, PreflightError, LeaseHeld) as e:
         return error(e)

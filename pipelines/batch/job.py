@@ -29,7 +29,6 @@ from pipelines.batch.preflight import (
     PreflightError,
     check_models,
     check_output_reachable,
-    checkpoint_bytes,
     concurrent_calls,
     merged_fingerprint,
     place_scoring,
@@ -141,8 +140,7 @@ def _images(spec: JobSpec, validated: ray.data.Dataset, done: frozenset[str], re
     fused, last_writes = scoring_on(spec) and not pool, None if pool else write
     for m in spec.models:
         r = m.resources
-        size = pool_size(r, actors, cores, checkpoint_bytes(m.checkpoint, storage_options=m.storage_options)
-                         if cores else None)
+        size = pool_size(r, actors, cores, (m.checkpoint,), m.storage_options)
         if size.max_actors > r.max_actors:
             log.info("%s: up to %d single-threaded actors on this machine's cores", m.name, size.max_actors)
         samples = validated.map_batches(

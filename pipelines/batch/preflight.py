@@ -244,6 +244,12 @@ def actor_threads(r, actors: int, local_cores: int | None) -> int:
 # a pool actor's own RSS before its model (python, torch, ray.data) is about ACTOR_PROCESS_BYTES
 CPU_ACTORS_MEMORY_SHARE = 0.25
 ACTOR_PROCESS_BYTES = 600 << 20
+SIZES = {"actors", "max_actors", "threads"}  # a spec that sets any of these sizes the pool itself
+
+
+def _job_sizes_cpu_pool(r, local_cores: int | None) -> bool:
+    """A CPU pool on this machine alone whose sizes the spec left to the job."""
+    return r.num_gpus == 0 and bool(local_cores) and not r.model_fields_set & SIZES
 
 
 def cpu_actors(r, actors: int, local_cores: int | None, model_bytes: int | None, memory_bytes: int) -> int:
@@ -254,8 +260,7 @@ def cpu_actors(r, actors: int, local_cores: int | None, model_bytes: int | None,
     the bare model and the Transformer from 0.86-0.89 to 0.98-1.17, with the first image as soon. 1 (no split)
     when the spec sizes the pool (actors, max_actors or threads), on GPUs, on a cluster, or when the copies
     would not fit in CPU_ACTORS_MEMORY_SHARE of the memory."""
-    if r.num_gpus > 0 or not local_cores or model_bytes is None or r.model_fields_set & {"actors", "max_actors",
-                                                                                         "threads"}:
+    if model_bytes is None or not _job_sizes_cpu_pool(r, local_cores):
         return 1
     fit = int(CPU_ACTORS_MEMORY_SHARE * memory_bytes) // (model_bytes + ACTOR_PROCESS_BYTES)
     return max(1, min(actor_threads(r, actors, local_cores), fit))
@@ -279,13 +284,6 @@ def checkpoint_bytes(*urls: str | None, storage_options: dict) -> int | None:
     return total
 
 
-def scoring_pool_size(scoring: ScoringSpec, actors: int, local_cores: int | None) -> PoolSize:
-    """The scoring pool's sizes (the job's and `promptmill score`'s): its models are the CLIP and the judge."""
-    model_bytes = checkpoint_bytes(scoring.clip, scoring.judge, storage_options=scoring.storage_options) \
-        if local_cores else None
-    return pool_size(scoring.resources, actors, local_cores, model_bytes)
-
-
 @dataclass(frozen=True)
 class PoolSize:
     """What a pool asks Ray Data for: actors from `min_actors` up to `max_actors`, each holding `num_cpus` and
@@ -297,13 +295,25 @@ class PoolSize:
     threads: int
 
 
-def pool_size(r, actors: int, local_cores: int | None, model_bytes: int | None) -> PoolSize:
-    """A pool's sizes by the rules above (`actor_threads`, `cpu_actors`); `actors`: all the job's pools' actors."""
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if local_cores else 0  # this machine's
-    split = cpu_actors(r, actors, local_cores, model_bytes, memory)
+def pool_size(r, actors: int, local_cores: int | None, checkpoints: tuple[str | None, ...],
+              storage_options: dict) -> PoolSize:
+    """A pool's sizes by the rules above (`actor_threads`, `cpu_actors`); `actors`: all the job's pools' actors;
+    `checkpoints`: the models each actor loads. They are sized on storage only where a split is possible (a
+    listing per checkpoint, and on S3 a request: not for GPU pools, clusters or a pool with one thread)."""
+    threads = actor_threads(r, actors, local_cores)
+    split = 1
+    if threads > 1 and _job_sizes_cpu_pool(r, local_cores):
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # this machine's
+        split = cpu_actors(r, actors, local_cores, checkpoint_bytes(*checkpoints, storage_options=storage_options),
+                           memory)
     if split > 1:
         return PoolSize(r.actors, max(r.max_actors, split), r.num_cpus / split, 1)
-    return PoolSize(r.actors, r.max_actors, r.num_cpus, actor_threads(r, actors, local_cores))
+    return PoolSize(r.actors, r.max_actors, r.num_cpus, threads)
+
+
+def scoring_pool_size(scoring: ScoringSpec, actors: int, local_cores: int | None) -> PoolSize:
+    """The scoring pool's sizes (the job's and `promptmill score`'s): its models are the CLIP and the judge."""
+    return pool_size(scoring.resources, actors, local_cores, (scoring.clip, scoring.judge), scoring.storage_options)
 
 
 def writes_in_actors(spec: JobSpec) -> bool:
