@@ -162,7 +162,8 @@ def test_write_tasks_retry_a_bounded_number_of_times(ray_local, tmp_path, fmt):
     its actor pools do, so a write that kills its worker every time fails the job instead of hanging it."""
     import ray
 
-    from pipelines.batch.job import MAX_TASK_RETRIES, _writer, write_tasks
+    from pipelines.batch.job import _writer, write_tasks
+    from pipelines.batch.pools import MAX_TASK_RETRIES
 
     spec = load_spec(make_spec("in", str(tmp_path / "out"), {"gan": "ck"},
                                output={"path": str(tmp_path / "out"), "format": fmt, "shard_size": 7}))

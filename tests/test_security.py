@@ -469,7 +469,8 @@ def test_an_actor_that_keeps_dying_fails_the_job_instead_of_hanging(ray_local, c
 
     import psutil
 
-    from pipelines.batch.job import MAX_ACTOR_RESTARTS, JobFailed
+    from pipelines.batch.job import JobFailed
+    from pipelines.batch.pools import MAX_ACTOR_RESTARTS
 
     write_prompts(tmp_path / "in" / "a.parquet", [f"a red circle {i}" for i in range(64)], [f"p{i}" for i in range(64)])
     spec = make_spec(str(tmp_path / "in"), str(tmp_path / "out"), checkpoints, scoring={"enabled": False})

@@ -18,14 +18,13 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
-from ray.data import ActorPoolStrategy
 
 from pipelines.batch.commit import done_keys, write_json
 from pipelines.batch.expand import expand_batch
 from pipelines.batch.finalize import JobResult, finalize
 from pipelines.batch.lease import Lease, LeaseHeld
+from pipelines.batch.pools import MAX_TASK_RETRIES, map_in_pool
 from pipelines.batch.preflight import (
-    PoolSize,
     PreflightError,
     check_models,
     check_output_reachable,
@@ -53,13 +52,8 @@ from pipelines.spec import JobSpec, OutputSpec, SpecError
 from pipelines.storage import arrow_fs, filesystem, full_url, join
 
 log = logging.getLogger(__name__)
-# Ray restarts pool actors and retries their tasks without limit by default: a batch that OOM-kills its actor
-# every time hung the job. Past these, the job fails with one line (JobFailed) and a rerun resumes.
-MAX_ACTOR_RESTARTS = 3
-MAX_TASK_RETRIES = 3
-# passed as map_batches kwargs, the way Ray 2.60 reads them (actor_pool_map_operator; it warns that
-# ray_remote_args are deprecated, but no named parameter carries these yet)
-_BOUNDED = {"max_restarts": MAX_ACTOR_RESTARTS, "max_task_retries": MAX_TASK_RETRIES}
+
+
 def _check_capacity(spec: JobSpec) -> None:
     """Pools whose minimum actors take every CPU starve the read/write tasks: the job would hang, not fail."""
     have = ray.cluster_resources()
@@ -120,13 +114,6 @@ def _writer(spec: JobSpec, out_url: str) -> WriteStage:
                       tuple(spec.input.keep_columns), o.sidecars)
 
 
-def _pool_strategy(size: PoolSize, calls: int = 1) -> ActorPoolStrategy:
-    """Ray Data runs one call per actor at a time unless told it may run several side by side (in threads;
-    `preflight.concurrent_calls`, generator pools)."""
-    many = {"max_concurrent_calls_per_actor": calls, "enable_true_multi_threading": True} if calls > 1 else {}
-    return ActorPoolStrategy(min_size=size.min_actors, max_size=size.max_actors, **many)
-
-
 def _images(spec: JobSpec, validated: ray.data.Dataset, done: frozenset[str], record: dict,
             write: WriteStage | None = None) -> ray.data.Dataset:
     """One branch per model (expand -> generate actor pool, which also scores unless scoring has its own pool),
@@ -150,21 +137,18 @@ def _images(spec: JobSpec, validated: ray.data.Dataset, done: frozenset[str], re
             batch_format="pyarrow",
         ).repartition(target_num_rows_per_block=r.batch_size)  # one block per generate call: every actor
         # gets work (a small prompt file is one block) and a crash loses at most the blocks in flight
-        branches.append(samples.map_batches(
-            GenerateStage, fn_constructor_kwargs={"model": m, "scoring": spec.scoring, "score": fused,
-                                                  "checkpoint_id": record["models"][m.name]["checkpoint_id"],
-                                                  "threads": size.threads, "write": last_writes},
-            compute=_pool_strategy(size, concurrent_calls(r)),
-            num_gpus=r.num_gpus, num_cpus=size.num_cpus, batch_size=r.batch_size, **_BOUNDED))
+        branches.append(map_in_pool(
+            samples, GenerateStage, {"model": m, "scoring": spec.scoring, "score": fused,
+                                     "checkpoint_id": record["models"][m.name]["checkpoint_id"],
+                                     "threads": size.threads, "write": last_writes},
+            size, num_gpus=r.num_gpus, batch_size=r.batch_size, calls=concurrent_calls(r)))
     images = branches[0].union(*branches[1:]) if len(branches) > 1 else branches[0]
     if not pool:
         return images
     s = spec.scoring.resources
     size = scoring_pool_size(spec.scoring, actors, cores)
-    return images.map_batches(ScoreStage, fn_constructor_kwargs={"scoring": spec.scoring, "write": write,
-                                                                 "threads": size.threads},
-                              compute=_pool_strategy(size),
-                              num_gpus=s.num_gpus, num_cpus=size.num_cpus, batch_size=s.batch_size, **_BOUNDED)
+    return map_in_pool(images, ScoreStage, {"scoring": spec.scoring, "write": write, "threads": size.threads},
+                       size, num_gpus=s.num_gpus, batch_size=s.batch_size)
 
 
 def _write(spec: JobSpec, images: ray.data.Dataset, write: WriteStage | None, expected: int,

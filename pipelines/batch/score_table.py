@@ -21,8 +21,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from models.images import decode_image
-from pipelines.batch.job import _BOUNDED, _pool_strategy
 from pipelines.batch.lease import Lease
+from pipelines.batch.pools import map_in_pool
 from pipelines.batch.preflight import check_scoring, scoring_pool_size
 from pipelines.batch.ray_cluster import ensure_ray, local_cores
 from pipelines.batch.score import ScoreStage
@@ -128,11 +128,9 @@ def _score_files(fs_in, files: list[str], fs_out, parts_dir: str, image_column: 
     size = scoring_pool_size(scoring, r.actors, local_cores())
     expected = {full_url(fs_in, f): pq.ParquetFile(fs_in.open(f, "rb")).metadata.num_rows for f in files}
     ds = ray_read_parquet(files, fs_in, include_paths=True)
-    ds = ds.map_batches(ScoreRows, fn_constructor_kwargs={"scoring": scoring, "image_column": image_column,
-                                                          "caption_column": caption_column,
-                                                          "threads": size.threads},
-                        compute=_pool_strategy(size),
-                        num_gpus=r.num_gpus, num_cpus=size.num_cpus, batch_size=r.batch_size, **_BOUNDED)
+    ds = map_in_pool(ds, ScoreRows, {"scoring": scoring, "image_column": image_column,
+                                     "caption_column": caption_column, "threads": size.threads},
+                     size, num_gpus=r.num_gpus, batch_size=r.batch_size)
     held: dict[str, list[pa.Table]] = defaultdict(list)
     count: dict[str, int] = defaultdict(int)
     by_path = {p.split("://", 1)[-1]: p for p in expected}  # Ray reports paths without the scheme
