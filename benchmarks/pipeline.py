@@ -12,7 +12,7 @@ For each family, on the same shapes test prompts and the shipped checkpoint:
 
     python benchmarks/pipeline.py [--gan-n 2048 8192] [--transformer-n 512 2048] [--batch-size 64]
                                   [--families gan transformer] [--scoring off on]
-                                  [--resources JSON]
+                                  [--resources JSON] [--scoring-resources JSON]
 
 A new output's first ~16k images also make its 4,096 image folders (`layout.image_relpath`), so the GAN's marginal
 between small sizes counts folder creation that a long job has behind it: `--families gan --scoring off --gan-n
@@ -61,12 +61,15 @@ BEFORE = {"resources": {"threads": 1}, "scoring": {"pool": True, "resources": {"
 
 
 def job(tmp: Path, family: str, n: int, scoring: bool, batch: int, before: bool = False,
-        resources: dict | None = None) -> tuple[float, dict]:
-    """(wall s of `promptmill generate`, its summary.json); `resources` override the model's."""
-    name = f"{family}-{n}-{'scored' if scoring else 'plain'}{'-before' if before else ''}{'-res' if resources else ''}"
+        resources: dict | None = None, scoring_resources: dict | None = None) -> tuple[float, dict]:
+    """(wall s of `promptmill generate`, its summary.json); `resources` override the model's, `scoring_resources`
+    the scoring pool's."""
+    variant = "-res" if resources or scoring_resources else ""
+    name = f"{family}-{n}-{'scored' if scoring else 'plain'}{'-before' if before else ''}{variant}"
+    extra = BEFORE["scoring"] if before else ({"resources": scoring_resources} if scoring_resources else None)
     spec = one_model_spec("bench", tmp / f"in-{n}.parquet", tmp / name, family, scoring,
                           {"batch_size": batch, **(BEFORE["resources"] if before else {}), **(resources or {})},
-                          scoring_extra=BEFORE["scoring"] if before else None)
+                          scoring_extra=extra)
     wall, summary = run_generate(tmp, name, spec)
     assert summary["images_total"] == {"m": n}, summary["images_total"]
     return wall, summary
@@ -82,11 +85,14 @@ def main() -> None:
     ap.add_argument("--resources", type=json.loads, default=None,
                     help='also run each job with these model resources (JSON), beside the default: '
                     '\'{"actors": 2, "max_actors": 2, "threads": 1}\'')
+    ap.add_argument("--scoring-resources", type=json.loads, default=None,
+                    help="the variant's scoring pool resources (JSON), with or without --resources")
     ap.add_argument("--before", action="store_true", help="also run the larger size with the sizing before issue 17 "
                     "(one torch thread per actor, a scoring pool of its own)")
     args = ap.parse_args()
     rows, startups, befores = [], [], []
-    variants = [("default", None)] + ([(json.dumps(args.resources), args.resources)] if args.resources else [])
+    variant = {k: v for k, v in (("resources", args.resources), ("scoring", args.scoring_resources)) if v}
+    variants = [("default", {})] + ([(json.dumps(variant), variant)] if variant else [])
     with tempfile.TemporaryDirectory() as d:
         tmp = Path(d)
         sizes = {"gan": args.gan_n, "transformer": args.transformer_n}
@@ -98,8 +104,9 @@ def main() -> None:
                 if ("on" if scoring else "off") not in args.scoring:
                     continue
                 for label, res in variants:
-                    w1, s1 = job(tmp, family, n1, scoring, args.batch_size, resources=res)
-                    w2, summary = job(tmp, family, n2, scoring, args.batch_size, resources=res)
+                    sizes_of = {"resources": res.get("resources"), "scoring_resources": res.get("scoring")}
+                    w1, s1 = job(tmp, family, n1, scoring, args.batch_size, **sizes_of)
+                    w2, summary = job(tmp, family, n2, scoring, args.batch_size, **sizes_of)
                     drawing = [s["phases_s"]["first_image"] + s["phases_s"]["images"] for s in (s1, summary)]
                     marginal = (n2 - n1) / (drawing[1] - drawing[0])
                     startup = w2 - n2 / marginal

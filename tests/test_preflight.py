@@ -176,13 +176,14 @@ def test_actor_threads_follow_the_cpus_held_or_share_this_machine():
 
 
 def test_a_cpu_pool_sized_by_the_job_splits_into_single_threaded_actors_that_fit_in_memory():
-    from pipelines.batch.preflight import ACTOR_PROCESS_BYTES, cpu_actors
+    from pipelines.batch.preflight import ACTOR_PROCESS_BYTES, MIN_ROWS_PER_ACTOR, cpu_actors
     from pipelines.spec import Resources
 
     gib, small = 1 << 30, 5 << 20
     assert cpu_actors(Resources(batch_size=64), 1, 2, small, 24 * gib) == 2  # this machine: one per core
     assert cpu_actors(Resources(), 1, 16, small, 24 * gib) == 10  # a quarter of 24 GiB / (600 MiB + the model)
-    assert cpu_actors(Resources(), 2, 16, small, 256 * gib) == 8  # the cores this pool would have had as threads
+    assert cpu_actors(Resources(), 2, 16, small, 256 * gib) == 16  # beside another pool: one per core as well
+    assert cpu_actors(Resources(), 2, 16, small, 24 * gib) == 5  # the pools share the quarter of the memory
     assert cpu_actors(Resources(), 1, 16, 5 * gib, 32 * gib) == 1  # two copies of a 5 GB model do not fit
     assert cpu_actors(Resources(), 1, 16, 3 * gib, 64 * gib) == (16 * gib) // (3 * gib + ACTOR_PROCESS_BYTES)
     for sized in ({"threads": 2}, {"actors": 1}, {"max_actors": 3}, {"num_gpus": 1}):  # the spec said: kept
@@ -190,6 +191,10 @@ def test_a_cpu_pool_sized_by_the_job_splits_into_single_threaded_actors_that_fit
     assert cpu_actors(Resources(), 1, None, small, 24 * gib) == 1  # a cluster: the CPUs Ray reserved
     assert cpu_actors(Resources(), 1, 16, None, 24 * gib) == 1  # a checkpoint that could not be sized
     assert cpu_actors(Resources(), 1, 1, small, 24 * gib) == 1  # one core: nothing to split
+    # what the pool has to do: each actor must get MIN_ROWS_PER_ACTOR images to pay for its start
+    assert cpu_actors(Resources(), 1, 2, small, 24 * gib, rows=2 * MIN_ROWS_PER_ACTOR) == 2
+    assert cpu_actors(Resources(), 1, 2, small, 24 * gib, rows=2 * MIN_ROWS_PER_ACTOR - 1) == 1
+    assert cpu_actors(Resources(), 1, 16, small, 256 * gib, rows=5 * MIN_ROWS_PER_ACTOR) == 5
 
 
 def test_the_scoring_pool_sizes_by_the_same_rule_from_its_clip_and_judge(tmp_path):
@@ -202,8 +207,10 @@ def test_the_scoring_pool_sizes_by_the_same_rule_from_its_clip_and_judge(tmp_pat
     assert checkpoint_bytes(str(tmp_path / "missing"), storage_options={}) is None
     alone = scoring_pool_size(scoring, 1, 2)  # `promptmill score` on 2 cores: two single-threaded actors
     assert (alone.min_actors, alone.max_actors, alone.num_cpus, alone.threads) == (1, 2, 0.5, 1)
-    beside = scoring_pool_size(scoring, 2, 2)  # the job's scoring pool beside a generator pool: a core each
-    assert (beside.max_actors, beside.threads) == (1, 1)
+    beside = scoring_pool_size(scoring, 2, 2)  # the job's, beside a generator pool: may grow to a core each too
+    assert (beside.min_actors, beside.max_actors, beside.num_cpus, beside.threads) == (1, 2, 0.5, 1)
+    few = scoring_pool_size(scoring, 1, 2, rows=512)  # a small job: one actor, the 2 cores as threads
+    assert (few.max_actors, few.num_cpus, few.threads) == (1, 1, 2)
     said = scoring_pool_size(ScoringSpec(resources=Resources(actors=1, max_actors=1)), 1, 2)  # --actors 1
     assert (said.max_actors, said.num_cpus, said.threads) == (1, 1, 2)
 
@@ -211,8 +218,8 @@ def test_the_scoring_pool_sizes_by_the_same_rule_from_its_clip_and_judge(tmp_pat
 def test_the_generate_pool_grows_to_single_threaded_actors_holding_the_cpus_of_one(ray_local, checkpoints,
                                                                                     tmp_path):
     """What the job asks Ray Data for: the default GAN pool on this machine starts one single-threaded actor and
-    may grow to one per core, the pool at its largest holding the one CPU a default actor holds; said sizes are
-    kept as they are."""
+    may grow to one per core, the pool at its largest holding the one CPU a default actor holds, and so may a
+    scoring pool beside it; a small job keeps one actor with the cores as threads; said sizes are kept."""
     import ray
 
     from pipelines.batch.job import _images
@@ -223,12 +230,12 @@ def test_the_generate_pool_grows_to_single_threaded_actors_holding_the_cpus_of_o
     if cores is None or cores < 2:
         pytest.skip("needs a machine with 2 cores or more, alone")
 
-    def generate_op(resources: dict):
-        spec = load_spec(make_spec("in", str(tmp_path / "out"), checkpoints, scoring={"enabled": False},
+    def generate_op(resources: dict, scoring: dict | None = None, images: int = 8192):
+        spec = load_spec(make_spec("in", str(tmp_path / "out"), checkpoints, scoring=scoring or {"enabled": False},
                                    models=[{"name": "gan", "family": "gan", "checkpoint": checkpoints["gan"],
                                             "resources": resources}]))
-        return _images(spec, ray.data.range(1), frozenset(), {"models": {"gan": {"checkpoint_id": "x"}}}
-                       )._logical_plan.dag
+        return _images(spec, ray.data.range(1), frozenset(), {"models": {"gan": {"checkpoint_id": "x"}}},
+                       todo={"gan": images})._logical_plan.dag
 
     op = generate_op({"batch_size": 8})
     assert op.compute.min_size == 1 and 2 <= op.compute.max_size <= cores  # fewer where memory is short
@@ -237,6 +244,14 @@ def test_the_generate_pool_grows_to_single_threaded_actors_holding_the_cpus_of_o
     op = generate_op({"batch_size": 8, "threads": 2})
     assert (op.compute.min_size, op.compute.max_size, op.ray_remote_args["num_cpus"]) == (1, 1, 1)
     assert op.fn_constructor_kwargs["threads"] == 2
+    op = generate_op({"batch_size": 8}, images=512)  # a small job: not worth a second actor's start
+    assert (op.compute.min_size, op.compute.max_size, op.ray_remote_args["num_cpus"]) == (1, 1, 1)
+    assert op.fn_constructor_kwargs["threads"] == cores
+    score = generate_op({"batch_size": 8}, scoring={"enabled": True, "pool": True})  # two pools, each the same
+    for op in (score.input_dependencies[0], score):  # ScoreStage after GenerateStage
+        assert op.compute.min_size == 1 and 2 <= op.compute.max_size <= cores, op
+        assert op.ray_remote_args["num_cpus"] * op.compute.max_size == pytest.approx(1)
+        assert op.fn_constructor_kwargs["threads"] == 1
 
 
 def test_files_are_written_by_the_actors_on_cpu_and_by_tasks_beside_a_gpu_model_unless_said():

@@ -115,10 +115,11 @@ def _writer(spec: JobSpec, out_url: str) -> WriteStage:
 
 
 def _images(spec: JobSpec, validated: ray.data.Dataset, done: frozenset[str], record: dict,
-            write: WriteStage | None = None) -> ray.data.Dataset:
+            write: WriteStage | None = None, todo: dict[str, int] | None = None) -> ray.data.Dataset:
     """One branch per model (expand -> generate actor pool, which also scores unless scoring has its own pool),
     unioned, then the scoring pool if there is one. `write`: the last actor stage writes what it made (pixels
-    then never cross the object store to a write task)."""
+    then never cross the object store to a write task). `todo`: images each model has left to draw (pools sized
+    to the work: `preflight.cpu_actors`); None = unknown."""
     from pipelines.batch.generate import GenerateStage  # torch: imported by the actors, and by the driver only
     from pipelines.batch.score import ScoreStage  # here, once `check_models` has (run_job)
 
@@ -127,7 +128,8 @@ def _images(spec: JobSpec, validated: ray.data.Dataset, done: frozenset[str], re
     fused, last_writes = scoring_on(spec) and not pool, None if pool else write
     for m in spec.models:
         r = m.resources
-        size = pool_size(r, actors, cores, (m.checkpoint,), m.storage_options)
+        size = pool_size(r, actors, cores, (m.checkpoint,), m.storage_options,
+                         None if todo is None else todo[m.name])
         if size.max_actors > r.max_actors:
             log.info("%s: up to %d single-threaded actors on this machine's cores", m.name, size.max_actors)
         samples = validated.map_batches(
@@ -146,7 +148,7 @@ def _images(spec: JobSpec, validated: ray.data.Dataset, done: frozenset[str], re
     if not pool:
         return images
     s = spec.scoring.resources
-    size = scoring_pool_size(spec.scoring, actors, cores)
+    size = scoring_pool_size(spec.scoring, actors, cores, None if todo is None else sum(todo.values()))
     return map_in_pool(images, ScoreStage, {"scoring": spec.scoring, "write": write, "threads": size.threads},
                        size, num_gpus=s.num_gpus, batch_size=s.batch_size)
 
@@ -266,12 +268,15 @@ def run_job(spec: JobSpec, allow_subset: bool = False) -> JobResult:
         rejected = _write_rejected(spec, plan, validated, out_url)
         phases.mark("read_validate_rejected")
         # 5. Generate, score and write what is missing
-        expected = (plan.rows - sum(rejected.values())) * sum(m.images_per_prompt for m in spec.models)
+        accepted = plan.rows - sum(rejected.values())
+        expected = accepted * sum(m.images_per_prompt for m in spec.models)
         done = done_keys(fs, root)
+        todo = {m.name: max(0, accepted * m.images_per_prompt - sum(k.startswith(f"{m.name}/") for k in done))
+                for m in spec.models}  # sample_key: model/id/sample
         progress = Progress(max(expected - len(done), 0), sum(rejected.values()))
         # files: the last actor stage writes (output.write_in); WebDataset tars and Parquet parts gather rows in tasks
         write, in_actors = _writer(spec, out_url), writes_in_actors(spec)
-        images = _images(spec, validated, done, record, write if in_actors else None)
+        images = _images(spec, validated, done, record, write if in_actors else None, todo)
         written, errors, stats = _write(spec, images, None if in_actors else write, expected, progress)
         progress.final()
         if progress.first is not None:

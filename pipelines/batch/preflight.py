@@ -245,6 +245,12 @@ def actor_threads(r, actors: int, local_cores: int | None) -> int:
 CPU_ACTORS_MEMORY_SHARE = 0.25
 ACTOR_PROCESS_BYTES = 600 << 20
 SIZES = {"actors", "max_actors", "threads"}  # a spec that sets any of these sizes the pool itself
+# Ray Data adds an actor as soon as the first one is busy, and it starts beside the first batches (imports, model
+# load: a few CPU-seconds). Small jobs paid for it, on the 2-core machine (batch 64, mean wall, alternating, one
+# actor with the cores as threads against single-threaded ones): GAN 512 prompts 9.5 -> 10.8 s, scored 12.7 ->
+# 14.7 s; scored Transformer 256 prompts 12.8 -> 14.0 s; GAN 2,048 prompts 12.9 -> 13.0 s, Transformer 512
+# 13.2 -> 13.1 s; and from there up the split wins (8,192 scored: 141-143 -> 149-162 img/s)
+MIN_ROWS_PER_ACTOR = 1024
 
 
 def _job_sizes_cpu_pool(r, local_cores: int | None) -> bool:
@@ -252,18 +258,24 @@ def _job_sizes_cpu_pool(r, local_cores: int | None) -> bool:
     return r.num_gpus == 0 and bool(local_cores) and not r.model_fields_set & SIZES
 
 
-def cpu_actors(r, actors: int, local_cores: int | None, model_bytes: int | None, memory_bytes: int) -> int:
-    """How many single-threaded actors (one started, the rest as the pool scales up) stand in for the one
-    multi-threaded actor of a CPU pool that the job sized itself on this machine alone. Each draws and writes its
-    own batches, so one's encode and write overlap another's drawing, and no op waits on a thread team: on the
-    2-core machine (benchmarks/pipeline.py --resources) the unscored GAN went from 0.52-0.69 to 0.81-0.85 of
-    the bare model and the Transformer from 0.86-0.89 to 0.98-1.17, with the first image as soon. 1 (no split)
-    when the spec sizes the pool (actors, max_actors or threads), on GPUs, on a cluster, or when the copies
-    would not fit in CPU_ACTORS_MEMORY_SHARE of the memory."""
+def cpu_actors(r, actors: int, local_cores: int | None, model_bytes: int | None, memory_bytes: int,
+               rows: int | None = None) -> int:
+    """How many single-threaded actors a CPU pool that the job sized itself on this machine alone may grow to: one
+    per core. Each draws and writes its own batches, so one's encode and write overlap another's drawing, and no
+    op waits on a thread team: on the 2-core machine (benchmarks/pipeline.py --resources) the unscored GAN went
+    from 0.52-0.69 to 0.81-0.85 of the bare model and the Transformer from 0.86-0.89 to 0.98-1.17, with the first
+    image as soon. Every such pool may grow to one per core, also beside other pools (`actors`: all the job's
+    pools' actors): Ray Data adds actors to the pool whose input backs up, so the busier of a generator and a
+    scoring pool gets the cores (scored GAN 0.90-0.95 -> 1.07-1.17 of bare + score, Transformer 0.83-0.89 ->
+    0.94-0.98). 1 (no split) when the spec
+    sizes the pool (actors, max_actors or threads), on GPUs, on a cluster, or when the copies would not fit: the
+    pools together keep to CPU_ACTORS_MEMORY_SHARE of the memory. `rows`: the images the pool has to draw or score,
+    when known; each actor needs MIN_ROWS_PER_ACTOR of them to pay for its start."""
     if model_bytes is None or not _job_sizes_cpu_pool(r, local_cores):
         return 1
-    fit = int(CPU_ACTORS_MEMORY_SHARE * memory_bytes) // (model_bytes + ACTOR_PROCESS_BYTES)
-    return max(1, min(actor_threads(r, actors, local_cores), fit))
+    fit = int(CPU_ACTORS_MEMORY_SHARE * memory_bytes / max(1, actors)) // (model_bytes + ACTOR_PROCESS_BYTES)
+    worth = local_cores if rows is None else rows // MIN_ROWS_PER_ACTOR
+    return max(1, min(local_cores, fit, worth))
 
 
 def checkpoint_bytes(*urls: str | None, storage_options: dict) -> int | None:
@@ -296,24 +308,27 @@ class PoolSize:
 
 
 def pool_size(r, actors: int, local_cores: int | None, checkpoints: tuple[str | None, ...],
-              storage_options: dict) -> PoolSize:
+              storage_options: dict, rows: int | None = None) -> PoolSize:
     """A pool's sizes by the rules above (`actor_threads`, `cpu_actors`); `actors`: all the job's pools' actors;
-    `checkpoints`: the models each actor loads. They are sized on storage only where a split is possible (a
-    listing per checkpoint, and on S3 a request: not for GPU pools, clusters or a pool with one thread)."""
+    `rows`: the images it will draw or score, if known; `checkpoints`: the models each actor loads, sized on storage
+    only where a split is possible (a listing per checkpoint, and on S3 a request: not for GPU pools, clusters, a
+    one-core machine or a pool with too few rows for two actors)."""
     threads = actor_threads(r, actors, local_cores)
     split = 1
-    if threads > 1 and _job_sizes_cpu_pool(r, local_cores):
+    if (_job_sizes_cpu_pool(r, local_cores) and local_cores > 1
+            and (rows is None or rows >= 2 * MIN_ROWS_PER_ACTOR)):
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # this machine's
         split = cpu_actors(r, actors, local_cores, checkpoint_bytes(*checkpoints, storage_options=storage_options),
-                           memory)
+                           memory, rows)
     if split > 1:
         return PoolSize(r.actors, max(r.max_actors, split), r.num_cpus / split, 1)
     return PoolSize(r.actors, r.max_actors, r.num_cpus, threads)
 
 
-def scoring_pool_size(scoring: ScoringSpec, actors: int, local_cores: int | None) -> PoolSize:
+def scoring_pool_size(scoring: ScoringSpec, actors: int, local_cores: int | None, rows: int | None = None) -> PoolSize:
     """The scoring pool's sizes (the job's and `promptmill score`'s): its models are the CLIP and the judge."""
-    return pool_size(scoring.resources, actors, local_cores, (scoring.clip, scoring.judge), scoring.storage_options)
+    return pool_size(scoring.resources, actors, local_cores, (scoring.clip, scoring.judge), scoring.storage_options,
+                     rows)
 
 
 def writes_in_actors(spec: JobSpec) -> bool:

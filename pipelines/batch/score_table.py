@@ -125,8 +125,8 @@ def _score_files(fs_in, files: list[str], fs_out, parts_dir: str, image_column: 
                  scoring: ScoringSpec) -> None:
     r = scoring.resources
     ensure_ray(r.actors * r.num_cpus + 2)
-    size = scoring_pool_size(scoring, r.actors, local_cores())
     expected = {full_url(fs_in, f): pq.ParquetFile(fs_in.open(f, "rb")).metadata.num_rows for f in files}
+    size = scoring_pool_size(scoring, r.actors, local_cores(), sum(expected.values()))
     ds = ray_read_parquet(files, fs_in, include_paths=True)
     ds = map_in_pool(ds, ScoreRows, {"scoring": scoring, "image_column": image_column,
                                      "caption_column": caption_column, "threads": size.threads},
