@@ -10,10 +10,12 @@ For each family, on the same shapes test prompts and the shipped checkpoint:
                   wall = the larger run's images / its wall; start-up = the larger run's wall minus its images at
                   the marginal rate, itemised from `phases_s`.
 
-    python benchmarks/pipeline.py [--gan-n 2048 8192] [--transformer-n 512 2048] [--batch-size 64]
+    python benchmarks/pipeline.py [--gan-n 2048 8192] [--transformer-n 2048 4096] [--batch-size 64]
                                   [--families gan transformer] [--scoring off on]
                                   [--resources JSON] [--scoring-resources JSON]
 
+Both sizes are at least 2 x `preflight.MIN_ROWS_PER_ACTOR` prompts: below that the job keeps one actor per pool
+(a small job does not pay for a second's start), and a marginal between two sizings would not cancel start-up.
 A new output's first ~16k images also make its 4,096 image folders (`layout.image_relpath`), so the GAN's marginal
 between small sizes counts folder creation that a long job has behind it: `--families gan --scoring off --gan-n
 8192 32768` measures past it.
@@ -78,7 +80,7 @@ def job(tmp: Path, family: str, n: int, scoring: bool, batch: int, before: bool 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--gan-n", type=int, nargs=2, default=[2048, 8192])
-    ap.add_argument("--transformer-n", type=int, nargs=2, default=[512, 2048])
+    ap.add_argument("--transformer-n", type=int, nargs=2, default=[2048, 4096])
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--families", nargs="+", default=["gan", "transformer"], choices=["gan", "transformer"])
     ap.add_argument("--scoring", nargs="+", default=["off", "on"], choices=["off", "on"])
