@@ -101,9 +101,10 @@ class InputSpec(Strict):
 class Resources(Strict):
     actors: int = Field(default=1, ge=1, le=1024, description="actor pool minimum size")
     max_actors: int = Field(default=1, ge=1, le=1024, description="actor pool maximum size (autoscaling). When "
-                            "actors, max_actors and threads are all unset, a CPU model on this machine alone may "
-                            "grow to one single-threaded actor per core it would have had as threads (as many as "
-                            "fit in a quarter of the memory), holding one actor's CPUs between them")
+                            "actors, max_actors and threads are all unset, a CPU pool on this machine alone with 1,024 "
+                            "images or more per actor to make may grow to one single-threaded actor per core (as "
+                            "many as fit in a quarter of the memory, shared by the pools), holding one actor's "
+                            "CPUs between them")
     num_gpus: float = Field(default=0, ge=0, le=16, description="GPUs per actor; > 0 runs the model on CUDA")
     num_cpus: float = Field(default=1, gt=0, le=256, description="CPUs per actor (what Ray reserves for it)")
     threads: int | None = Field(default=None, ge=1, le=256, description="torch CPU threads in each actor; null: "
