@@ -249,7 +249,7 @@ SIZES = {"actors", "max_actors", "threads"}  # a spec that sets any of these siz
 # load: a few CPU-seconds). Small jobs paid for it, on the 2-core machine (batch 64, mean wall, alternating, one
 # actor with the cores as threads against single-threaded ones): GAN 512 prompts 9.5 -> 10.8 s, scored 12.7 ->
 # 14.7 s; scored Transformer 256 prompts 12.8 -> 14.0 s; GAN 2,048 prompts 12.9 -> 13.0 s, Transformer 512
-# 13.2 -> 13.1 s; and from there up the split wins (8,192 scored: 141-143 -> 149-162 img/s)
+# 13.2 -> 13.1 s; and from there up the split wins (GAN 8,192 scored: 140.6-148.3 -> 148.8-161.7 img/s wall)
 MIN_ROWS_PER_ACTOR = 1024
 
 
@@ -266,11 +266,11 @@ def cpu_actors(r, actors: int, local_cores: int | None, model_bytes: int | None,
     from 0.52-0.69 to 0.81-0.85 of the bare model and the Transformer from 0.86-0.89 to 0.98-1.17, with the first
     image as soon. Every such pool may grow to one per core, also beside other pools (`actors`: all the job's
     pools' actors): Ray Data adds actors to the pool whose input backs up, so the busier of a generator and a
-    scoring pool gets the cores (scored GAN 0.90-0.95 -> 1.07-1.17 of bare + score, Transformer 0.83-0.89 ->
-    0.94-0.98). 1 (no split) when the spec
-    sizes the pool (actors, max_actors or threads), on GPUs, on a cluster, or when the copies would not fit: the
-    pools together keep to CPU_ACTORS_MEMORY_SHARE of the memory. `rows`: the images the pool has to draw or score,
-    when known; each actor needs MIN_ROWS_PER_ACTOR of them to pay for its start."""
+    scoring pool gets the cores (scored GAN 0.90-0.95 -> 1.07-1.17 of bare + score, Transformer 0.80-0.89 ->
+    0.85-0.98). 1 (no split) when the spec sizes the pool (actors, max_actors or threads), on GPUs, on a cluster,
+    or when the copies would not fit: the pools together keep to CPU_ACTORS_MEMORY_SHARE of the memory. `rows`:
+    the images the pool has to draw or score, when known; each actor needs MIN_ROWS_PER_ACTOR of them to pay for
+    its start."""
     if model_bytes is None or not _job_sizes_cpu_pool(r, local_cores):
         return 1
     fit = int(CPU_ACTORS_MEMORY_SHARE * memory_bytes / max(1, actors)) // (model_bytes + ACTOR_PROCESS_BYTES)
