@@ -271,11 +271,19 @@ def cpu_actors(r, actors: int, local_cores: int | None, model_bytes: int | None,
     or when the copies would not fit: the pools together keep to CPU_ACTORS_MEMORY_SHARE of the memory. `rows`:
     the images the pool has to draw or score, when known; each actor needs MIN_ROWS_PER_ACTOR of them to pay for
     its start."""
-    if model_bytes is None or not _job_sizes_cpu_pool(r, local_cores):
+    most = _most_cpu_actors(r, local_cores, rows)
+    if model_bytes is None or most == 1:
         return 1
     fit = int(CPU_ACTORS_MEMORY_SHARE * memory_bytes / max(1, actors)) // (model_bytes + ACTOR_PROCESS_BYTES)
-    worth = local_cores if rows is None else rows // MIN_ROWS_PER_ACTOR
-    return max(1, min(local_cores, fit, worth))
+    return max(1, min(most, fit))
+
+
+def _most_cpu_actors(r, local_cores: int | None, rows: int | None) -> int:
+    """`cpu_actors` before memory is counted: one per core for a pool the job sizes on this machine alone, each
+    with MIN_ROWS_PER_ACTOR images when the work is known; 1 when there is nothing to split."""
+    if not _job_sizes_cpu_pool(r, local_cores):
+        return 1
+    return max(1, min(local_cores, local_cores if rows is None else rows // MIN_ROWS_PER_ACTOR))
 
 
 def checkpoint_bytes(*urls: str | None, storage_options: dict) -> int | None:
@@ -315,8 +323,7 @@ def pool_size(r, actors: int, local_cores: int | None, checkpoints: tuple[str | 
     one-core machine or a pool with too few rows for two actors)."""
     threads = actor_threads(r, actors, local_cores)
     split = 1
-    if (_job_sizes_cpu_pool(r, local_cores) and local_cores > 1
-            and (rows is None or rows >= 2 * MIN_ROWS_PER_ACTOR)):
+    if _most_cpu_actors(r, local_cores, rows) > 1:
         memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")  # this machine's
         split = cpu_actors(r, actors, local_cores, checkpoint_bytes(*checkpoints, storage_options=storage_options),
                            memory, rows)
