@@ -34,6 +34,23 @@ def test_duplicates_merge_to_one_row_and_tmp_files_are_ignored(tmp_path):
     assert pq.read_table(tmp_path / "metadata").num_rows == 4
 
 
+def test_a_commit_with_nothing_staged_rewrites_only_duplicated_metadata(tmp_path):
+    """Committed metadata that is one row per sample is left as it is (no new generation); committed files that
+    hold a sample twice (a second writer's leftovers) are merged, the first file's row winning."""
+    fs = fsspec.filesystem("file")
+    root = str(tmp_path)
+    put_atomic(fs, f"{root}/_staging/metadata/a.parquet", parquet_bytes(part(["x", "y"], [0, 0])))
+    commit(fs, root)
+    before = sorted(p.name for p in (tmp_path / "metadata").glob("*.parquet"))
+    assert commit(fs, root).num_rows == 2
+    assert sorted(p.name for p in (tmp_path / "metadata").glob("*.parquet")) == before
+    put_atomic(fs, f"{root}/metadata/zz-leftover.parquet", parquet_bytes(part(["y"], [0], model="gan")))
+    assert commit(fs, root).num_rows == 2
+    after = sorted(p.name for p in (tmp_path / "metadata").glob("*.parquet"))
+    assert after != before and "zz-leftover.parquet" not in after
+    assert pq.read_table(tmp_path / "metadata").num_rows == 2
+
+
 def test_diversity_and_near_duplicates_span_runs(tmp_path):
     """A prompt's samples committed in two runs are compared together: copies are near-duplicates with diversity
     0, distinct samples are not; one sample alone has neither."""

@@ -201,10 +201,16 @@ def test_sharded_formats_on_s3(ray_local, checkpoints, tmp_path, s3, fmt):
     assert run_job(load_spec(spec)).skipped
 
 
-def test_commit_drops_a_shard_written_twice_and_rewrites_a_partial_one(tmp_path):
-    """Ray may run a write batch twice: two staged tars hold the same samples."""
+@pytest.mark.parametrize("bucket_bytes", [None, 1])
+def test_commit_drops_a_shard_written_twice_and_rewrites_a_partial_one(tmp_path, monkeypatch, bucket_bytes):
+    """Ray may run a write batch twice: two staged tars hold the same samples. With one-byte buckets each sample
+    is deduplicated in its own bucket, and the tars' fate still follows the run's first row of each."""
     import pyarrow as pa
 
+    import pipelines.batch.commit as c
+
+    if bucket_bytes:
+        monkeypatch.setattr(c, "BUCKET_BYTES", bucket_bytes)
     fs, root = filesystem(str(tmp_path))
     staged = tmp_path / "_staging"
 

@@ -7,8 +7,11 @@ A crash at any point leaves a state the next commit merges correctly, since read
 
 The merge holds one bucket in memory at a time, not the run: rows are split by a hash of (model, id) into
 buckets of about `BUCKET_BYTES` of Parquet, spilled to a local temporary folder, then each bucket is
-deduplicated, sorted, annotated (a prompt's samples all land in one bucket) and written as one file. Only the
-sample keys of the whole run are held at once (`benchmarks/scale.py`: the driver's peak at 100k prompts).
+deduplicated, sorted, annotated (a prompt's samples all land in one bucket) and written as one file. Nothing
+of every row is held at once but the few columns the job's summary needs (SUMMARY_COLUMNS); WebDataset rows
+also keep their tar paths, which the shards' commit needs before the first bucket is written. Arrow's memory
+pool keeps what it freed unless told, so each bucket's peak stayed for good: +79 MB over 15 buckets at 100k
+rows (`benchmarks/commit_memory.py`); it is released after each.
 """
 
 from __future__ import annotations
@@ -143,18 +146,18 @@ def commit(fs: AbstractFileSystem, root: str, near_duplicate_distance: float | N
     size = sum(committed_sizes.values()) + sum(staged_sizes.values())
     buckets = min(MAX_BUCKETS, max(1, math.ceil(size / BUCKET_BYTES)))
     with tempfile.TemporaryDirectory(prefix="promptmill-commit-") as spill:
-        index = _split(fs, files, buckets, Path(spill))
-        kept = index.take(_first_rows(index))
-        if not staged and committed and len(kept) == len(index):
+        rows = _split(fs, files, buckets, Path(spill))
+        parts = _bucket_parts(Path(spill), buckets)
+        count, members = _kept(parts)
+        if not staged and committed and count == rows:
             # nothing staged and already one row per sample (always checked: a second writer's leftovers)
             return _read(fs, committed, SUMMARY_COLUMNS)
-        shards = _finalize_shards(fs, root, kept)
+        shards = _finalize_shards(fs, root, members)
         gen, summaries = uuid.uuid4().hex[:8], []
-        for b in range(buckets):
-            parts = sorted(Path(spill).glob(f"b{b:05d}-*.parquet"))
-            if not parts:
+        for b, bucket in enumerate(parts):
+            if not bucket:
                 continue
-            table = _union([pq.read_table(p) for p in parts])
+            table = _union([pq.read_table(p) for p in bucket])
             table = annotate(_sorted(table.take(_first_rows(table))), near_duplicate_distance)
             if shards:
                 paths = table.column("image_path").to_pylist()
@@ -163,34 +166,34 @@ def commit(fs: AbstractFileSystem, root: str, near_duplicate_distance: float | N
             put_atomic(fs, join(root, METADATA, f"part-{gen}-{b:05d}.parquet"), parquet_bytes(table))
             summaries.append(table.select(SUMMARY_COLUMNS))
             del table
+            pa.default_memory_pool().release_unused()  # else the pool keeps every bucket's peak (module doc)
     if not summaries:  # an empty run still commits one (empty) file: a reader finds its schema
         put_atomic(fs, join(root, METADATA, f"part-{gen}-00000.parquet"), parquet_bytes(METADATA_SCHEMA.empty_table()))
     for f in files:  # only now: every row above is safely in the new generation
         fs.rm(f)
-    _sweep_shards(fs, root, kept, shards)
+    _sweep_shards(fs, root, members, shards)
     if staged:
-        log.info("committed %d metadata rows (%d staging parts merged)", len(kept), len(staged))
+        log.info("committed %d metadata rows (%d staging parts merged)", count, len(staged))
     return _union(summaries, SUMMARY_COLUMNS)
 
 
-INDEX = ["model", "id", "sample", "image_path", "image_key"]
+INDEX = ["model", "id", "sample", "image_path", "image_key"]  # what deduplication and the shards' commit read
 
 
-def _split(fs: AbstractFileSystem, files: list[str], buckets: int, spill: Path) -> pa.Table:
-    """Every file's rows, in file order, appended to the spill file of their bucket (hash of model and id);
-    returns the run's index (INDEX columns of every row, in the same order).
+def _split(fs: AbstractFileSystem, files: list[str], buckets: int, spill: Path) -> int:
+    """Every file's rows, in file order, appended to the spill files of their bucket (hash of model and id);
+    returns the number of rows.
 
     Files are gathered to SPILL_ROWS before they are split: thousands of 64-row parts cut into buckets would
     be tens of thousands of tiny tables, whose overhead outweighed the rows."""
-    index: list[pa.Table] = []
     pending: list[pa.Table] = []
     writers: dict[int, pq.ParquetWriter] = {}
-    opened = [0]
+    opened, rows = [0], [0]
 
     def flush() -> None:
         t = pa.concat_tables(pending, promote_options="permissive")
         pending.clear()
-        index.append(t.select(INDEX).combine_chunks())
+        rows[0] += len(t)
         ids, models = t.column("id").to_pylist(), t.column("model").to_pylist()
         which = pa.array([zlib.crc32(f"{m}\x1f{i}".encode()) % buckets for m, i in zip(models, ids)], pa.int32())
         for b in pc.unique(which).to_pylist():
@@ -211,7 +214,30 @@ def _split(fs: AbstractFileSystem, files: list[str], buckets: int, spill: Path) 
         flush()
     for w in writers.values():
         w.close()
-    return pa.concat_tables(index) if index else METADATA_SCHEMA.empty_table().select(INDEX)
+    pa.default_memory_pool().release_unused()
+    return rows[0]
+
+
+def _bucket_parts(spill: Path, buckets: int) -> list[list[Path]]:
+    """Each bucket's spill files in the order they were opened, so their rows are in file order (one listing)."""
+    parts: list[list[Path]] = [[] for _ in range(buckets)]
+    for p in sorted(spill.glob("b*-*.parquet")):
+        parts[int(p.name[1:6])].append(p)
+    return parts
+
+
+def _kept(parts: list[list[Path]]) -> tuple[int, pa.Table]:
+    """(rows the commit keeps, INDEX columns of those whose image is a tar member), one bucket at a time: all
+    of a sample's rows lie in its bucket, in file order, so its first row there is its first in the run. Only
+    the tar members are held for the whole run (none in a files or Parquet output)."""
+    count, members = 0, []
+    for bucket in parts:
+        if bucket:
+            t = _union([pq.read_table(p, columns=INDEX) for p in bucket], INDEX)
+            t = t.take(_first_rows(t))
+            count += len(t)
+            members.append(_shard_rows(t))
+    return count, pa.concat_tables(members) if members else METADATA_SCHEMA.empty_table().select(INDEX)
 
 
 SHARD_NAME = re.compile(r"/(\d{5,})\.tar$")
@@ -225,7 +251,7 @@ def _shard_rows(kept: pa.Table) -> pa.Table:
 
 def _finalize_shards(fs: AbstractFileSystem, root: str, kept: pa.Table) -> dict[str, str]:
     """Staged WebDataset tars -> `shards/<model>/{n:05d}.tar`, numbered after the committed ones; returns each
-    staged tar's final URL. `kept`: model, image_path and image_key of the rows the commit keeps.
+    staged tar's final URL. `kept`: INDEX columns of the rows the commit keeps (only tar members are read).
 
     Copied, not moved: until the new metadata generation is written, the old one still points at the
     staged tars. A tar none of whose rows survived deduplication (a batch Ray ran twice) is not copied;
