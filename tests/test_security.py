@@ -302,7 +302,8 @@ def test_a_run_deletes_only_what_it_wrote(ray_local, checkpoints, tmp_path):
     assert sorted(p.name for p in (out / "rejected").iterdir()) == ["notes.parquet", "part-00000.parquet"]
 
 
-def test_dropping_a_model_or_changing_scoring_is_refused_unless_allowed(ray_local, checkpoints, tmp_path):
+def test_dropping_a_model_or_changing_scoring_is_refused_unless_allowed(ray_local, checkpoints, tmp_path, caplog,
+                                                                         monkeypatch):
     from pipelines.batch.preflight import PreflightError
 
     write_prompts(tmp_path / "in" / "a.parquet", ["a red circle"], ["a"])
@@ -315,7 +316,12 @@ def test_dropping_a_model_or_changing_scoring_is_refused_unless_allowed(ray_loca
         run_job(load_spec(one))
     with pytest.raises(PreflightError, match="already holds a run with scoring"):
         run_job(load_spec({**spec, "scoring": {"enabled": False}}))
-    assert run_job(load_spec(one), allow_subset=True).images_total == {"gan": 2, "dalle": 1}
+    write_prompts(tmp_path / "in" / "b.parquet", ["a blue square"], ["b"])  # the kept model has work again
+    monkeypatch.setenv("PROMPTMILL_PROGRESS_S", "0")
+    with caplog.at_level("INFO", logger="pipelines.batch.progress"):
+        assert run_job(load_spec(one), allow_subset=True).images_total == {"gan": 4, "dalle": 1}
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress: ")]
+    assert lines[-1].startswith("progress: 2 / 2 images (100 %)"), lines  # the left-out model's image not counted
     recorded = json.loads((tmp_path / "out" / "_spec.json").read_text())
     assert set(recorded["models"]) == {"gan", "dalle"}  # the dropped model's settings stay guarded
 

@@ -273,7 +273,8 @@ def run_job(spec: JobSpec, allow_subset: bool = False) -> JobResult:
         done = done_keys(fs, root)
         todo = {m.name: max(0, accepted * m.images_per_prompt - sum(k.startswith(f"{m.name}/") for k in done))
                 for m in spec.models}  # sample_key: model/id/sample
-        progress = Progress(max(expected - len(done), 0), sum(rejected.values()))
+        progress = Progress(sum(todo.values()), sum(rejected.values()))  # not expected - done: with
+        # --allow-subset, done also holds the left-out models' samples
         # files: the last actor stage writes (output.write_in); WebDataset tars and Parquet parts gather rows in tasks
         write, in_actors = _writer(spec, out_url), writes_in_actors(spec)
         images = _images(spec, validated, done, record, write if in_actors else None, todo)
