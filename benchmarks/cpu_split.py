@@ -62,7 +62,8 @@ def main() -> None:
         by_kind[kind] = by_kind.get(kind, 0.0) + cpu
     phases = summary["phases_s"]
     print(f"{args.family}, {args.n} prompts, scoring {'on' if args.scoring else 'off'}: wall {wall:.1f} s, "
-          f"{args.n / phases['images']:.0f} img/s over the images phase; phases " +
+          f"{args.n / phases['images']:.0f} img/s over the images phase; file create "
+          f"{summary['file_create_ms']:.2f} ms at its start; phases " +
           ", ".join(f"{k} {phases[k]:.1f}" for k in PHASES if k in phases))
     print("| process | CPU s | share |\n|---|---|---|")
     total = sum(by_kind.values())

@@ -12,7 +12,10 @@ For each family, on the same shapes test prompts and the shipped checkpoint:
 
     python benchmarks/pipeline.py [--gan-n 2048 8192] [--transformer-n 2048 4096] [--batch-size 64]
                                   [--families gan transformer] [--scoring off on]
-                                  [--resources JSON] [--scoring-resources JSON]
+                                  [--resources JSON] [--scoring-resources JSON] [--no-settle]
+
+Each job starts once creating a file costs its usual CPU (`jobrun.settle_disk`: for about a minute after many
+deletions it costs 5-25 times as much on this machine); the table says what it cost at each job's start.
 
 Both sizes are at least 2 x `preflight.MIN_ROWS_PER_ACTOR` prompts: below that the job keeps one actor per pool
 (a small job does not pay for a second's start), and a marginal between two sizings would not cancel start-up.
@@ -63,7 +66,8 @@ BEFORE = {"resources": {"threads": 1}, "scoring": {"pool": True, "resources": {"
 
 
 def job(tmp: Path, family: str, n: int, scoring: bool, batch: int, before: bool = False,
-        resources: dict | None = None, scoring_resources: dict | None = None) -> tuple[float, dict]:
+        resources: dict | None = None, scoring_resources: dict | None = None, settle: bool = True
+        ) -> tuple[float, dict]:
     """(wall s of `promptmill generate`, its summary.json); `resources` override the model's, `scoring_resources`
     the scoring pool's."""
     variant = "-res" if resources or scoring_resources else ""
@@ -72,7 +76,7 @@ def job(tmp: Path, family: str, n: int, scoring: bool, batch: int, before: bool 
     spec = one_model_spec("bench", tmp / f"in-{n}.parquet", tmp / name, family, scoring,
                           {"batch_size": batch, **(BEFORE["resources"] if before else {}), **(resources or {})},
                           scoring_extra=extra)
-    wall, summary = run_generate(tmp, name, spec)
+    wall, summary = run_generate(tmp, name, spec, settle=settle)
     assert summary["images_total"] == {"m": n}, summary["images_total"]
     return wall, summary
 
@@ -89,6 +93,8 @@ def main() -> None:
                     '\'{"actors": 2, "max_actors": 2, "threads": 1}\'')
     ap.add_argument("--scoring-resources", type=json.loads, default=None,
                     help="the variant's scoring pool resources (JSON), with or without --resources")
+    ap.add_argument("--no-settle", dest="settle", action="store_false",
+                    help="start each job at once, not when file creation costs its usual CPU (jobrun.settle_disk)")
     ap.add_argument("--before", action="store_true", help="also run the larger size with the sizing before issue 17 "
                     "(one torch thread per actor, a scoring pool of its own)")
     args = ap.parse_args()
@@ -106,29 +112,31 @@ def main() -> None:
                 if ("on" if scoring else "off") not in args.scoring:
                     continue
                 for label, res in variants:
-                    sizes_of = {"resources": res.get("resources"), "scoring_resources": res.get("scoring")}
+                    sizes_of = {"resources": res.get("resources"), "scoring_resources": res.get("scoring"),
+                                "settle": args.settle}
                     w1, s1 = job(tmp, family, n1, scoring, args.batch_size, **sizes_of)
                     w2, summary = job(tmp, family, n2, scoring, args.batch_size, **sizes_of)
                     drawing = [s["phases_s"]["first_image"] + s["phases_s"]["images"] for s in (s1, summary)]
                     marginal = (n2 - n1) / (drawing[1] - drawing[0])
                     startup = w2 - n2 / marginal
-                    rows.append((family, "on" if scoring else "off", label, base, marginal, n2 / w2, startup))
+                    created = "/".join(f"{s['file_create_ms']:.2f}" for s in (s1, summary))
+                    rows.append((family, "on" if scoring else "off", label, base, marginal, n2 / w2, startup, created))
                     outside = w2 - summary["wall_s"]  # process start, imports, CLI, Ray shutdown at exit
                     startups.append((family, "on" if scoring else "off", label, outside, summary["phases_s"]))
                     if label == "default":
                         default = {"wall": w2, "drawing": drawing[1]}
                 if args.before:  # against the default spec's larger run
-                    wb, sb = job(tmp, family, n2, scoring, args.batch_size, before=True)
+                    wb, sb = job(tmp, family, n2, scoring, args.batch_size, before=True, settle=args.settle)
                     drawing_b = sb["phases_s"]["first_image"] + sb["phases_s"]["images"]
                     befores.append((family, "on" if scoring else "off", n2 / wb, n2 / default["wall"], drawing_b,
                                     default["drawing"]))
     print(f"img/s on this machine, batch {args.batch_size}; gan n = {args.gan_n}, transformer n = {args.transformer_n}")
     print("| family | scoring | resources | bare (generate, + score back to back) | job, marginal | job, wall | "
-          "marginal / bare | wall / bare | fixed start-up s |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for family, scoring, label, base, marginal, wall, startup in rows:
+          "marginal / bare | wall / bare | fixed start-up s | file create ms at each job's start |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for family, scoring, label, base, marginal, wall, startup, created in rows:
         print(f"| {family} | {scoring} | {label} | {base:.1f} | {marginal:.1f} | {wall:.1f} | {marginal / base:.2f} | "
-              f"{wall / base:.2f} | {startup:.1f} |")
+              f"{wall / base:.2f} | {startup:.1f} | {created} |")
     if befores:
         print("\nwhat issue 17's sizing bought (larger size, same run): before = 1 torch thread per actor and a "
               "scoring pool of its own; after = threads from the machine, scoring in the generator actor")

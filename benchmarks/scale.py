@@ -32,6 +32,7 @@ def run(tmp: Path, n: int, batch: int, distinct: int = 2000) -> dict:
     spilled = sum(int(m) for m in re.findall(r"Spilled to disk: (\d+)MB", summary.get("ray_data_stats") or ""))
     return {"n": n, "wall_s": wall, "wall_img_s": n / wall, "steady_img_s": n / summary["phases_s"]["images"],
             "driver_peak_rss_mb": peak / 2**20, "spilled_mb": spilled, "phases_s": summary["phases_s"],
+            "file_create_ms": summary["file_create_ms"],
             "rss_by_phase_mb": _rss_by_phase(timeline, summary["phases_s"],
                                              (tmp / f"out-{n}" / "_SUCCESS").stat().st_mtime - t_epoch, wall)}
 
@@ -81,11 +82,11 @@ def main() -> None:
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as d:
         rows = [run(Path(d), n, args.batch_size) for n in args.sizes]
-    print("| prompts | wall s | img/s, wall | img/s, steady | driver peak RSS MB | spilled MB |")
-    print("|---|---|---|---|---|---|")
+    print("| prompts | wall s | img/s, wall | img/s, steady | driver peak RSS MB | spilled MB | file create ms |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['n']:,} | {r['wall_s']:.1f} | {r['wall_img_s']:.1f} | {r['steady_img_s']:.1f} | "
-              f"{r['driver_peak_rss_mb']:.0f} | {r['spilled_mb']} |")
+              f"{r['driver_peak_rss_mb']:.0f} | {r['spilled_mb']} | {r['file_create_ms']:.2f} |")
     for r in rows:
         print(f"- {r['n']:,}: " + ", ".join(f"{k} {r['phases_s'][k]:.1f}" for k in PHASES if k in r["phases_s"]))
         print("  driver peak RSS MB by phase: " + ", ".join(f"{k} {v:.0f}" for k, v in r["rss_by_phase_mb"].items()))
