@@ -121,11 +121,10 @@ def job(tmp: Path, name: str, family: str, ckpt: str, n: int, batch: int, precis
     spec["models"][0].update(checkpoint=ckpt, precision=precision)
     if write_in:
         spec["output"]["write_in"] = write_in
-    t0 = time.perf_counter()
     wall, summary = run_generate(tmp, name, spec, settle=False)  # another disk: its probe is recorded, not waited on
     assert summary["images_total"] == {"m": n}, summary["images_total"]
     p = summary["phases_s"]
-    start = t0 + summary["outside_s"]["start"] + sum(p[k] for k in PHASES[:PHASES.index("images")] if k in p)
+    start = summary["started_at"] + summary["outside_s"]["start"] + sum(p[k] for k in PHASES[:PHASES.index("images")] if k in p)
     return {"wall_s": wall, "wall_img_s": n / wall, "img_s": (n - batch) / p["images"],
             "busy": busy.mean(start, start + p["images"]), "phases_s": p, "out": str(tmp / name)}
 

@@ -47,9 +47,10 @@ def one_model_spec(name: str, prompts: Path, out: Path, family: str, scoring: bo
 SETTLED_MS = 0.05  # CPU ms to create and write a 3 KB file on this machine with no deletions behind it: 0.025-0.035
 
 
-def file_create_ms(folder: Path, n: int = 200) -> float:
-    """CPU ms to create and write one 3 KB file, over `n` new files in the new `folder`. They are kept (with the
-    benchmark's temporary folder): deleting them would itself slow the next creations (`settle_disk`)."""
+def file_create_ms(tmp: Path, n: int = 200) -> float:
+    """CPU ms to create and write one 3 KB file, over `n` new files in a new folder under `tmp`. They are kept
+    (with the benchmark's temporary folder): deleting them would itself slow the next creations (`settle_disk`)."""
+    folder = tmp / f"probe-{os.urandom(4).hex()}"
     folder.mkdir(parents=True)
     data = os.urandom(3000)
     t = time.process_time()
@@ -72,7 +73,7 @@ def settle_disk(tmp: Path, max_wait_s: float = 330, every_s: float = 5) -> float
     0.03 after a quiet one, 498-512 against 609 img/s (`cpu_split.py`), and issue 17's unscored GAN row moved
     most between runs."""
     waited, t = 0.0, time.monotonic()
-    while (ms := file_create_ms(tmp / f"probe-{os.urandom(4).hex()}")) > SETTLED_MS and waited < max_wait_s:
+    while (ms := file_create_ms(tmp)) > SETTLED_MS and waited < max_wait_s:
         if not waited:
             print(f"creating a file costs {ms:.2f} ms of CPU (files created or deleted just before): waiting up to "
                   f"{max_wait_s:.0f} s", file=sys.stderr, flush=True)
@@ -86,9 +87,10 @@ def run_generate(tmp: Path, name: str, spec: dict, watch: Callable[[psutil.Proce
     """(wall s, summary.json) of one job; `watch(driver, seconds since start)` is called every `every_s` while it
     runs (memory or CPU sampling). The spec's output.path is where the summary is read from. The summary gains
     `outside_s`: seconds before run_job started (interpreter, imports, CLI) and after the CLI printed its result
-    line (Ray's shutdown, interpreter exit), and `file_create_ms`: the disk's state at the start (`settle_disk`,
-    waited for unless `settle` is False)."""
-    created_ms = settle_disk(tmp) if settle else file_create_ms(tmp / f"probe-{os.urandom(4).hex()}")
+    line (Ray's shutdown, interpreter exit), `file_create_ms`: the disk's state at the start (`settle_disk`,
+    waited for unless `settle` is False), and `started_at`: `time.perf_counter()` when the process started (after
+    the disk probe and any wait), which `outside_s` and the wall time count from."""
+    created_ms = settle_disk(tmp) if settle else file_create_ms(tmp)
     (tmp / f"{name}.yaml").write_text(yaml.safe_dump(spec))
     t = time.perf_counter()
     proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "generate", str(tmp / f"{name}.yaml")],
@@ -117,5 +119,5 @@ def run_generate(tmp: Path, name: str, spec: dict, watch: Callable[[psutil.Proce
     summary = json.loads((Path(spec["output"]["path"]) / "summary.json").read_text())
     after = end - printed[-1] if printed else 0.0
     summary["outside_s"] = {"start": round(end - t - after - summary["wall_s"], 3), "exit": round(after, 3)}
-    summary["file_create_ms"] = round(created_ms, 3)
+    summary["file_create_ms"], summary["started_at"] = round(created_ms, 3), t
     return end - t, summary
