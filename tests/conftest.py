@@ -17,6 +17,10 @@ from models.tokenizer import WordTokenizer
 from models.transformer import TransformerConfig, TransformerGenerator
 from models.vq import VQConfig
 
+# Ray Train's controller polls its workers every 2 s, so a run of a few steps idles up to 2 s at each end; the
+# tests' Rays (and the `promptmill train` subprocesses, which inherit this env) poll 8x as often.
+os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.25")
+
 CAPTIONS = ["a small red circle on the left", "a large blue square above a green triangle",
             "big yellow triangle, top, on a black background"]
 

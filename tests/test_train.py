@@ -37,15 +37,15 @@ def train(kind: str, data: str, tmp_path, steps: int, **kw) -> dict:
 
 @pytest.fixture(scope="module")
 def trained(ray_local, shapes, tmp_path_factory) -> dict:
-    """40-step vq and clip runs (a Ray Train run costs ~10 s of start-up here): the loss test reads their
-    histories, the generators build on their exports."""
+    """40-step judge, vq and clip runs (a Ray Train run costs ~8 s of start-up here): the loss test reads their
+    histories, the determinism test retrains the judge, the generators build on the vq's and clip's exports."""
     root = tmp_path_factory.mktemp("trained")
-    return {kind: (train(kind, shapes, root, 40), root / kind) for kind in ("vq", "clip")}
+    return {kind: (train(kind, shapes, root, 40), root / kind) for kind in ("judge", "vq", "clip")}
 
 
 @pytest.mark.parametrize("kind", ["judge", "vq", "clip"])
-def test_loss_goes_down(ray_local, shapes, trained, tmp_path, kind):
-    s, out = trained[kind] if kind in trained else (train(kind, shapes, tmp_path, 40), tmp_path / kind)
+def test_loss_goes_down(trained, kind):
+    s, out = trained[kind]
     losses = [h["loss"] for h in s["history"]]
     assert s["steps"] == 40 and losses[-1] < 0.8 * losses[0], losses
     assert (out / "training" / "loss.png").stat().st_size > 1000
@@ -157,13 +157,13 @@ def test_gan_diversity_options_reach_g_and_d(shapes):
     assert a.shape == (8, 3, 32, 32) and caps == caps2 and (a == b).all()  # a function of the step only
 
 
-def test_same_seed_same_training_and_other_settings_do_not_resume(ray_local, shapes, tmp_path):
-    a = train("judge", shapes, tmp_path / "a", 10)
-    b = train("judge", shapes, tmp_path / "b", 10)
+def test_same_seed_same_training_and_other_settings_do_not_resume(ray_local, shapes, trained, tmp_path):
+    a, out = trained["judge"]
+    b = train("judge", shapes, tmp_path, 40)
     assert [h["loss"] for h in a["history"]] == [h["loss"] for h in b["history"]]
     with pytest.raises(ValueError, match="trained with other settings .*batch_size"):  # a's run, another batch
-        run_training(TrainSpec(kind="judge", data=shapes, out=str(tmp_path / "a" / "judge"), steps=20, batch_size=16,
-                               threads=1, storage_path=str(tmp_path / "a" / "ray"), model=TINY["judge"]))
+        run_training(TrainSpec(kind="judge", data=shapes, out=str(out), steps=60, batch_size=16, threads=1,
+                               storage_path=str(out.parent / "ray"), model=TINY["judge"]))
 
 
 def test_cli_overrides_read_exponents_as_numbers():
