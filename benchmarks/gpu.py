@@ -16,6 +16,9 @@ Transformer drawing 256 VQ tokens into 128 px images; a 256 px GAN), on CUDA:
 
     python benchmarks/gpu.py [--out DIR] [--budget-s 420]   (a CUDA machine; --device cpu checks the script)
 
+A machine with a CUDA torch but without Ray and pydantic gets them from `benchmarks/device_bundle.sh` (built
+here, carried there; its header says how).
+
 Prints markdown tables and writes them with the raw figures to DIR (gpu.md, gpu.json) as each part finishes.
 """
 
