@@ -83,13 +83,15 @@ def settle_disk(tmp: Path, max_wait_s: float = 330, every_s: float = 5) -> float
 
 
 def run_generate(tmp: Path, name: str, spec: dict, watch: Callable[[psutil.Process, float], None] | None = None,
-                 every_s: float = 0.2, settle: bool = True) -> tuple[float, dict]:
+                 every_s: float = 0.2, settle: bool = True,
+                 on_stderr: Callable[[bytes], None] | None = None) -> tuple[float, dict]:
     """(wall s, summary.json) of one job; `watch(driver, seconds since start)` is called every `every_s` while it
     runs (memory or CPU sampling). The spec's output.path is where the summary is read from. The summary gains
     `outside_s`: seconds before run_job started (interpreter, imports, CLI) and after the CLI printed its result
     line (Ray's shutdown, interpreter exit), `file_create_ms`: the disk's state at the start (`settle_disk`,
     waited for unless `settle` is False), and `started_at`: `time.perf_counter()` when the process started (after
-    the disk probe and any wait), which `outside_s` and the wall time count from."""
+    the disk probe and any wait), which `outside_s` and the wall time count from. `on_stderr(line)` sees each line
+    the job logs as it comes (its progress lines, for rates over time)."""
     created_ms = settle_disk(tmp) if settle else file_create_ms(tmp)
     (tmp / f"{name}.yaml").write_text(yaml.safe_dump(spec))
     t = time.perf_counter()
@@ -101,7 +103,8 @@ def run_generate(tmp: Path, name: str, spec: dict, watch: Callable[[psutil.Proce
     # blocked the job's streaming executor mid-run (a 100k run stopped at 41k images)
     readers = [threading.Thread(target=lambda: [printed.append(time.perf_counter()) for line in proc.stdout
                                                 if b" -> " in line], daemon=True),
-               threading.Thread(target=lambda: [err.append(line) for line in proc.stderr], daemon=True)]
+               threading.Thread(target=lambda: [(err.append(line), on_stderr and on_stderr(line)) for line in proc.stderr],
+                                daemon=True)]
     for r in readers:
         r.start()
     driver = psutil.Process(proc.pid)
