@@ -2,7 +2,8 @@
 # The packages `benchmarks/gpu.py` needs on a lent GPU machine that has python3.12 and a CUDA torch but no Ray,
 # no pydantic and no package index: built here, carried there (the `run` tool carries at most 64 MiB).
 #
-#     benchmarks/device_bundle.sh            # -> .devpkgs/site.tar.xz (gitignored)
+#     benchmarks/device_bundle.sh            # -> .devpkgs/site.tar.xz (gitignored); ~3 min
+#     (PY names a python 3.12 to check the imports with; on the 2-core machine: PYENV_VERSION=3.12.1)
 #     run carry=[".devpkgs"]:  tar -xJf .devpkgs/site.tar.xz -C /tmp &&
 #                              PYTHONPATH=/tmp/site:$PWD python3 benchmarks/gpu.py --out $OUT ...
 #
@@ -25,7 +26,13 @@ rm -rf ray/jars ray/dashboard/client/build ray/tests pandas/tests pyarrow/tests 
 find . -name __pycache__ -prune -exec rm -rf {} +
 find . -type f \( -name "*.so*" -o -path "./ray/core/src/ray/*" \) -exec sh -c 'file -b "$1" | grep -q "^ELF" && strip --strip-unneeded "$1"' _ {} \;
 if [ "$("$PY" -c 'import sys; print(sys.version_info[:2] == (3, 12))')" = True ]; then  # the bundle imports
-  PYTHONDONTWRITEBYTECODE=1 PYTHONPATH=. "$PY" -c "import ray, ray.data, pydantic, pyarrow.parquet, pyarrow.fs, pyarrow.dataset, fsspec, yaml, safetensors, PIL, psutil, pynvml, croniter"
+  # and the stripped raylet and GCS start, and Ray Data runs a plan on them
+  (cd /tmp && PYTHONDONTWRITEBYTECODE=1 PYTHONPATH="$work/site" "$PY" -c "
+import ray, ray.data, pydantic, pyarrow as pa, pyarrow.parquet, pyarrow.fs, pyarrow.dataset, fsspec, yaml, safetensors, PIL
+import psutil, pynvml, croniter
+ray.init(address='local', num_cpus=2, include_dashboard=False, log_to_driver=False)
+assert ray.data.from_arrow(pa.table({'x': list(range(100))})).map_batches(lambda t: t).sum('x') == 4950
+ray.shutdown()" > "$work/check.log" 2>&1) || { tail -20 "$work/check.log"; exit 1; }
 fi
 mkdir -p "$root/.devpkgs"
 tar -C "$work" -cf - site | xz -T2 -9e > "$root/.devpkgs/site.tar.xz"

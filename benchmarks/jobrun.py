@@ -101,10 +101,16 @@ def run_generate(tmp: Path, name: str, spec: dict, watch: Callable[[psutil.Proce
     printed: list[float] = []  # when the CLI's result line ("... -> <output>") came
     err: deque[bytes] = deque(maxlen=200)  # stderr's tail, drained as it comes: Ray Data logs its progress there, and a full pipe
     # blocked the job's streaming executor mid-run (a 100k run stopped at 41k images)
+
+    def drain_stderr() -> None:
+        for line in proc.stderr:
+            err.append(line)
+            if on_stderr is not None:
+                on_stderr(line)
+
     readers = [threading.Thread(target=lambda: [printed.append(time.perf_counter()) for line in proc.stdout
                                                 if b" -> " in line], daemon=True),
-               threading.Thread(target=lambda: [(err.append(line), on_stderr and on_stderr(line)) for line in proc.stderr],
-                                daemon=True)]
+               threading.Thread(target=drain_stderr, daemon=True)]
     for r in readers:
         r.start()
     driver = psutil.Process(proc.pid)
