@@ -47,7 +47,7 @@ def main() -> None:
         stop.set()
     ph = result.summary["phases_s"]
     print(f"gan, {args.n} prompts, scoring {args.scoring}: images phase {ph['images']:.0f} s, "
-          f"{result.summary['images_per_s']:.0f} img/s\n")
+          f"{result.summary['images_per_s']:.0f} img/s over the job's wall\n")
     print("| s | driver RSS MB | references the driver owns |")
     print("|---|---|---|")
     for s, rss, refs in rows:
