@@ -112,10 +112,10 @@ def main() -> None:
                 if ("on" if scoring else "off") not in args.scoring:
                     continue
                 for label, res in variants:
-                    sizes_of = {"resources": res.get("resources"), "scoring_resources": res.get("scoring"),
+                    job_args = {"resources": res.get("resources"), "scoring_resources": res.get("scoring"),
                                 "settle": args.settle}
-                    w1, s1 = job(tmp, family, n1, scoring, args.batch_size, **sizes_of)
-                    w2, summary = job(tmp, family, n2, scoring, args.batch_size, **sizes_of)
+                    w1, s1 = job(tmp, family, n1, scoring, args.batch_size, **job_args)
+                    w2, summary = job(tmp, family, n2, scoring, args.batch_size, **job_args)
                     drawing = [s["phases_s"]["first_image"] + s["phases_s"]["images"] for s in (s1, summary)]
                     marginal = (n2 - n1) / (drawing[1] - drawing[0])
                     startup = w2 - n2 / marginal
