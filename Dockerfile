@@ -22,6 +22,7 @@ RUN mkdir -p /app && chown ray:users /app
 USER ray
 WORKDIR /app
 COPY --chown=ray:users pyproject.toml README.md ./
+COPY --chown=ray:users promptmill ./promptmill
 COPY --chown=ray:users pipelines ./pipelines
 COPY --chown=ray:users models ./models
 COPY --chown=ray:users jobs ./jobs

@@ -24,11 +24,10 @@ import numpy as np
 import ray
 import torch
 from jobrun import SHIPPED_NAME  # benchmarks/ is the script folder, first on sys.path
-
-from models import load_generator
-from models.shapes import example
-from pipelines.batch.threads import ActorThreads
-from pipelines.spec import SHIPPED
+from promptmill.models import load_generator
+from promptmill.models.shapes import example
+from promptmill.pipelines.batch.threads import ActorThreads
+from promptmill.pipelines.spec import SHIPPED
 
 
 def _switches() -> int:

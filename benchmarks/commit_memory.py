@@ -16,9 +16,9 @@ import sys
 CHILD = r"""
 import sys, tempfile, threading, time
 import numpy as np, psutil, pyarrow as pa, pyarrow.parquet as pq, fsspec
-import torch, models.judge  # noqa: F401 - the driver has them loaded before it commits
-import pipelines.batch.commit as c
-from pipelines.layout import METADATA_SCHEMA
+import torch, promptmill.models.judge  # noqa: F401 - the driver has them loaded before it commits
+import promptmill.pipelines.batch.commit as c
+from promptmill.pipelines.layout import METADATA_SCHEMA
 
 n, root = int(sys.argv[1]), tempfile.mkdtemp()
 fsspec.filesystem("file").makedirs(f"{root}/_staging/metadata")

@@ -16,8 +16,7 @@ from pathlib import Path
 
 import psutil
 from jobrun import SHIPPED_NAME, one_model_spec, run_generate, write_prompts  # benchmarks/: first on sys.path
-
-from pipelines.batch.job import PHASES
+from promptmill.pipelines.batch.job import PHASES
 
 
 def main() -> None:

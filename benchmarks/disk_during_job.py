@@ -18,8 +18,7 @@ import time
 from pathlib import Path
 
 from jobrun import SHIPPED_NAME, file_create_ms, one_model_spec, run_generate, write_prompts
-
-from pipelines.batch.progress import PREFIX
+from promptmill.pipelines.batch.progress import PREFIX
 
 DONE = re.compile(rf"{PREFIX}(\d+) / ")
 

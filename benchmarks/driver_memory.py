@@ -18,9 +18,8 @@ from pathlib import Path
 import psutil
 import ray
 from jobrun import one_model_spec, write_prompts
-
-from pipelines.batch.job import run_job
-from pipelines.spec import JobSpec
+from promptmill.pipelines.batch.job import run_job
+from promptmill.pipelines.spec import JobSpec
 
 
 def main() -> None:

@@ -14,10 +14,9 @@ import argparse
 import time
 
 import torch
+from promptmill.models import load_generator
+from promptmill.models.shapes import example
 from torch.utils.flop_counter import FlopCounterMode
-
-from models import load_generator
-from models.shapes import example
 
 
 def gemm_peak(n: int = 2048, reps: int = 10) -> float:

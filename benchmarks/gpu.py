@@ -35,15 +35,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 from jobrun import SHIPPED_NAME, one_model_spec, run_generate, write_prompts  # benchmarks/: first on sys.path
-
-from models import load_generator
-from models.checkpoint import save_checkpoint
-from models.families import generator_class
-from models.images import decode_image
-from models.precision import at_precision
-from pipelines.batch.job import PHASES
-from pipelines.batch.score import ScoreStage
-from pipelines.spec import SHIPPED, ScoringSpec
+from promptmill.models import load_generator
+from promptmill.models.checkpoint import save_checkpoint
+from promptmill.models.families import generator_class
+from promptmill.models.images import decode_image
+from promptmill.models.precision import at_precision
+from promptmill.pipelines.batch.job import PHASES
+from promptmill.pipelines.batch.score import ScoreStage
+from promptmill.pipelines.spec import SHIPPED, ScoringSpec
 
 # real-size architectures (random weights): DALL-E-mini-like widths, 16x16 tokens of an 8192-code VQ; a 256 px GAN
 REAL = {

@@ -17,8 +17,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
-
-from models.shapes import example
+from promptmill.models.shapes import example
 
 SHIPPED_NAME = {"gan": "gan", "transformer": "dalle"}  # family -> its shipped checkpoint (models/shipped/<name>)
 
@@ -95,7 +94,7 @@ def run_generate(tmp: Path, name: str, spec: dict, watch: Callable[[psutil.Proce
     created_ms = settle_disk(tmp) if settle else file_create_ms(tmp)
     (tmp / f"{name}.yaml").write_text(yaml.safe_dump(spec))
     t = time.perf_counter()
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "generate", str(tmp / f"{name}.yaml")],
+    proc = subprocess.Popen([sys.executable, "-m", "promptmill.jobs.cli", "generate", str(tmp / f"{name}.yaml")],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})  # the result line when printed
     printed: list[float] = []  # when the CLI's result line ("... -> <output>") came

@@ -34,11 +34,10 @@ from pathlib import Path
 
 import numpy as np
 from jobrun import SHIPPED_NAME, one_model_spec, run_generate, write_prompts  # benchmarks/: first on sys.path
-
-from models import load_generator
-from pipelines.batch.job import PHASES
-from pipelines.batch.score import ScoreStage
-from pipelines.spec import SHIPPED, ScoringSpec
+from promptmill.models import load_generator
+from promptmill.pipelines.batch.job import PHASES
+from promptmill.pipelines.batch.score import ScoreStage
+from promptmill.pipelines.spec import SHIPPED, ScoringSpec
 
 
 def bare(family: str, prompts: list[str], batch: int, score: bool = True) -> tuple[float, float]:

@@ -33,10 +33,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 import transformers
-
-from models.hf_diffusers import DiffusersGenerator
-from pipelines.batch.job import run_job
-from pipelines.spec import load_spec
+from promptmill.models.hf_diffusers import DiffusersGenerator
+from promptmill.pipelines.batch.job import run_job
+from promptmill.pipelines.spec import load_spec
 
 PROMPTS = ["a photo of a red fox in the snow", "an orange cat on a blue sofa", "a lighthouse at dusk, oil painting",
            "a bowl of ramen, studio lighting", "a green vintage car on a cobbled street", "a watercolor of a harbor"]

@@ -16,8 +16,7 @@ import time
 from pathlib import Path
 
 from jobrun import one_model_spec, run_generate, write_prompts  # benchmarks/ is the script folder, first on sys.path
-
-from pipelines.batch.job import PHASES
+from promptmill.pipelines.batch.job import PHASES
 
 
 def run(tmp: Path, n: int, batch: int, distinct: int = 2000) -> dict:

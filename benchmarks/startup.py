@@ -17,8 +17,7 @@ import tempfile
 from pathlib import Path
 
 from jobrun import SHIPPED_NAME, one_model_spec, run_generate, write_prompts  # benchmarks/: first on sys.path
-
-from pipelines.batch.job import PHASES
+from promptmill.pipelines.batch.job import PHASES
 
 
 def main() -> None:

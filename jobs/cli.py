@@ -7,7 +7,7 @@ import logging
 import sys
 from importlib.metadata import PackageNotFoundError, version
 
-from jobs import (
+from promptmill.jobs import (
     dataset,
     error,
     eval_models,

@@ -31,10 +31,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def write_shapes(out: str, rows: int, split: str = "train", seed: int = 0, size: int = 32,
                  storage_options: dict | None = None, near_miss: bool = False) -> list[str]:
-    from models.shapes import example
-    from models.shapes.near_miss import near_miss as near_miss_row
-    from pipelines.layout import encode_image
-    from pipelines.storage import filesystem, is_local, join
+    from promptmill.models.shapes import example
+    from promptmill.models.shapes.near_miss import near_miss as near_miss_row
+    from promptmill.pipelines.layout import encode_image
+    from promptmill.pipelines.storage import filesystem, is_local, join
 
     fs, root = filesystem(out, storage_options)
     if is_local(out):

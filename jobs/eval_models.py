@@ -10,7 +10,7 @@ from pathlib import Path
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval-models", help="measure the shipped models on the shapes test split")
     p.add_argument("--test", default="data/shapes/test", help="shapes test split (promptmill dataset shapes --split test)")
-    from pipelines.spec import SHIPPED
+    from promptmill.pipelines.spec import SHIPPED
 
     for flag, name in (("--judge", "judge"), ("--vq", "vq"), ("--gan", "gan"), ("--transformer", "dalle"), ("--clip", "clip")):
         p.add_argument(flag, default=str(SHIPPED / name))
@@ -25,16 +25,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def load_test_split(url: str, rows: int):
     """The shapes test split (`promptmill dataset shapes --split test`) at any fsspec URL, first `rows` rows."""
-    from models.shapes.evaluate import TestSplit
-    from pipelines.tables import read_rows
+    from promptmill.models.shapes.evaluate import TestSplit
+    from promptmill.pipelines.tables import read_rows
 
     return TestSplit.from_rows(read_rows(url, TestSplit.COLUMNS, max_rows=rows))
 
 
 def main(args: argparse.Namespace) -> int:
-    from models.clip import load_clip
-    from models.judge import load_judge
-    from models.shapes.evaluate import (
+    from promptmill.models.clip import load_clip
+    from promptmill.models.judge import load_judge
+    from promptmill.models.shapes.evaluate import (
         clip_binding,
         eval_generator,
         eval_rerank,
@@ -92,7 +92,7 @@ def main(args: argparse.Namespace) -> int:
 
 def card_markdown(report: dict) -> str:
     """The report card as MODEL_CARD's table: one row per category, one column per family."""
-    from models.shapes.evaluate import CATEGORIES
+    from promptmill.models.shapes.evaluate import CATEGORIES
 
     fams = [f for f in ("transformer", "gan") if f in report]
     lines = ["| category | " + " | ".join(fams) + " |", "|---|" + "---|" * len(fams)]

@@ -7,7 +7,7 @@ import json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from pipelines.spec import SHIPPED
+    from promptmill.pipelines.spec import SHIPPED
 
     p = sub.add_parser("evaluate", help="job-level metrics of a finished run against a reference image set")
     p.add_argument("run", help="output URL of a generate job")
@@ -21,10 +21,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from pipelines.runs.evaluate import evaluate_run
-    from pipelines.runs.metrics import table
-    from pipelines.runs.report import write_report
-    from pipelines.runs.results import Run
+    from promptmill.pipelines.runs.evaluate import evaluate_run
+    from promptmill.pipelines.runs.metrics import table
+    from promptmill.pipelines.runs.report import write_report
+    from promptmill.pipelines.runs.results import Run
 
     so = json.loads(args.storage_options)
     run = Run(args.run, so)

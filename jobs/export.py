@@ -14,8 +14,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from models.checkpoint import load_checkpoint, save_checkpoint
-    from models.precision import DTYPES
+    from promptmill.models.checkpoint import load_checkpoint, save_checkpoint
+    from promptmill.models.precision import DTYPES
 
     config, tensors = load_checkpoint(args.src)
     save_checkpoint(args.dst, tensors, config, dtype=DTYPES[args.dtype])

@@ -7,7 +7,7 @@ import gc
 import json
 import os
 
-from jobs import error
+from promptmill.jobs import error
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -26,14 +26,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 def main(args: argparse.Namespace) -> int:
     import traceback
 
-    from pipelines.batch.job import JobFailed, PreflightError, StorageError, run_job
-    from pipelines.spec import SpecError, load_spec
+    from promptmill.pipelines.batch.job import JobFailed, PreflightError, StorageError, run_job
+    from promptmill.pipelines.spec import SpecError, load_spec
 
     try:
         source = json.loads(os.environ[args.spec[4:]]) if args.spec.startswith("env:") else args.spec
         spec = load_spec(source, args.overrides)
         if args.dry_run:
-            from pipelines.batch.plan import plan_job
+            from promptmill.pipelines.batch.plan import plan_job
 
             print(json.dumps(plan_job(spec, allow_subset=args.allow_subset), indent=2))
             return 0

@@ -14,9 +14,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from pipelines.runs.report import write_report
-    from pipelines.runs.results import Run
-    from pipelines.storage import full_url
+    from promptmill.pipelines.runs.report import write_report
+    from promptmill.pipelines.runs.results import Run
+    from promptmill.pipelines.storage import full_url
 
     run = Run(args.run, json.loads(args.storage_options))
     print(full_url(run.fs, write_report(run)))

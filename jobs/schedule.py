@@ -6,7 +6,7 @@ import argparse
 import datetime as dt
 import json
 
-from jobs import error
+from promptmill.jobs import error
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -19,9 +19,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from pipelines.batch.read import InputError
-    from pipelines.ops.schedule import due_slots, fire, load_schedule, run_forever, slot_at_or_before
-    from pipelines.spec import SpecError
+    from promptmill.pipelines.batch.read import InputError
+    from promptmill.pipelines.ops.schedule import due_slots, fire, load_schedule, run_forever, slot_at_or_before
+    from promptmill.pipelines.spec import SpecError
 
     if args.at and not (args.once or args.dry_run):
         return error(ValueError("--at names the slot to fire once: add --once (or --dry-run); without them "

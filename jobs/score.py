@@ -7,7 +7,7 @@ import json
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
-    from pipelines.spec import SHIPPED
+    from promptmill.pipelines.spec import SHIPPED
 
     p = sub.add_parser("score", help="score an existing image-caption table (clip_score, judged, geometry, "
                        "prompt_match), exactly once and resumable")
@@ -25,14 +25,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
+    from promptmill.jobs import error
+    from promptmill.pipelines.batch.lease import LeaseHeld
+    from promptmill.pipelines.batch.preflight import PreflightError
+    from promptmill.pipelines.batch.score_table import score_table
+    from promptmill.pipelines.spec import Resources, ScoringSpec
+    from promptmill.pipelines.tables import InputError
     from pydantic import ValidationError
-
-    from jobs import error
-    from pipelines.batch.lease import LeaseHeld
-    from pipelines.batch.preflight import PreflightError
-    from pipelines.batch.score_table import score_table
-    from pipelines.spec import Resources, ScoringSpec
-    from pipelines.tables import InputError
 
     try:
         so = json.loads(args.storage_options)

@@ -12,7 +12,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from pipelines.spec import reference, reference_markdown
+    from promptmill.pipelines.spec import reference, reference_markdown
 
     if args.markdown:
         print(reference_markdown(), end="")

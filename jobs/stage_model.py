@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import argparse
 
-from jobs import error
+from promptmill.jobs import error
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -20,9 +20,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from models import CheckpointError
-    from pipelines.spec import SpecError, parse_overrides
-    from pipelines.staging import stage_model
+    from promptmill.models import CheckpointError
+    from promptmill.pipelines.spec import SpecError, parse_overrides
+    from promptmill.pipelines.staging import stage_model
 
     try:
         line = stage_model(args.src, args.dst, dict(parse_overrides(args.storage_option, "--storage-option")), args.load)

@@ -9,8 +9,7 @@ import json
 from pathlib import Path
 
 import yaml
-
-from jobs import error
+from promptmill.jobs import error
 
 ADDRESS = {"default": None, "help": "the cluster's Jobs API (dashboard), e.g. http://HOST:8265 (default: "
            "$RAY_API_SERVER_ADDRESS, then $RAY_ADDRESS if it is an http(s) URL)"}
@@ -77,8 +76,8 @@ def _passthrough(args: argparse.Namespace) -> dict:
 
 
 def main_submit(args: argparse.Namespace) -> int:
-    from pipelines.ops.submit import MAX_FILE_MB, info, logs, resolved_spec, shipped_files, submit
-    from pipelines.spec import SpecError
+    from promptmill.pipelines.ops.submit import MAX_FILE_MB, info, logs, resolved_spec, shipped_files, submit
+    from promptmill.pipelines.spec import SpecError
 
     cap = args.max_file_mb or MAX_FILE_MB
     try:
@@ -106,35 +105,35 @@ def main_submit(args: argparse.Namespace) -> int:
 
 
 def main_status(args: argparse.Namespace) -> int:
-    from pipelines.ops.submit import info
+    from promptmill.pipelines.ops.submit import info
 
     print(json.dumps(info(args.id, args.address), indent=2, default=str))
     return 0
 
 
 def main_logs(args: argparse.Namespace) -> int:
-    from pipelines.ops.submit import logs
+    from promptmill.pipelines.ops.submit import logs
 
     logs(args.id, args.address, args.follow)
     return 0
 
 
 def main_stop(args: argparse.Namespace) -> int:
-    from pipelines.ops.submit import stop
+    from promptmill.pipelines.ops.submit import stop
 
     print(f"{args.id} {'stop requested' if stop(args.id, args.address) else 'was not running'}")
     return 0
 
 
 def main_delete(args: argparse.Namespace) -> int:
-    from pipelines.ops.submit import delete
+    from promptmill.pipelines.ops.submit import delete
 
     print(f"{args.id} {'deleted' if delete(args.id, args.address) else 'not deleted'}")
     return 0
 
 
 def main_list(args: argparse.Namespace) -> int:
-    from pipelines.ops.submit import jobs
+    from promptmill.pipelines.ops.submit import jobs
 
     for j in jobs(args.address):
         print(f"{j['submission_id']}\t{j['status']}\t{j['name']}\tattempt {j['attempt'] or 1}")

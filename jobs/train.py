@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from pipelines.training import KINDS
+from promptmill.pipelines.training import KINDS
 
 # flag -> TrainSpec field, for flags whose value is taken as is (None = not given)
 _FIELDS = {"data": "data", "out": "out", "steps": "steps", "batch_size": "batch_size", "seed": "seed",
@@ -48,7 +48,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def train_spec_data(args: argparse.Namespace) -> dict:
     """The recipe file (if any), then the flags given; `--model` / `--recipe` merge into its dicts."""
-    from pipelines.spec import SpecError, parse_overrides, spec_data
+    from promptmill.pipelines.spec import SpecError, parse_overrides, spec_data
 
     data, name = spec_data(Path(args.config), kind="recipe") if args.config else ({}, "")
     if data.setdefault("kind", args.kind) != args.kind:
@@ -62,8 +62,8 @@ def train_spec_data(args: argparse.Namespace) -> dict:
 
 
 def main(args: argparse.Namespace) -> int:
-    from pipelines.spec import SpecError, validated
-    from pipelines.training.driver import TrainSpec, run_training
+    from promptmill.pipelines.spec import SpecError, validated
+    from promptmill.pipelines.training.driver import TrainSpec, run_training
 
     try:
         spec = validated(TrainSpec, train_spec_data(args), args.config or "(command line)")

@@ -9,14 +9,16 @@ import importlib
 from typing import Any
 
 _EXPORTS = {
-    "CheckpointError": "models.errors", "load_checkpoint": "models.checkpoint", "save_checkpoint": "models.checkpoint",
-    "Generator": "models.generator", "load_generator": "models.generator", "check_checkpoint": "models.generator",
-    "generator_class": "models.families", "installed_families": "models.families",
+    "CheckpointError": "promptmill.models.errors",
+    "load_checkpoint": "promptmill.models.checkpoint", "save_checkpoint": "promptmill.models.checkpoint",
+    "Generator": "promptmill.models.generator", "load_generator": "promptmill.models.generator",
+    "check_checkpoint": "promptmill.models.generator",
+    "generator_class": "promptmill.models.families", "installed_families": "promptmill.models.families",
 }
 __all__ = sorted(_EXPORTS)
 
 
 def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
-        raise AttributeError(f"module 'models' has no attribute {name!r}")
+        raise AttributeError(f"module 'promptmill.models' has no attribute {name!r}")
     return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -14,12 +14,11 @@ from typing import Any
 
 import fsspec
 import torch
+from promptmill.models.errors import CheckpointError
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from torch.overrides import TorchFunctionMode
-
-from models.errors import CheckpointError
 
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"

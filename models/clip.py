@@ -16,11 +16,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from models.checkpoint import load_module
-from models.images import to_nchw
-from models.judge import as_model_input
-from models.tokenizer import WordTokenizer
+from promptmill.models.checkpoint import load_module
+from promptmill.models.images import to_nchw
+from promptmill.models.judge import as_model_input
+from promptmill.models.tokenizer import WordTokenizer
 
 
 @dataclass
@@ -152,7 +151,7 @@ def load_clip(url: str, device: torch.device | str = "cpu", storage_options: dic
     """Our CLIP checkpoint, or a Hugging Face CLIP directory (its config.json says model_type "clip"): both score
     with `.score(images, prompts)` by torchmetrics' CLIPScore definition."""
     if _is_hf_clip(url, storage_options):
-        from models.hf_clip import load_hf_clip
+        from promptmill.models.hf_clip import load_hf_clip
 
         return load_hf_clip(url, device, storage_options)
     config, model = load_module(url, "clip", lambda c: CLIP(CLIPConfig(**c["config"])), storage_options)

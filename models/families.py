@@ -13,8 +13,9 @@ from typing import Any
 GROUP = "promptmill.generators"
 # our own families, also registered in pyproject.toml: found even when running from a checkout that is not
 # installed; imported lazily (loading a GAN never imports the transformer)
-BUILTIN: dict[str, str] = {"gan": "models.gan:GANGenerator", "transformer": "models.transformer:TransformerGenerator",
-                           "diffusers": "models.hf_diffusers:DiffusersGenerator"}  # needs promptmill[diffusers]
+BUILTIN: dict[str, str] = {"gan": "promptmill.models.gan:GANGenerator",
+                           "transformer": "promptmill.models.transformer:TransformerGenerator",
+                           "diffusers": "promptmill.models.hf_diffusers:DiffusersGenerator"}  # needs promptmill[diffusers]
 
 
 def _registry() -> dict[str, str]:

@@ -19,13 +19,12 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from promptmill.models.checkpoint import built_with_weights
+from promptmill.models.clip import CLIPConfig, TextTower
+from promptmill.models.generator import check_inputs
+from promptmill.models.sampling import per_image_generators, per_image_normal, to_uint8
+from promptmill.models.tokenizer import WordTokenizer
 from pydantic import BaseModel, ConfigDict, Field
-
-from models.checkpoint import built_with_weights
-from models.clip import CLIPConfig, TextTower
-from models.generator import check_inputs
-from models.sampling import per_image_generators, per_image_normal, to_uint8
-from models.tokenizer import WordTokenizer
 
 
 @dataclass

@@ -19,10 +19,9 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
+from promptmill.models.checkpoint import CheckpointError, load_checkpoint, meta_shapes, open_checkpoint
+from promptmill.models.families import generator_class
 from pydantic import BaseModel
-
-from models.checkpoint import CheckpointError, load_checkpoint, meta_shapes, open_checkpoint
-from models.families import generator_class
 
 
 class Generator(Protocol):

@@ -10,11 +10,10 @@ import os
 
 import numpy as np
 import torch
-
-from models.checkpoint import CheckpointError
-from models.clip import Scorer
-from models.images import to_nchw
-from models.local_cache import local_copy
+from promptmill.models.checkpoint import CheckpointError
+from promptmill.models.clip import Scorer
+from promptmill.models.images import to_nchw
+from promptmill.models.local_cache import local_copy
 
 
 def _features(out) -> torch.Tensor:

@@ -18,11 +18,10 @@ from typing import Any
 import fsspec
 import numpy as np
 import torch
+from promptmill.models.checkpoint import CheckpointError
+from promptmill.models.generator import check_inputs
+from promptmill.models.local_cache import local_copy
 from pydantic import BaseModel, ConfigDict, Field, create_model
-
-from models.checkpoint import CheckpointError
-from models.generator import check_inputs
-from models.local_cache import local_copy
 
 INDEX = "model_index.json"
 # arguments the adapter itself sets (one image per prompt, our generators, numpy out), or that only code can pass

@@ -16,11 +16,10 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from models.checkpoint import load_module
-from models.images import to_nhwc
-from models.shapes import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, Obj, Scene, matches, parse
-from models.shapes.geometry import Geometry, geometry_matches, read_geometry
+from promptmill.models.checkpoint import load_module
+from promptmill.models.images import to_nhwc
+from promptmill.models.shapes import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, Obj, Scene, matches, parse
+from promptmill.models.shapes.geometry import Geometry, geometry_matches, read_geometry
 
 CANON_RELATIONS = ["left of", "above"]
 HEADS = {"count": 2, "background": len(BACKGROUNDS), "position": len(POSITIONS), "relation": len(CANON_RELATIONS),

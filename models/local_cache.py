@@ -12,8 +12,7 @@ import uuid
 from pathlib import Path
 
 import fsspec
-
-from models.errors import CheckpointError
+from promptmill.models.errors import CheckpointError
 
 DONE = ".promptmill-complete"
 

@@ -11,9 +11,8 @@ import hashlib
 from dataclasses import dataclass
 
 import numpy as np
-
-from models.clip import Scorer
-from models.generator import Generator
+from promptmill.models.clip import Scorer
+from promptmill.models.generator import Generator
 
 
 def candidate_seed(seed: int, k: int) -> int:

@@ -14,11 +14,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
-
-from models.checkpoint import built_with_weights
-from models.generator import check_inputs
-from models.sampling import (
+from promptmill.models.checkpoint import built_with_weights
+from promptmill.models.generator import check_inputs
+from promptmill.models.sampling import (
     filter_logits,
     guide,
     per_image_generators,
@@ -26,8 +24,9 @@ from models.sampling import (
     sample_with_uniform,
     to_uint8,
 )
-from models.tokenizer import WordTokenizer
-from models.vq import VQConfig, VQModel
+from promptmill.models.tokenizer import WordTokenizer
+from promptmill.models.vq import VQConfig, VQModel
+from pydantic import BaseModel, ConfigDict, Field
 
 
 @dataclass

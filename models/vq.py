@@ -13,8 +13,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from models.checkpoint import load_module
+from promptmill.models.checkpoint import load_module
 
 
 @dataclass

@@ -51,7 +51,7 @@ def extension(image_format: str) -> str:
 def encode_image(img: np.ndarray, fmt: str, provenance: dict[str, str] | None = None) -> bytes:
     """uint8 (H, W, 3) -> encoded bytes in one of IMAGE_FORMATS; `provenance` fields are embedded in the file
     (`pipelines.provenance`: text chunks / XMP and the AI-generated marker)."""
-    from pipelines.provenance import save_arguments
+    from promptmill.pipelines.provenance import save_arguments
 
     buf = io.BytesIO()
     extra = save_arguments(fmt, provenance) if provenance else {}

@@ -103,7 +103,7 @@ def short(e: BaseException) -> str:
 
 def retrying(op: str, url: str, fn: Callable[[], T], policy: RetryPolicy | None = None) -> T:
     """`fn()`, retried while its errors are transient and the budget lasts."""
-    from pipelines.spec import redact_text  # spec imports storage, which imports this module
+    from promptmill.pipelines.spec import redact_text  # spec imports storage, which imports this module
 
     policy = policy or RetryPolicy.current()
     t0, attempt = time.monotonic(), 0

@@ -11,10 +11,9 @@ from types import NoneType, UnionType
 from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
+from promptmill.models.families import installed_families
+from promptmill.pipelines.layout import IMAGE_FORMATS, OUTPUT_FORMATS
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-from models.families import installed_families
-from pipelines.layout import IMAGE_FORMATS, OUTPUT_FORMATS
 
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # always fullmatch: `$` lets "ok\n" through
 _EXPONENT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
@@ -87,7 +86,7 @@ class InputSpec(Strict):
     @field_validator("keep_columns")
     @classmethod
     def _keep_columns(cls, v: list[str]) -> list[str]:
-        from pipelines.layout import METADATA_SCHEMA
+        from promptmill.pipelines.layout import METADATA_SCHEMA
 
         taken = sorted(set(v) & (set(METADATA_SCHEMA.names) | {"pixels", "generation_error", "pm_id", "pm_reason",
                                                                  "row_hash"}))
@@ -486,7 +485,7 @@ def _type_name(ann: Any) -> str:
         return _type_name(get_args(ann)[0])
     if get_origin(ann) in (Union, UnionType):
         return " | ".join("None" if a is NoneType else _type_name(a) for a in get_args(ann))
-    return ann.__name__ if isinstance(ann, type) else str(ann).replace("typing.", "").replace("pipelines.spec.", "")
+    return ann.__name__ if isinstance(ann, type) else str(ann).replace("typing.", "").replace("promptmill.pipelines.spec.", "")
 
 
 def reference(model: type[BaseModel] | None = None, prefix: str = "") -> list[tuple[str, str, str, str]]:

@@ -6,9 +6,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from models.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError
-from models.hf_diffusers import INDEX
-from pipelines.storage import filesystem, full_url, join
+from promptmill.models.checkpoint import CONFIG_NAME, WEIGHTS_NAME, CheckpointError
+from promptmill.models.hf_diffusers import INDEX
+from promptmill.pipelines.storage import filesystem, full_url, join
 
 
 def kind_of(files: set[str]) -> str:
@@ -54,14 +54,14 @@ def _load(kind: str, url: str, storage_options: dict | None) -> None:
     import torch
 
     if kind == "diffusers":
-        from models.hf_diffusers import DiffusersGenerator
+        from promptmill.models.hf_diffusers import DiffusersGenerator
 
         DiffusersGenerator.load(url, torch.device("cpu"), storage_options)
     elif kind == "hf-clip":
-        from models.hf_clip import load_hf_clip
+        from promptmill.models.hf_clip import load_hf_clip
 
         load_hf_clip(url, "cpu", storage_options)
     else:
-        from models.checkpoint import load_checkpoint
+        from promptmill.models.checkpoint import load_checkpoint
 
         load_checkpoint(url, storage_options)

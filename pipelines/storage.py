@@ -9,9 +9,8 @@ import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
+from promptmill.pipelines.retry import RetryingFS, RetryPolicy
 from pyarrow.fs import FSSpecHandler, PyFileSystem
-
-from pipelines.retry import RetryingFS, RetryPolicy
 
 
 def is_local(url: str) -> bool:

@@ -7,8 +7,7 @@ from typing import TYPE_CHECKING
 
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
-
-from pipelines.storage import arrow_fs, filesystem
+from promptmill.pipelines.storage import arrow_fs, filesystem
 
 if TYPE_CHECKING:
     import ray.data

@@ -9,13 +9,12 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-
-from models.checkpoint import save_checkpoint
-from models.clip import CLIPConfig
-from models.gan import GANConfig, GANGenerator
-from models.tokenizer import WordTokenizer
-from models.transformer import TransformerConfig, TransformerGenerator
-from models.vq import VQConfig
+from promptmill.models.checkpoint import save_checkpoint
+from promptmill.models.clip import CLIPConfig
+from promptmill.models.gan import GANConfig, GANGenerator
+from promptmill.models.tokenizer import WordTokenizer
+from promptmill.models.transformer import TransformerConfig, TransformerGenerator
+from promptmill.models.vq import VQConfig
 
 # Ray Train's controller polls its workers every 2 s, so a run of a few steps idles up to 2 s at each end; the
 # tests' Rays (and the `promptmill train` subprocesses, which inherit this env) poll 8x as often.

@@ -13,28 +13,29 @@ def _modules_after(code: str) -> set[str]:
 
 
 def test_building_the_cli_imports_neither_torch_nor_ray():
-    mods = _modules_after("from jobs.cli import main\n"
+    mods = _modules_after("from promptmill.jobs.cli import main\n"
                           "try:\n    main(['status', '--help'])\nexcept SystemExit:\n    pass")
     assert "torch" not in mods and "ray" not in mods
 
 
 def test_the_generate_job_imports_no_training_code():
-    mods = _modules_after("import pipelines.batch.job, jobs.generate")
-    assert "pipelines.batch.job" in mods
-    assert not {m for m in mods if m.startswith(("pipelines.training.", "pipelines.ops."))}, \
-        sorted(m for m in mods if m.startswith("pipelines.training."))
+    mods = _modules_after("import promptmill.pipelines.batch.job, promptmill.jobs.generate")
+    assert "promptmill.pipelines.batch.job" in mods
+    assert not {m for m in mods if m.startswith(("promptmill.pipelines.training.", "promptmill.pipelines.ops."))}, \
+        sorted(m for m in mods if m.startswith("promptmill.pipelines.training."))
 
 
 def test_models_never_import_pipelines_or_ray():
-    mods = _modules_after("import models, models.gan, models.transformer, models.clip, models.judge, models.vq, "
-                          "models.shapes, models.shapes.evaluate, models.images")
-    assert not {m for m in mods if m.startswith("pipelines") or m == "ray"}
+    mods = _modules_after("import promptmill.models, promptmill.models.gan, promptmill.models.transformer, "
+                          "promptmill.models.clip, promptmill.models.judge, promptmill.models.vq, promptmill.models.shapes, "
+                          "promptmill.models.shapes.evaluate, promptmill.models.images")
+    assert not {m for m in mods if m.startswith("promptmill.pipelines") or m == "ray"}
 
 
 def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     import os
 
-    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], capture_output=True, text=True, timeout=120,
+    return subprocess.run([sys.executable, "-m", "promptmill.jobs.cli", *args], capture_output=True, text=True, timeout=120,
                           env={**os.environ, **(env or {})})
 
 

@@ -15,10 +15,9 @@ import pyarrow.parquet as pq
 import pytest
 import ray
 from conftest import make_spec, write_prompts
+from promptmill.pipelines.batch.job import PreflightError, run_job
+from promptmill.pipelines.spec import load_spec
 from ray.cluster_utils import Cluster
-
-from pipelines.batch.job import PreflightError, run_job
-from pipelines.spec import load_spec
 
 
 @pytest.fixture

@@ -3,10 +3,9 @@
 import fsspec
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from pipelines.batch.commit import commit, done_keys
-from pipelines.layout import METADATA_SCHEMA
-from pipelines.storage import parquet_bytes, put_atomic
+from promptmill.pipelines.batch.commit import commit, done_keys
+from promptmill.pipelines.layout import METADATA_SCHEMA
+from promptmill.pipelines.storage import parquet_bytes, put_atomic
 
 
 def part(ids, samples, model="gan"):
@@ -75,7 +74,7 @@ def test_diversity_and_near_duplicates_span_runs(tmp_path):
     assert rows[("copy", 0)]["diversity"] < 1e-6
     assert rows[("apart", 0)]["near_duplicate"] is False and rows[("apart", 0)]["diversity"] > 0.5
     assert rows[("alone", 0)]["diversity"] is None and rows[("alone", 0)]["near_duplicate"] is None
-    from pipelines.runs.results import score_summary
+    from promptmill.pipelines.runs.results import score_summary
 
     s = score_summary(pq.read_table(tmp_path / "metadata"))["gan"]
     assert s["near_duplicate_rate"] == 0.5 and s["prompts_with_samples"] == 2
@@ -87,8 +86,7 @@ def test_bucketed_commit_equals_one_bucket(tmp_path, monkeypatch):
     import shutil
 
     import numpy as np
-
-    import pipelines.batch.commit as c
+    import promptmill.pipelines.batch.commit as c
 
     fs = fsspec.filesystem("file")
     rng = np.random.default_rng(1)

@@ -14,10 +14,9 @@ from pathlib import Path
 import jsonschema
 import pytest
 import yaml
+from promptmill.pipelines.ops.schedule import ScheduleSpec
+from promptmill.pipelines.spec import SHIPPED, load_spec
 from ray.autoscaler._private.util import fillout_defaults, validate_config
-
-from pipelines.ops.schedule import ScheduleSpec
-from pipelines.spec import SHIPPED, load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -145,7 +144,7 @@ def test_dockerfile_lint():
         if ln.startswith("COPY "):
             for src in [w for w in ln.split()[1:-1] if not w.startswith("--")]:
                 assert (ROOT / src).exists() and src in allowed, src
-    assert {"pipelines", "models", "jobs", "pyproject.toml"} <= allowed
+    assert {"promptmill", "pipelines", "models", "jobs", "pyproject.toml"} <= allowed
     assert lines[-1] == "USER ray" and "HF_HUB_OFFLINE=1" in text
     assert all(p in text for p in ("pip install", '-e ".[diffusers]"'))
 

@@ -16,12 +16,11 @@ diffusers = pytest.importorskip("diffusers", reason="pip install 'promptmill[dif
 transformers = pytest.importorskip("transformers")
 
 import torch  # noqa: E402
+from promptmill.jobs.cli import main  # noqa: E402
+from promptmill.models.images import decode_image  # noqa: E402
+from promptmill.pipelines.batch.job import run_job  # noqa: E402
+from promptmill.pipelines.spec import load_spec  # noqa: E402
 from tiny_hf import tiny_amused, tiny_hf_clip, tiny_sd  # noqa: E402
-
-from jobs.cli import main  # noqa: E402
-from models.images import decode_image  # noqa: E402
-from pipelines.batch.job import run_job  # noqa: E402
-from pipelines.spec import load_spec  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -74,7 +73,7 @@ def test_a_pipeline_on_s3_is_cached_once_and_bad_input_exits_2(ray_local, pipeli
     fs = s3fs.S3FileSystem(**s3)
     fs.put(pipelines["sd"] + "/", "bucket/models/sd/", recursive=True)
     monkeypatch.setenv("PROMPTMILL_CACHE", str(tmp_path / "cache"))
-    from models.hf_diffusers import local_copy
+    from promptmill.models.hf_diffusers import local_copy
 
     first = local_copy("s3://bucket/models/sd", s3)
     assert Path(first, "model_index.json").exists() and local_copy("s3://bucket/models/sd", s3) == first
@@ -97,7 +96,7 @@ def test_a_pipeline_on_s3_is_cached_once_and_bad_input_exits_2(ray_local, pipeli
     assert "model_index.json is not valid" in capsys.readouterr().err
     assert not (tmp_path / "o2").exists() and not (tmp_path / "o3").exists()
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    from models.hf_diffusers import DiffusersGenerator
+    from promptmill.models.hf_diffusers import DiffusersGenerator
 
     gen = DiffusersGenerator.load(pipelines["sd"], torch.device("cpu"))
     assert os.environ.get("HF_HUB_OFFLINE") == "1"  # set by the loader: never a hub download at run time
@@ -120,9 +119,8 @@ class TensorFeatures(torch.nn.Module):
 
 
 def test_a_hugging_face_clip_scores_as_torchmetrics_does_and_through_the_job(ray_local, pipelines, tmp_path):
+    from promptmill.models.clip import load_clip
     from torchmetrics.multimodal.clip_score import CLIPScore
-
-    from models.clip import load_clip
 
     clip_dir = str(tiny_hf_clip(tmp_path / "clip"))
     scorer = load_clip(clip_dir)
@@ -148,8 +146,8 @@ def test_a_hugging_face_clip_scores_as_torchmetrics_does_and_through_the_job(ray
     assert len(rows) == 6 and all(r["clip_score"] is not None and 0 <= r["clip_score"] <= 100 for r in rows)
     assert all(r["prompt_match"] is None for r in rows) and (tmp_path / "out" / "report.html").exists()
     # the same draws made here, one image at a time, outside the job: the kept one is their best by clip_score
-    from models.hf_diffusers import DiffusersGenerator
-    from models.rerank import candidate_seed
+    from promptmill.models.hf_diffusers import DiffusersGenerator
+    from promptmill.models.rerank import candidate_seed
 
     gen = DiffusersGenerator.load(pipelines["sd"], torch.device("cpu"))
     for r in rows:
@@ -181,9 +179,8 @@ def test_stage_model_copies_checks_and_loads_from_storage(pipelines, s3, tmp_pat
 
 def test_an_unfinished_cache_entry_is_replaced(pipelines, s3, tmp_path, monkeypatch):
     import s3fs
-
-    from models.hf_diffusers import INDEX
-    from models.local_cache import cache_dir, local_copy
+    from promptmill.models.hf_diffusers import INDEX
+    from promptmill.models.local_cache import cache_dir, local_copy
 
     monkeypatch.setenv("PROMPTMILL_CACHE", str(tmp_path / "cache"))
     s3fs.S3FileSystem(**s3).put(pipelines["amused"] + "/", "bucket/models/amused/", recursive=True)

@@ -14,14 +14,13 @@ import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
 from conftest import make_spec, write_prompts
-
-from models.images import decode_image
-from pipelines.batch.commit import commit, done_keys
-from pipelines.batch.job import run_job
-from pipelines.layout import METADATA_SCHEMA, sample_member_key, tar_bytes
-from pipelines.runs.results import Run
-from pipelines.spec import load_spec
-from pipelines.storage import filesystem
+from promptmill.models.images import decode_image
+from promptmill.pipelines.batch.commit import commit, done_keys
+from promptmill.pipelines.batch.job import run_job
+from promptmill.pipelines.layout import METADATA_SCHEMA, sample_member_key, tar_bytes
+from promptmill.pipelines.runs.results import Run
+from promptmill.pipelines.spec import load_spec
+from promptmill.pipelines.storage import filesystem
 
 PROMPTS = ["a small red circle on the left", "a large blue square above a green triangle", "big yellow triangle, top",
            "a purple diamond in the center", "a tiny white square, bottom"]
@@ -97,9 +96,8 @@ def test_parquet_and_files_layouts_carry_the_same_bytes_provenance_catalog_colum
     each file says what made it and that it is AI-generated; input.keep_columns ride along (and in the files
     layout's .txt/.json sidecars); Hugging Face `datasets` loads both."""
     from PIL import Image
-
-    from pipelines.layout import encode_image
-    from pipelines.provenance import TRAINED_ALGORITHMIC_MEDIA, read_fields
+    from promptmill.pipelines.layout import encode_image
+    from promptmill.pipelines.provenance import TRAINED_ALGORITHMIC_MEDIA, read_fields
 
     out = tmp_path / "out"
     files = tmp_path / "files"
@@ -161,9 +159,8 @@ def test_write_tasks_retry_a_bounded_number_of_times(ray_local, tmp_path, fmt):
     """Ray Data retries a task whose worker died without limit; the job's write tasks stop at MAX_TASK_RETRIES, as
     its actor pools do, so a write that kills its worker every time fails the job instead of hanging it."""
     import ray
-
-    from pipelines.batch.job import _writer, write_tasks
-    from pipelines.batch.pools import MAX_TASK_RETRIES
+    from promptmill.pipelines.batch.job import _writer, write_tasks
+    from promptmill.pipelines.batch.pools import MAX_TASK_RETRIES
 
     spec = load_spec(make_spec("in", str(tmp_path / "out"), {"gan": "ck"},
                                output={"path": str(tmp_path / "out"), "format": fmt, "shard_size": 7}))
@@ -173,7 +170,7 @@ def test_write_tasks_retry_a_bounded_number_of_times(ray_local, tmp_path, fmt):
 
 
 def test_changing_the_format_of_an_output_is_refused(ray_local, checkpoints, tmp_path):
-    from pipelines.batch.job import PreflightError
+    from promptmill.pipelines.batch.job import PreflightError
 
     out = str(tmp_path / "out")
     run_job(load_spec(_spec(tmp_path, out, "parquet", checkpoints)))
@@ -205,9 +202,8 @@ def test_sharded_formats_on_s3(ray_local, checkpoints, tmp_path, s3, fmt):
 def test_commit_drops_a_shard_written_twice_and_rewrites_a_partial_one(tmp_path, monkeypatch, bucket_bytes):
     """Ray may run a write batch twice: two staged tars hold the same samples. With one-byte buckets each sample
     is deduplicated in its own bucket, and the tars' fate still follows the run's first row of each."""
+    import promptmill.pipelines.batch.commit as c
     import pyarrow as pa
-
-    import pipelines.batch.commit as c
 
     if bucket_bytes:
         monkeypatch.setattr(c, "BUCKET_BYTES", bucket_bytes)
@@ -238,8 +234,8 @@ def test_commit_drops_a_shard_written_twice_and_rewrites_a_partial_one(tmp_path,
 
 
 def test_keep_columns_are_checked_before_any_work(checkpoints, tmp_path):
-    from pipelines.batch.preflight import PreflightError, preflight
-    from pipelines.spec import SpecError
+    from promptmill.pipelines.batch.preflight import PreflightError, preflight
+    from promptmill.pipelines.spec import SpecError
 
     write_prompts(tmp_path / "in" / "part-0.parquet", PROMPTS, IDS, sku=list("abcde"))
     spec = make_spec(str(tmp_path / "in"), str(tmp_path / "out"), checkpoints)

@@ -17,12 +17,11 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import kill_session, make_spec, write_prompts
-
-from models.images import decode_image
-from models.local_cache import content_id
-from pipelines.batch.job import PHASES, run_job
-from pipelines.batch.plan import plan_job
-from pipelines.spec import load_spec
+from promptmill.models.images import decode_image
+from promptmill.models.local_cache import content_id
+from promptmill.pipelines.batch.job import PHASES, run_job
+from promptmill.pipelines.batch.plan import plan_job
+from promptmill.pipelines.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = ["a small red circle on the left", "a large blue square above a green triangle", "big yellow triangle, top",
@@ -67,7 +66,7 @@ def test_end_to_end_local(ray_local, checkpoints, tmp_path, caplog, monkeypatch)
     assert plan["input_rows"] == 11 and plan["accepted"] == 5 and sum(plan["rejected"].values()) == 6
     assert plan["models"]["gan"] == {"family": "gan", "images": 10, "in_output": 0, "to_draw": 10,
                                      "candidates_per_image": 1}
-    with caplog.at_level("INFO", logger="pipelines.batch.progress"):
+    with caplog.at_level("INFO", logger="promptmill.pipelines.batch.progress"):
         res = run_job(load_spec(spec))
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress: ")]
     assert len(lines) >= 2 and lines[-1].startswith("progress: 15 / 15 images (100 %)") and "6 rejected" in lines[-1]
@@ -158,8 +157,8 @@ def test_concurrent_calls_per_actor_change_no_pixel_and_write_each_image_once(ra
 def test_concurrent_calls_draw_on_one_device_thread_and_write_side_by_side(ray_local, checkpoints):
     """One call writes while the next draws: a write that waits for the other call's draw finishes only if drawing
     is done before writing; draws never overlap and all run on one thread (one OpenMP team, one CUDA stream)."""
-    from pipelines.batch.generate import GenerateStage
-    from pipelines.spec import ModelSpec, ScoringSpec
+    from promptmill.pipelines.batch.generate import GenerateStage
+    from promptmill.pipelines.spec import ModelSpec, ScoringSpec
 
     both_drawn, drawn, inside, overlaps, drew_on = threading.Event(), [], [0], [], set()
 
@@ -225,8 +224,8 @@ def derived_id(path: str, row: int) -> str:
 def test_limit_reads_the_first_rows_in_file_order(ray_local, tmp_path):
     """`input.limit` across files: the first rows of the first files, the same on every read (Ray Data's limit
     kept whichever blocks came first: a rerun or resume chose other prompts), with the ids a full read gives."""
-    from pipelines.batch.read import plan_input, read_prompts
-    from pipelines.spec import InputSpec
+    from promptmill.pipelines.batch.read import plan_input, read_prompts
+    from promptmill.pipelines.spec import InputSpec
 
     for name in "abc":
         write_prompts(tmp_path / "in" / f"{name}.parquet", [f"{p} ({name})" for p in GOOD])
@@ -246,7 +245,7 @@ def test_limit_reads_the_first_rows_in_file_order(ray_local, tmp_path):
     assert plan_input(InputSpec(path=str(tmp_path / "ids"), id_column="id")).duplicate_ids == {f"r{i}" for i in range(5)}
 
 def test_pools_that_cannot_fit_are_refused(ray_local, checkpoints, tmp_path):
-    from pipelines.batch.job import PreflightError
+    from promptmill.pipelines.batch.job import PreflightError
 
     write_prompts(tmp_path / "in.parquet", GOOD, [f"r{i}" for i in range(5)])
     spec = make_spec(str(tmp_path / "in.parquet"), str(tmp_path / "out"), checkpoints)
@@ -262,7 +261,7 @@ def test_pools_that_cannot_fit_are_refused(ray_local, checkpoints, tmp_path):
 def _run_cli(spec: dict, tmp_path: Path) -> subprocess.Popen:
     p = tmp_path / f"spec-{time.time_ns()}.yaml"
     p.write_text(yaml.safe_dump(spec))
-    return subprocess.Popen([sys.executable, "-m", "jobs.cli", "generate", str(p)], cwd=ROOT,
+    return subprocess.Popen([sys.executable, "-m", "promptmill.jobs.cli", "generate", str(p)], cwd=ROOT,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
 
 
@@ -336,7 +335,7 @@ def test_an_embedded_ray_finds_its_raylet_early_stops_its_monitor_first_and_leav
     code = """
 import json, psutil, ray
 from ray._private import ray_constants, services, state, worker
-from pipelines.batch.ray_cluster import ensure_ray, stop_autoscaler_monitor
+from promptmill.pipelines.batch.ray_cluster import ensure_ray, stop_autoscaler_monitor
 rays, alive_at_entry = services.get_node, []
 def recording(gcs_address, node_id):
     gs = state.GlobalState()

@@ -10,10 +10,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import s3fs
 from conftest import make_spec
-
-from models.images import decode_image
-from pipelines.batch.job import run_job
-from pipelines.spec import load_spec
+from promptmill.models.images import decode_image
+from promptmill.pipelines.batch.job import run_job
+from promptmill.pipelines.spec import load_spec
 
 
 def test_s3_in_s3_out(ray_local, checkpoints, s3):

@@ -11,14 +11,13 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import torch
-
-from jobs.cli import main
-from models.images import to_nchw
-from models.judge import judge_prompts, load_judge
-from models.shapes import example, matches, parse
-from models.shapes.evaluate import judge_accuracy
-from models.shapes.geometry import geometry_matches, read_geometry
-from models.shapes.near_miss import KINDS, near_miss
+from promptmill.jobs.cli import main
+from promptmill.models.images import to_nchw
+from promptmill.models.judge import judge_prompts, load_judge
+from promptmill.models.shapes import example, matches, parse
+from promptmill.models.shapes.evaluate import judge_accuracy
+from promptmill.models.shapes.geometry import geometry_matches, read_geometry
+from promptmill.models.shapes.near_miss import KINDS, near_miss
 
 CKPT = Path(__file__).resolve().parents[1] / "models" / "checkpoints"
 SEED = 1  # never trained on
@@ -52,7 +51,7 @@ def test_the_shipped_judge_rejects_near_misses_and_still_reads_real_renders(judg
     assert sum(rejected.values()) / len(kinds) >= 0.99, by_kind
     assert min(by_kind.values()) >= 0.9, by_kind  # no kind slips through wholesale
     # the same judge on real renders: every attribute >= 99.5 %, and almost none called malformed
-    from models.shapes.evaluate import TestSplit
+    from promptmill.models.shapes.evaluate import TestSplit
 
     r_scenes, r_captions, r_images = real
     acc = judge_accuracy(judge, TestSplit(r_images, r_captions, r_scenes, [False] * len(r_scenes)))
@@ -107,7 +106,7 @@ def test_score_command_scores_a_dataset_exactly_once(ray_local, tmp_path, capsys
     real = [r for r in rows if not r["key"].startswith("near-miss")]
     assert np.mean([not r["prompt_match"] for r in miss]) >= 0.98 and np.mean([r["prompt_match"] for r in real]) >= 0.98
     # the verdicts are the stage's own: the same as the judge and geometry read directly
-    from models.images import decode_image
+    from promptmill.models.images import decode_image
 
     direct = judge_prompts(load_judge(str(CKPT / "judge")), to_nchw(np.stack([decode_image(r["png"]) for r in rows])),
                            [r["caption"] for r in rows])

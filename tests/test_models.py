@@ -5,9 +5,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
-from models import CheckpointError, load_generator
-from models.sampling import filter_logits
+from promptmill.models import CheckpointError, load_generator
+from promptmill.models.sampling import filter_logits
 
 PROMPTS = ["a small red circle on the left", "a large blue square above a green triangle", "out of domain words",
            "", "big yellow triangle, top", "a red circle", "a red circle"]
@@ -38,11 +37,10 @@ def test_gan_noise_injection_follows_each_image_seed(tmp_path):
     """The per-pixel noise is drawn from the image's own generator after z: batch-invariant, seed-dependent,
     and a saved checkpoint reloads to the same pixels."""
     from conftest import CAPTIONS
-
-    from models.checkpoint import save_checkpoint
-    from models.clip import CLIPConfig
-    from models.gan import GANConfig, GANGenerator
-    from models.tokenizer import WordTokenizer
+    from promptmill.models.checkpoint import save_checkpoint
+    from promptmill.models.clip import CLIPConfig
+    from promptmill.models.gan import GANConfig, GANGenerator
+    from promptmill.models.tokenizer import WordTokenizer
 
     torch.manual_seed(0)
     tok = WordTokenizer.train(CAPTIONS, max_len=12)
@@ -115,11 +113,11 @@ def test_checkpoint_round_trip_through_moto_s3(checkpoints, s3):
 
 
 def test_forward_backward_shapes_of_every_model():
-    from models.clip import CLIPConfig, TextTower
-    from models.gan import Discriminator, GANConfig, GANNet, d_loss, g_loss, sentence
-    from models.judge import HEADS, Judge, JudgeConfig
-    from models.transformer import DalleTransformer, TransformerConfig
-    from models.vq import VQConfig, VQModel
+    from promptmill.models.clip import CLIPConfig, TextTower
+    from promptmill.models.gan import Discriminator, GANConfig, GANNet, d_loss, g_loss, sentence
+    from promptmill.models.judge import HEADS, Judge, JudgeConfig
+    from promptmill.models.transformer import DalleTransformer, TransformerConfig
+    from promptmill.models.vq import VQConfig, VQModel
 
     x = torch.rand(4, 3, 32, 32) * 2 - 1
     vq = VQModel(VQConfig(hidden=8, embed_dim=8, codebook_size=16))
@@ -153,7 +151,7 @@ def test_forward_backward_shapes_of_every_model():
 
 
 def test_clip_shift_moves_each_image_by_at_most_the_given_pixels():
-    from pipelines.training.recipes import shifted
+    from promptmill.pipelines.training.recipes import shifted
 
     torch.manual_seed(0)
     x = torch.full((64, 3, 32, 32), -1.0)
@@ -171,7 +169,7 @@ def test_clip_shift_moves_each_image_by_at_most_the_given_pixels():
 
 @pytest.mark.parametrize("text_in_fc", [False, True])
 def test_gan_first_map_takes_the_caption_only_when_text_in_fc(text_in_fc):
-    from models.gan import GANConfig, GANNet
+    from promptmill.models.gan import GANConfig, GANNet
 
     torch.manual_seed(0)
     g = GANNet(GANConfig(text_dim=16, noise_dim=8, ngf=4, text_in_fc=text_in_fc))
@@ -182,15 +180,15 @@ def test_gan_first_map_takes_the_caption_only_when_text_in_fc(text_in_fc):
 
 
 def test_seed_diversity_is_zero_for_one_seed_and_positive_across_seeds(checkpoints):
-    from models.shapes.evaluate import seed_diversity
+    from promptmill.models.shapes.evaluate import seed_diversity
 
     assert seed_diversity(checkpoints["gan"], PROMPTS[:3], seeds=1) == 0
     assert seed_diversity(checkpoints["gan"], PROMPTS[:3], seeds=4) > 0
 
 
 def test_hard_negatives_pair_each_real_image_with_its_own_caption_changed():
-    from models.tokenizer import WordTokenizer
-    from pipelines.training.recipes import negative_tokens
+    from promptmill.models.tokenizer import WordTokenizer
+    from promptmill.pipelines.training.recipes import negative_tokens
 
     caps = ["a red circle on the left", "a photo of a dog", "a small blue square above a green triangle"]
     tok = WordTokenizer.train(caps + ["right below yellow large star"], max_len=12)
@@ -206,7 +204,7 @@ def test_hard_negatives_pair_each_real_image_with_its_own_caption_changed():
 def test_bf16_autocast_changes_the_arithmetic_not_the_contract(checkpoints, family):
     """models.precision: fp32 is the generator itself; bf16 runs generate under autocast (pixels move a little
     for the GAN) and keeps shape, dtype, seed determinism and batch invariance."""
-    from models.precision import at_precision
+    from promptmill.models.precision import at_precision
 
     g = load_generator(checkpoints[family], "cpu")
     assert at_precision(g, "cpu", "fp32") is g
@@ -227,8 +225,8 @@ def test_bf16_autocast_changes_the_arithmetic_not_the_contract(checkpoints, fami
 def test_a_loaded_generator_takes_the_checkpoints_tensors_without_initialising_its_own(checkpoints, family):
     """from_checkpoint builds on the meta device and assigns the stored tensors: nothing is left on meta, and it
     draws what a randomly initialised model with the same weights copied in draws."""
-    from models.checkpoint import load_checkpoint
-    from models.families import generator_class
+    from promptmill.models.checkpoint import load_checkpoint
+    from promptmill.models.families import generator_class
 
     g = load_generator(checkpoints[family], "cpu")
     modules = [m for m in vars(g).values() if isinstance(m, torch.nn.Module)]
@@ -250,9 +248,9 @@ def test_checking_and_loading_our_models_never_imports_torch_dynamo():
 
     code = """
 import sys
-from models import check_checkpoint, load_generator
-from pipelines.batch.score import ScoreStage
-from pipelines.spec import SHIPPED, ScoringSpec
+from promptmill.models import check_checkpoint, load_generator
+from promptmill.pipelines.batch.score import ScoreStage
+from promptmill.pipelines.spec import SHIPPED, ScoringSpec
 for name in ("gan", "dalle"):
     url = str(SHIPPED / name)
     check_checkpoint(url)
@@ -267,7 +265,7 @@ print(sorted(m for m in sys.modules if m.startswith("torch._dynamo")))
 def test_building_on_meta_leaves_other_threads_initialisers_alone():
     import threading
 
-    from models.checkpoint import on_meta
+    from promptmill.models.checkpoint import on_meta
 
     built = {}
     with on_meta():

@@ -10,9 +10,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from conftest import make_spec
-
-from pipelines.batch.job import run_job
-from pipelines.spec import load_spec
+from promptmill.pipelines.batch.job import run_job
+from promptmill.pipelines.spec import load_spec
 
 TSV = Path(__file__).resolve().parents[2] / "shared" / "data" / "PartiPrompts.tsv"
 

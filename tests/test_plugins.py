@@ -15,8 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import make_spec, write_prompts
-
-from models.images import decode_image
+from promptmill.models.images import decode_image
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -44,7 +43,7 @@ def test_a_plugin_family_runs_through_the_job_batch_invariantly(tmp_path):
     (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
     env = {**os.environ, "PYTHONPATH": f"{site}:{os.environ.get('PYTHONPATH', '')}"}  # the embedded Ray's workers too
     env.pop("RAY_ADDRESS", None)
-    run = subprocess.run([sys.executable, "-m", "jobs.cli", "generate", str(tmp_path / "spec.yaml")], env=env,
+    run = subprocess.run([sys.executable, "-m", "promptmill.jobs.cli", "generate", str(tmp_path / "spec.yaml")], env=env,
                          capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     rows = {(r["id"], r["sample"]): r for r in pq.read_table(tmp_path / "out" / "metadata").to_pylist()}
@@ -64,7 +63,7 @@ def test_a_plugin_family_runs_through_the_job_batch_invariantly(tmp_path):
 
 
 def test_an_unknown_family_is_an_error_listing_the_installed_ones(checkpoints, tmp_path, capsys):
-    from jobs.cli import main
+    from promptmill.jobs.cli import main
 
     write_prompts(tmp_path / "in" / "a.parquet", ["a red circle"], ["a"])
     spec = make_spec(str(tmp_path / "in"), str(tmp_path / "out"), checkpoints)
@@ -81,6 +80,6 @@ def test_our_families_are_registered_as_entry_points(family):
     import importlib.metadata
 
     eps = {ep.name: ep.value for ep in importlib.metadata.entry_points(group="promptmill.generators")}
-    from models import generator_class
+    from promptmill.models import generator_class
 
     assert family in eps and generator_class(family).family == family

@@ -69,7 +69,7 @@ def test_poison_rows_go_to_rejected_and_the_job_goes_on(tmp_path):
     env.pop("RAY_ADDRESS", None)
 
     def run(*extra: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "-m", "jobs.cli", "generate", str(tmp_path / "spec.yaml"), *extra],
+        return subprocess.run([sys.executable, "-m", "promptmill.jobs.cli", "generate", str(tmp_path / "spec.yaml"), *extra],
                               env=env, capture_output=True, text=True, timeout=300, cwd=ROOT)
 
     first = run()  # 2 of 20 fail: over 5 %
@@ -92,9 +92,9 @@ def test_poison_rows_go_to_rejected_and_the_job_goes_on(tmp_path):
 
 
 def test_the_scoring_stage_isolates_a_row_it_cannot_score():
-    from models.shapes import example
-    from pipelines.batch.score import ScoreStage
-    from pipelines.spec import ScoringSpec
+    from promptmill.models.shapes import example
+    from promptmill.pipelines.batch.score import ScoreStage
+    from promptmill.pipelines.spec import ScoringSpec
 
     stage = ScoreStage(ScoringSpec())
     real = stage.score

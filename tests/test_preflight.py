@@ -11,8 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import make_spec, write_prompts
-
-from jobs.cli import main
+from promptmill.jobs.cli import main
 
 
 def run_cli(spec: dict, tmp_path: Path, *sets: str) -> int:
@@ -92,8 +91,8 @@ def test_output_of_a_different_spec_is_refused(good, tmp_path, capsys):
 
 def test_a_local_output_is_refused_where_other_nodes_would_write_it(good):
     """The two-node case runs on a real cluster in test_cluster.py; here the rule itself, on ray.nodes() records."""
-    from pipelines.batch.preflight import PreflightError, check_output_reachable
-    from pipelines.spec import load_spec
+    from promptmill.pipelines.batch.preflight import PreflightError, check_output_reachable
+    from promptmill.pipelines.spec import load_spec
 
     def node(cpu: float, head: bool) -> dict:
         return {"Alive": True, "Resources": {**({"CPU": cpu} if cpu else {}), **({"node:__internal_head__": 1.0}
@@ -112,11 +111,10 @@ def test_a_local_output_is_refused_where_other_nodes_would_write_it(good):
 
 def test_weights_replaced_in_place_are_another_model_for_an_existing_output(good, tmp_path):
     """The fingerprint holds each checkpoint's content id: new weights under the old path are refused, not mixed in."""
+    from promptmill.models.local_cache import content_id
+    from promptmill.pipelines.batch.preflight import PreflightError, _check_fingerprint, fingerprint
+    from promptmill.pipelines.spec import load_spec
     from safetensors.torch import load_file, save_file
-
-    from models.local_cache import content_id
-    from pipelines.batch.preflight import PreflightError, _check_fingerprint, fingerprint
-    from pipelines.spec import load_spec
 
     ckpt = tmp_path / "gan"
     shutil.copytree(good["models"][0]["checkpoint"], ckpt)
@@ -142,8 +140,8 @@ def test_weights_replaced_in_place_are_another_model_for_an_existing_output(good
 def test_precision_is_part_of_an_outputs_settings(good):
     """bf16 draws other pixels: a rerun into an fp32 output at bf16 is refused, and back. fp32 adds nothing to the
     fingerprint, so outputs written before `precision` existed resume as they did."""
-    from pipelines.batch.preflight import PreflightError, _check_fingerprint, fingerprint
-    from pipelines.spec import load_spec
+    from promptmill.pipelines.batch.preflight import PreflightError, _check_fingerprint, fingerprint
+    from promptmill.pipelines.spec import load_spec
 
     full = load_spec(good)
     half = load_spec({**good, "models": [{**good["models"][0], "precision": "bf16"}]})
@@ -156,8 +154,8 @@ def test_precision_is_part_of_an_outputs_settings(good):
 
 
 def test_actor_threads_follow_the_cpus_held_or_share_this_machine():
-    from pipelines.batch.preflight import actor_threads, place_scoring, pool_cpus
-    from pipelines.spec import Resources, load_spec
+    from promptmill.pipelines.batch.preflight import actor_threads, place_scoring, pool_cpus
+    from promptmill.pipelines.spec import Resources, load_spec
 
     assert actor_threads(Resources(num_cpus=4), 3, None) == 4  # a cluster: the CPUs Ray reserved for it
     assert actor_threads(Resources(num_cpus=0.5), 3, None) == 1
@@ -176,8 +174,8 @@ def test_actor_threads_follow_the_cpus_held_or_share_this_machine():
 
 
 def test_a_cpu_pool_sized_by_the_job_splits_into_single_threaded_actors_that_fit_in_memory():
-    from pipelines.batch.preflight import ACTOR_PROCESS_BYTES, MIN_ROWS_PER_ACTOR, cpu_actors
-    from pipelines.spec import Resources
+    from promptmill.pipelines.batch.preflight import ACTOR_PROCESS_BYTES, MIN_ROWS_PER_ACTOR, cpu_actors
+    from promptmill.pipelines.spec import Resources
 
     gib, small = 1 << 30, 5 << 20
     assert cpu_actors(Resources(batch_size=64), 1, 2, small, 24 * gib) == 2  # this machine: one per core
@@ -198,8 +196,8 @@ def test_a_cpu_pool_sized_by_the_job_splits_into_single_threaded_actors_that_fit
 
 
 def test_the_scoring_pool_sizes_by_the_same_rule_from_its_clip_and_judge(tmp_path):
-    from pipelines.batch.preflight import checkpoint_bytes, scoring_pool_size
-    from pipelines.spec import Resources, ScoringSpec
+    from promptmill.pipelines.batch.preflight import checkpoint_bytes, scoring_pool_size
+    from promptmill.pipelines.spec import Resources, ScoringSpec
 
     scoring = ScoringSpec()  # the shipped CLIP and judge, a few MB
     assert checkpoint_bytes(scoring.clip, scoring.judge, storage_options={}) > checkpoint_bytes(
@@ -221,10 +219,9 @@ def test_the_generate_pool_grows_to_single_threaded_actors_holding_the_cpus_of_o
     may grow to one per core, the pool at its largest holding the one CPU a default actor holds, and so may a
     scoring pool beside it; a small job keeps one actor with the cores as threads; said sizes are kept."""
     import ray
-
-    from pipelines.batch.job import _images
-    from pipelines.batch.ray_cluster import local_cores
-    from pipelines.spec import load_spec
+    from promptmill.pipelines.batch.job import _images
+    from promptmill.pipelines.batch.ray_cluster import local_cores
+    from promptmill.pipelines.spec import load_spec
 
     cores = local_cores()
     if cores is None or cores < 2:
@@ -255,8 +252,8 @@ def test_the_generate_pool_grows_to_single_threaded_actors_holding_the_cpus_of_o
 
 
 def test_files_are_written_by_the_actors_on_cpu_and_by_tasks_beside_a_gpu_model_unless_said():
-    from pipelines.batch.preflight import writes_in_actors
-    from pipelines.spec import load_spec
+    from promptmill.pipelines.batch.preflight import writes_in_actors
+    from promptmill.pipelines.spec import load_spec
 
     def spec(num_gpus: float = 0, **output) -> object:
         return load_spec({"name": "t", "input": {"path": "in"}, "output": {"path": "out", **output},
@@ -280,8 +277,7 @@ def test_actor_threads_are_set_on_the_thread_that_runs_the_batches(ray_local):
 
     import ray
     import torch
-
-    from pipelines.batch.threads import ActorThreads
+    from promptmill.pipelines.batch.threads import ActorThreads
 
     class Probe:  # defined here: Ray pickles a local class by value (the tests folder is not on the workers' path)
         def __init__(self, n: int) -> None:
@@ -306,14 +302,14 @@ def test_actor_threads_are_set_on_the_thread_that_runs_the_batches(ray_local):
 def test_preflight_checks_a_checkpoint_without_reading_its_weights(good, tmp_path, capsys, monkeypatch, checkpoints):
     """Config, names, shapes and the file's length are checked from config.json and the safetensors header; the
     driver does not load (or download) the weights its actors will load."""
-    import models.checkpoint
-    from pipelines.batch.preflight import PreflightError, check_models
-    from pipelines.spec import load_spec
+    import promptmill.models.checkpoint as checkpoint
+    from promptmill.pipelines.batch.preflight import PreflightError, check_models
+    from promptmill.pipelines.spec import load_spec
 
     def no_weights(*_a, **_k):
         raise AssertionError("preflight read the weights")
 
-    monkeypatch.setattr(models.checkpoint, "st_load", no_weights)
+    monkeypatch.setattr(checkpoint, "st_load", no_weights)
     good = {**good, "scoring": {"enabled": False}}  # the scorers (a few MB) are loaded: their own check
     check_models(load_spec(good))
     bad = tmp_path / "cut"
@@ -335,10 +331,10 @@ def test_the_driver_imports_torch_only_for_its_model_checks(good, tmp_path):
     spec.write_text(yaml.safe_dump({**good, "scoring": {"enabled": True}}))
     code = f"""
 import sys
-import jobs.cli, jobs.generate
-from pipelines.batch.job import run_job
-from pipelines.batch.preflight import check_models, preflight
-from pipelines.spec import load_spec
+import promptmill.jobs.cli, promptmill.jobs.generate
+from promptmill.pipelines.batch.job import run_job
+from promptmill.pipelines.batch.preflight import check_models, preflight
+from promptmill.pipelines.spec import load_spec
 spec = load_spec({str(spec)!r})
 preflight(spec)
 before = "torch" in sys.modules

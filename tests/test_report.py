@@ -14,12 +14,11 @@ import pyarrow.parquet as pq
 import pytest
 from conftest import make_spec, write_prompts
 from PIL import Image
-
-from jobs.cli import main as cli
-from jobs.dataset import write_shapes
-from pipelines.batch.job import run_job
-from pipelines.spec import load_spec
-from pipelines.storage import filesystem
+from promptmill.jobs.cli import main as cli
+from promptmill.jobs.dataset import write_shapes
+from promptmill.pipelines.batch.job import run_job
+from promptmill.pipelines.spec import load_spec
+from promptmill.pipelines.storage import filesystem
 
 PROMPTS = ["a small red circle on the left", "a large blue square above a green triangle", "big yellow triangle, top",
            "a purple diamond in the center", "a photo of a dog on a beach", "<b>html & \"quotes\"</b>"]
@@ -78,7 +77,7 @@ def test_scoring_off_leaves_the_columns_null(ray_local, checkpoints, tmp_path):
 
 
 def test_rerank_without_a_clip_is_a_spec_error(checkpoints, tmp_path):
-    from pipelines.spec import SpecError
+    from promptmill.pipelines.spec import SpecError
 
     spec = _two_model_spec(tmp_path, str(tmp_path / "o"), checkpoints, scoring={"clip": None})
     with pytest.raises(SpecError, match="candidates"):

@@ -12,10 +12,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import CAPTIONS
-
-from jobs.cli import main as cli
-from pipelines.ops.schedule import due_slots, load_schedule, render_prompts, run_forever, run_id, run_url
-from pipelines.spec import SpecError
+from promptmill.jobs.cli import main as cli
+from promptmill.pipelines.ops.schedule import due_slots, load_schedule, render_prompts, run_forever, run_id, run_url
+from promptmill.pipelines.spec import SpecError
 
 UTC = dt.UTC
 

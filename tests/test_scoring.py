@@ -8,13 +8,12 @@ import numpy as np
 import pytest
 import torch
 from conftest import save_tiny
-
-from models import load_generator
-from models.clip import load_clip
-from models.judge import judge_prompts, load_judge
-from models.rerank import candidate_seed, generate_best_of
-from models.shapes import example
-from pipelines.runs.metrics import Evaluator, knn_precision_recall
+from promptmill.models import load_generator
+from promptmill.models.clip import load_clip
+from promptmill.models.judge import judge_prompts, load_judge
+from promptmill.models.rerank import candidate_seed, generate_best_of
+from promptmill.models.shapes import example
+from promptmill.pipelines.runs.metrics import Evaluator, knn_precision_recall
 
 CKPT = Path(__file__).resolve().parents[1] / "models" / "checkpoints"
 
@@ -46,7 +45,7 @@ def test_clip_score_prefers_the_true_caption(clip, renders):
 
 def test_clip_r_precision_on_the_test_split(clip, renders):
     """True caption among itself + 99 random ones: the number the model card reports."""
-    from models.shapes.evaluate import r_precision
+    from promptmill.models.shapes.evaluate import r_precision
 
     assert r_precision(clip, renders[0][:300], renders[1][:300], distractors=99, seed=0) > 0.5
 
@@ -54,7 +53,7 @@ def test_clip_r_precision_on_the_test_split(clip, renders):
 def test_clip_knows_which_of_two_objects_has_which_attribute(clip, renders):
     """The shipped CLIP scores a render's own caption above the caption with a colour, shape or size swapped
     between its two objects; the GAN reads its caption through this CLIP and is guided by it."""
-    from models.shapes.evaluate import TestSplit, clip_binding
+    from promptmill.models.shapes.evaluate import TestSplit, clip_binding
 
     split = TestSplit(torch.from_numpy(renders[0]).permute(0, 3, 1, 2).contiguous(), renders[1], [], [])
     binding = clip_binding(clip, split, len(renders[1]))

@@ -16,10 +16,9 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 from conftest import make_spec, write_prompts
-
-from jobs.cli import main
-from pipelines.batch.job import run_job
-from pipelines.spec import SpecError, load_spec
+from promptmill.jobs.cli import main
+from promptmill.pipelines.batch.job import run_job
+from promptmill.pipelines.spec import SpecError, load_spec
 
 
 def _cli(spec: dict, tmp_path: Path, *args: str) -> int:
@@ -39,7 +38,7 @@ def test_a_128_character_id_writes_in_every_format(ray_local, checkpoints, tmp_p
                                                                                       "format": fmt})
     res = run_job(load_spec(spec))
     assert res.images_total == {"gan": 4}
-    from pipelines.runs.results import Run
+    from promptmill.pipelines.runs.results import Run
 
     run = Run(str(tmp_path / "out"))
     rows = run.rows("gan")
@@ -48,8 +47,8 @@ def test_a_128_character_id_writes_in_every_format(ray_local, checkpoints, tmp_p
 
 
 def test_names_that_end_in_a_newline_are_not_path_safe(checkpoints, tmp_path):
-    from pipelines.batch.validate import REASON, validate_batch
-    from pipelines.spec import InputSpec
+    from promptmill.pipelines.batch.validate import REASON, validate_batch
+    from promptmill.pipelines.spec import InputSpec
 
     out = validate_batch(pa.table({"id": ["ok\n", "ok"], "prompt": ["a", "b"]}), InputSpec(path="x", id_column="id"),
                          set())
@@ -91,8 +90,9 @@ def test_bounds_and_strict_types(checkpoints, tmp_path, capsys):
     # an embedded Ray is not asked for hundreds of processes on a small machine (own process: no Ray running yet)
     p = tmp_path / "spec.yaml"
     p.write_text(yaml.safe_dump(good))
-    run = subprocess.run([sys.executable, "-m", "jobs.cli", "generate", str(p), "--set", "models.0.resources.actors=400",
-                          "--set", "models.0.resources.max_actors=400"], capture_output=True, text=True,
+    run = subprocess.run([sys.executable, "-m", "promptmill.jobs.cli", "generate", str(p),
+                          "--set", "models.0.resources.actors=400", "--set", "models.0.resources.max_actors=400"],
+                         capture_output=True, text=True,
                          env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
     assert run.returncode == 2 and "an embedded Ray on this machine" in run.stderr, run.stderr[-2000:]
     for override, needle in (("models.0.resources.batch_size=100000", "batch_size"),
@@ -112,7 +112,7 @@ def load_spec_error(spec: dict, override: str) -> str:
 
 @pytest.mark.parametrize("template", ["{name:>50000000}", "{name[0]}", "{name.upper}", "{name!r}"])
 def test_schedule_templates_take_plain_column_names_only(template):
-    from pipelines.ops.schedule import ScheduleSpec
+    from promptmill.pipelines.ops.schedule import ScheduleSpec
 
     data = yaml.safe_load((Path(__file__).resolve().parents[1] / "examples" / "schedule.yaml").read_text())
     data["templates"] = [template]
@@ -136,7 +136,7 @@ def test_spec_errors_do_not_echo_secrets(checkpoints):
 
 
 def test_redact_covers_keys_urls_and_signatures():
-    from pipelines.spec import redact
+    from promptmill.pipelines.spec import redact
 
     planted = {
         "storage_options": {"key": "AKIA1", "secret": "s3cr3t", "client_kwargs": {"headers": {"Authorization": "Bearer t0k"}}},
@@ -157,7 +157,7 @@ def test_redact_covers_keys_urls_and_signatures():
 # ---------------------------------------------------------------- 1-4: secrets
 
 def test_submit_ships_an_allow_list_and_refuses_big_files(monkeypatch, tmp_path, capsys):
-    from pipelines.ops import submit
+    from promptmill.pipelines.ops import submit
 
     proj = tmp_path / "proj"
     for rel, data in {"jobs/cli.py": "x", "pipelines/spec.py": "x", "pipelines/training/configs/gan.yaml": "x",
@@ -172,8 +172,9 @@ def test_submit_ships_an_allow_list_and_refuses_big_files(monkeypatch, tmp_path,
     data = {"name": "t", "input": {"path": "s3://b/in"}, "output": {"path": "s3://b/out"}, "scoring": {"enabled": False},
             "models": [{"name": "gan", "family": "gan", "checkpoint": "checkpoints/gan"}]}
     shipped = [rel for rel, _ in submit.shipped_files(data)]
-    assert shipped == ["checkpoints/gan/config.json", "checkpoints/gan/model.safetensors", "jobs/cli.py",
-                       "models/gan.py", "pipelines/spec.py", "pipelines/training/configs/gan.yaml", "pyproject.toml"]
+    assert shipped == ["checkpoints/gan/config.json", "checkpoints/gan/model.safetensors", "promptmill/__init__.py",
+                       "promptmill/jobs/cli.py", "promptmill/models/gan.py", "promptmill/pipelines/spec.py",
+                       "promptmill/pipelines/training/configs/gan.yaml", "pyproject.toml"]
     staged = Path(submit.stage_working_dir(submit.shipped_files(data)))
     assert sorted(str(p.relative_to(staged)) for p in staged.rglob("*") if p.is_file()) == shipped
     with open(proj / "checkpoints/gan/model.safetensors", "r+b") as f:
@@ -190,13 +191,13 @@ def test_submit_ships_an_allow_list_and_refuses_big_files(monkeypatch, tmp_path,
     (proj / "specs/spec.yaml").write_text(yaml.safe_dump(data))
     assert main(["submit", str(proj / "specs/spec.yaml"), "--dry-run", "--address", "http://127.0.0.1:9"]) == 0
     out = capsys.readouterr().out
-    assert "checkpoints/gan/config.json" in out and "7 files would be shipped" in out and ".env" not in out
+    assert "checkpoints/gan/config.json" in out and "8 files would be shipped" in out and ".env" not in out
     # what travels names it relative to the project: the job's cwd on the cluster is the working_dir
     assert submit.resolved_spec(proj / "specs/spec.yaml")["models"][0]["checkpoint"] == "checkpoints/gan"
 
 
 def test_submitted_specs_hold_references_not_secrets(monkeypatch, tmp_path, caplog):
-    from pipelines.ops.submit import job_env, resolved_spec
+    from promptmill.pipelines.ops.submit import job_env, resolved_spec
 
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "AKIAPLANTED")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "planted-secret")
@@ -250,7 +251,7 @@ def test_planted_secrets_appear_in_no_output_byte_or_log_line(ray_local, checkpo
         assert secret.encode() not in blobs, secret
         assert secret not in logs, secret
     # a checkpoint URL with credentials in it is recorded redacted wherever it is written
-    from pipelines.batch.preflight import fingerprint
+    from promptmill.pipelines.batch.preflight import fingerprint
 
     spec["models"][0]["checkpoint"] = "s3://user:planted-pass@bucket/sec/ckpt/gan"
     assert "planted-pass" not in json.dumps(fingerprint(load_spec(spec)))
@@ -260,8 +261,8 @@ def test_planted_secrets_appear_in_no_output_byte_or_log_line(ray_local, checkpo
 
 @pytest.mark.parametrize("path", ["", "/", ".", "~", "s3://bucket"])
 def test_empty_and_root_like_outputs_are_refused(checkpoints, tmp_path, path):
-    from pipelines.batch.preflight import PreflightError, check_output
-    from pipelines.batch.read import plan_input
+    from promptmill.pipelines.batch.preflight import PreflightError, check_output
+    from promptmill.pipelines.batch.read import plan_input
 
     write_prompts(tmp_path / "in" / "a.parquet", ["a red circle"], ["a"])
     spec = load_spec(make_spec(str(tmp_path / "in"), path or "x", checkpoints))
@@ -271,7 +272,7 @@ def test_empty_and_root_like_outputs_are_refused(checkpoints, tmp_path, path):
 
 
 def test_foreign_outputs_and_overlaps_with_the_input_are_refused(ray_local, checkpoints, tmp_path):
-    from pipelines.batch.preflight import PreflightError
+    from promptmill.pipelines.batch.preflight import PreflightError
 
     write_prompts(tmp_path / "in" / "a.parquet", ["a red circle"], ["a"])
     (tmp_path / "theirs" / "shards").mkdir(parents=True)
@@ -304,7 +305,7 @@ def test_a_run_deletes_only_what_it_wrote(ray_local, checkpoints, tmp_path):
 
 def test_dropping_a_model_or_changing_scoring_is_refused_unless_allowed(ray_local, checkpoints, tmp_path, caplog,
                                                                          monkeypatch):
-    from pipelines.batch.preflight import PreflightError
+    from promptmill.pipelines.batch.preflight import PreflightError
 
     write_prompts(tmp_path / "in" / "a.parquet", ["a red circle"], ["a"])
     spec = make_spec(str(tmp_path / "in"), str(tmp_path / "out"), checkpoints)
@@ -318,7 +319,7 @@ def test_dropping_a_model_or_changing_scoring_is_refused_unless_allowed(ray_loca
         run_job(load_spec({**spec, "scoring": {"enabled": False}}))
     write_prompts(tmp_path / "in" / "b.parquet", ["a blue square"], ["b"])  # the kept model has work again
     monkeypatch.setenv("PROMPTMILL_PROGRESS_S", "0")
-    with caplog.at_level("INFO", logger="pipelines.batch.progress"):
+    with caplog.at_level("INFO", logger="promptmill.pipelines.batch.progress"):
         assert run_job(load_spec(one), allow_subset=True).images_total == {"gan": 4, "dalle": 1}
     lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("progress: ")]
     assert lines[-1].startswith("progress: 2 / 2 images (100 %)"), lines  # the left-out model's image not counted
@@ -330,8 +331,8 @@ def test_stale_leases_are_taken_over_and_live_ones_name_their_owner(tmp_path):
     import socket
     import time
 
-    from pipelines.batch.lease import Lease, LeaseHeld
-    from pipelines.storage import filesystem
+    from promptmill.pipelines.batch.lease import Lease, LeaseHeld
+    from promptmill.pipelines.storage import filesystem
 
     fs, root = filesystem(str(tmp_path / "out"))
     lease_file = tmp_path / "out" / "_lease.json"
@@ -362,9 +363,8 @@ def test_a_second_writer_is_refused_while_the_first_commits_and_a_crash_keeps_th
 
     import s3fs
     from conftest import kill_session
-
-    from pipelines.batch.preflight import PreflightError
-    from pipelines.runs.results import Run
+    from promptmill.pipelines.batch.preflight import PreflightError
+    from promptmill.pipelines.runs.results import Run
 
     prompts = [f"a red circle number {i}" for i in range(6)]
     if store == "s3":
@@ -382,9 +382,9 @@ def test_a_second_writer_is_refused_while_the_first_commits_and_a_crash_keeps_th
     (tmp_path / "a.yaml").write_text(yaml.safe_dump(spec))
     env = {**os.environ, "PROMPTMILL_PAUSE_AT": "commit:120"}
     env.pop("RAY_ADDRESS", None)
-    a = subprocess.Popen([sys.executable, "-m", "jobs.cli", "generate", str(tmp_path / "a.yaml")], env=env,
+    a = subprocess.Popen([sys.executable, "-m", "promptmill.jobs.cli", "generate", str(tmp_path / "a.yaml")], env=env,
                          start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    from pipelines.storage import filesystem
+    from promptmill.pipelines.storage import filesystem
 
     ofs, root = filesystem(out, opts)
     try:
@@ -431,9 +431,8 @@ def test_a_checkpoint_config_cannot_make_the_loader_allocate(checkpoints, tmp_pa
     import shutil
 
     import psutil
-
-    from models import CheckpointError, load_generator
-    from models.judge import load_judge
+    from promptmill.models import CheckpointError, load_generator
+    from promptmill.models.judge import load_judge
 
     edited = tmp_path / "edited"
     shutil.copytree(checkpoints["transformer"], edited)
@@ -474,9 +473,8 @@ def test_an_actor_that_keeps_dying_fails_the_job_instead_of_hanging(ray_local, c
     import time
 
     import psutil
-
-    from pipelines.batch.job import JobFailed
-    from pipelines.batch.pools import MAX_ACTOR_RESTARTS
+    from promptmill.pipelines.batch.job import JobFailed
+    from promptmill.pipelines.batch.pools import MAX_ACTOR_RESTARTS
 
     write_prompts(tmp_path / "in" / "a.parquet", [f"a red circle {i}" for i in range(64)], [f"p{i}" for i in range(64)])
     spec = make_spec(str(tmp_path / "in"), str(tmp_path / "out"), checkpoints, scoring={"enabled": False})

@@ -6,8 +6,7 @@ import random
 
 import numpy as np
 import pytest
-
-from models.shapes import (
+from promptmill.models.shapes import (
     BG_FORMS,
     HELD_OUT,
     POSITION_WORDS,
@@ -103,7 +102,7 @@ def test_captions_vary():
 def test_hard_negatives_change_one_attribute_and_skip_other_text():
     import random
 
-    from models.shapes import caption, hard_negative, parse, sample_scene
+    from promptmill.models.shapes import caption, hard_negative, parse, sample_scene
 
     rng = random.Random(0)
     for _ in range(200):
@@ -122,7 +121,7 @@ def test_hard_negatives_swap_each_attribute_between_two_objects():
     swaps only could not tell which of two objects was the square, nor which was the big one)."""
     import random
 
-    from models.shapes import binding_swaps, hard_negatives
+    from promptmill.models.shapes import binding_swaps, hard_negatives
 
     text = "a small red circle left of a large blue square"
     negs = hard_negatives(text, random.Random(0))
@@ -135,7 +134,7 @@ def test_hard_negatives_swap_each_attribute_between_two_objects():
 
 
 def test_attribute_errors_name_the_attribute_the_judge_reads_otherwise():
-    from models.shapes.evaluate import attribute_errors
+    from promptmill.models.shapes.evaluate import attribute_errors
 
     red_circle, blue_square = Obj("circle", "red", "small"), Obj("square", "blue", "large")
     caps = ["a small red circle right of a large blue square",  # canonical: square left of circle
@@ -164,14 +163,14 @@ def test_natural_variants_parse(phrase, position):
 
 
 def test_captions_never_use_the_natural_variants():
-    from models.shapes import POSITION_VARIANTS
+    from promptmill.models.shapes import POSITION_VARIANTS
 
     variants = {v for vs in POSITION_VARIANTS.values() for v in vs}
     assert not any(v in example(i, 0, "train")[1] for i in range(3000) for v in variants if len(v) > 8)
 
 
 def test_near_miss_rows_are_pure_functions_of_seed_and_index():
-    from models.shapes.near_miss import KINDS, near_miss
+    from promptmill.models.shapes.near_miss import KINDS, near_miss
 
     a, b = near_miss(12, 0), near_miss(12, 0)
     assert a[0] == KINDS[12 % len(KINDS)] and a[2] == b[2] and (a[3] == b[3]).all()
@@ -180,7 +179,7 @@ def test_near_miss_rows_are_pure_functions_of_seed_and_index():
 
 
 def test_template_coverage_is_the_mean_of_each_pixels_sub_samples_to_the_bit():
-    from models.shapes.geometry import _SS, _coverage
+    from promptmill.models.shapes.geometry import _SS, _coverage
 
     rng = np.random.default_rng(0)
     for ph, pw in ((1, 1), (7, 13), (15, 17)):

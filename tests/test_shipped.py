@@ -5,11 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from jobs.dataset import write_shapes
-from jobs.eval_models import load_test_split
-from models.judge import load_judge
-from models.shapes.evaluate import judge_accuracy
+from promptmill.jobs.dataset import write_shapes
+from promptmill.jobs.eval_models import load_test_split
+from promptmill.models.judge import load_judge
+from promptmill.models.shapes.evaluate import judge_accuracy
 
 CKPT = Path(__file__).resolve().parents[1] / "models" / "checkpoints"
 
@@ -28,7 +27,7 @@ def test_judge_is_at_least_99_percent_per_attribute_on_real_renders(test_split):
 
 @pytest.mark.parametrize("name", ["gan", "dalle"])
 def test_shipped_generators_load_and_draw(name):
-    from models import load_generator
+    from promptmill.models import load_generator
 
     if not (CKPT / name).exists():
         pytest.skip(f"models/checkpoints/{name} not shipped yet")

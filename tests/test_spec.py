@@ -3,8 +3,7 @@
 from pathlib import Path
 
 import pytest
-
-from pipelines.spec import SpecError, load_spec, redact
+from promptmill.pipelines.spec import SpecError, load_spec, redact
 
 BASE = {"name": "t", "input": {"path": "in/"}, "output": {"path": "out/"},
         "models": [{"name": "gan", "family": "gan", "checkpoint": "ck/"}]}
@@ -49,9 +48,8 @@ def test_bad_set_syntax_and_yaml(tmp_path):
 
 def test_a_spec_files_relative_paths_resolve_against_its_folder_and_set_values_against_the_cwd(tmp_path, monkeypatch):
     import yaml
-
-    from pipelines.ops.schedule import load_schedule
-    from pipelines.spec import SHIPPED
+    from promptmill.pipelines.ops.schedule import load_schedule
+    from promptmill.pipelines.spec import SHIPPED
 
     (tmp_path / "jobs").mkdir()
     spec = {**BASE, "models": [{"name": "gan", "family": "gan", "checkpoint": "../ck"},
@@ -84,7 +82,7 @@ def test_redact_hides_secrets_only():
 
 
 def test_spec_reference_is_generated_from_the_code_and_docs_are_in_sync():
-    from pipelines.spec import JobSpec, reference, reference_markdown
+    from promptmill.pipelines.spec import JobSpec, reference, reference_markdown
 
     paths = {r[0]: r for r in reference()}
     assert {"output.format", "models[*].resources.batch_size", "scoring.resources.num_gpus"} <= set(paths)

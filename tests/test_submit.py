@@ -65,7 +65,7 @@ def _cli(args: list[str], s3: dict, timeout: int = 400) -> subprocess.CompletedP
     env = {**os.environ, "RAY_AUTH_MODE": "token", "AWS_ENDPOINT_URL": s3["endpoint_url"],
            "AWS_ACCESS_KEY_ID": s3["key"], "AWS_SECRET_ACCESS_KEY": s3["secret"], "AWS_DEFAULT_REGION": "us-east-1"}
     env.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, "-m", "jobs.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "promptmill.jobs.cli", *args], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
 

@@ -7,10 +7,9 @@ import os
 import re
 
 import pytest
-
-from jobs.dataset import write_shapes
-from models import load_generator
-from pipelines.training.driver import TrainSpec, run_training
+from promptmill.jobs.dataset import write_shapes
+from promptmill.models import load_generator
+from promptmill.pipelines.training.driver import TrainSpec, run_training
 
 TINY = {
     "judge": {"width": 8, "features": 32},
@@ -51,8 +50,7 @@ def test_loss_goes_down(trained, kind):
     assert (out / "training" / "loss.png").stat().st_size > 1000
     if kind == "clip":  # the export scores prompts
         import numpy as np
-
-        from models.clip import load_clip
+        from promptmill.models.clip import load_clip
 
         scores = load_clip(str(out)).score(np.zeros((2, 32, 32, 3), np.uint8), ["a red circle", "a photo of a dog"])
         assert scores.shape == (2,) and (scores >= 0).all() and (scores <= 100).all()
@@ -88,7 +86,7 @@ def test_train_cli_two_workers_on_its_own_ray_report_together_and_log_progress(s
     cfg.write_text(json.dumps({"kind": "judge", "data": shapes, "out": str(tmp_path / "out"), "steps": 10,
                                "batch_size": 16, "threads": 1, "num_workers": 2, "log_every": 2,
                                "checkpoint_every": 4, "storage_path": str(tmp_path / "ray"), "model": TINY["judge"]}))
-    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "train", "judge", "--config", str(cfg)],
+    proc = subprocess.Popen([sys.executable, "-m", "promptmill.jobs.cli", "train", "judge", "--config", str(cfg)],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
                             env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
     try:
@@ -112,12 +110,11 @@ def test_models_that_build_on_another_name_it(tmp_path):
 def tiny_gan(shapes: str, max_rows: int, model: dict | None = None, **recipe):
     """A GANRecipe on a tiny untrained CLIP whose tokenizer is trained on `shapes`; returns (recipe, clip, data)."""
     import torch
-
-    from models.clip import CLIP, CLIPConfig, CLIPScorer
-    from models.gan import GANConfig
-    from models.tokenizer import WordTokenizer
-    from pipelines.training.driver import load_data
-    from pipelines.training.recipes import GANRecipe
+    from promptmill.models.clip import CLIP, CLIPConfig, CLIPScorer
+    from promptmill.models.gan import GANConfig
+    from promptmill.models.tokenizer import WordTokenizer
+    from promptmill.pipelines.training.driver import load_data
+    from promptmill.pipelines.training.recipes import GANRecipe
 
     torch.manual_seed(0)
     spec = TrainSpec(kind="gan", data=shapes, out=str(shapes), clip="unused", max_rows=max_rows)
@@ -130,8 +127,7 @@ def tiny_gan(shapes: str, max_rows: int, model: dict | None = None, **recipe):
 
 def test_gan_step_trains_g_and_d_and_leaves_the_clip_frozen(shapes):
     import torch
-
-    from pipelines.training.driver import make_batch
+    from promptmill.pipelines.training.driver import make_batch
 
     recipe, _, data = tiny_gan(shapes, 64)
     before = {n: {k: v.clone() for k, v in m.state_dict().items()} for n, m in recipe.modules.items()}
@@ -145,8 +141,8 @@ def test_gan_step_trains_g_and_d_and_leaves_the_clip_frozen(shapes):
 def test_gan_diversity_options_reach_g_and_d(shapes):
     """Noise injection, mode seeking on D's features and near misses as D's fakes: each term is computed and
     moves the parameters it is for (the noise scales start at 0, so only a gradient can move them)."""
-    from pipelines.training.driver import make_batch
-    from pipelines.training.recipes import near_miss_batch
+    from promptmill.pipelines.training.driver import make_batch
+    from promptmill.pipelines.training.recipes import near_miss_batch
 
     recipe, _, data = tiny_gan(shapes, 64, {"noise_inject": True}, mode_seeking=0.02, near_miss_fakes=0.5)
     logs = recipe.step(make_batch(data, 0, 32, 0), 0)
@@ -168,7 +164,7 @@ def test_same_seed_same_training_and_other_settings_do_not_resume(ray_local, sha
 
 def test_cli_overrides_read_exponents_as_numbers():
     """YAML 1.1 reads `1e-4` as a string; the optimizer then failed at its first step, minutes into a run."""
-    from pipelines.spec import parse_overrides
+    from promptmill.pipelines.spec import parse_overrides
 
     items = ["text_lr=1e-4", "lr=2e-4", "steps=3", "text_in_fc=true", "columns=png", "x=0.5"]
     assert dict(parse_overrides(items)) == {
@@ -179,7 +175,7 @@ def test_cli_overrides_read_exponents_as_numbers():
 def test_shipped_recipe_configs_validate(kind):
     from pathlib import Path
 
-    from pipelines.spec import spec_data, validated
+    from promptmill.pipelines.spec import spec_data, validated
 
     cfg = Path(__file__).resolve().parents[1] / "pipelines" / "training" / "configs" / f"{kind}.yaml"
     spec = validated(TrainSpec, *spec_data(cfg, kind="recipe"))
@@ -202,9 +198,9 @@ def test_train_cli_reads_a_recipe_file_and_refuses_typos(tmp_path):
 
     cfg = tmp_path / "judge.yaml"
     cfg.write_text("kind: judge\ndata: nowhere\nout: out\nrecipe: {lr: 0.01}\n")
-    run = subprocess.run([sys.executable, "-m", "jobs.cli", "train", "judge", "--config", str(cfg), "--recipe",
+    run = subprocess.run([sys.executable, "-m", "promptmill.jobs.cli", "train", "judge", "--config", str(cfg), "--recipe",
                           "lrr=1"], capture_output=True, text=True)
     assert run.returncode != 0 and "recipe.lrr" in run.stderr and "'lr'" in run.stderr
-    run = subprocess.run([sys.executable, "-m", "jobs.cli", "train", "vq", "--config", str(cfg)],
+    run = subprocess.run([sys.executable, "-m", "promptmill.jobs.cli", "train", "vq", "--config", str(cfg)],
                          capture_output=True, text=True)
     assert run.returncode != 0 and "is a 'judge' recipe, not 'vq'" in run.stderr

@@ -1,10 +1,9 @@
 """Row validation: every bad row gets its reason; seeds are stable and batch-independent."""
 
 import pyarrow as pa
-
-from pipelines.batch.expand import expand_batch, image_seed
-from pipelines.batch.validate import ID, REASON, validate_batch
-from pipelines.spec import InputSpec
+from promptmill.pipelines.batch.expand import expand_batch, image_seed
+from promptmill.pipelines.batch.validate import ID, REASON, validate_batch
+from promptmill.pipelines.spec import InputSpec
 
 
 def test_reasons():
@@ -46,8 +45,7 @@ def test_blocklist_words_match_whole_words_and_patterns_search():
 
 def test_a_bad_blocklist_pattern_names_the_field():
     import pytest
-
-    from pipelines.spec import SpecError, load_spec
+    from promptmill.pipelines.spec import SpecError, load_spec
 
     with pytest.raises(SpecError, match=r"input.blocklist.patterns.*patterns\[1\]"):
         load_spec({"name": "x", "input": {"path": "p", "blocklist": {"patterns": ["ok", "(unclosed"]}},

@@ -14,14 +14,13 @@ from typing import ClassVar
 
 import numpy as np
 import torch
-
-from models.clip import CLIPScorer
-from models.generator import load_generator
-from models.images import decode_image, to_nchw, to_nhwc
-from models.judge import HEADS, IGNORE, Judge, judge_prompts, labels, pairwise_cosine, scene_from_dict
-from models.rerank import generate_best_of
-from models.shapes import Scene, binding_swaps, matches, mismatches, parse, stated
-from models.vq import load_vq
+from promptmill.models.clip import CLIPScorer
+from promptmill.models.generator import load_generator
+from promptmill.models.images import decode_image, to_nchw, to_nhwc
+from promptmill.models.judge import HEADS, IGNORE, Judge, judge_prompts, labels, pairwise_cosine, scene_from_dict
+from promptmill.models.rerank import generate_best_of
+from promptmill.models.shapes import Scene, binding_swaps, matches, mismatches, parse, stated
+from promptmill.models.vq import load_vq
 
 
 @dataclass
@@ -93,7 +92,7 @@ def malformed_threshold(judge: Judge, target: float = 0.9925, seed: int = 2) -> 
     """The near-miss head's decision threshold: the highest on a grid at which the judge still rejects `target` of
     the near-miss corpus (validation seed 2; training uses 0, tests 1), so that as few real renders as possible
     (validation: test split seed 21) are called near misses."""
-    from models.shapes.near_miss import near_miss
+    from promptmill.models.shapes.near_miss import near_miss
 
     rows = [near_miss(i, seed) for i in range(1800)]
     images = to_nchw(np.stack([r[3] for r in rows]))
@@ -115,7 +114,7 @@ def near_duplicate_distance(judge: Judge, captions: int = 500, renders: int = 4,
     than this are near-duplicates. A low quantile, not the minimum: two jittered renders can be nearly equal."""
     from dataclasses import replace
 
-    from models.shapes import BACKGROUNDS, caption, render, sample_scene
+    from promptmill.models.shapes import BACKGROUNDS, caption, render, sample_scene
 
     rng = random.Random(f"{seed}/near-duplicate")
     dists = []
@@ -143,7 +142,7 @@ def report_card(captions: list[str], verdicts: list) -> dict[str, dict[str, floa
       position / relation: one object's place / two objects' relation;  size: every stated size
       background: prompts that state it;  whole shapes: every drawing whole, whatever it shows
     and how often the judge alone and the geometry alone agree on match / no match."""
-    from models.shapes.geometry import geometry_matches, geometry_scene
+    from promptmill.models.shapes.geometry import geometry_matches, geometry_scene
 
     hits: dict[str, list[bool]] = {c: [] for c in (*CATEGORIES, "judge agrees with geometry")}
     for cap, v in zip(captions, verdicts):
@@ -172,7 +171,7 @@ def report_card(captions: list[str], verdicts: list) -> dict[str, dict[str, floa
 def near_miss_rejection(judge: Judge, rows: int = 900, seed: int = 1) -> dict[str, float]:
     """Per near-miss kind (a seed the judge did not train on): the share the judge alone rejects (sees a near miss
     or misreads the caption), and the share `prompt_match` rejects (judge and geometry)."""
-    from models.shapes.near_miss import KINDS, near_miss
+    from promptmill.models.shapes.near_miss import KINDS, near_miss
 
     data = [near_miss(i, seed) for i in range(rows)]
     verdicts = judge_prompts(judge, to_nchw(np.stack([d[3] for d in data])), [d[2] for d in data])

@@ -30,9 +30,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
-
-from pipelines.batch.diversity import annotate
-from pipelines.layout import (
+from promptmill.pipelines.batch.diversity import annotate
+from promptmill.pipelines.layout import (
     METADATA,
     METADATA_SCHEMA,
     SHARDS,
@@ -43,7 +42,7 @@ from pipelines.layout import (
     tar_bytes,
     tar_members,
 )
-from pipelines.storage import full_url, join, parquet_bytes, put_atomic
+from promptmill.pipelines.storage import full_url, join, parquet_bytes, put_atomic
 
 log = logging.getLogger(__name__)
 BUCKET_BYTES = 8 << 20  # Parquet bytes merged in memory at once (~10k scored rows): the commit's memory bound

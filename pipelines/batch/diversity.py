@@ -21,7 +21,7 @@ import pyarrow.compute as pc
 
 def annotate(table: pa.Table, threshold: float | None) -> pa.Table:
     """`table` (sorted by model, id) with its diversity and near_duplicate columns set."""
-    from models.judge import pairwise_cosine  # torch: only when committing
+    from promptmill.models.judge import pairwise_cosine  # torch: only when committing
 
     n = len(table)
     diversity = np.full(n, np.nan, np.float32)

@@ -5,9 +5,8 @@ from __future__ import annotations
 import hashlib
 
 import pyarrow as pa
-
-from pipelines.batch.validate import ID, REASON, column_values, prompt_text
-from pipelines.layout import sample_key
+from promptmill.pipelines.batch.validate import ID, REASON, column_values, prompt_text
+from promptmill.pipelines.layout import sample_key
 
 
 def image_seed(job_seed: int, row_id: str, model: str, sample: int) -> int:

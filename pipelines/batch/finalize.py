@@ -13,13 +13,12 @@ from dataclasses import dataclass, field
 
 import pyarrow.compute as pc
 from fsspec import AbstractFileSystem
-
-from pipelines.batch.commit import commit, metadata_files, read_json, write_json
-from pipelines.layout import REJECTED, STAGING, SUCCESS, SUMMARY
-from pipelines.runs.report import write_report
-from pipelines.runs.results import Run, score_summary
-from pipelines.spec import JobSpec, redact
-from pipelines.storage import full_url, join
+from promptmill.pipelines.batch.commit import commit, metadata_files, read_json, write_json
+from promptmill.pipelines.layout import REJECTED, STAGING, SUCCESS, SUMMARY
+from promptmill.pipelines.runs.report import write_report
+from promptmill.pipelines.runs.results import Run, score_summary
+from promptmill.pipelines.spec import JobSpec, redact
+from promptmill.pipelines.storage import full_url, join
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +75,7 @@ def near_duplicate_distance(spec: JobSpec) -> float | None:
     """The scoring judge's calibrated threshold (None without a judge or a calibration)."""
     if not (spec.scoring.enabled and spec.scoring.judge):
         return None
-    from models.judge import load_judge
+    from promptmill.models.judge import load_judge
 
     return load_judge(spec.scoring.judge, storage_options=spec.scoring.storage_options).calibration.get(
         "near_duplicate_distance")
@@ -126,7 +125,7 @@ def finalize(spec: JobSpec, fs: AbstractFileSystem, root: str, *, input_rows: in
     if spec.metrics.reference or spec.output.report:
         run = Run(out_url, spec.output.storage_options, summary=result.summary)  # reads the committed metadata
         if spec.metrics.reference:
-            from pipelines.runs.evaluate import evaluate_run  # torch and torchmetrics: ~2 s of the driver's start
+            from promptmill.pipelines.runs.evaluate import evaluate_run  # torch and torchmetrics: ~2 s of the driver's start
 
             m = spec.metrics
             evaluate_run(run, m.reference, spec.scoring.judge, max_images=m.max_images,

@@ -16,15 +16,14 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import ray
-
-from models import load_generator
-from models.clip import load_clip
-from models.precision import at_precision
-from models.rerank import generate_best_of
-from pipelines.batch.isolate import run_isolated
-from pipelines.batch.score import ScoreStage, device_for
-from pipelines.batch.threads import ActorThreads
-from pipelines.spec import ModelSpec, ScoringSpec, redact_text
+from promptmill.models import load_generator
+from promptmill.models.clip import load_clip
+from promptmill.models.precision import at_precision
+from promptmill.models.rerank import generate_best_of
+from promptmill.pipelines.batch.isolate import run_isolated
+from promptmill.pipelines.batch.score import ScoreStage, device_for
+from promptmill.pipelines.batch.threads import ActorThreads
+from promptmill.pipelines.spec import ModelSpec, ScoringSpec, redact_text
 
 log = logging.getLogger(__name__)
 

@@ -18,13 +18,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
-
-from pipelines.batch.commit import done_keys, write_json
-from pipelines.batch.expand import expand_batch
-from pipelines.batch.finalize import JobResult, finalize
-from pipelines.batch.lease import Lease, LeaseHeld
-from pipelines.batch.pools import MAX_TASK_RETRIES, map_in_pool
-from pipelines.batch.preflight import (
+from promptmill.pipelines.batch.commit import done_keys, write_json
+from promptmill.pipelines.batch.expand import expand_batch
+from promptmill.pipelines.batch.finalize import JobResult, finalize
+from promptmill.pipelines.batch.lease import Lease, LeaseHeld
+from promptmill.pipelines.batch.pools import MAX_TASK_RETRIES, map_in_pool
+from promptmill.pipelines.batch.preflight import (
     PreflightError,
     check_models,
     check_output_reachable,
@@ -40,16 +39,16 @@ from pipelines.batch.preflight import (
     scoring_pool_size,
     writes_in_actors,
 )
-from pipelines.batch.progress import Progress
-from pipelines.batch.ray_cluster import ensure_ray, local_cores
-from pipelines.batch.read import InputPlan, read_prompts
-from pipelines.batch.validate import ID, REASON, validate_batch
-from pipelines.batch.write import WriteStage
-from pipelines.layout import REJECTED, SPEC, STAGING
-from pipelines.retry import ENV as RETRY_ENV
-from pipelines.retry import STORAGE_LINE, RetryPolicy, StorageError
-from pipelines.spec import JobSpec, OutputSpec, SpecError
-from pipelines.storage import arrow_fs, filesystem, full_url, join
+from promptmill.pipelines.batch.progress import Progress
+from promptmill.pipelines.batch.ray_cluster import ensure_ray, local_cores
+from promptmill.pipelines.batch.read import InputPlan, read_prompts
+from promptmill.pipelines.batch.validate import ID, REASON, validate_batch
+from promptmill.pipelines.batch.write import WriteStage
+from promptmill.pipelines.layout import REJECTED, SPEC, STAGING
+from promptmill.pipelines.retry import ENV as RETRY_ENV
+from promptmill.pipelines.retry import STORAGE_LINE, RetryPolicy, StorageError
+from promptmill.pipelines.spec import JobSpec, OutputSpec, SpecError
+from promptmill.pipelines.storage import arrow_fs, filesystem, full_url, join
 
 log = logging.getLogger(__name__)
 
@@ -120,8 +119,8 @@ def _images(spec: JobSpec, validated: ray.data.Dataset, done: frozenset[str], re
     unioned, then the scoring pool if there is one. `write`: the last actor stage writes what it made (pixels
     then never cross the object store to a write task). `todo`: images each model has left to draw (pools sized
     to the work: `preflight.cpu_actors`); None = unknown."""
-    from pipelines.batch.generate import GenerateStage  # torch: imported by the actors, and by the driver only
-    from pipelines.batch.score import ScoreStage  # here, once `check_models` has (run_job)
+    from promptmill.pipelines.batch.generate import GenerateStage  # torch: imported by the actors, and by the driver only
+    from promptmill.pipelines.batch.score import ScoreStage  # here, once `check_models` has (run_job)
 
     branches, cores, actors = [], local_cores(), sum(p.actors for p in pools(spec))
     pool = scoring_pool(spec)

@@ -19,9 +19,8 @@ import uuid
 from dataclasses import asdict, dataclass
 
 from fsspec import AbstractFileSystem
-
-from pipelines.layout import LEASE
-from pipelines.storage import is_local_fs, join, put_atomic
+from promptmill.pipelines.layout import LEASE
+from promptmill.pipelines.storage import is_local_fs, join, put_atomic
 
 log = logging.getLogger(__name__)
 

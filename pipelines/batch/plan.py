@@ -11,14 +11,13 @@ from typing import Any
 
 import pyarrow.compute as pc
 import ray
-
-from pipelines.batch.commit import done_keys
-from pipelines.batch.job import retry_policy, start_ray, validated_prompts
-from pipelines.batch.preflight import check_output_reachable, preflight
-from pipelines.batch.validate import ID, REASON
-from pipelines.layout import sample_key
-from pipelines.spec import JobSpec, redact_text
-from pipelines.storage import filesystem, full_url
+from promptmill.pipelines.batch.commit import done_keys
+from promptmill.pipelines.batch.job import retry_policy, start_ray, validated_prompts
+from promptmill.pipelines.batch.preflight import check_output_reachable, preflight
+from promptmill.pipelines.batch.validate import ID, REASON
+from promptmill.pipelines.layout import sample_key
+from promptmill.pipelines.spec import JobSpec, redact_text
+from promptmill.pipelines.storage import filesystem, full_url
 
 
 def plan_job(spec: JobSpec, allow_subset: bool = False) -> dict[str, Any]:

@@ -4,9 +4,8 @@ sizes from `preflight.pool_size`, restarts and retries bounded."""
 from __future__ import annotations
 
 import ray.data
+from promptmill.pipelines.batch.preflight import PoolSize
 from ray.data import ActorPoolStrategy
-
-from pipelines.batch.preflight import PoolSize
 
 # Ray restarts pool actors and retries their tasks without limit by default: a batch that OOM-kills its actor
 # every time hung the job. Past these, the job fails with one line (JobFailed) and a rerun resumes.

@@ -11,16 +11,15 @@ import os
 from dataclasses import dataclass
 
 import pyarrow as pa
+from promptmill.models import CheckpointError
+from promptmill.models.local_cache import content_id
+from promptmill.pipelines.batch.commit import read_json
+from promptmill.pipelines.batch.read import InputPlan, plan_input
+from promptmill.pipelines.layout import IMAGES, LEASE, METADATA, REJECTED, SHARDS, SPEC, STAGING
+from promptmill.pipelines.spec import JobSpec, ScoringSpec, redact, redact_text
+from promptmill.pipelines.storage import filesystem, full_url, is_local, join
+from promptmill.pipelines.tables import InputError
 from pydantic import ValidationError
-
-from models import CheckpointError
-from models.local_cache import content_id
-from pipelines.batch.commit import read_json
-from pipelines.batch.read import InputPlan, plan_input
-from pipelines.layout import IMAGES, LEASE, METADATA, REJECTED, SHARDS, SPEC, STAGING
-from pipelines.spec import JobSpec, ScoringSpec, redact, redact_text
-from pipelines.storage import filesystem, full_url, is_local, join
-from pipelines.tables import InputError
 
 log = logging.getLogger(__name__)
 
@@ -147,7 +146,7 @@ def preflight(spec: JobSpec, allow_subset: bool = False) -> tuple[InputPlan, dic
     except InputError as e:
         raise PreflightError(str(e)) from e
     if spec.metrics.reference:
-        from pipelines.runs.evaluate import read_reference  # torchmetrics: ~1 s a job without metrics need not pay
+        from promptmill.pipelines.runs.evaluate import read_reference  # torchmetrics: ~1 s a job without metrics need not pay
 
         try:
             read_reference(spec.metrics.reference, spec.metrics.storage_options, spec.metrics.image_column, 4)
@@ -159,7 +158,7 @@ def preflight(spec: JobSpec, allow_subset: bool = False) -> tuple[InputPlan, dic
 def check_models(spec: JobSpec) -> None:
     """Every model's checkpoint, family and sampling, and the scorers; the first call in a driver imports torch
     (1.1 s on 2 cores), so the job makes it on a thread while Ray starts."""
-    from models import check_checkpoint, generator_class
+    from promptmill.models import check_checkpoint, generator_class
 
     for i, m in enumerate(spec.models):
         where = f"models[{i}] ({m.name})"
@@ -188,8 +187,8 @@ def check_models(spec: JobSpec) -> None:
 
 def check_scoring(scoring: ScoringSpec, where: str = "scoring.") -> None:
     """Load each scorer once in the driver: a bad checkpoint is an error naming its field before any work."""
-    from models.clip import load_clip
-    from models.judge import load_judge
+    from promptmill.models.clip import load_clip
+    from promptmill.models.judge import load_judge
 
     for field_name, loader in (("clip", load_clip), ("judge", load_judge)):
         url = getattr(scoring, field_name)

@@ -11,8 +11,7 @@ import time
 from collections.abc import Iterator
 
 import ray
-
-from pipelines.batch.preflight import PreflightError
+from promptmill.pipelines.batch.preflight import PreflightError
 
 log = logging.getLogger(__name__)
 

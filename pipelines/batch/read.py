@@ -14,11 +14,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import ray.data
 from fsspec import AbstractFileSystem
-
-from pipelines.batch.validate import InvalidUTF8, column_values
-from pipelines.spec import InputSpec
-from pipelines.storage import full_url
-from pipelines.tables import InputError, list_files, ray_read_parquet
+from promptmill.pipelines.batch.validate import InvalidUTF8, column_values
+from promptmill.pipelines.spec import InputSpec
+from promptmill.pipelines.storage import full_url
+from promptmill.pipelines.tables import InputError, list_files, ray_read_parquet
 
 PROMPT_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary,
                 pa.types.is_large_binary, pa.types.is_null)

@@ -15,13 +15,12 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
-
-from models.clip import load_clip
-from models.images import to_nchw
-from models.judge import judge_prompts, load_judge
-from pipelines.batch.isolate import run_isolated
-from pipelines.batch.threads import ActorThreads
-from pipelines.spec import ScoringSpec, redact
+from promptmill.models.clip import load_clip
+from promptmill.models.images import to_nchw
+from promptmill.models.judge import judge_prompts, load_judge
+from promptmill.pipelines.batch.isolate import run_isolated
+from promptmill.pipelines.batch.threads import ActorThreads
+from promptmill.pipelines.spec import ScoringSpec, redact
 
 log = logging.getLogger(__name__)
 COLUMNS = ("clip_score", "judged", "geometry", "prompt_match", "judge_features")

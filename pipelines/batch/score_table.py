@@ -19,17 +19,16 @@ from collections import defaultdict
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-
-from models.images import decode_image
-from pipelines.batch.lease import Lease
-from pipelines.batch.pools import map_in_pool
-from pipelines.batch.preflight import check_scoring, scoring_pool_size
-from pipelines.batch.ray_cluster import ensure_ray, local_cores
-from pipelines.batch.score import ScoreStage
-from pipelines.layout import LEASE, SUCCESS, SUMMARY
-from pipelines.spec import ScoringSpec, redact
-from pipelines.storage import filesystem, full_url, join, parquet_bytes, put_atomic
-from pipelines.tables import InputError, list_files, ray_read_parquet
+from promptmill.models.images import decode_image
+from promptmill.pipelines.batch.lease import Lease
+from promptmill.pipelines.batch.pools import map_in_pool
+from promptmill.pipelines.batch.preflight import check_scoring, scoring_pool_size
+from promptmill.pipelines.batch.ray_cluster import ensure_ray, local_cores
+from promptmill.pipelines.batch.score import ScoreStage
+from promptmill.pipelines.layout import LEASE, SUCCESS, SUMMARY
+from promptmill.pipelines.spec import ScoringSpec, redact
+from promptmill.pipelines.storage import filesystem, full_url, join, parquet_bytes, put_atomic
+from promptmill.pipelines.tables import InputError, list_files, ray_read_parquet
 
 log = logging.getLogger(__name__)
 

@@ -9,8 +9,7 @@ from __future__ import annotations
 import re
 
 import pyarrow as pa
-
-from pipelines.spec import SAFE_NAME, InputSpec
+from promptmill.pipelines.spec import SAFE_NAME, InputSpec
 
 ID, REASON = "pm_id", "pm_reason"
 

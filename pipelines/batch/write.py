@@ -18,8 +18,7 @@ import uuid
 
 import numpy as np
 import pyarrow as pa
-
-from pipelines.layout import (
+from promptmill.pipelines.layout import (
     DERIVED,
     METADATA,
     METADATA_SCHEMA,
@@ -34,9 +33,9 @@ from pipelines.layout import (
     sample_member_key,
     tar_bytes,
 )
-from pipelines.provenance import FIELDS
-from pipelines.retry import RetryPolicy
-from pipelines.storage import filesystem, full_url, is_local, join, parquet_bytes, put_atomic
+from promptmill.pipelines.provenance import FIELDS
+from promptmill.pipelines.retry import RetryPolicy
+from promptmill.pipelines.storage import filesystem, full_url, is_local, join, parquet_bytes, put_atomic
 
 
 def sample_json(row: dict) -> bytes:

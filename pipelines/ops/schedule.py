@@ -19,10 +19,8 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import pyarrow as pa
 import pyarrow.parquet as pq
 from croniter import croniter
-from pydantic import Field, field_validator
-
-from pipelines.layout import SUCCESS
-from pipelines.spec import (
+from promptmill.pipelines.layout import SUCCESS
+from promptmill.pipelines.spec import (
     Blocklist,
     ImageFormat,
     MetricsSpec,
@@ -36,8 +34,9 @@ from pipelines.spec import (
     spec_data,
     validated,
 )
-from pipelines.storage import filesystem, join, parquet_bytes, put_atomic
-from pipelines.tables import list_files
+from promptmill.pipelines.storage import filesystem, join, parquet_bytes, put_atomic
+from promptmill.pipelines.tables import list_files
+from pydantic import Field, field_validator
 
 log = logging.getLogger(__name__)
 PROMPTS = "prompts.parquet"
@@ -221,11 +220,11 @@ def fire(s: ScheduleSpec, slot: dt.datetime, dry_run: bool = False) -> dict[str,
     if not fs.exists(prompts_path):  # a re-fired slot keeps the table it first rendered
         put_atomic(fs, prompts_path, parquet_bytes(table))
     if s.submit_address:
-        from pipelines.ops.submit import submit
+        from promptmill.pipelines.ops.submit import submit
 
         sid, created = submit(data, s.submit_address, s.pass_aws_credentials)
         return {"run": rid, "status": "submitted" if created else "already submitted", "submission_id": sid}
-    from pipelines.batch.job import run_job
+    from promptmill.pipelines.batch.job import run_job
 
     result = run_job(spec)
     return {"run": rid, "status": "complete", "line": result.line(), "rejected": result.rejected}

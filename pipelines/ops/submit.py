@@ -1,6 +1,7 @@
 """Ray Jobs submission: the generate job shipped to a cluster through `JobSubmissionClient`.
 
-What travels is an allow-list, never the checkout: the three packages, `pyproject.toml` and the checkpoint
+What travels is an allow-list, never the checkout: the three packages under their import name
+(`promptmill/pipelines/...`, whatever folders they were installed from), `pyproject.toml` and the checkpoint
 directories the spec references by relative path (`shipped_files`; `--dry-run` prints it), each file under a
 size cap. The spec travels in an environment variable, which Ray keeps in JobInfo for anyone who can reach
 the Jobs API: so it must hold no secrets (`${ENV_VAR}` references resolve on the cluster), and credentials
@@ -25,10 +26,23 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipelines.spec import SPEC_PATHS, JobSpec, SpecError, literal_secrets, resolve_env, rewrite_paths, spec_data, validated
+from promptmill.pipelines.spec import (
+    SPEC_PATHS,
+    JobSpec,
+    SpecError,
+    literal_secrets,
+    resolve_env,
+    rewrite_paths,
+    spec_data,
+    validated,
+)
+
+import promptmill
 
 log = logging.getLogger(__name__)
-PROJECT = Path(__file__).resolve().parents[2]  # where the packages are: a checkout, or site-packages in a wheel install
+PROJECT = Path(__file__).resolve().parents[2]  # where the packages are: a checkout, or site-packages/promptmill in a wheel
+PACKAGE_INIT = Path(promptmill.__file__).resolve()  # promptmill/__init__.py, beside the packages or above them
+IMPORT_NAME = "promptmill"  # the working_dir holds the packages under it, as an install does
 SPEC_ENV = "PROMPTMILL_SPEC"
 PACKAGES = ("jobs", "pipelines", "models")
 PACKAGE_FILES = (".py", ".md", ".yaml")  # code, docs beside it, the recipe configs
@@ -65,7 +79,7 @@ def project_relative(data: dict[str, Any]) -> dict[str, Any]:
 
     def relative(v: Any) -> Any:
         inside = isinstance(v, str) and os.path.isabs(v) and root in Path(v).resolve().parents
-        return str(Path(v).resolve().relative_to(root)) if inside else v
+        return travel_path(Path(v).resolve()) if inside else v
 
     data = copy.deepcopy(data)
     rewrite_paths(data, SPEC_PATHS["spec"], relative)
@@ -80,15 +94,32 @@ def refuse_literal_secrets(data: dict[str, Any], name: str = "spec") -> None:
                         "e.g. secret: ${AWS_SECRET_ACCESS_KEY}, or leave credentials to the cluster's identity")
 
 
+def travel_path(path: Path) -> str:
+    """Where a file or folder inside the project sits in the working_dir: a package's under its import name
+    (`models/checkpoints/gan` -> `promptmill/models/checkpoints/gan`, where `shipped:gan` resolves on the
+    cluster), anything else at its path relative to the project."""
+    if path == PACKAGE_INIT:
+        return f"{IMPORT_NAME}/__init__.py"
+    rel = path.relative_to(PROJECT if path.is_relative_to(PROJECT) else PROJECT.resolve())
+    return f"{IMPORT_NAME}/{rel}" if rel.parts and rel.parts[0] in PACKAGES else str(rel)
+
+
+def source_path(travel: str) -> Path:
+    """The file here that `travel_path` placed at `travel` in the working_dir."""
+    if travel == f"{IMPORT_NAME}/__init__.py":
+        return PACKAGE_INIT
+    return PROJECT / travel.removeprefix(f"{IMPORT_NAME}/")
+
+
 def shipped_files(data: dict[str, Any], max_file_mb: float = MAX_FILE_MB) -> list[tuple[str, int]]:
-    """(path relative to the project, bytes) of everything the job's working_dir holds: the packages, the
+    """(path in the working_dir, bytes) of everything the job's working_dir holds: the packages, the
     project file, and the checkpoints the spec names by relative path (the shipped scorers when it leaves
     scoring at its defaults). Raises SpecError naming a referenced checkpoint that is not in the project or a
     file over the size cap."""
     spec = JobSpec.model_validate(resolve_env(data, placeholder="x"))
     roots = [PROJECT / p for p in PACKAGES]
     files = [f for r in roots for f in r.rglob("*") if f.is_file() and f.suffix in PACKAGE_FILES
-             and "__pycache__" not in f.parts]
+             and "__pycache__" not in f.parts] + [PACKAGE_INIT]
     if (PROJECT / "pyproject.toml").is_file():  # a checkout; a wheel install has the packages only
         files.append(PROJECT / "pyproject.toml")
     refs = [(f"models[{i}].checkpoint", m.checkpoint) for i, m in enumerate(spec.models)]
@@ -108,10 +139,10 @@ def shipped_files(data: dict[str, Any], max_file_mb: float = MAX_FILE_MB) -> lis
     for f in sorted(set(files)):
         size = f.stat().st_size
         if size > max_file_mb * 2**20:
-            raise SpecError(f"{f.relative_to(PROJECT)} is {size / 2**20:.0f} MB, over the {max_file_mb:g} MB cap on a "
-                            "shipped file; put it in object storage and reference its URL")
-        out.append((str(f.relative_to(PROJECT)), size))
-    return out
+            raise SpecError(f"{travel_path(f)} is {size / 2**20:.0f} MB, over the {max_file_mb:g} MB "
+                            "cap on a shipped file; put it in object storage and reference its URL")
+        out.append((travel_path(f), size))
+    return sorted(out)
 
 
 def stage_working_dir(files: list[tuple[str, int]]) -> str:
@@ -120,7 +151,7 @@ def stage_working_dir(files: list[tuple[str, int]]) -> str:
     for rel, _ in files:
         dest = Path(tmp, rel)
         dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(PROJECT / rel, dest)
+        shutil.copy2(source_path(rel), dest)
     return tmp
 
 
@@ -198,7 +229,7 @@ def _submit(c, base: str, runtime_env: dict, metadata: dict, entrypoint: dict) -
             sid = attempt_id(base, n + 1)
             if n:
                 log.info("%s ended %s: submitting attempt %d as %s", attempt_id(base, n), status, n + 1, sid)
-            c.submit_job(entrypoint=f"python -m jobs.cli generate env:{SPEC_ENV}", submission_id=sid,
+            c.submit_job(entrypoint=f"python -m promptmill.jobs.cli generate env:{SPEC_ENV}", submission_id=sid,
                          runtime_env=runtime_env, metadata={**metadata, "attempt": str(n + 1)}, **entrypoint)
             return sid, True
         except RuntimeError as e:
@@ -212,7 +243,7 @@ def _submit(c, base: str, runtime_env: dict, metadata: dict, entrypoint: dict) -
 
 def info(sid: str, address: str | None = None) -> dict[str, Any]:
     """The job's status, and its driver's last progress line (from its log: images done / total, img/s, ETA)."""
-    from pipelines.batch.progress import PREFIX
+    from promptmill.pipelines.batch.progress import PREFIX
 
     c = client(address)
     i = c.get_job_info(sid)

@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import numpy as np
-
-from models.images import decode_image
-from models.judge import load_judge
-from pipelines.batch.commit import write_json
-from pipelines.layout import SUMMARY
-from pipelines.runs.metrics import compare
-from pipelines.runs.results import Run
-from pipelines.storage import join
-from pipelines.tables import read_rows
+from promptmill.models.images import decode_image
+from promptmill.models.judge import load_judge
+from promptmill.pipelines.batch.commit import write_json
+from promptmill.pipelines.layout import SUMMARY
+from promptmill.pipelines.runs.metrics import compare
+from promptmill.pipelines.runs.results import Run
+from promptmill.pipelines.storage import join
+from promptmill.pipelines.tables import read_rows
 
 
 def read_reference(url: str, storage_options: dict | None, image_column: str, rows: int) -> np.ndarray:

@@ -14,12 +14,11 @@ import math
 import numpy as np
 import torch
 import torch.nn as nn
+from promptmill.models.images import to_nchw
+from promptmill.models.judge import Judge
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
 from torchmetrics.image.kid import KernelInceptionDistance
-
-from models.images import to_nchw
-from models.judge import Judge
 
 PR_K = 3
 

@@ -12,10 +12,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
-
-from pipelines.layout import REPORT
-from pipelines.runs.results import Run, score_summary
-from pipelines.storage import join
+from promptmill.pipelines.layout import REPORT
+from promptmill.pipelines.runs.results import Run, score_summary
+from promptmill.pipelines.storage import join
 
 THUMB = 96  # 32 px images, nearest-neighbour upscaled
 CSS = """body{font-family:system-ui,sans-serif;margin:24px;color:#222}table{border-collapse:collapse;margin:8px 0 20px}

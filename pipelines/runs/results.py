@@ -7,12 +7,11 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
-
-from models.images import decode_image
-from pipelines.batch import diversity
-from pipelines.batch.commit import SUMMARY_COLUMNS, metadata_files, read_json, read_metadata
-from pipelines.layout import SUMMARY, extension, tar_members
-from pipelines.storage import filesystem, join
+from promptmill.models.images import decode_image
+from promptmill.pipelines.batch import diversity
+from promptmill.pipelines.batch.commit import SUMMARY_COLUMNS, metadata_files, read_json, read_metadata
+from promptmill.pipelines.layout import SUMMARY, extension, tar_members
+from promptmill.pipelines.storage import filesystem, join
 
 # what report and evaluate read of every row: not judge_features (128 floats a row) nor a Parquet-format run's
 # image bytes, which would hold the whole run in the driver; images are fetched for the rows shown (Run.images)

@@ -18,21 +18,20 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from promptmill.models.clip import CLIPConfig, load_clip
+from promptmill.models.gan import GANConfig
+from promptmill.models.images import decode_image, to_nchw
+from promptmill.models.judge import JudgeConfig, labels, scene_from_dict
+from promptmill.models.tokenizer import WordTokenizer
+from promptmill.models.transformer import TransformerConfig
+from promptmill.models.vq import VQConfig, load_vq
+from promptmill.pipelines.spec import CheckpointRef, Strict
+from promptmill.pipelines.storage import absolute, filesystem, join
+from promptmill.pipelines.tables import read_rows
+from promptmill.pipelines.training import KINDS
+from promptmill.pipelines.training.recipes import Batch, CLIPRecipe, GANRecipe, JudgeRecipe, Recipe, TransformerRecipe, VQRecipe
 from pydantic import Field, ValidationError, model_validator
 from safetensors.torch import load_file, save_file
-
-from models.clip import CLIPConfig, load_clip
-from models.gan import GANConfig
-from models.images import decode_image, to_nchw
-from models.judge import JudgeConfig, labels, scene_from_dict
-from models.tokenizer import WordTokenizer
-from models.transformer import TransformerConfig
-from models.vq import VQConfig, load_vq
-from pipelines.spec import CheckpointRef, Strict
-from pipelines.storage import absolute, filesystem, join
-from pipelines.tables import read_rows
-from pipelines.training import KINDS
-from pipelines.training.recipes import Batch, CLIPRecipe, GANRecipe, JudgeRecipe, Recipe, TransformerRecipe, VQRecipe
 
 log = logging.getLogger(__name__)
 
@@ -249,10 +248,9 @@ def check_resumable(spec: TrainSpec, storage: str) -> None:
 
 def run_training(spec: TrainSpec) -> dict:
     import ray
+    from promptmill.pipelines.batch.ray_cluster import prompt_node_lookup
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
-
-    from pipelines.batch.ray_cluster import prompt_node_lookup
 
     if not ray.is_initialized():
         # with its dashboard: Ray Train's placement-group cleaner asks the State API (served there) whether the

@@ -19,17 +19,16 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
+from promptmill.models.checkpoint import save_checkpoint
+from promptmill.models.clip import CLIP, CLIPConfig, CLIPScorer
+from promptmill.models.gan import Discriminator, GANConfig, GANGenerator, GANNet, d_loss, g_loss, sentence
+from promptmill.models.judge import Judge, JudgeConfig
+from promptmill.models.shapes import hard_negatives
+from promptmill.models.shapes.near_miss import near_miss
+from promptmill.models.tokenizer import WordTokenizer
+from promptmill.models.transformer import DalleTransformer, TransformerConfig, TransformerGenerator
+from promptmill.models.vq import VQConfig, VQModel
 from pydantic import BaseModel, ConfigDict, Field
-
-from models.checkpoint import save_checkpoint
-from models.clip import CLIP, CLIPConfig, CLIPScorer
-from models.gan import Discriminator, GANConfig, GANGenerator, GANNet, d_loss, g_loss, sentence
-from models.judge import Judge, JudgeConfig
-from models.shapes import hard_negatives
-from models.shapes.near_miss import near_miss
-from models.tokenizer import WordTokenizer
-from models.transformer import DalleTransformer, TransformerConfig, TransformerGenerator
-from models.vq import VQConfig, VQModel
 
 
 @dataclass
@@ -145,7 +144,7 @@ class JudgeRecipe(Recipe):
         return {"loss": loss.item()}
 
     def export(self, url: str, storage_options: dict | None = None) -> None:
-        from models.shapes.evaluate import malformed_threshold, near_duplicate_distance
+        from promptmill.models.shapes.evaluate import malformed_threshold, near_duplicate_distance
 
         self.model.eval().cpu()
         self.model.calibration = {"near_duplicate_distance": near_duplicate_distance(self.model)}

@@ -1,5 +1,5 @@
 """What the chaos cases share: a moto S3 that can be stopped and restarted on its port, a throttling proxy in
-front of it, a GAN job on it run as a user runs it (`python -m jobs.cli generate`, its own embedded Ray), and
+front of it, a GAN job on it run as a user runs it (`python -m promptmill.jobs.cli generate`, its own embedded Ray), and
 the check every case ends with: one image and one metadata row per (id, model, sample), nothing left in
 `_staging/`, summary counts equal to the tables.
 """
@@ -144,7 +144,7 @@ def write_job(store: Store, tmp_path: Path, n: int, retry: dict | None = None, e
 
 def run(path: Path, env: dict) -> subprocess.Popen:
     """`promptmill generate` in its own session (so the kill cases can take down the driver with its Ray)."""
-    return subprocess.Popen([sys.executable, "-m", "jobs.cli", "generate", str(path)], cwd=ROOT, env=env,
+    return subprocess.Popen([sys.executable, "-m", "promptmill.jobs.cli", "generate", str(path)], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
 
 
