@@ -8,13 +8,14 @@ The contract (`Generator`): `family`, a pydantic `Sampling` model (validated in 
 and `generate(prompts, seeds, **sampling) -> uint8 (N, H, W, 3)` whose image i depends only on (prompts[i],
 seeds[i], sampling): the same pixels at any batch size and on any actor, which resume and rerank rely on. To the
 bit on CPU; on CUDA kernels may differ by batch size, and a 300M Transformer in bf16 on an H200 drew pixels within
-1 level of 255 of its one-batch bare draw (README, "On a GPU").
+1 level of 255 of its one-batch bare draw (docs/benchmarks.md, "On a GPU").
 Loading: either our checkpoint format (`from_config` + `from_checkpoint`, config.json + model.safetensors) or
 the family's own `load(url, device, storage_options)` classmethod for any other layout.
 """
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, ClassVar, Protocol
 
 import numpy as np
@@ -41,15 +42,16 @@ class Generator(Protocol):
 
 def load_generator(
     url: str, device: str | torch.device | None = None, storage_options: dict | None = None,
-    family: str | None = None,
+    family: str | None = None, **load_options: Any,
 ) -> Generator:
     """Load a checkpoint (local path or fsspec URL) onto `device` (default: CUDA if present). `family` (the
     spec's) picks a plugin's own loader for its own layout; our layout names its family in config.json, and its
     weights' names and shapes are checked against what the config builds before any weight is read."""
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     own = _own_layout(family)
-    if own is not None:
-        return own.load(url, device, storage_options)
+    if own is not None:  # `load_options` (precision, variant) go to a loader that names them
+        accepted = inspect.signature(own.load).parameters
+        return own.load(url, device, storage_options, **{k: v for k, v in load_options.items() if k in accepted})
 
     config, tensors = load_checkpoint(url, storage_options, expect=_expected(url))  # config.json read once
     cls = generator_class(config["family"])

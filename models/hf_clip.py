@@ -13,7 +13,7 @@ import torch
 from promptmill.models.checkpoint import CheckpointError
 from promptmill.models.clip import Scorer
 from promptmill.models.images import to_nchw
-from promptmill.models.local_cache import local_copy
+from promptmill.models.local_cache import local_copy, refuse_pickled_weights
 
 
 def _features(out) -> torch.Tensor:
@@ -56,7 +56,9 @@ def load_hf_clip(url: str, device: torch.device | str = "cpu", storage_options: 
     except ImportError as e:
         raise CheckpointError("a Hugging Face CLIP needs the optional extra: pip install 'promptmill[diffusers]'") from e
     local = local_copy(url, storage_options)
+    refuse_pickled_weights(local, url)
     try:
-        return HFCLIPScorer(CLIPModel.from_pretrained(local), CLIPProcessor.from_pretrained(local), device)
+        return HFCLIPScorer(CLIPModel.from_pretrained(local, use_safetensors=True), CLIPProcessor.from_pretrained(local),
+                            device)
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise CheckpointError(f"checkpoint {url!r}: not a loadable Hugging Face CLIP directory ({e})") from e

@@ -20,7 +20,8 @@ import numpy as np
 import torch
 from promptmill.models.checkpoint import CheckpointError
 from promptmill.models.generator import check_inputs
-from promptmill.models.local_cache import local_copy
+from promptmill.models.local_cache import local_copy, refuse_pickled_weights
+from promptmill.models.precision import DTYPES
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
 INDEX = "model_index.json"
@@ -52,11 +53,15 @@ def pipeline_class(local_or_url: str, storage_options: dict | None = None) -> ty
         raise CheckpointError("the diffusers family needs the optional extra: pip install 'promptmill[diffusers]'") from e
     try:
         with fsspec.open(f"{local_or_url.rstrip('/')}/{INDEX}", "rb", **(storage_options or {})) as f:
-            name = json.load(f)["_class_name"]
+            index = json.load(f)
     except FileNotFoundError as e:
         raise CheckpointError(f"checkpoint {local_or_url!r}: no {INDEX} (not a diffusers pipeline directory)") from e
-    except (ValueError, KeyError) as e:
-        raise CheckpointError(f"checkpoint {local_or_url!r}: {INDEX} is not valid ({e})") from e
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {local_or_url!r}: {INDEX} is not valid JSON ({e})") from e
+    name = index.get("_class_name") if isinstance(index, dict) else None
+    if not isinstance(name, str) or not name.isidentifier():
+        raise CheckpointError(f"checkpoint {local_or_url!r}: {INDEX} is not valid: it needs an object whose "
+                              f"\"_class_name\" names a diffusers pipeline class (got {str(name)[:80]!r})")
     cls = getattr(diffusers, name, None)
     if cls is None:
         raise CheckpointError(f"checkpoint {local_or_url!r}: {INDEX} names {name!r}, which diffusers "
@@ -81,7 +86,11 @@ def _default_size(pipe: Any) -> int:
 
 
 class DiffusersGenerator:
+    """`last_info` after each `generate`: per image, `non_finite` (NaN / inf anywhere: an fp16 VAE overflow) and
+    `nsfw` (the safety checker's flag, None without one); the job rejects or flags those rows."""
+
     family = "diffusers"
+    handles_precision = True  # `precision` is the weights' dtype (models.precision leaves it alone)
 
     def __init__(self, pipe: Any, device: torch.device) -> None:
         self.pipe, self.device = pipe, device
@@ -89,6 +98,8 @@ class DiffusersGenerator:
         self.Sampling = sampling_model(type(pipe))
         self.height = self.width = _default_size(pipe)
         self.per_image = False  # set when the pipeline cannot take one generator per image
+        self.precision = "fp32"
+        self.last_info: dict[str, list] = {}
 
     @classmethod
     def preflight(cls, url: str, storage_options: dict | None, sampling: dict) -> None:
@@ -96,27 +107,52 @@ class DiffusersGenerator:
         sampling_model(pipeline_class(url, storage_options))(**sampling)
 
     @classmethod
-    def load(cls, url: str, device: torch.device, storage_options: dict | None = None) -> DiffusersGenerator:
+    def load(cls, url: str, device: torch.device, storage_options: dict | None = None, precision: str | None = None,
+             variant: str | None = None) -> DiffusersGenerator:
+        """`precision`: the weights' dtype (None: fp16 on CUDA, fp32 elsewhere); `variant`: which weight files."""
         pipeline_class(url, storage_options)  # a clear error before any copy
+        precision = precision or ("fp16" if device.type == "cuda" else "fp32")
+        if precision == "fp16" and device.type != "cuda":
+            raise CheckpointError(f"checkpoint {url!r}: precision fp16 runs on CUDA only; on {device.type} use bf16 "
+                                  "or fp32 (models[].precision)")
         local = local_copy(url, storage_options)
         os.environ["HF_HUB_OFFLINE"] = "1"  # never a hub download at run time
         from diffusers import DiffusionPipeline
 
-        dtype = torch.float16 if device.type == "cuda" else torch.float32
-        try:
-            pipe = DiffusionPipeline.from_pretrained(local, torch_dtype=dtype, local_files_only=True)
+        refuse_pickled_weights(local, url)
+        try:  # safetensors only: a .bin is a pickle, which can run code when it is loaded
+            pipe = DiffusionPipeline.from_pretrained(local, torch_dtype=DTYPES[precision], local_files_only=True,
+                                                     use_safetensors=True, variant=variant)
         except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
-            raise CheckpointError(f"checkpoint {url!r}: diffusers cannot load it ({e})") from e
+            hint = f" (variant {variant!r}: are its files there?)" if variant else ""
+            raise CheckpointError(f"checkpoint {url!r}: diffusers cannot load it{hint} ({e})") from e
         pipe.set_progress_bar_config(disable=True)
-        return cls(pipe.to(device), device)
+        gen = cls(pipe.to(device), device)
+        gen.precision = precision
+        return gen
 
-    def _call(self, prompts: list[str], seeds: list[int], s: BaseModel) -> np.ndarray:
-        gens = [torch.Generator(device=self.device).manual_seed(seed) for seed in seeds]
+    def _call(self, prompts: list[str], seeds: list[int], s: BaseModel) -> tuple[np.ndarray, list]:
+        """Float images in [0, 1] (NaN where the pipeline overflowed) and the safety checker's flags (None each
+        when the pipeline has no checker). Noise comes from CPU generators: the same on any device (diffusers'
+        own advice for reproducibility)."""
+        gens = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
         kwargs = {k: v for k, v in s.model_dump().items() if v is not None}
         kwargs.setdefault("height", self.height)
         kwargs.setdefault("width", self.width)
         out = self.pipe(prompt=prompts, generator=gens[0] if self.per_image else gens, output_type="np", **kwargs)
-        return np.asarray(out.images)
+        flags = getattr(out, "nsfw_content_detected", None)
+        return np.asarray(out.images, np.float32), list(flags) if flags is not None else [None] * len(prompts)
+
+    @property
+    def max_prompt_tokens(self) -> int | None:
+        """The text encoder's token limit, read from the pipeline's tokenizer (None when it states none)."""
+        n = getattr(getattr(self.pipe, "tokenizer", None), "model_max_length", None)
+        return n if isinstance(n, int) and 0 < n < 100_000 else None
+
+    def prompt_tokens(self, prompts: list[str]) -> list[int]:
+        """Tokens each prompt takes in the text encoder, before any cut (start and end tokens included)."""
+        tok = self.pipe.tokenizer
+        return [len(ids) for ids in tok(list(prompts), truncation=False)["input_ids"]]
 
     @torch.inference_mode()
     def generate(self, prompts: list[str], seeds: list[int], **sampling) -> np.ndarray:
@@ -127,11 +163,14 @@ class DiffusersGenerator:
             return np.zeros((0, *size, 3), np.uint8)
         if not self.per_image:
             try:  # one generator per image (a list), the same draws at any batch size
-                images = self._call(prompts, seeds, s)
+                images, nsfw = self._call(prompts, seeds, s)
             except (AttributeError, TypeError, ValueError) as e:
                 if "generator" not in str(e) and "device" not in str(e):
                     raise
                 self.per_image = True  # e.g. aMUSEd's scheduler takes one generator for the whole batch
         if self.per_image:
-            images = np.concatenate([self._call([p], [seed], s) for p, seed in zip(prompts, seeds)])
-        return (np.clip(images, 0, 1) * 255).round().astype(np.uint8)
+            calls = [self._call([p], [seed], s) for p, seed in zip(prompts, seeds)]
+            images, nsfw = np.concatenate([c[0] for c in calls]), [c[1][0] for c in calls]
+        finite = np.isfinite(images.reshape(len(images), -1)).all(1)
+        self.last_info = {"non_finite": [not f for f in finite], "nsfw": nsfw}
+        return (np.clip(np.nan_to_num(images, nan=0.0), 0, 1) * 255).round().astype(np.uint8)

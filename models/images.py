@@ -14,9 +14,29 @@ if TYPE_CHECKING:  # the driver decodes images for its report without importing 
     import torch
 
 
+MAX_PIXELS = 8192 * 8192  # 2x the largest size a spec may ask for; a larger header is a decompression bomb
+
+
 def decode_image(data: bytes) -> np.ndarray:
-    """Encoded bytes (any Pillow format) -> uint8 (H, W, 3)."""
-    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+    """Encoded bytes (any Pillow format) -> uint8 (H, W, 3). The size in the header is checked before the pixels
+    are decoded (a 2 KB PNG can claim 50,000 x 50,000)."""
+    try:
+        im = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as e:  # Pillow's own bound (2 x 89 MP) trips first on huge claims
+        raise ValueError(f"image over the {MAX_PIXELS:,}-pixel bound ({e}); refused") from None
+    if im.width * im.height > MAX_PIXELS:
+        raise ValueError(f"image of {im.width} x {im.height} pixels, over the {MAX_PIXELS:,}-pixel bound; refused")
+    return np.asarray(im.convert("RGB"))
+
+
+def by_shape(images) -> list[tuple[list[int], np.ndarray]]:
+    """(row indices, uint8 (n, H, W, 3) stack) per image size, in order of first appearance: a batch may hold
+    images of several models and sizes (Ray Data hands those over as an object array), and every model
+    stacks images of one size only."""
+    groups: dict[tuple, list[int]] = {}
+    for i, im in enumerate(images):
+        groups.setdefault(np.shape(im), []).append(i)
+    return [(idx, np.stack([np.asarray(images[i]) for i in idx])) for idx in groups.values()]
 
 
 def to_nchw(images: np.ndarray) -> torch.Tensor:

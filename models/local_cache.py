@@ -31,6 +31,8 @@ def local_copy(url: str, storage_options: dict | None = None) -> str:
     listing = _listing(fs, root)
     if not listing:
         raise CheckpointError(f"checkpoint {url!r}: no files there")
+    for p, _, _ in listing:
+        safe_relpath(p, url)  # every key first: a prefix with one unsafe key is refused before a byte is copied
     key = hashlib.blake2b(json.dumps([url, listing]).encode(), digest_size=12).hexdigest()
     dest = cache_dir() / key
     if (dest / DONE).exists():
@@ -39,8 +41,11 @@ def local_copy(url: str, storage_options: dict | None = None) -> str:
     tmp.mkdir(parents=True)
     try:
         for p, _, _ in listing:
-            (tmp / p.lstrip("/")).parent.mkdir(parents=True, exist_ok=True)
-            fs.get(root + p, str(tmp / p.lstrip("/")))
+            local = tmp.joinpath(*safe_relpath(p, url).split("/"))
+            if not local.resolve().is_relative_to(tmp.resolve()):  # a link planted in the cache: still refused
+                raise CheckpointError(f"checkpoint {url!r}: key {p!r} resolves outside the local copy")
+            local.parent.mkdir(parents=True, exist_ok=True)
+            fs.get(root + p, str(local))
         (tmp / DONE).touch()
         if dest.exists() and not (dest / DONE).exists():
             shutil.rmtree(dest, ignore_errors=True)  # an unfinished copy (an older version's, or a crash's): ours
@@ -51,6 +56,20 @@ def local_copy(url: str, storage_options: dict | None = None) -> str:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return str(dest)
+
+
+def safe_relpath(key: str, url: str) -> str:
+    """The path under the copy for `key` (a listing's path below the prefix, "/" first). Object keys are literal
+    strings: one holding `..`, `.`, an empty part, a backslash or a control character could name a file outside
+    the copy (a `.pth` in site-packages runs on every interpreter start), so the whole prefix is refused."""
+    rel = key[1:] if key.startswith("/") else key
+    parts = rel.split("/")
+    bad = (not rel or any(part in ("", ".", "..") for part in parts) or "\\" in rel
+           or any(ord(c) < 32 or c == "\x7f" for c in rel))
+    if bad:
+        raise CheckpointError(f"checkpoint {url!r}: unsafe key {key!r} in the prefix (empty, absolute, '.' or '..' "
+                              "parts, a backslash or a control character); nothing was copied. Remove or rename it")
+    return rel
 
 
 def _listing(fs, root: str) -> list[tuple[str, int, str]]:
@@ -86,3 +105,21 @@ def content_id(url: str, storage_options: dict | None = None) -> str:
     else:  # a plugin's checkpoint may be one object or an empty prefix its family fills in: list what is there
         entries = _listing(fs, root.rstrip("/"))
     return hashlib.blake2b(json.dumps(entries).encode(), digest_size=8).hexdigest()
+
+
+PICKLED = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
+
+
+def refuse_pickled_weights(local: str, url: str) -> None:
+    """Weights only as safetensors: a folder holding pickled weights with no safetensors beside them is refused,
+    with how to convert it (loading a pickle can run any code its author put in it)."""
+    files = [p for p in Path(local).rglob("*") if p.is_file()]
+    pickled = sorted(str(p.relative_to(local)) for p in files if p.suffix in PICKLED)
+    folders_with_safetensors = {p.parent for p in files if p.suffix == ".safetensors"}
+    unconverted = [f for f in pickled if (Path(local) / f).parent not in folders_with_safetensors]
+    if unconverted:
+        raise CheckpointError(
+            f"checkpoint {url!r}: {', '.join(unconverted[:5])} hold pickled weights, and promptmill loads "
+            "safetensors only (a pickle can run code when loaded). Convert once where you trust the file, e.g. "
+            "`DiffusionPipeline.from_pretrained(DIR).save_pretrained(OUT, safe_serialization=True)` (or the "
+            "model's own `save_pretrained(..., safe_serialization=True)`), and point the spec at OUT")

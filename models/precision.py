@@ -35,5 +35,9 @@ class AtPrecision:
         return getattr(self.gen, name)
 
 
-def at_precision(gen: Any, device: str | torch.device, precision: str) -> Any:
-    return gen if precision == "fp32" else AtPrecision(gen, device, precision)
+def at_precision(gen: Any, device: str | torch.device, precision: str | None) -> Any:
+    """`gen` computing in `precision` (None: fp32); a family that sets `handles_precision` loaded its weights in
+    that dtype itself (diffusers) and is returned as it is."""
+    if precision in (None, "fp32") or getattr(gen, "handles_precision", False):
+        return gen
+    return AtPrecision(gen, device, precision)

@@ -28,6 +28,7 @@ class Reranked:
     index: np.ndarray  # (N,) which of the K draws was kept
     score: np.ndarray  # (N,) its clip_score
     all_scores: np.ndarray  # (N, K)
+    info: dict[str, list] | None = None  # the generator's `last_info` for the kept candidates
 
 
 def generate_best_of(gen: Generator, scorer: Scorer, prompts: list[str], seeds: list[int], candidates: int,
@@ -39,8 +40,10 @@ def generate_best_of(gen: Generator, scorer: Scorer, prompts: list[str], seeds: 
     all_prompts = [p for p in prompts for _ in range(candidates)]
     all_seeds = [candidate_seed(s, k) for s in seeds for k in range(candidates)]
     imgs = gen.generate(all_prompts, all_seeds, **sampling)
+    drawn = getattr(gen, "last_info", None) or {}
     sims = scorer.similarity(imgs, all_prompts).reshape(n, candidates)
     best = sims.argmax(1)  # by the raw similarity (clip_score clamps at 0); ties keep the earliest draw
     kept = imgs.reshape(n, candidates, *imgs.shape[1:])[np.arange(n), best]
     scores = np.maximum(sims, 0)
-    return Reranked(kept, best, scores[np.arange(n), best], scores)
+    info = {k: [v[i * candidates + int(b)] for i, b in enumerate(best)] for k, v in drawn.items()}
+    return Reranked(kept, best, scores[np.arange(n), best], scores, info or None)

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 import tarfile
+import uuid
 
 import numpy as np
 import pyarrow as pa
@@ -18,6 +20,8 @@ from PIL import Image
 STAGING, METADATA, REJECTED, SHARDS, IMAGES = "_staging", "metadata", "rejected", "shards", "images"
 SUCCESS, SUMMARY, SPEC, REPORT, LEASE = "_SUCCESS", "summary.json", "_spec.json", "report.html", "_lease.json"
 
+# a job's, a model's or a row id's name becomes part of output paths: letters, digits, '.', '_', '-', no leading dot
+SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # always fullmatch: `$` lets "ok\n" through
 OUTPUT_FORMATS = ("files", "webdataset", "parquet")  # img2dataset's three
 # image format -> (file extension, Pillow save arguments); the one list every spec and writer uses
 IMAGE_FORMATS: dict[str, tuple[str, dict]] = {
@@ -37,11 +41,14 @@ METADATA_SCHEMA = pa.schema([
     ("candidate_score", pa.float64()), ("image", pa.binary()), ("pipeline_class", pa.string()),
     ("geometry", pa.string()), ("judge_features", pa.list_(pa.float32())), ("diversity", pa.float32()),
     ("near_duplicate", pa.bool_()), ("scoring_error", pa.string()), ("checkpoint_id", pa.string()),
-    ("sha256", pa.string()),
+    ("sha256", pa.string()), ("nsfw", pa.bool_()), ("prompt_truncated", pa.bool_()),
 ])
 # null when the job does not score
 SCORES = ("clip_score", "prompt_match", "judged", "geometry", "judge_features", "scoring_error")
-DERIVED = ("diversity", "near_duplicate")  # per prompt, across its samples: set when the metadata is committed
+DERIVED = ("diversity", "near_duplicate")
+# what the generator says of an image (null where it cannot tell): its safety checker's flag, a prompt cut to the
+# text encoder's token limit
+FLAGS = ("nsfw", "prompt_truncated")  # per prompt, across its samples: set when the metadata is committed
 
 
 def extension(image_format: str) -> str:
@@ -80,6 +87,32 @@ def shard_relpath(model: str, number: int) -> str:
     return f"{SHARDS}/{model}/{number:05d}.tar"
 
 
+def staged_part_name(token: str, suffix: str = ".parquet") -> str:
+    """A staged part's file name: the writing run's fencing token (`pipelines.batch.lease`), then a unique id."""
+    return f"{token}~{uuid.uuid4().hex}{suffix}" if token else f"{uuid.uuid4().hex}{suffix}"
+
+
+def part_token(path: str) -> str | None:
+    """The fencing token in a staged part's name (None for a part written without one)."""
+    name = path.rsplit("/", 1)[-1]
+    return name.split("~", 1)[0] if "~" in name else None
+
+
+def rejected_name(number: int) -> str:
+    return f"part-{number:05d}.parquet"
+
+
+# what a run may delete, by name: its own shards and rejected parts, under its own root, nothing else
+OWN_SHARD = re.compile(rf"{SHARDS}/{SAFE_NAME.pattern}/\d{{5,}}\.tar")
+OWN_REJECTED = re.compile(r"part-\d{5,}\.parquet")
+
+
+def own_shard(root: str, path: str) -> bool:
+    """Whether `path` (a filesystem path, protocol stripped) is one of our shards directly under `root`."""
+    rel = path[len(root) + 1:] if path.startswith(root.rstrip("/") + "/") else None
+    return rel is not None and OWN_SHARD.fullmatch(rel) is not None
+
+
 def sample_member_key(row_id: str, sample: int) -> str:
     """WebDataset key (everything before the first dot of a member name): ids may hold dots, '%' never."""
     return f"{row_id.replace('.', '%2E')}_{sample}"
@@ -102,7 +135,21 @@ def tar_bytes(members: list[tuple[str, bytes]]) -> bytes:
     return buf.getvalue()
 
 
+MAX_MEMBER_BYTES = 256 * 2**20  # no image or sidecar of ours comes near; a tar claiming more is not ours
+
+
 def tar_members(data: bytes) -> list[tuple[str, bytes]]:
-    """(name, bytes) of the files in a tar, in order: the inverse of `tar_bytes`."""
+    """(name, bytes) of the files in a tar, in order: the inverse of `tar_bytes`. Only plain members within
+    MAX_MEMBER_BYTES and the tar's own length are read: a sparse member (GNU sparse maps) inflates a few KB of
+    tar into any size, and links or devices have no bytes of ours. Anything else is a ValueError naming it."""
+    out = []
     with tarfile.open(fileobj=io.BytesIO(data)) as tar:
-        return [(m.name, tar.extractfile(m).read()) for m in tar.getmembers() if m.isfile()]
+        for m in tar.getmembers():
+            if m.isdir():
+                continue
+            if m.type not in (tarfile.REGTYPE, tarfile.AREGTYPE) or m.issparse():
+                raise ValueError(f"tar member {m.name!r} is not a plain file (type {m.type!r}); refused")
+            if m.size > min(MAX_MEMBER_BYTES, len(data)):
+                raise ValueError(f"tar member {m.name!r} claims {m.size} bytes in a {len(data)}-byte tar; refused")
+            out.append((m.name, tar.extractfile(m).read()))
+    return out

@@ -8,12 +8,27 @@ guidance describe for generated images. A signed C2PA manifest is not written ye
 
 from __future__ import annotations
 
+import hashlib
 from xml.sax.saxutils import escape, quoteattr
 
 from PIL import PngImagePlugin
 
 TRAINED_ALGORITHMIC_MEDIA = "http://cv.iptc.org/newscodes/digitalsourcetype/trainedAlgorithmicMedia"
 FIELDS = ("prompt", "model", "family", "checkpoint", "checkpoint_id", "seed", "sample")
+MAX_FIELD_CHARS = 2000  # per field: a JPEG's XMP segment holds at most 64 KB, and every field of a row goes in
+
+
+def bounded(fields: dict[str, str]) -> dict[str, str]:
+    """`fields` with any value over MAX_FIELD_CHARS cut, and `<field>_sha256` of its full text beside it, so a
+    long prompt still identifies itself and an image is never refused for the length of its metadata."""
+    out = {}
+    for k, v in fields.items():
+        if len(v) > MAX_FIELD_CHARS:
+            out[k] = v[:MAX_FIELD_CHARS] + "…"
+            out[f"{k}_sha256"] = hashlib.sha256(v.encode()).hexdigest()
+        else:
+            out[k] = v
+    return out
 
 
 def xmp_packet(fields: dict[str, str]) -> bytes:
@@ -38,7 +53,8 @@ def xmp_packet(fields: dict[str, str]) -> bytes:
 
 
 def save_arguments(fmt: str, fields: dict[str, str]) -> dict:
-    """Extra Pillow save() arguments that embed `fields` and the marker in an image of format `fmt`."""
+    """Extra Pillow save() arguments that embed `fields` (bounded) and the marker in an image of format `fmt`."""
+    fields = bounded(fields)
     xmp = xmp_packet(fields)
     if fmt == "png":
         info = PngImagePlugin.PngInfo()

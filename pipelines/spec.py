@@ -12,10 +12,9 @@ from typing import Annotated, Any, Literal, Union, get_args, get_origin
 
 import yaml
 from promptmill.models.families import installed_families
-from promptmill.pipelines.layout import IMAGE_FORMATS, OUTPUT_FORMATS
+from promptmill.pipelines.layout import IMAGE_FORMATS, OUTPUT_FORMATS, SAFE_NAME
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # always fullmatch: `$` lets "ok\n" through
 _EXPONENT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 _SECRET = re.compile(r"(key|secret|token|passw|credential|authorization|signature|connection_string|session|cookie|"
                      r"private)", re.IGNORECASE)
@@ -77,6 +76,9 @@ class InputSpec(Strict):
         default_factory=dict, description="passed to fsspec (s3fs: endpoint_url, key, secret, anon, ...)")
     limit: int | None = Field(default=None, ge=1, description="read only the first N rows (in file order)")
     max_prompt_chars: int = Field(default=1000, ge=1, le=100_000, description="longer prompts are rejected")
+    truncate: bool = Field(default=True, description="a prompt over a model's text-encoder token limit: true draws "
+                           "it cut to the limit with prompt_truncated = true in the metadata; false rejects it "
+                           "(reason prompt_too_many_tokens)")
     blocklist: Blocklist = Field(default_factory=lambda: Blocklist(), description="brand safety: matching prompts "
                                  "are rejected with reason 'blocked'")
     keep_columns: list[str] = Field(default_factory=list, description="input columns carried into each image's "
@@ -158,9 +160,14 @@ class ModelSpec(Strict):
     images_per_prompt: int = Field(default=1, ge=1, le=1000, description="samples per accepted prompt")
     sampling: dict[str, Any] = Field(default_factory=dict, description="family-specific sampling parameters")
     resources: Resources = Field(default_factory=Resources, description="actor pool and batch size")
-    precision: Precision = Field(default="fp32", description="fp32, or bf16 / fp16: generate runs under torch "
-                                 "autocast to that dtype (tensor cores on CUDA; weights stay as loaded, scorers "
-                                 "stay fp32). Changes the pixels, so a rerun into the same output must keep it")
+    precision: Precision | None = Field(default=None, description="fp32, bf16 or fp16; unset: the family's default. "
+                                        "Our families: fp32, and bf16 / fp16 run generate under torch autocast "
+                                        "(weights stay as loaded). diffusers: the weights' dtype, default fp16 on "
+                                        "CUDA and fp32 on CPU (bf16 runs on CPU too). Scorers stay fp32. Changes "
+                                        "the pixels, so a rerun into the same output must keep it")
+    variant: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,32}$", description="diffusers only: "
+                                "the weight files' variant to load (e.g. fp16: unet/diffusion_pytorch_model."
+                                "fp16.safetensors)")
 
     @field_validator("family")
     @classmethod
@@ -180,6 +187,12 @@ class ModelSpec(Strict):
         return v
 
     @model_validator(mode="after")
+    def _variant_is_diffusers(self) -> ModelSpec:
+        if self.variant is not None and self.family != "diffusers":
+            raise ValueError(f"variant: a diffusers option (weight file variants); family {self.family!r} has none")
+        return self
+
+    @model_validator(mode="after")
     def _candidates_per_call(self) -> ModelSpec:
         if self.candidates * self.resources.batch_size > MAX_IMAGES_PER_CALL:
             raise ValueError(f"sampling.candidates x resources.batch_size = {self.candidates} x "
@@ -195,7 +208,8 @@ class ModelSpec(Strict):
     def precision_record(self) -> dict[str, str]:
         """`precision` as the fingerprint and each row's sampling record it: nothing for fp32, so outputs written
         before the field existed still match."""
-        return {} if self.precision == "fp32" else {"precision": self.precision}
+        record = {} if self.precision in (None, "fp32") else {"precision": self.precision}
+        return {**record, **({"variant": self.variant} if self.variant else {})}
 
     @property
     def family_sampling(self) -> dict[str, Any]:
@@ -251,11 +265,16 @@ class OutputSpec(Strict):
                             "batch, per WebDataset shard (a batch holding two models' images makes one shard each) or "
                             "metadata part (files: one part per generated batch)")
     report: bool = Field(default=True, description="write report.html at the end of the job")
+    nsfw: Literal["reject", "flag"] = Field(default="reject", description="an image the pipeline's safety checker "
+                                            "flags (its pixels are black): reject sends the row to rejected/ with "
+                                            "reason nsfw; flag keeps it with nsfw = true in the metadata")
     max_error_fraction: float = Field(default=0.01, ge=0, le=1, description="rows a model raises on (alone, "
                                       "twice) go to rejected/ as generation_error; more than this share of the "
                                       "images fails the job")
     lease_wait_s: float = Field(default=0, ge=0, le=86_400, description="a run whose output another live run is "
                                 "writing waits this long for it, then stops naming it (one writer per output)")
+    lease_ttl_s: float = Field(default=60, ge=2, le=3600, description="the output lease lasts this long unless renewed "
+                               "(every third of it); a run stalled longer loses it to the next run and commits nothing")
     provenance: bool = Field(default=True, description="embed prompt, model, checkpoint id, seed and the IPTC "
                              "'trainedAlgorithmicMedia' (AI-generated) marker in each image file (PNG text chunks, "
                              "XMP); off: pixels only")
@@ -422,25 +441,45 @@ def load_spec(source: str | Path | dict, overrides: list[str] | None = None) -> 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
+_RESOLVED: set[str] = set()  # what this process put into storage options for `${NAME}`: `redact_text` masks it
+_MIN_MASKED = 6  # shorter values (a region's "eu", a bucket "data") would mask ordinary words in every log line
+
+
 def resolve_env(data: Any, environ: Mapping[str, str] | None = None, where: str = "",
-                placeholder: str | None = None) -> Any:
-    """Copy of `data` with every `${NAME}` in a string replaced by the variable's value: secrets stay out of
-    spec files and out of what `promptmill submit` sends (they resolve on the cluster). A missing variable is a
-    SpecError naming the field. `placeholder`: put that in for every reference (to validate a spec elsewhere)."""
+                placeholder: str | None = None, kind: str = "spec", _path: tuple[str, ...] = ()) -> Any:
+    """Copy of `data` with `${NAME}` replaced by the variable's value in the fields that say where data lives and
+    how to reach it: every `storage_options` mapping and the path fields of `SPEC_PATHS[kind]`. Secrets stay out
+    of spec files and out of what `promptmill submit` sends (they resolve on the cluster); any other string keeps
+    its `${...}` as written (a prompt or a template may say ${price}). A missing variable is a SpecError naming
+    the field; each value put into storage options is redacted wherever it would be written or logged (a path's
+    value is where the data is: outputs name it). `placeholder`: put that in
+    for every reference (to validate a spec elsewhere)."""
     env = os.environ if environ is None else environ
     if isinstance(data, dict):
-        return {k: resolve_env(v, env, f"{where}.{k}" if where else str(k), placeholder) for k, v in data.items()}
+        return {k: resolve_env(v, env, f"{where}.{k}" if where else str(k), placeholder, kind, (*_path, str(k)))
+                for k, v in data.items()}
     if isinstance(data, list):
-        return [resolve_env(v, env, f"{where}[{i}]", placeholder) for i, v in enumerate(data)]
-    if isinstance(data, str):
+        return [resolve_env(v, env, f"{where}[{i}]", placeholder, kind, (*_path, str(i))) for i, v in enumerate(data)]
+    if isinstance(data, str) and _resolvable(_path, kind):
         def value(m: re.Match) -> str:
             if placeholder is not None:
                 return placeholder
             if m[1] not in env:
                 raise SpecError(f"{where}: ${{{m[1]}}} is not set in this environment")
+            if len(env[m[1]]) >= _MIN_MASKED and "storage_options" in _path:  # credentials; a path is a location
+                _RESOLVED.add(env[m[1]])
             return env[m[1]]
         return _ENV_REF.sub(value, data)
     return data
+
+
+def _resolvable(path: tuple[str, ...], kind: str) -> bool:
+    """Whether a field (its keys and list indices) takes `${NAME}`: storage options and path fields only."""
+    if "storage_options" in path:
+        return True
+    return any(len(f := field.split(".")) == len(path) and all(k == p or (p == "*" and k.isdigit())
+                                                             for k, p in zip(path, f))
+               for field in SPEC_PATHS.get(kind, ()))
 
 
 def literal_secrets(data: Any, where: str = "") -> list[str]:
@@ -455,15 +494,19 @@ def literal_secrets(data: Any, where: str = "") -> list[str]:
 
 
 def _is_literal(v: Any) -> bool:
-    return v not in (None, "") and not (isinstance(v, str) and _ENV_REF.fullmatch(v.strip()))
+    """A secret written out: text that is not a `${ENV_VAR}` reference (as in `redact`, other values are data)."""
+    return isinstance(v, str) and v != "" and not _ENV_REF.fullmatch(v.strip())
 
 
 def redact(obj: Any) -> Any:
-    """Copy of `obj` safe to write or print: values under secret-looking keys become '***', and in every string
-    the userinfo of URLs (`user:pass@`) and secret-looking query parameters (presigned-URL signatures, SAS
-    tokens) become '***'. The one redaction used for specs, summaries, metadata, logs and errors."""
+    """Copy of `obj` safe to write or print: text values under secret-looking keys become '***', and in every
+    string the userinfo of URLs (`user:pass@`) and secret-looking query parameters (presigned-URL signatures, SAS
+    tokens) become '***'. The one redaction used for specs, summaries, metadata, logs and errors.
+
+    Only a text value is masked: a credential is text, while a mapping keyed by data (a model named `monkey`,
+    `images_total: {monkey: 4}`) must keep its values, so a dict, list or number under such a key is walked."""
     if isinstance(obj, dict):
-        return {k: ("***" if isinstance(k, str) and _SECRET.search(k) and v is not None else redact(v))
+        return {k: ("***" if isinstance(k, str) and _SECRET.search(k) and isinstance(v, str | bytes) else redact(v))
                 for k, v in obj.items()}
     if isinstance(obj, list | tuple):
         return [redact(v) for v in obj]
@@ -473,6 +516,8 @@ def redact(obj: Any) -> Any:
 
 
 def redact_text(text: str) -> str:
+    for value in sorted(_RESOLVED, key=len, reverse=True):  # longest first: one value may hold another
+        text = text.replace(value, "***")
     text = _USERINFO.sub(r"\1***@", text)
     text = _QUERY.sub(lambda m: f"{m[1]}{m[2]}=***" if _SECRET.search(m[2]) or m[2].lower() in _SIGNING else m[0], text)
     return _CONN_KV.sub(lambda m: f"{m[1]}=***", text)

@@ -3,6 +3,7 @@ aMUSEd directories, saved locally and to moto S3, through the full generate job.
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -189,3 +190,169 @@ def test_an_unfinished_cache_entry_is_replaced(pipelines, s3, tmp_path, monkeypa
     (first / INDEX).unlink()
     assert Path(local_copy("s3://bucket/models/amused", s3)) == first and (first / INDEX).exists()
     assert first.parent == cache_dir()
+
+
+def test_models_of_three_sizes_beside_the_shipped_gan_score_report_and_resume_on_s3(ray_local, pipelines, s3, tmp_path,
+                                                                                      monkeypatch):
+    """A user's first real job: pipelines drawing 48 and 64 px beside our 32 px GAN, scoring and the report on,
+    prompts and output on S3, WebDataset shards, then a rerun with new prompts. Every image is scored, the
+    report shows every model, and a report that fails costs nothing committed."""
+    import io
+
+    import pyarrow as pa
+    import s3fs
+    from promptmill.pipelines.runs import report as report_module
+
+    fs = s3fs.S3FileSystem(**s3)
+    fs.put(pipelines["sd"] + "/", "bucket/mixed/models/sd/", recursive=True)
+    monkeypatch.setenv("PROMPTMILL_CACHE", str(tmp_path / "cache"))
+
+    def prompts(name: str, ids: list[str], texts: list[str]) -> None:
+        buf = io.BytesIO()
+        pq.write_table(pa.table({"id": ids, "prompt": texts}), buf)
+        fs.pipe(f"bucket/mixed/prompts/{name}.parquet", buf.getvalue())
+
+    prompts("a", ["a", "b", "c"], ["a small red circle on the left", "a large blue square", "a photo of a cat"])
+    spec = make_spec("s3://bucket/mixed/prompts/", "s3://bucket/mixed/out", {"gan": "shipped:gan"})
+    spec["input"]["storage_options"] = s3
+    spec["output"].update(storage_options=s3, format="webdataset")
+    sd = {"family": "diffusers", "checkpoint": "s3://bucket/mixed/models/sd", "storage_options": s3,
+          "images_per_prompt": 2, "resources": {"batch_size": 4}}
+    spec["models"] += [{**sd, "name": "sd48", "sampling": {"height": 48, "width": 48, "num_inference_steps": 2}},
+                       {**sd, "name": "sd64", "sampling": {"height": 64, "width": 64, "num_inference_steps": 2}}]
+    res = run_job(load_spec(spec))
+    assert res.images_total == {"gan": 6, "sd48": 6, "sd64": 6}
+    out = "bucket/mixed/out"
+
+    def committed() -> list[dict]:
+        fs.invalidate_cache()
+        return pa.concat_tables([pq.read_table(io.BytesIO(fs.cat_file(f))) for f in fs.find(f"{out}/metadata")],
+                                promote_options="permissive").to_pylist()
+
+    rows = committed()
+    assert {(r["model"], r["width"], r["height"]) for r in rows} == {("gan", 32, 32), ("sd48", 48, 48), ("sd64", 64, 64)}
+    assert all(r["scoring_error"] is None and r["clip_score"] is not None and r["judged"] is not None for r in rows)
+    assert len({round(r["clip_score"], 3) for r in rows}) > 3  # scored, not one default value
+    summary = json.loads(fs.cat_file(f"{out}/summary.json"))
+    assert "report_error" not in summary and fs.exists(f"{out}/_SUCCESS")
+    page = fs.cat_file(f"{out}/report.html").decode()
+    for m in ("gan", "sd48", "sd64"):
+        assert f"alt='{m}'" in page  # side by side: every model's thumbnail
+    assert "width=96 height=96" in page  # the 32, 48 and 64 px images upscaled by whole factors (3x, 2x)
+
+    # a report that fails (here: forced) never blocks the committed run; `promptmill report` rebuilds it
+    def broken(_run):
+        raise RuntimeError("report broke")
+
+    monkeypatch.setattr(report_module, "build_report", broken)
+    prompts("b", ["d"], ["a green triangle"])
+    res = run_job(load_spec(spec))
+    assert res.images_total == {"gan": 8, "sd48": 8, "sd64": 8} and res.images_written == {"gan": 2, "sd48": 2, "sd64": 2}
+    summary = json.loads(fs.cat_file(f"{out}/summary.json"))
+    assert summary["report_error"] == "RuntimeError: report broke" and fs.exists(f"{out}/_SUCCESS")
+    assert len(committed()) == 24 and all(r["clip_score"] is not None for r in committed())
+    monkeypatch.undo()
+    opts = json.dumps(s3)
+    assert main(["report", "s3://bucket/mixed/out", "--storage-options", opts]) == 0
+    assert "report_error" not in json.loads(fs.cat_file(f"{out}/summary.json"))
+    assert "alt='sd64'" in fs.cat_file(f"{out}/report.html").decode()
+
+
+def test_non_finite_and_flagged_images_never_land_as_good_ones(ray_local, tmp_path):
+    """A VAE that returns NaN: every row is rejected as non_finite_output (and counts against max_error_fraction);
+    a safety checker that flags everything: rows rejected as nsfw by default, kept with nsfw = true under
+    output.nsfw: flag; a pipeline without a checker leaves the column null. Summary and report count them."""
+    from promptmill.pipelines.batch.job import JobFailed
+    from tiny_hf import tiny_sd_nan_vae, tiny_sd_with_checker
+
+    write_prompts(tmp_path / "in" / "a.parquet", ["a red circle", "a blue square", "a photo of a cat"], ["a", "b", "c"])
+    nan, flagged = str(tiny_sd_nan_vae(tmp_path / "nan")), str(tiny_sd_with_checker(tmp_path / "flagged"))
+    clean = str(tiny_sd_with_checker(tmp_path / "clean", flag_everything=False))
+
+    spec = _spec(tmp_path, nan, "sd", str(tmp_path / "o-nan"))
+    spec["output"]["max_error_fraction"] = 1.0
+    res = run_job(load_spec(spec))
+    assert res.images_total == {} or res.images_total == {"sd": 0}
+    assert res.rejected == {"non_finite_output": 6}
+    rejected = pq.read_table(tmp_path / "o-nan" / "rejected").to_pylist()
+    assert {r["reason"] for r in rejected} == {"non_finite_output"} and "fp16 VAE overflow" in rejected[0]["error"]
+    spec["output"].update(path=str(tmp_path / "o-nan2"), max_error_fraction=0.5)
+    with pytest.raises(JobFailed, match="6 of 6 images failed"):
+        run_job(load_spec(spec))
+
+    spec = _spec(tmp_path, flagged, "sd", str(tmp_path / "o-reject"))
+    res = run_job(load_spec(spec))
+    assert res.rejected == {"nsfw": 6} and res.images_written == {"sd": 0}
+    spec["output"].update(path=str(tmp_path / "o-flag"), nsfw="flag", report=True)
+    res = run_job(load_spec(spec))
+    rows = pq.read_table(tmp_path / "o-flag" / "metadata").to_pylist()
+    assert len(rows) == 6 and all(r["nsfw"] is True for r in rows)
+    assert all(decode_image(Path(r["image_path"]).read_bytes()).max() == 0 for r in rows)  # the checker's black
+    assert json.loads((tmp_path / "o-flag" / "summary.json").read_text())["scores"]["sd"]["nsfw_images"] == 6
+
+    spec = _spec(tmp_path, clean, "sd", str(tmp_path / "o-clean"))
+    run_job(load_spec(spec))
+    rows = pq.read_table(tmp_path / "o-clean" / "metadata").to_pylist()
+    assert all(r["nsfw"] is False for r in rows)  # a checker that passed them: false, not null
+    spec = _spec(tmp_path, str(tmp_path / "flagged-base"), "sd", str(tmp_path / "o-none"))  # no checker
+    run_job(load_spec(spec))
+    rows = pq.read_table(tmp_path / "o-none" / "metadata").to_pylist()
+    assert all(r["nsfw"] is None for r in rows)
+    summary = json.loads((tmp_path / "o-none" / "summary.json").read_text())
+    assert summary["scores"]["sd"]["nsfw_images"] is None  # cannot tell, not zero
+
+
+def test_prompts_over_the_token_limit_are_flagged_or_rejected_and_noise_comes_from_the_cpu(ray_local, pipelines,
+                                                                                            tmp_path):
+    """The tiny pipeline's tokenizer takes 16 tokens: a longer prompt is drawn cut and flagged prompt_truncated
+    (input.truncate: true, the default), or rejected as prompt_too_many_tokens (false)."""
+    from promptmill.models.hf_diffusers import DiffusersGenerator
+
+    long = "a red circle on the left " * 6  # 30 words: over 16 tokens
+    write_prompts(tmp_path / "in" / "a.parquet", ["a red circle", long], ["short", "long"])
+    spec = _spec(tmp_path, pipelines["sd"], "sd", str(tmp_path / "out"))
+    res = run_job(load_spec(spec))
+    rows = {(r["id"], r["sample"]): r for r in pq.read_table(tmp_path / "out" / "metadata").to_pylist()}
+    assert res.images_total == {"sd": 4}
+    assert rows[("long", 0)]["prompt_truncated"] is True and rows[("short", 0)]["prompt_truncated"] is False
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["scores"]["sd"]["prompt_truncated_images"] == 2
+    spec = _spec(tmp_path, pipelines["sd"], "sd", str(tmp_path / "strict"))
+    spec["input"]["truncate"] = False
+    res = run_job(load_spec(spec))
+    assert res.rejected == {"prompt_too_many_tokens": 2} and res.images_total == {"sd": 2}
+    rejected = pq.read_table(tmp_path / "strict" / "rejected").to_pylist()
+    assert all(r["id"] == "long" and "the text encoder takes 16" in r["error"] for r in rejected)
+    # the initial noise is drawn by CPU generators: what a GPU resume draws too (same seeds, same latents)
+    gen = DiffusersGenerator.load(pipelines["sd"], torch.device("cpu"))
+    seen = []
+
+    class Recorded:  # the real pipeline, with the generators it is handed written down
+        def __init__(self, pipe) -> None:
+            self.pipe = pipe
+
+        def __call__(self, *args, **kwargs):
+            gens = kwargs["generator"]
+            seen.extend(g.device.type for g in (gens if isinstance(gens, list) else [gens]))
+            return self.pipe(*args, **kwargs)
+
+        def __getattr__(self, name):
+            return getattr(self.pipe, name)
+
+    gen.pipe = Recorded(gen.pipe)
+    gen.generate(["a red circle", "a blue square"], [1, 2], **SIZES["sd"])
+    assert seen == ["cpu", "cpu"]
+
+
+def test_precision_sets_the_weights_dtype_and_bf16_runs_on_cpu(pipelines):
+    from promptmill.models.checkpoint import CheckpointError
+    from promptmill.models.hf_diffusers import DiffusersGenerator
+
+    fp32 = DiffusersGenerator.load(pipelines["sd"], torch.device("cpu"))
+    bf16 = DiffusersGenerator.load(pipelines["sd"], torch.device("cpu"), precision="bf16")
+    assert fp32.pipe.unet.dtype == torch.float32 and bf16.pipe.unet.dtype == torch.bfloat16
+    a, b = (g.generate(["a red circle"], [3], **SIZES["sd"]) for g in (fp32, bf16))
+    assert a.shape == b.shape == (1, 32, 32, 3) and 0 < np.abs(a.astype(int) - b).mean() < 40  # close, not equal
+    with pytest.raises(CheckpointError, match="fp16 runs on CUDA only"):
+        DiffusersGenerator.load(pipelines["sd"], torch.device("cpu"), precision="fp16")
+    with pytest.raises(CheckpointError, match="variant 'fp16'"):
+        DiffusersGenerator.load(pipelines["sd"], torch.device("cpu"), variant="fp16")  # no such files here

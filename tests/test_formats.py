@@ -135,7 +135,7 @@ def test_parquet_and_files_layouts_carry_the_same_bytes_provenance_catalog_colum
         assert not {"image", "judge_features"} & set(run.metadata.column_names) and len(run.metadata) == 10
         rows = run.rows("gan").slice(1, 3)  # the images of just these rows, fetched by key in either layout
         want = [decode_image(ref[k]) for k in zip(rows.column("id").to_pylist(), rows.column("sample").to_pylist())]
-        assert np.array_equal(run.images(rows), np.stack(want))
+        assert np.array_equal(np.stack(run.images(rows)), np.stack(want))
 
 
 def test_files_written_in_tasks_are_the_actors_bytes_exactly_once(ray_local, checkpoints, tmp_path):

@@ -43,7 +43,7 @@ def test_a_128_character_id_writes_in_every_format(ray_local, checkpoints, tmp_p
     run = Run(str(tmp_path / "out"))
     rows = run.rows("gan")
     assert sorted(set(rows.column("id").to_pylist())) == ["short", long_id]
-    assert run.images(rows).shape == (4, 32, 32, 3)  # every image reads back, the long id's included
+    assert [im.shape for im in run.images(rows)] == [(32, 32, 3)] * 4  # every image reads back, the long id's included
 
 
 def test_names_that_end_in_a_newline_are_not_path_safe(checkpoints, tmp_path):
@@ -339,7 +339,8 @@ def test_stale_leases_are_taken_over_and_live_ones_name_their_owner(tmp_path):
     lease_file.parent.mkdir()
 
     def plant(host: str, pid: int, expires: float) -> None:
-        lease_file.write_text(json.dumps({"run": "other", "host": host, "pid": pid, "job": "j1", "expires": expires}))
+        lease_file.write_text(json.dumps({"run": "other", "host": host, "pid": pid, "job": "j1", "expires": expires,
+                                          "pidns": os.readlink("/proc/self/ns/pid")}))
 
     plant("elsewhere", 123, time.time() + 600)
     with pytest.raises(LeaseHeld, match=r"held by run other \(pid 123 on elsewhere, job j1; its lease expires in"):
@@ -407,7 +408,7 @@ def test_a_second_writer_is_refused_while_the_first_commits_and_a_crash_keeps_th
     rows = Run(out, opts).rows("gan")
     keys = list(zip(rows.column("id").to_pylist(), rows.column("sample").to_pylist()))
     assert len(keys) == len(set(keys)) == 12
-    assert Run(out, opts).images(rows).shape == (12, 32, 32, 3)
+    assert [im.shape for im in Run(out, opts).images(rows)] == [(32, 32, 3)] * 12
 
 
 def test_deploy_files_keep_the_dashboard_private_with_token_auth_and_no_static_keys():

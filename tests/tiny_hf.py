@@ -84,3 +84,37 @@ def tiny_hf_clip(d: Path) -> Path:
     transformers.CLIPModel(config).save_pretrained(str(d))
     transformers.CLIPProcessor(image_processor=image_proc, tokenizer=tok).save_pretrained(str(d))
     return d
+
+
+def tiny_sd_with_checker(d: Path, flag_everything: bool = True) -> Path:
+    """The tiny SD pipeline with a Stable Diffusion safety checker built here (a tiny CLIP vision tower) whose
+    thresholds flag every image (`flag_everything`) or none: the checker's real code path, black-out included."""
+    from diffusers.pipelines.stable_diffusion.safety_checker import StableDiffusionSafetyChecker
+
+    base = diffusers.StableDiffusionPipeline.from_pretrained(str(tiny_sd(d.parent / f"{d.name}-base")))
+    torch.manual_seed(0)
+    config = transformers.CLIPConfig(
+        text_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=1,
+                         vocab_size=64, max_position_embeddings=16),
+        vision_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=1,
+                           image_size=32, patch_size=8), projection_dim=16)
+    checker = StableDiffusionSafetyChecker(config)
+    with torch.no_grad():  # score = cos - threshold: a threshold of -2 is exceeded by every image, +2 by none
+        checker.concept_embeds_weights.fill_(-2.0 if flag_everything else 2.0)
+        checker.special_care_embeds_weights.fill_(-2.0 if flag_everything else 2.0)
+    extractor = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    pipe = diffusers.StableDiffusionPipeline(vae=base.vae, text_encoder=base.text_encoder, tokenizer=base.tokenizer,
+                                             unet=base.unet, scheduler=base.scheduler, safety_checker=checker,
+                                             feature_extractor=extractor, requires_safety_checker=True)
+    pipe.save_pretrained(str(d))
+    return d
+
+
+def tiny_sd_nan_vae(d: Path) -> Path:
+    """The tiny SD pipeline whose VAE decoder's output convolution holds NaN: every image comes out non-finite,
+    as an fp16 VAE overflow leaves it."""
+    base = diffusers.StableDiffusionPipeline.from_pretrained(str(tiny_sd(d.parent / f"{d.name}-base")))
+    with torch.no_grad():
+        base.vae.decoder.conv_out.bias.fill_(float("nan"))
+    base.save_pretrained(str(d))
+    return d

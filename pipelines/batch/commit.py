@@ -31,12 +31,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 from promptmill.pipelines.batch.diversity import annotate
+from promptmill.pipelines.batch.lease import Fence
 from promptmill.pipelines.layout import (
     METADATA,
     METADATA_SCHEMA,
     SHARDS,
     STAGING,
     member_key,
+    own_shard,
     sample_keys,
     shard_relpath,
     tar_bytes,
@@ -50,7 +52,8 @@ SPILL_ROWS = 8_192  # rows read before they are split into the buckets' spill fi
 MAX_BUCKETS = 4_096
 KEYS = ["model", "id", "sample"]
 # what the job's summary needs of the committed rows (`pipelines.runs.results.score_summary`), returned by commit
-SUMMARY_COLUMNS = ["model", "id", "sample", "clip_score", "prompt_match", "candidates", "diversity", "near_duplicate"]
+SUMMARY_COLUMNS = ["model", "id", "sample", "clip_score", "prompt_match", "candidates", "diversity", "near_duplicate",
+                   "nsfw", "prompt_truncated"]
 SHARD_MANIFEST = "shards-manifest"
 
 
@@ -123,9 +126,12 @@ def read_metadata(fs: AbstractFileSystem, root: str, columns: list[str] | None =
     return _sorted(_read(fs, metadata_files(fs, root)[0], columns))
 
 
-def done_keys(fs: AbstractFileSystem, root: str) -> frozenset[str]:
-    committed, staged = metadata_files(fs, root)
-    return frozenset(sample_keys(_read(fs, committed + staged, KEYS)))
+def done_keys(fs: AbstractFileSystem, root: str, files: list[str] | None = None) -> frozenset[str]:
+    """Sample keys in the committed metadata and the staged parts (`files`: those, already listed)."""
+    if files is None:
+        committed, staged = metadata_files(fs, root)
+        files = committed + staged
+    return frozenset(sample_keys(_read(fs, files, KEYS)))
 
 
 def _first_rows(table: pa.Table) -> pa.Array:
@@ -136,10 +142,18 @@ def _first_rows(table: pa.Table) -> pa.Array:
     return rows.take(pc.array_sort_indices(rows))
 
 
-def commit(fs: AbstractFileSystem, root: str, near_duplicate_distance: float | None = None) -> pa.Table:
+def commit(fs: AbstractFileSystem, root: str, near_duplicate_distance: float | None = None,
+           fence: Fence | None = None) -> pa.Table:
     """Merge staging into metadata/ with one row per sample, each prompt's diversity and near-duplicates set over
-    all its samples (`pipelines.batch.diversity`); returns the committed rows' SUMMARY_COLUMNS."""
+    all its samples (`pipelines.batch.diversity`); returns the committed rows' SUMMARY_COLUMNS. `fence`: the
+    run's lease; only the staged parts it accepts are merged, and it is checked before anything is replaced."""
     committed_sizes, staged_sizes = _metadata_listing(fs, root)
+    if fence is not None:
+        for p in [p for p in staged_sizes if not fence.accepts(p)]:
+            log.warning("not committing %s: written by another holder of the lease (a stale writer) after this "
+                        "run took it", p)
+            del staged_sizes[p]
+        fence.check()
     committed, staged = list(committed_sizes), list(staged_sizes)
     files = committed + staged
     size = sum(committed_sizes.values()) + sum(staged_sizes.values())
@@ -168,6 +182,8 @@ def commit(fs: AbstractFileSystem, root: str, near_duplicate_distance: float | N
             pa.default_memory_pool().release_unused()  # else the pool keeps every bucket's peak (module doc)
     if not summaries:  # an empty run still commits one (empty) file: a reader finds its schema
         put_atomic(fs, join(root, METADATA, f"part-{gen}-00000.parquet"), parquet_bytes(METADATA_SCHEMA.empty_table()))
+    if fence is not None:
+        fence.check()  # still ours before the old parts go: a successor may be reading them
     for f in files:  # only now: every row above is safely in the new generation
         fs.rm(f)
     _sweep_shards(fs, root, members, shards)
@@ -308,10 +324,14 @@ def _sweep_shards(fs: AbstractFileSystem, root: str, kept: pa.Table, moved: dict
         return
     used = {fs._strip_protocol(moved.get(p, p)) for p in _shard_rows(kept).column("image_path").to_pylist()}
     for m in manifests:
-        for f in read_json(fs, m) or []:
-            if fs._strip_protocol(f) not in used and fs.exists(f):
+        listed = read_json(fs, m)
+        for f in listed if isinstance(listed, list) else []:
+            path = fs._strip_protocol(f) if isinstance(f, str) else None
+            if path is None or not own_shard(root, path):  # a shared output's manifest may name anything
+                log.warning("%s lists %r, which is not one of this output's shards: left alone", m, f)
+            elif path not in used and fs.exists(path):
                 log.warning("removing unreferenced shard %s (copied by a commit that did not finish)", f)
-                fs.rm(f)
+                fs.rm(path)
         fs.rm(m)
 
 

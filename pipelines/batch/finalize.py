@@ -9,12 +9,15 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import pyarrow.compute as pc
 from fsspec import AbstractFileSystem
 from promptmill.pipelines.batch.commit import commit, metadata_files, read_json, write_json
-from promptmill.pipelines.layout import REJECTED, STAGING, SUCCESS, SUMMARY
+from promptmill.pipelines.batch.isolate import error_text
+from promptmill.pipelines.batch.lease import Fence
+from promptmill.pipelines.layout import OWN_REJECTED, REJECTED, STAGING, SUCCESS, SUMMARY, rejected_name
 from promptmill.pipelines.runs.report import write_report
 from promptmill.pipelines.runs.results import Run, score_summary
 from promptmill.pipelines.spec import JobSpec, redact
@@ -60,15 +63,27 @@ def _publish_rejected(fs: AbstractFileSystem, root: str, previous: list[str]) ->
     input rows). Deletes only the files the last summary lists as its own; returns the names published."""
     staging, final = join(root, STAGING, REJECTED), join(root, REJECTED)
     for name in previous:
-        if fs.exists(join(final, name)):
+        if not isinstance(name, str) or OWN_REJECTED.fullmatch(name) is None:  # summary.json is anyone's to edit
+            log.warning("summary.json lists %r among the rejected files, which is not one of ours: left alone", name)
+        elif fs.exists(join(final, name)):
             fs.rm(join(final, name))
     staged = sorted(f for f in (fs.find(staging) if fs.exists(staging) else []) if f.endswith(".parquet"))
     if staged:
         fs.makedirs(final, exist_ok=True)
-    names = [f"part-{i:05d}.parquet" for i in range(len(staged))]
+    names = [rejected_name(i) for i in range(len(staged))]
     for f, name in zip(staged, names):  # file by file: s3fs' recursive mv trips over the (non-existent) directory key
         fs.mv(f, join(final, name))
     return names
+
+
+def _after_commit(fs: AbstractFileSystem, root: str, run: Run, key: str, step: Callable[[], object]) -> None:
+    """Run a step that reads the committed run; its failure is recorded under `key` in summary.json, not raised."""
+    try:
+        step()
+    except Exception as e:  # noqa: BLE001 - the data is committed; this part is rebuilt by its own command
+        log.exception("%s failed after the data was committed", key.removesuffix("_error"))
+        run.summary[key] = error_text(e)
+        write_json(fs, join(root, SUMMARY), run.summary)
 
 
 def near_duplicate_distance(spec: JobSpec) -> float | None:
@@ -83,7 +98,7 @@ def near_duplicate_distance(spec: JobSpec) -> float | None:
 
 def finalize(spec: JobSpec, fs: AbstractFileSystem, root: str, *, input_rows: int, rejected: dict[str, int],
              written: dict[str, int], started: float, stats: str | None = None,
-             phases: dict[str, float] | None = None) -> JobResult:
+             phases: dict[str, float] | None = None, fence: Fence | None = None) -> JobResult:
     """Finish a run: exactly one metadata row per sample, then rejected rows, summary, metrics, report and
     `_SUCCESS` (last, so it doubles as the "done" marker). A rerun on a complete output changes nothing."""
     out_url = full_url(fs, root)
@@ -98,14 +113,16 @@ def finalize(spec: JobSpec, fs: AbstractFileSystem, root: str, *, input_rows: in
                          time.time() - started, skipped=True, summary=summary)
     # 2. Merge staging into metadata/, move the rejected rows
     pause_point("commit")
+    if fence is not None:
+        fence.check()  # a run that stalled here past its lease stops before it touches anything committed
     if fs.exists(success):
         fs.rm(success)
-    table = commit(fs, root, near_duplicate_distance(spec))
+    table = commit(fs, root, near_duplicate_distance(spec), fence)
     previous = read_json(fs, join(root, SUMMARY)) or {}
     if "rejected_files" in previous or not fs.exists(join(root, REJECTED)):
         mine = previous.get("rejected_files", [])
     else:  # a summary from before the list was kept: its rejected/ files are that run's
-        mine = [f.rsplit("/", 1)[-1] for f in fs.find(join(root, REJECTED)) if f.endswith(".parquet")]
+        mine = [f.rsplit("/", 1)[-1] for f in fs.find(join(root, REJECTED)) if OWN_REJECTED.fullmatch(f.rsplit("/", 1)[-1])]
     rejected_files = _publish_rejected(fs, root, mine)
     # 3. Summary, from the table just committed (not read back again)
     totals = {str(k): int(v) for k, v in zip(*pc.value_counts(table["model"]).flatten())} if len(table) else {}
@@ -121,20 +138,24 @@ def finalize(spec: JobSpec, fs: AbstractFileSystem, root: str, *, input_rows: in
         "phases_s": {**(phases or {}), "commit": round(time.time() - started - sum((phases or {}).values()), 3)},
     }
     write_json(fs, join(root, SUMMARY), result.summary)
-    # 4. Job-level metrics and the report
+    # 4. Job-level metrics and the report: read from the committed data, so neither can cost it. One that fails
+    # is named in the summary (`metrics_error`, `report_error`); `promptmill evaluate` / `report` redo it
     if spec.metrics.reference or spec.output.report:
         run = Run(out_url, spec.output.storage_options, summary=result.summary)  # reads the committed metadata
         if spec.metrics.reference:
             from promptmill.pipelines.runs.evaluate import evaluate_run  # torch and torchmetrics: ~2 s of the driver's start
 
             m = spec.metrics
-            evaluate_run(run, m.reference, spec.scoring.judge, max_images=m.max_images,
-                         reference_storage_options=m.storage_options, image_column=m.image_column,
-                         judge_storage_options=spec.scoring.storage_options)
-            result.summary = run.summary
+            _after_commit(fs, root, run, "metrics_error", lambda: evaluate_run(
+                run, m.reference, spec.scoring.judge, max_images=m.max_images,
+                reference_storage_options=m.storage_options, image_column=m.image_column,
+                judge_storage_options=spec.scoring.storage_options))
         if spec.output.report:
-            write_report(run)
+            _after_commit(fs, root, run, "report_error", lambda: write_report(run))
+        result.summary = run.summary
     # 5. Done: _SUCCESS last, then staging goes
+    if fence is not None:
+        fence.check()
     fs.pipe(success, b"")
     if fs.exists(join(root, STAGING)):
         fs.rm(join(root, STAGING), recursive=True)

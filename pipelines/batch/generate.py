@@ -30,12 +30,15 @@ log = logging.getLogger(__name__)
 
 class GenerateStage:
     def __init__(self, model: ModelSpec, scoring: ScoringSpec, checkpoint_id: str | None = None,
-                 threads: int | None = None, score: bool = False, write: Callable[[dict], dict] | None = None) -> None:
+                 threads: int | None = None, score: bool = False, write: Callable[[dict], dict] | None = None,
+                 checkpoint_label: str | None = None, nsfw: str = "reject", truncate: bool = True) -> None:
         self.threads = ActorThreads(threads)  # the job's count (preflight.actor_threads), on the device thread
         self.device = device_for(model.resources.num_gpus)
         self.model = model
+        self.nsfw, self.truncate = nsfw, truncate  # output.nsfw, input.truncate
         self.write = write  # the job's WriteStage, when this actor is the last stage (`job._images`)
-        self.gen = at_precision(load_generator(model.checkpoint, self.device, model.storage_options, family=model.family),
+        self.gen = at_precision(load_generator(model.checkpoint, self.device, model.storage_options, family=model.family,
+                                               precision=model.precision, variant=model.variant),
                                 self.device, model.precision)
         # concurrent calls (resources.concurrent_calls) hand their draw and score to this one thread and write side
         # by side: one thread runs torch, so there is one OpenMP team (threads.py) and one CUDA stream in use
@@ -46,7 +49,9 @@ class GenerateStage:
         rerank = model.candidates > 1
         held = self.scores.clip if self.scores is not None else None
         self.scorer = (held or load_clip(scoring.clip, self.device, scoring.storage_options)) if rerank else None
-        self.checkpoint = redact_text(model.checkpoint)  # metadata rows and WebDataset .json carry it
+        # metadata rows, WebDataset .json and XMP carry it, as the driver redacted it (it knows which `${NAME}`
+        # values it put in)
+        self.checkpoint = checkpoint_label or redact_text(model.checkpoint)
         self.checkpoint_id = checkpoint_id  # its content, as preflight identified it (the path alone is not)
         self.node = ray.get_runtime_context().get_node_id()  # provenance: which Ray node drew the image
         log.info("loaded %s (%s) on %s, node %s", model.name, model.family, self.device, self.node)
@@ -59,32 +64,57 @@ class GenerateStage:
         self.threads.on_call()
         return self.draw(batch)
 
+    def _flags(self, i: int, j: int, info: dict[str, list], reason: np.ndarray, error: np.ndarray,
+               nsfw: np.ndarray) -> None:
+        """Row i (the call's j-th image): a non-finite image is an error; a flagged one rejected or marked."""
+        if info.get("non_finite") and info["non_finite"][j]:
+            reason[i], error[i] = "non_finite_output", ("NaN or inf in the image (an fp16 VAE overflow?): try "
+                                                        "precision bf16 or fp32")
+        flagged = info["nsfw"][j] if info.get("nsfw") else None
+        nsfw[i] = None if flagged is None else bool(flagged)
+        if flagged and self.nsfw == "reject" and reason[i] is None:
+            reason[i], error[i] = "nsfw", "the pipeline's safety checker flagged it (its pixels are black)"
+
     def draw(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Generate (and score) one batch: its pixels and metadata columns."""
         prompts = [str(p) for p in batch["prompt"]]
         seeds = [int(s) for s in batch["seed"]]
         n, k = len(prompts), self.model.candidates
 
+        reason, error = np.full(n, None, object), np.full(n, None, object)  # a row not kept: why (rejected/)
+        nsfw, truncated = np.full(n, None, object), np.full(n, None, object)
+        limit = getattr(self.gen, "max_prompt_tokens", None)
+        if limit:  # the text encoder's limit, from the pipeline's own tokenizer
+            for i, t in enumerate(self.gen.prompt_tokens(prompts)):
+                truncated[i] = t > limit
+                if t > limit and not self.truncate:
+                    reason[i], error[i] = "prompt_too_many_tokens", f"{t} tokens; the text encoder takes {limit}"
+
         def draw_rows(idx: list[int]):
             p, s = [prompts[i] for i in idx], [seeds[i] for i in idx]
             if self.scorer is None:
-                return np.asarray(self.gen.generate(p, s, **self.sampling)), np.zeros(len(idx), np.int32), None
+                images = np.asarray(self.gen.generate(p, s, **self.sampling))
+                return images, np.zeros(len(idx), np.int32), None, getattr(self.gen, "last_info", None)
             best = generate_best_of(self.gen, self.scorer, p, s, k, **self.sampling)
-            return best.images, best.index.astype(np.int32), best.score.astype(np.float64)
+            return best.images, best.index.astype(np.int32), best.score.astype(np.float64), best.info
 
-        done, failed = run_isolated(draw_rows, list(range(n)))  # a poison row fails alone, the rest go on
+        todo = [i for i in range(n) if reason[i] is None]
+        done, failed = run_isolated(draw_rows, todo) if todo else ([], {})  # a poison row fails alone
         shape = done[0][1][0].shape[1:] if done else (8, 8, 3)
         pixels = np.zeros((n, *shape), np.uint8)
         index, score = np.zeros(n, np.int32), np.full(n, None, object)
-        for idx, (imgs, ci, cs) in done:
+        for idx, (imgs, ci, cs, info) in done:
             pixels[idx], index[idx] = imgs, ci
             if cs is not None:
                 score[idx] = cs
-        error = np.full(n, None, object)
+            for j, i in enumerate(idx):
+                self._flags(i, j, info or {}, reason, error, nsfw)
         for i, text in failed.items():
-            error[i] = text
+            reason[i], error[i] = "generation_error", text
         batch["pixels"], batch["candidate_index"], batch["candidate_score"] = pixels, index, score
         batch["generation_error"] = error  # the writer sends these rows to rejected/, not to metadata
+        batch["reject_reason"] = reason
+        batch["nsfw"], batch["prompt_truncated"] = nsfw, truncated
         batch["candidates"] = np.full(n, k, np.int32)
         batch["model"] = np.full(n, self.model.name, object)
         batch["family"] = np.full(n, self.model.family, object)

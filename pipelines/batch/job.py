@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 import os
 import sys
@@ -18,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
-from promptmill.pipelines.batch.commit import done_keys, write_json
+from promptmill.pipelines.batch.commit import done_keys, metadata_files, write_json
 from promptmill.pipelines.batch.expand import expand_batch
 from promptmill.pipelines.batch.finalize import JobResult, finalize
 from promptmill.pipelines.batch.lease import Lease, LeaseHeld
@@ -47,7 +48,7 @@ from promptmill.pipelines.batch.write import WriteStage
 from promptmill.pipelines.layout import REJECTED, SPEC, STAGING
 from promptmill.pipelines.retry import ENV as RETRY_ENV
 from promptmill.pipelines.retry import STORAGE_LINE, RetryPolicy, StorageError
-from promptmill.pipelines.spec import JobSpec, OutputSpec, SpecError
+from promptmill.pipelines.spec import JobSpec, OutputSpec, SpecError, redact_text
 from promptmill.pipelines.storage import arrow_fs, filesystem, full_url, join
 
 log = logging.getLogger(__name__)
@@ -107,10 +108,10 @@ def _write_rejected(spec: JobSpec, plan: InputPlan, validated: ray.data.Dataset,
     return counts
 
 
-def _writer(spec: JobSpec, out_url: str) -> WriteStage:
+def _writer(spec: JobSpec, out_url: str, token: str = "") -> WriteStage:
     o = spec.output
     return WriteStage(out_url, o.storage_options, o.image_format, o.format, retry_policy(spec), o.provenance,
-                      tuple(spec.input.keep_columns), o.sidecars)
+                      tuple(spec.input.keep_columns), o.sidecars, token)
 
 
 def _images(spec: JobSpec, validated: ray.data.Dataset, done: frozenset[str], record: dict,
@@ -141,6 +142,8 @@ def _images(spec: JobSpec, validated: ray.data.Dataset, done: frozenset[str], re
         branches.append(map_in_pool(
             samples, GenerateStage, {"model": m, "scoring": spec.scoring, "score": fused,
                                      "checkpoint_id": record["models"][m.name]["checkpoint_id"],
+                                     "checkpoint_label": redact_text(m.checkpoint),
+                                     "nsfw": spec.output.nsfw, "truncate": spec.input.truncate,
                                      "threads": size.threads, "write": last_writes},
             size, num_gpus=r.num_gpus, batch_size=r.batch_size, calls=concurrent_calls(r)))
     images = branches[0].union(*branches[1:]) if len(branches) > 1 else branches[0]
@@ -153,28 +156,31 @@ def _images(spec: JobSpec, validated: ray.data.Dataset, done: frozenset[str], re
 
 
 def _write(spec: JobSpec, images: ray.data.Dataset, write: WriteStage | None, expected: int,
-           progress: Progress) -> tuple[dict[str, int], int, str]:
-    """Images first, then each batch's metadata part; returns images written per model and the rows rejected as
-    generation errors and Ray Data's stats of the run. More errors than `output.max_error_fraction` of the job's
-    `expected` images fails it."""
+           progress: Progress) -> tuple[dict[str, int], dict[str, int], str]:
+    """Images first, then each batch's metadata part; returns images written per model, the rows the generators
+    gave no image to keep, by reason, and Ray Data's stats of the run. More errors (`write.ERROR_REASONS`) than
+    `output.max_error_fraction` of the job's `expected` images fails it."""
     o = spec.output
     stream = images if write is None else write_tasks(images, write, o)
     written: dict[str, int] = {m.name: 0 for m in spec.models}
-    errors, first = 0, None
+    errors, first, reasons = 0, None, {}
     try:
         for batch in stream.iter_batches(batch_size=None, batch_format="numpy"):
-            for name, n, bad, text in zip(batch["model"], batch["images"], batch["errors"], batch["first_error"]):
+            for name, n, bad, text, by_reason in zip(batch["model"], batch["images"], batch["errors"],
+                                                     batch["first_error"], batch["rejected"]):
                 written[str(name)] += int(n)
                 errors += int(bad)
                 first = first or (f"{name}: {text}" if bad else None)
-                progress.update(int(n), int(bad))
+                for r, k in json.loads(by_reason).items():
+                    reasons[r] = reasons.get(r, 0) + k
+                progress.update(int(n), sum(json.loads(by_reason).values()))
     except ray.exceptions.RayError as e:
         raise JobFailed.from_ray(e) from e
     if errors and errors > o.max_error_fraction * expected:
         raise JobFailed(f"{errors} of {expected} images failed to generate (more than output.max_error_fraction = "
                         f"{o.max_error_fraction:g}); first: {first}; they are in rejected/ after a successful run; "
                         "staged work is kept, run the same command again to resume")
-    return written, errors, _stats(stream)
+    return written, reasons, _stats(stream)
 
 
 def write_tasks(images: ray.data.Dataset, write: WriteStage, o: OutputSpec) -> ray.data.Dataset:
@@ -253,7 +259,7 @@ def run_job(spec: JobSpec, allow_subset: bool = False) -> JobResult:
     phases.mark("ray")
     # 2. One writer per output; its settings are on record before the first image
     try:
-        lease = Lease(fs, root, job=_ray_job_id()).acquire(spec.output.lease_wait_s)
+        lease = Lease(fs, root, spec.output.lease_ttl_s, job=_ray_job_id()).acquire(spec.output.lease_wait_s)
     except LeaseHeld as e:
         raise PreflightError(f"output.path: {e}; two runs must not write one output at once") from e
     with lease:
@@ -269,25 +275,25 @@ def run_job(spec: JobSpec, allow_subset: bool = False) -> JobResult:
         # 5. Generate, score and write what is missing
         accepted = plan.rows - sum(rejected.values())
         expected = accepted * sum(m.images_per_prompt for m in spec.models)
-        done = done_keys(fs, root)
+        committed, staged = metadata_files(fs, root)  # listed once: what is done, and the parts this run adopts
+        fence = lease.fence(staged)
+        done = done_keys(fs, root, committed + staged)
         todo = {m.name: max(0, accepted * m.images_per_prompt - sum(k.startswith(f"{m.name}/") for k in done))
                 for m in spec.models}  # sample_key: model/id/sample
         progress = Progress(sum(todo.values()), sum(rejected.values()))  # not expected - done: with
         # --allow-subset, done also holds the left-out models' samples
         # files: the last actor stage writes (output.write_in); WebDataset tars and Parquet parts gather rows in tasks
-        write, in_actors = _writer(spec, out_url), writes_in_actors(spec)
+        write, in_actors = _writer(spec, out_url, lease.token), writes_in_actors(spec)
         images = _images(spec, validated, done, record, write if in_actors else None, todo)
-        written, errors, stats = _write(spec, images, None if in_actors else write, expected, progress)
+        written, dropped, stats = _write(spec, images, None if in_actors else write, expected, progress)
         progress.final()
         if progress.first is not None:
             phases.mark("first_image", progress.first)  # actors start, load their models, draw the first batch
         phases.mark("images")
-        if errors:
-            rejected = {**rejected, "generation_error": errors}
+        rejected = {**rejected, **dropped}
         # 6. Commit exactly once, rejected rows, summary, metrics, report, _SUCCESS last
-        lease.check()
         return finalize(spec, fs, root, input_rows=plan.rows, rejected=rejected, written=written, started=t0,
-                        stats=stats, phases=phases)
+                        stats=stats, phases=phases, fence=fence)
 
 
 def _stats(ds: ray.data.Dataset) -> str:

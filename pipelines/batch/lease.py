@@ -1,14 +1,28 @@
-"""One writer per output: a lease object (`_lease.json`) created exclusively, renewed while the job runs.
+"""One writer per output: a lease object (`_lease.json`) changed only by compare-and-swap, with a fencing token.
 
 Two runs of one output interleaved their commits: both numbered a WebDataset shard 00000, both removed the
 shared `_staging/`, one wrote `_SUCCESS` with rows missing. The lease makes the second run wait or stop with
-the owner's name. Creation is exclusive where the store allows it: `O_EXCL` on local disk, a conditional PUT
-(`If-None-Match: *`) on S3. A lease is stale when its expiry has passed, or at once when its owner ran on this
-host and that process is gone (a killed driver's rerun must not wait for the expiry).
+the owner's name, and keeps a run that stalled past its expiry from writing over its successor:
+
+- creation is exclusive (`O_EXCL` locally, `If-None-Match: *` on S3); a stale lease is taken over, and a live
+  one renewed, only by compare-and-swap on the version that was read (`If-Match` on the ETag on S3; under
+  `flock` on local disk), so of two contenders exactly one wins;
+- each holder has a fencing token (`<generation>.<run>`, the generation one above the lease it replaced); the
+  job's workers put it in every staged part's name, and the commit takes only its own token's parts and the
+  parts it adopted when it took the lease, so a stale writer's late parts are never committed;
+- any renewal failure marks the lease lost, and `check()` renews synchronously (a CAS that proves the lease is
+  still ours right now): the job calls it before the commit, before deleting old parts and before `_SUCCESS`.
+
+A lease is stale when its expiry has passed, or at once when its owner ran on this host in this PID namespace
+and that process is gone (a killed driver's rerun must not wait for the expiry; containers sharing a hostname
+have their own PIDs, so a PID elsewhere proves nothing).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import logging
 import os
@@ -16,17 +30,25 @@ import socket
 import threading
 import time
 import uuid
-from dataclasses import asdict, dataclass
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, fields
 
 from fsspec import AbstractFileSystem
-from promptmill.pipelines.layout import LEASE
-from promptmill.pipelines.storage import is_local_fs, join, put_atomic
+from promptmill.pipelines.layout import LEASE, part_token
+from promptmill.pipelines.storage import is_local_fs, join
 
 log = logging.getLogger(__name__)
 
 
 class LeaseHeld(RuntimeError):
-    """Another live run holds the output; the message names it."""
+    """Another live run holds the output (the message names it), or this run no longer holds it."""
+
+
+def _pid_namespace() -> str:
+    try:
+        return os.readlink("/proc/self/ns/pid")
+    except OSError:
+        return ""
 
 
 @dataclass
@@ -36,11 +58,39 @@ class Holder:
     pid: int
     job: str
     expires: float
+    generation: int = 1
+    pidns: str = ""
+
+    @property
+    def token(self) -> str:
+        """The fencing token: what the run's staged parts carry, and the commit checks."""
+        return f"{self.generation}.{self.run}"
 
     def describe(self) -> str:
         left = self.expires - time.time()
         state = f"expires in {left:.0f} s" if left > 0 else "has expired"
         return f"run {self.run} (pid {self.pid} on {self.host}, job {self.job or '-'}; its lease {state})"
+
+    @classmethod
+    def parse(cls, data: bytes) -> Holder:
+        try:
+            raw = json.loads(data)
+            return cls(**{f.name: raw[f.name] for f in fields(cls) if f.name in raw})
+        except (ValueError, TypeError, KeyError):  # half-written or foreign: treat as expired
+            return cls("unreadable", "?", -1, "", 0.0)
+
+
+@dataclass(frozen=True)
+class Fence:
+    """What the commit needs of the lease: which staged parts are this run's to commit (its own token's, and
+    those that were already there when it took the lease) and a check that the lease is still its own."""
+
+    token: str
+    adopted: frozenset[str]
+    check: Callable[[], None]
+
+    def accepts(self, path: str) -> bool:
+        return part_token(path) == self.token or path in self.adopted
 
 
 def _alive(pid: int) -> bool:
@@ -53,54 +103,132 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def create_exclusive(fs: AbstractFileSystem, path: str, data: bytes) -> None:
-    """Write `path` only if it does not exist (FileExistsError otherwise), atomically where the store can."""
+def create_exclusive(fs: AbstractFileSystem, path: str, data: bytes) -> str:
+    """Write `path` only if it does not exist (FileExistsError otherwise); returns its version (see `Lease`)."""
     if is_local_fs(fs):
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
-    else:
-        fs.pipe_file(path, data, mode="create")  # s3fs: PutObject with If-None-Match: *
+        return data.decode()
+    out = fs.pipe_file(path, data, mode="create")  # s3fs: PutObject with If-None-Match: *
+    return _etag(out) or data.decode()
+
+
+def _etag(response: object) -> str | None:
+    return response.get("ETag") if isinstance(response, dict) else None
+
+
+def _precondition_failed(e: BaseException) -> bool:
+    """S3's 412 (If-Match lost), which s3fs raises as OSError(EINVAL); or the object is gone."""
+    text = f"{type(e).__name__} {e} {e.__cause__ or ''}".lower()
+    return (isinstance(e, FileNotFoundError) or getattr(e, "errno", None) == errno.EINVAL
+            or "precondition" in text or "pre-condition" in text)
 
 
 class Lease:
+    """`version` is what compare-and-swap compares: the object's ETag on S3, its content elsewhere."""
+
     def __init__(self, fs: AbstractFileSystem, root: str, ttl_s: float = 60.0, job: str = "") -> None:
         self.fs, self.path, self.ttl_s = fs, join(root, LEASE), ttl_s
-        self.me = Holder(uuid.uuid4().hex[:12], socket.gethostname(), os.getpid(), job, 0.0)
+        self.me = Holder(uuid.uuid4().hex[:12], socket.gethostname(), os.getpid(), job, 0.0, 1, _pid_namespace())
+        self.version: str | None = None
         self.lost = threading.Event()
         self._stop = threading.Event()
+        self._lock = threading.Lock()  # the renew thread and check() swap one version
         self._thread: threading.Thread | None = None
+        self._s3 = "s3" in (fs.protocol if isinstance(fs.protocol, tuple) else (fs.protocol,))
+
+    @property
+    def token(self) -> str:
+        return self.me.token
 
     def _payload(self) -> bytes:
         self.me.expires = time.time() + self.ttl_s
         return json.dumps(asdict(self.me)).encode()
 
-    def holder(self) -> Holder | None:
+    # -- the store's compare-and-swap ------------------------------------------------------------------------
+    def _read(self) -> tuple[Holder | None, str | None]:
+        """(holder, version) read together; (None, None) when there is no lease."""
         try:
-            return Holder(**json.loads(self.fs.cat_file(self.path)))
+            if self._s3:
+                self.fs.invalidate_cache(self.path)
+                with self.fs.open(self.path, "rb") as f:  # s3fs reads with If-Match on the ETag it saw
+                    data, version = f.read(), f.details.get("ETag")
+                return Holder.parse(data), version
+            data = self.fs.cat_file(self.path)
+            return Holder.parse(data), data.decode(errors="replace")
         except FileNotFoundError:
-            return None
-        except (ValueError, TypeError):  # half-written or foreign: treat as expired
-            return Holder("unreadable", "?", -1, "", 0.0)
+            return None, None
 
+    @contextlib.contextmanager
+    def _local_lock(self):
+        fs = getattr(self.fs, "unwrapped", self.fs)  # the RetryingFS's own filesystem
+        lock = f"{fs._strip_protocol(self.path)}.lock"
+        with open(lock, "a") as fh:
+            fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    def _swap(self, expected: str, data: bytes) -> str | None:
+        """Replace the lease with `data` if it is still at version `expected`; the new version, or None."""
+        if self._s3:
+            try:
+                return _etag(self.fs.pipe_file(self.path, data, IfMatch=expected)) or data.decode()
+            except OSError as e:
+                if _precondition_failed(e):
+                    return None
+                raise
+        if is_local_fs(self.fs):
+            with self._local_lock():
+                _, now = self._read()
+                if now != expected:
+                    return None
+                tmp = f"{self.path}.{uuid.uuid4().hex[:8]}.tmp"
+                self.fs.pipe_file(tmp, data)
+                self.fs.mv(tmp, self.path)  # rename: a reader never sees half a lease
+                return data.decode()
+        _, now = self._read()  # another store: read-compare-write, the best it allows
+        if now != expected:
+            return None
+        self.fs.pipe_file(self.path, data)
+        return data.decode()
+
+    def _delete(self, expected: str) -> None:
+        if self._s3:
+            bucket, key, _ = self.fs.split_path(self.path)
+            with contextlib.suppress(OSError):
+                self.fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=expected)
+            return
+        with self._local_lock() if is_local_fs(self.fs) else contextlib.nullcontext():
+            if self._read()[1] == expected:
+                self.fs.rm(self.path)
+
+    # -- the lease ---------------------------------------------------------------------------------------------
     def _stale(self, h: Holder) -> bool:
-        return h.expires < time.time() or (h.host == self.me.host and h.pid != self.me.pid and not _alive(h.pid))
+        here = h.host == self.me.host and h.pidns == self.me.pidns and bool(h.pidns)
+        return h.expires < time.time() or (here and h.pid != self.me.pid and not _alive(h.pid))
 
     def acquire(self, wait_s: float = 0.0, poll_s: float = 2.0) -> Lease:
         deadline = time.time() + wait_s
         while True:
             try:
-                create_exclusive(self.fs, self.path, self._payload())
+                self.me.generation = 1
+                self.version = create_exclusive(self.fs, self.path, self._payload())
                 break
             except FileExistsError:
-                h = self.holder()
+                h, version = self._read()
                 if h is None:
                     continue  # released between our attempt and our read
                 if self._stale(h):
-                    log.warning("taking over the stale lease of %s", h.describe())
-                    self.fs.rm(self.path)
-                    continue
+                    self.me.generation = max(h.generation, 0) + 1
+                    self.version = self._swap(version, self._payload())
+                    if self.version is not None:
+                        log.warning("took over the stale lease of %s (fencing token %s)", h.describe(), self.token)
+                        break
+                    continue  # another contender swapped first: read again
                 if time.time() >= deadline:
                     raise LeaseHeld(f"{self.path} is held by {h.describe()}") from None
                 time.sleep(poll_s)
@@ -108,27 +236,52 @@ class Lease:
         self._thread.start()
         return self
 
+    def _renew_once(self) -> None:
+        """Extend the lease by CAS on the version we wrote; LeaseHeld (and `lost` set) when that fails."""
+        with self._lock:
+            if self.lost.is_set():
+                raise LeaseHeld(f"{self.path}: this run lost its lease; nothing more is committed")
+            try:
+                version = self._swap(self.version, self._payload())
+            except Exception as e:
+                self.lost.set()
+                raise LeaseHeld(f"{self.path}: renewing this run's lease failed ({type(e).__name__}: {e}); "
+                                "stopping before anything more is committed") from e
+            if version is None:
+                self.lost.set()
+                h, _ = self._read()
+                raise LeaseHeld(f"{self.path}: this run lost its lease to "
+                                f"{h.describe() if h else 'nobody (deleted)'} (stalled past its expiry?)")
+            self.version = version
+
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl_s / 3):
-            h = self.holder()
-            if h is None or h.run != self.me.run:
-                log.error("lost the output lease to %s", h.describe() if h else "nobody (deleted)")
-                self.lost.set()
+            try:
+                self._renew_once()
+            except LeaseHeld as e:
+                log.error("%s", e)
                 return
-            put_atomic(self.fs, self.path, self._payload())  # a reader never sees half a lease (it would look stale)
+
+    def fence(self, staged: list[str]) -> Fence:
+        """The fence for a run that listed `staged` (the staged parts it adopts) after taking this lease."""
+        return Fence(self.token, frozenset(staged), self.check)
 
     def check(self) -> None:
-        """Raise if another run took the lease over (this one stalled past its expiry): do not commit."""
-        if self.lost.is_set():
-            raise LeaseHeld(f"{self.path}: this run lost its lease (stalled past the expiry?); nothing committed")
+        """Prove the lease is still this run's, now (a synchronous renewal); LeaseHeld if not. Before each step
+        that changes committed data."""
+        self._renew_once()
 
     def release(self) -> None:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        h = self.holder()
-        if h is not None and h.run == self.me.run:
-            self.fs.rm(self.path)
+        with self._lock:
+            try:
+                h, version = self._read()
+                if h is not None and h.run == self.me.run and version is not None:
+                    self._delete(version)
+            except OSError as e:  # the job's outcome stands; the lease expires on its own
+                log.warning("could not release %s (%s); it expires in %.0f s", self.path, e, self.ttl_s)
 
     def __enter__(self) -> Lease:
         return self

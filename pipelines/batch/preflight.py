@@ -99,7 +99,7 @@ def _check_fingerprint(spec: JobSpec, previous: dict, allow_subset: bool) -> Non
                              "output path, or --allow-subset to add to it with these models only")
 
 
-_OURS = {SPEC, LEASE, STAGING}  # what may sit in an output before its first `_spec.json`
+_OURS = {SPEC, LEASE, f"{LEASE}.lock", STAGING}  # what may sit in an output before its first `_spec.json`
 
 
 def check_output(spec: JobSpec, plan: InputPlan, allow_subset: bool = False) -> dict | None:
@@ -340,7 +340,7 @@ def scoring_pool_size(scoring: ScoringSpec, actors: int, local_cores: int | None
 def writes_in_actors(spec: JobSpec) -> bool:
     """`output.write_in` decided: the files layout is written by the last actor stage unless tasks are asked for,
     or, by default, a model runs on GPUs. On the 2-core machine the fused write took the write workers' share of the
-    CPU from ~20 % to 3-5 % (README); on an H200 one actor process encoded and wrote ~2,000 img/s of the shipped
+    CPU from ~20 % to 3-5 % (docs/benchmarks.md); on an H200 one actor process encoded and wrote ~2,000 img/s of the shipped
     GAN against the 8,500 it drew, where write tasks spread that over the node's other cores."""
     o = spec.output
     if o.format != "files" or o.write_in == "tasks":

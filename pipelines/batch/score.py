@@ -16,7 +16,7 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from promptmill.models.clip import load_clip
-from promptmill.models.images import to_nchw
+from promptmill.models.images import by_shape, to_nchw
 from promptmill.models.judge import judge_prompts, load_judge
 from promptmill.pipelines.batch.isolate import run_isolated
 from promptmill.pipelines.batch.threads import ActorThreads
@@ -64,17 +64,19 @@ class ScoreStage:
         self.threads.on_call()
         prompts = [str(p) for p in batch["prompt"]]
         n = len(prompts)
-        pixels = np.asarray(batch["pixels"])
+        pixels = batch["pixels"]
         gen_error = batch.get("generation_error", np.full(n, None, object))
         todo = [i for i in range(n) if not isinstance(gen_error[i], str)]  # a failed row has nothing to score
         cols = {k: np.full(n, None, object) for k in (*COLUMNS, "scoring_error")}
-        done, failed = run_isolated(lambda idx: self.score(pixels[idx], [prompts[i] for i in idx]), todo) \
-            if todo else ([], {})
-        for idx, out in done:
-            for k, values in out.items():
-                for i, v in zip(idx, values):
-                    cols[k][i] = v
-        for i, text in failed.items():  # the image is kept, unscored, with the reason
-            cols["scoring_error"][i] = text
+        for rows, stack in by_shape([pixels[i] for i in todo]):  # one size at a time: models of several sizes
+            rows = [todo[r] for r in rows]  # this size's rows of the batch, in the stack's order
+            done, failed = run_isolated(lambda pos, stack=stack, rows=rows: self.score(
+                stack[pos], [prompts[rows[j]] for j in pos]), list(range(len(rows))))
+            for pos, out in done:
+                for k, values in out.items():
+                    for j, v in zip(pos, values):
+                        cols[k][rows[j]] = v
+            for j, text in failed.items():  # the image is kept, unscored, with the reason
+                cols["scoring_error"][rows[j]] = text
         batch.update(cols)
         return self.write(batch) if self.write is not None else batch

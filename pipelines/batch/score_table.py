@@ -44,7 +44,7 @@ def part_name(path: str) -> str:
 
 
 class ScoreRows(ScoreStage):
-    """Decodes the image column and scores each same-size group (a dataset may mix sizes)."""
+    """Decodes the image column and scores it (a dataset may mix sizes: the stage scores one size at a time)."""
 
     def __init__(self, scoring: ScoringSpec, image_column: str, caption_column: str, threads: int | None = None) -> None:
         super().__init__(scoring, threads=threads)
@@ -53,18 +53,16 @@ class ScoreRows(ScoreStage):
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch[self.image_column])
         out = {k: np.full(n, None, object) for k in SCORE_COLUMNS}
-        groups: dict[tuple, list[tuple[int, np.ndarray]]] = defaultdict(list)
+        decoded: dict[int, np.ndarray] = {}
         for i, data in enumerate(batch[self.image_column]):
             try:
-                img = decode_image(bytes(data))
+                decoded[i] = decode_image(bytes(data))
             except Exception as e:  # noqa: BLE001 - any undecodable bytes: this row's error, not the job's
                 out["score_error"][i] = f"image does not decode: {type(e).__name__}: {e}"[:300]
-                continue
-            groups[img.shape].append((i, img))
-        captions = ["" if c is None else str(c) for c in batch[self.caption_column]]
-        for members in groups.values():
-            idx = [i for i, _ in members]
-            scored = super().__call__({"pixels": np.stack([im for _, im in members]),
+        idx = sorted(decoded)
+        if idx:
+            captions = ["" if c is None else str(c) for c in batch[self.caption_column]]
+            scored = super().__call__({"pixels": [decoded[i] for i in idx],
                                        "prompt": np.array([captions[i] for i in idx], object)})
             for k in SCORE_COLUMNS[:-1]:
                 out[k][idx] = scored[k]

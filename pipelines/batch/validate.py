@@ -9,9 +9,12 @@ from __future__ import annotations
 import re
 
 import pyarrow as pa
-from promptmill.pipelines.spec import SAFE_NAME, InputSpec
+from promptmill.pipelines.layout import SAFE_NAME
+from promptmill.pipelines.spec import InputSpec
 
 ID, REASON = "pm_id", "pm_reason"
+# what XML 1.0 (the images' XMP) cannot hold, and no prompt means: C0 controls but tab and newlines, DEL, C1, U+FFFE/F
+CONTROL = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\ufffe\uffff]")
 
 
 class InvalidUTF8(bytes):
@@ -55,6 +58,8 @@ def reason_for(prompt: object, row_id: str | None, duplicates: set[str], max_cha
         return "non_string_prompt"
     if not prompt.strip():
         return "empty_prompt"
+    if CONTROL.search(prompt):
+        return "control_characters"
     if len(prompt) > max_chars:
         return "prompt_too_long"
     if blocked is not None and blocked.search(prompt):

@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 from promptmill.pipelines.layout import (
     DERIVED,
+    FLAGS,
     METADATA,
     METADATA_SCHEMA,
     OUTPUT_FORMATS,
@@ -31,11 +32,14 @@ from promptmill.pipelines.layout import (
     extension,
     image_relpath,
     sample_member_key,
+    staged_part_name,
     tar_bytes,
 )
 from promptmill.pipelines.provenance import FIELDS
 from promptmill.pipelines.retry import RetryPolicy
 from promptmill.pipelines.storage import filesystem, full_url, is_local, join, parquet_bytes, put_atomic
+
+ERROR_REASONS = ("generation_error", "non_finite_output")  # count against output.max_error_fraction
 
 
 def sample_json(row: dict) -> bytes:
@@ -57,12 +61,13 @@ class WriteStage:
 
     def __init__(self, out_url: str, storage_options: dict, image_format: str, fmt: str = "files",
                  retry: RetryPolicy | None = None, provenance: bool = True, keep: tuple[str, ...] = (),
-                 sidecars: bool = False) -> None:
+                 sidecars: bool = False, token: str = "") -> None:
         if fmt not in OUTPUT_FORMATS:
             raise ValueError(f"format must be one of {OUTPUT_FORMATS}, got {fmt!r}")
         self.out_url, self.storage_options, self.image_format, self.fmt = out_url, storage_options, image_format, fmt
         self.retry = retry  # the job's storage.retry, carried to the worker with the stage
         self.provenance, self.keep, self.sidecars = provenance, keep, sidecars
+        self.token = token  # the output lease's fencing token: the commit takes only this run's parts
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         fs, root = filesystem(self.out_url, self.storage_options, self.retry)
@@ -81,7 +86,7 @@ class WriteStage:
         cols = {k: batch[k] for k in METADATA_SCHEMA.names if k in batch}
         cols["sha256"] = [hashlib.sha256(b).hexdigest() for b in encoded]  # of the file as written
         cols["image_format"] = np.full(n, self.image_format, object)
-        for k in (*SCORES, *DERIVED):
+        for k in (*SCORES, *DERIVED, *FLAGS):
             cols.setdefault(k, [None] * n)
         cols["image_key"] = [None] * n
         cols["image"] = [None] * n
@@ -110,33 +115,43 @@ class WriteStage:
             fs.pipe(side)
         if self.fmt == "webdataset":
             table = self._write_shards(fs, root, table, encoded)
-        put_atomic(fs, join(root, STAGING, METADATA, f"{uuid.uuid4().hex}.parquet"), parquet_bytes(table))
+        put_atomic(fs, join(root, STAGING, METADATA, staged_part_name(self.token)), parquet_bytes(table))
         return self._counts(batch, counts)
 
     @staticmethod
-    def _counts(batch: dict[str, np.ndarray], errors: dict[str, tuple[int, str]]) -> dict[str, np.ndarray]:
-        """One row per model: images written, rows rejected as generation errors, and the first error's text."""
+    def _counts(batch: dict[str, np.ndarray], rejected: dict[str, dict]) -> dict[str, np.ndarray]:
+        """One row per model: images written, rows rejected as errors (ERROR_REASONS), the first error's text, and
+        every rejected row by reason (JSON)."""
         written = dict(zip(*np.unique(np.asarray(batch["model"]).astype(str), return_counts=True)))
-        models = sorted({*written, *errors})
+        models = sorted({*written, *rejected})
+        none: dict = {"reasons": {}, "first": None}
         return {"model": np.array(models, object), "images": np.array([int(written.get(m, 0)) for m in models]),
-                "errors": np.array([errors.get(m, (0, ""))[0] for m in models]),
-                "first_error": np.array([errors.get(m, (0, None))[1] for m in models], object)}
+                "errors": np.array([sum(n for r, n in rejected.get(m, none)["reasons"].items() if r in ERROR_REASONS)
+                                    for m in models]),
+                "first_error": np.array([rejected.get(m, none)["first"] for m in models], object),
+                "rejected": np.array([json.dumps(rejected.get(m, none)["reasons"]) for m in models], object)}
 
     @staticmethod
-    def _reject(fs, root: str, batch: dict[str, np.ndarray], rows: list[int]) -> dict[str, tuple[int, str]]:
-        """Rows the generator failed on, alone, twice: to rejected/ with reason generation_error and the error."""
+    def _reject(fs, root: str, batch: dict[str, np.ndarray], rows: list[int]) -> dict[str, dict]:
+        """Rows the generator did not give an image to keep: to rejected/ with their reason (`reject_reason`:
+        generation_error when it failed on them alone twice, non_finite_output, nsfw, prompt_too_many_tokens)
+        and the text. Returns per model {"reasons": {reason: rows}, "first": the first error's text}."""
+        given = batch.get("reject_reason")
+        reasons = [given[i] if given is not None and isinstance(given[i], str) else "generation_error" for i in rows]
         t = pa.table({"id": pa.array([str(batch["id"][i]) for i in rows]),
                       "prompt": pa.array([str(batch["prompt"][i]) for i in rows]),
                       "model": pa.array([str(batch["model"][i]) for i in rows]),
                       "sample": pa.array([int(batch["sample"][i]) for i in rows], pa.int32()),
                       "seed": pa.array([int(batch["seed"][i]) for i in rows], pa.int64()),
-                      "reason": pa.array(["generation_error"] * len(rows)),
+                      "reason": pa.array(reasons),
                       "error": pa.array([str(batch["generation_error"][i]) for i in rows])})
         put_atomic(fs, join(root, STAGING, REJECTED, f"generation-{uuid.uuid4().hex}.parquet"), parquet_bytes(t))
-        out: dict[str, tuple[int, str]] = {}
-        for i in rows:
-            m = str(batch["model"][i])
-            out[m] = (out.get(m, (0, ""))[0] + 1, out.get(m, (0, str(batch["generation_error"][i])))[1])
+        out: dict[str, dict] = {}
+        for i, reason in zip(rows, reasons):
+            m = out.setdefault(str(batch["model"][i]), {"reasons": {}, "first": None})
+            m["reasons"][reason] = m["reasons"].get(reason, 0) + 1
+            if reason in ERROR_REASONS and m["first"] is None:
+                m["first"] = str(batch["generation_error"][i])
         return out
 
     def _write_shards(self, fs, root: str, table: pa.Table, encoded: list[bytes]) -> pa.Table:

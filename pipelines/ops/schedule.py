@@ -31,6 +31,7 @@ from promptmill.pipelines.spec import (
     SpecError,
     Strict,
     load_spec,
+    resolve_env,
     spec_data,
     validated,
 )
@@ -114,6 +115,13 @@ class ScheduleSpec(Strict):
 
 def load_schedule(path: str) -> ScheduleSpec:
     return validated(ScheduleSpec, *spec_data(path, kind="schedule"))
+
+
+def live(s: ScheduleSpec) -> ScheduleSpec:
+    """`s` with its `${NAME}` references resolved from this process's environment, for the schedule's own storage
+    calls (catalog, done-check, the prompt table), at fire time; what a fire submits keeps the references (they
+    resolve on the cluster)."""
+    return validated(ScheduleSpec, resolve_env(s.model_dump(mode="json"), kind="schedule"), f"schedule {s.name}")
 
 
 # ---------------------------------------------------------------- slots
@@ -202,10 +210,10 @@ def job_data(s: ScheduleSpec, slot: dt.datetime) -> dict[str, Any]:
 
 def fire(s: ScheduleSpec, slot: dt.datetime, dry_run: bool = False) -> dict[str, Any]:
     """Run (or submit) one slot. Returns what happened, for the log."""
-    rid = run_id(s, slot)
-    if is_done(s, slot):
+    rid, own = run_id(s, slot), live(s)
+    if is_done(own, slot):
         return {"run": rid, "status": "already complete"}
-    table = render_prompts(s)
+    table = render_prompts(own)
     data = job_data(s, slot)
     if dry_run:
         blocked = s.blocklist.compiled()
@@ -215,7 +223,7 @@ def fire(s: ScheduleSpec, slot: dt.datetime, dry_run: bool = False) -> dict[str,
         return {"run": rid, "status": "dry run", "prompts": table.num_rows, "output": data["output"]["path"],
                 "models": [m.name for m in s.models], "submit_address": s.submit_address}
     spec = load_spec(data)  # the spec is valid before anything is written
-    fs, root = filesystem(data["output"]["path"], s.output.storage_options)
+    fs, root = filesystem(run_url(own, slot), own.output.storage_options)
     prompts_path = join(root, PROMPTS)
     if not fs.exists(prompts_path):  # a re-fired slot keeps the table it first rendered
         put_atomic(fs, prompts_path, parquet_bytes(table))
@@ -232,7 +240,8 @@ def fire(s: ScheduleSpec, slot: dt.datetime, dry_run: bool = False) -> dict[str,
 
 def due_slots(s: ScheduleSpec, now: dt.datetime) -> list[dt.datetime]:
     """Slots to run now: every missed one (catchup) or only the latest."""
-    slots = [t for t in slots_between(s, s.start, now) if not is_done(s, t)]
+    own = live(s)
+    slots = [t for t in slots_between(s, s.start, now) if not is_done(own, t)]
     return slots if s.catchup else slots[-1:]
 
 

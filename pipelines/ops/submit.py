@@ -111,6 +111,25 @@ def source_path(travel: str) -> Path:
     return PROJECT / travel.removeprefix(f"{IMPORT_NAME}/")
 
 
+def files_under(folder: Path) -> list[Path]:
+    """Every file under `folder`, following links only where they stay inside the project: a link out of it
+    (`creds -> ~/.aws/credentials`) would ship what it points at, so it is a SpecError naming link and target."""
+    project, out, seen = PROJECT.resolve(), [], set()
+    for top, dirs, names in os.walk(folder, followlinks=True):
+        real = Path(top).resolve()
+        if real in seen:  # a link back up the tree: walked once
+            dirs[:] = []
+            continue
+        seen.add(real)
+        for name in [*dirs, *names]:
+            p = Path(top, name)
+            if p.is_symlink() and not p.resolve().is_relative_to(project):
+                raise SpecError(f"{p} is a link to {p.resolve()}, outside the project {project}; submit never follows "
+                                "a link out of it. Copy the file in (or remove the link) if it is meant to travel")
+        out += [Path(top, n) for n in names if Path(top, n).is_file()]
+    return sorted(out)
+
+
 def shipped_files(data: dict[str, Any], max_file_mb: float = MAX_FILE_MB) -> list[tuple[str, int]]:
     """(path in the working_dir, bytes) of everything the job's working_dir holds: the packages, the
     project file, and the checkpoints the spec names by relative path (the shipped scorers when it leaves
@@ -118,7 +137,7 @@ def shipped_files(data: dict[str, Any], max_file_mb: float = MAX_FILE_MB) -> lis
     file over the size cap."""
     spec = JobSpec.model_validate(resolve_env(data, placeholder="x"))
     roots = [PROJECT / p for p in PACKAGES]
-    files = [f for r in roots for f in r.rglob("*") if f.is_file() and f.suffix in PACKAGE_FILES
+    files = [f for r in roots for f in files_under(r) if f.suffix in PACKAGE_FILES
              and "__pycache__" not in f.parts] + [PACKAGE_INIT]
     if (PROJECT / "pyproject.toml").is_file():  # a checkout; a wheel install has the packages only
         files.append(PROJECT / "pyproject.toml")
@@ -134,7 +153,7 @@ def shipped_files(data: dict[str, Any], max_file_mb: float = MAX_FILE_MB) -> lis
         if not d.is_dir() or PROJECT.resolve() not in d.parents:
             raise SpecError(f"{where}: {ref!r} is not a checkpoint directory inside the project, so it cannot travel "
                             "with the job; use an object-store URL")
-        files += sorted(f for f in d.rglob("*") if f.is_file())
+        files += files_under(d)
     out = []
     for f in sorted(set(files)):
         size = f.stat().st_size

@@ -13,11 +13,11 @@ from promptmill.pipelines.storage import join
 from promptmill.pipelines.tables import read_rows
 
 
-def read_reference(url: str, storage_options: dict | None, image_column: str, rows: int) -> np.ndarray:
+def read_reference(url: str, storage_options: dict | None, image_column: str, rows: int) -> list[np.ndarray]:
     r = read_rows(url, [image_column], storage_options, max_rows=rows)[image_column]
     if len(r) < 4:
         raise ValueError(f"reference {url!r}: {len(r)} images in column {image_column!r}; need at least 4")
-    return np.stack([decode_image(b) for b in r])
+    return [decode_image(b) for b in r]
 
 
 def evaluate_run(run: Run, reference: str, judge_url: str, *, max_images: int = 2000,

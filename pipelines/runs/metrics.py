@@ -10,11 +10,12 @@ is what a number should be read against.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn as nn
-from promptmill.models.images import to_nchw
+from promptmill.models.images import by_shape, to_nchw
 from promptmill.models.judge import Judge
 from torchmetrics.image.fid import FrechetInceptionDistance
 from torchmetrics.image.inception import InceptionScore
@@ -68,7 +69,7 @@ class Evaluator:
     """Reference statistics computed once (torchmetrics' reset_real_features=False), then any number of
     image sets compared against them."""
 
-    def __init__(self, judge: Judge, reference: np.ndarray, batch: int = 500) -> None:
+    def __init__(self, judge: Judge, reference: Sequence[np.ndarray], batch: int = 500) -> None:
         if len(reference) < 2:
             raise ValueError(f"need at least 2 reference images, got {len(reference)}")
         self.judge, self.batch, self.n_reference = judge.eval(), batch, len(reference)
@@ -80,20 +81,26 @@ class Evaluator:
         self.real_features = self._update(reference, real=True)
 
     @torch.no_grad()
-    def _update(self, arr: np.ndarray, real: bool, inception: InceptionScore | None = None) -> torch.Tensor:
+    def _update(self, images: Sequence[np.ndarray], real: bool, inception: InceptionScore | None = None
+                ) -> torch.Tensor:
+        """Features of uint8 (H, W, 3) images of any sizes (the judge resizes), one size per batch."""
         out = []
-        for i in range(0, len(arr), self.batch):
-            x = to_nchw(arr[i:i + self.batch])
-            self.fid.update(x, real=real)
-            self.kid.update(x, real=real)
-            if inception is not None:
-                inception.update(x)
-            out.append(self.feats(x))
+        for _, stack in by_shape(images):
+            for i in range(0, len(stack), self.batch):
+                x = to_nchw(stack[i:i + self.batch])
+                self._update_batch(x, real, inception)
+                out.append(self.feats(x))
         return torch.cat(out)
 
+    def _update_batch(self, x: torch.Tensor, real: bool, inception: InceptionScore | None) -> None:
+        self.fid.update(x, real=real)
+        self.kid.update(x, real=real)
+        if inception is not None:
+            inception.update(x)
+
     @torch.no_grad()
-    def __call__(self, images: np.ndarray) -> dict[str, float]:
-        """uint8 (N, H, W, 3) -> fid, kid (+ std), inception score (+ std), precision, recall."""
+    def __call__(self, images: Sequence[np.ndarray]) -> dict[str, float]:
+        """uint8 (H, W, 3) images, any sizes -> fid, kid (+ std), inception score (+ std), precision, recall."""
         if len(images) < 2:
             raise ValueError(f"need at least 2 images, got {len(images)}")
         self.fid.reset()
@@ -110,7 +117,7 @@ class Evaluator:
         return {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in out.items()}
 
 
-def compare(judge: Judge, reference: np.ndarray, runs: dict[str, np.ndarray]) -> dict[str, dict[str, float]]:
+def compare(judge: Judge, reference: Sequence[np.ndarray], runs: dict[str, Sequence[np.ndarray]]) -> dict[str, dict[str, float]]:
     """Every model against the first half of the reference, and the floor: that half against the
     (disjoint) rest, cut to the largest model's size."""
     half = len(reference) // 2

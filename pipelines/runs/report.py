@@ -12,14 +12,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
-from promptmill.pipelines.layout import REPORT
+from promptmill.pipelines.batch.commit import write_json
+from promptmill.pipelines.layout import REPORT, SUMMARY
 from promptmill.pipelines.runs.results import Run, score_summary
 from promptmill.pipelines.storage import join
 
-THUMB = 96  # 32 px images, nearest-neighbour upscaled
+THUMB = 96  # small images (our 32 px models) are upscaled to this, nearest-neighbour, so each pixel shows
+PHOTO = 192  # larger ones are downscaled to fit this box, keeping their aspect ratio
 CSS = """body{font-family:system-ui,sans-serif;margin:24px;color:#222}table{border-collapse:collapse;margin:8px 0 20px}
 td,th{border:1px solid #ccc;padding:4px 8px;text-align:left;vertical-align:top}th{background:#f3f3f3}
-img.t{width:96px;height:96px;image-rendering:pixelated;display:block}.p{max-width:260px;font-size:13px}
+img.t{display:block}img.px{image-rendering:pixelated}.p{max-width:260px;font-size:13px}
 .s{font-size:12px;color:#555}.bad{color:#b00}.ok{color:#070}"""
 
 
@@ -27,10 +29,20 @@ def _png_uri(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
-def thumbnail(img: np.ndarray, size: int = THUMB) -> str:
+def thumbnail(img: np.ndarray) -> str:
+    """An <img class=t> of any size: a small image upscaled by a whole factor (pixels stay sharp), a large one
+    downscaled to fit PHOTO, aspect kept either way."""
+    h, w = img.shape[:2]
+    im = Image.fromarray(img)
+    if max(h, w) <= THUMB:
+        k = max(1, THUMB // max(h, w))
+        im, cls = im.resize((w * k, h * k), Image.NEAREST), "t px"
+    else:
+        im.thumbnail((PHOTO, PHOTO), Image.LANCZOS)
+        cls = "t"
     buf = io.BytesIO()
-    Image.fromarray(img).resize((size, size), Image.NEAREST).save(buf, format="PNG")
-    return _png_uri(buf.getvalue())
+    im.save(buf, format="PNG")
+    return f"<img class='{cls}' width={im.width} height={im.height} src='{_png_uri(buf.getvalue())}'"
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -118,7 +130,7 @@ def build_report(run: Run, gallery_prompts: int = 24, extremes: int = 8) -> str:
         thumbs = {(r["model"], r["id"]): thumbnail(im) for r, im in zip(rows, imgs)}
         parts.append("<h2>Side by side</h2>" + _table(["prompt", *models], [
             [f"<div class=p>{html.escape(by_key[(models[0], i)]['prompt'])}</div>",
-             *(f"<img class=t alt='{html.escape(m)}' src='{thumbs[(m, i)]}'>{_score_line(by_key[(m, i)])}" for m in models)]
+             *(f"{thumbs[(m, i)]} alt='{html.escape(m)}'>{_score_line(by_key[(m, i)])}" for m in models)]
             for i in ids]))
     for m in models:
         t = md.filter(pc.and_(pc.equal(md["model"], m), pc.invert(pc.is_null(md["clip_score"]))))
@@ -127,7 +139,7 @@ def build_report(run: Run, gallery_prompts: int = 24, extremes: int = 8) -> str:
         t = t.sort_by([("clip_score", "descending")])
         for title, part in (("best", t.slice(0, extremes)), ("worst", t.slice(max(0, len(t) - extremes)))):
             imgs = run.images(part)
-            cells = [f"<img class=t alt='{title}' src='{thumbnail(im)}'><div class=p>{html.escape(r['prompt'])}</div>"
+            cells = [f"{thumbnail(im)} alt='{title}'><div class=p>{html.escape(r['prompt'])}</div>"
                      f"{_score_line(r)}" for r, im in zip(part.to_pylist(), imgs)]
             parts.append(f"<h3>{html.escape(m)}: {title} by clip_score</h3>" + _table([""] * len(cells), [cells]))
     parts.append("</body></html>")
@@ -135,6 +147,9 @@ def build_report(run: Run, gallery_prompts: int = 24, extremes: int = 8) -> str:
 
 
 def write_report(run: Run) -> str:
+    """Writes report.html; a rebuild that succeeds clears the `report_error` an earlier attempt left in the summary."""
     path = join(run.root, REPORT)
     run.fs.pipe(path, build_report(run).encode())
+    if run.summary.pop("report_error", None) is not None:
+        write_json(run.fs, join(run.root, SUMMARY), run.summary)
     return path

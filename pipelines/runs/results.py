@@ -37,13 +37,13 @@ class Run:
         t = self.metadata.filter(pc.equal(self.metadata["model"], model))
         return t.slice(0, limit) if limit else t
 
-    def images(self, rows: pa.Table) -> np.ndarray:
-        """uint8 (N, H, W, 3) for metadata rows, in row order."""
+    def images(self, rows: pa.Table) -> list[np.ndarray]:
+        """uint8 (H, W, 3) per metadata row, in row order: models of one run may draw different sizes."""
         if not len(rows):
-            return np.zeros((0, 0, 0, 3), np.uint8)
+            return []
         if "image" not in rows.column_names:
             rows = rows.append_column("image", self._inline_images(rows))
-        return np.stack([decode_image(b) for b in read_image_bytes(self.fs, rows)])
+        return [decode_image(b) for b in read_image_bytes(self.fs, rows, self.root)]
 
     def _inline_images(self, rows: pa.Table) -> pa.Array:
         """The image bytes a Parquet-format run keeps in its metadata, for these rows only (null for an image in a
@@ -64,12 +64,24 @@ class Run:
         return pa.array([found.get(k) for k in keys], pa.binary())
 
 
-def read_image_bytes(fs: AbstractFileSystem, rows: pa.Table) -> list[bytes]:
-    """Encoded images of metadata rows, whatever the output format (files, webdataset, parquet)."""
+def inside_run(fs: AbstractFileSystem, root: str, url: str) -> str:
+    """`url`'s path when it lies under the run's `root` on the run's own store; a ValueError naming it otherwise
+    (metadata is anyone's to edit: an image_path of another bucket or /dev/zero is not read)."""
+    path = fs._strip_protocol(url)
+    parts = path.split("/")
+    if "://" in url and fs.unstrip_protocol(path) != url or ".." in parts or "." in parts \
+            or not path.startswith(root.rstrip("/") + "/"):
+        raise ValueError(f"image_path {url!r} is outside the run {root!r}; not read")
+    return path
+
+
+def read_image_bytes(fs: AbstractFileSystem, rows: pa.Table, root: str) -> list[bytes]:
+    """Encoded images of metadata rows, whatever the output format (files, webdataset, parquet); only paths
+    inside the run's `root` are read."""
     inline = rows.column("image").to_pylist()
     paths = rows.column("image_path").to_pylist()
     keys = rows.column("image_key").to_pylist()
-    needed = sorted({fs._strip_protocol(p) for p, b in zip(paths, inline) if b is None and p})
+    needed = sorted({inside_run(fs, root, p) for p, b in zip(paths, inline) if b is None and p})
     got = fs.cat(needed) if needed else {}  # s3fs: concurrent GETs
     members: dict[str, dict[str, bytes]] = {}
     out = []
@@ -86,6 +98,13 @@ def read_image_bytes(fs: AbstractFileSystem, rows: pa.Table) -> list[bytes]:
     return out
 
 
+def _count_true(t: pa.Table, column: str) -> int | None:
+    """Rows where `column` is true; None when every row is null (the model cannot tell: not a zero)."""
+    if column not in t.column_names or t[column].null_count == len(t):
+        return None
+    return int(pc.sum(pc.cast(pc.fill_null(t[column], False), pa.int64())).as_py() or 0)
+
+
 def score_summary(metadata: pa.Table) -> dict[str, dict]:
     """Per model: images, mean clip_score, prompt-match rate over in-domain prompts, rerank settings, and over its
     prompts with several samples the mean diversity and near-duplicate rate."""
@@ -98,5 +117,6 @@ def score_summary(metadata: pa.Table) -> dict[str, dict]:
         out[model] = {"images": len(t), "clip_score_mean": round(float(np.mean(clip)), 4) if clip else None,
                       "prompt_match": round(float(np.mean(match)), 4) if match else None,
                       "prompt_match_n": len(match), "candidates": max(candidates, default=None),
-                      **diversity.summary(t)}
+                      **diversity.summary(t),
+                      **{f"{flag}_images": _count_true(t, flag) for flag in ("nsfw", "prompt_truncated")}}
     return out

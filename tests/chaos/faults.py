@@ -188,5 +188,5 @@ def exactly_once(store: Store, n: int) -> None:
 
 
 def measured(fault: str, **figures) -> None:
-    """One line per case with what it measured (README's reliability table quotes them; `pytest -s` shows it)."""
+    """One line per case with what it measured (docs/benchmarks.md's reliability table quotes them; `pytest -s` shows it)."""
     print(f"\nchaos: {fault}: " + ", ".join(f"{k} {v}" for k, v in figures.items()))
