@@ -28,11 +28,13 @@ $(VENV)/.installed: pyproject.toml
 demo: setup  ## run the demo job on an embedded Ray -> runs/demo/
 	$(VENV)/bin/promptmill generate examples/demo.yaml
 
-test: setup chromium  ## the test suite (CI runs exactly this)
+test: setup chromium  ## ruff, then the test suite (CI runs exactly this)
+	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
 chaos: setup  ## the fault-injection suite, long cases included (storage outages, ...)
 	$(PY) -m pytest -q tests/chaos -m 'chaos or not chaos'
+	PROMPTMILL_FUZZ_EXAMPLES=20 $(PY) -m pytest -q -s tests/test_fuzz.py
 
 spec-docs: setup  ## regenerate docs/spec.md from the pydantic field descriptions (a test keeps it in sync)
 	$(VENV)/bin/promptmill spec --markdown > docs/spec.md

@@ -42,7 +42,7 @@ def sample():
         time.sleep(0.01)
 threading.Thread(target=sample, daemon=True).start()
 t = time.perf_counter()
-rows = len(c.commit(fsspec.filesystem("file"), root, 0.1))
+rows = len(c.commit(fsspec.filesystem("file"), root, ("judge_features", 0.1)))
 print(n, rows, round(time.perf_counter() - t, 2), round(start_rss / 2**20), round(peak / 2**20))
 """
 

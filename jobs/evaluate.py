@@ -12,7 +12,10 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("evaluate", help="job-level metrics of a finished run against a reference image set")
     p.add_argument("run", help="output URL of a generate job")
     p.add_argument("--reference", required=True, help="image-caption Parquet (e.g. data/shapes/test)")
-    p.add_argument("--judge", default=str(SHIPPED / "judge"), help="feature extractor checkpoint")
+    p.add_argument("--judge", default=str(SHIPPED / "judge"), help="feature extractor checkpoint ('' for none: "
+                   "then --clip's image embeddings)")
+    p.add_argument("--clip", default=None, help="a CLIP (ours or a Hugging Face directory) whose image embeddings "
+                   "are the feature space when --judge is ''")
     p.add_argument("--max-images", type=int, default=2000, help="images per model (reference: twice that)")
     p.add_argument("--image-column", default="png")
     p.add_argument("--storage-options", default="{}", help="JSON fsspec options for the run and the reference")
@@ -28,8 +31,8 @@ def main(args: argparse.Namespace) -> int:
 
     so = json.loads(args.storage_options)
     run = Run(args.run, so)
-    metrics = evaluate_run(run, args.reference, args.judge, max_images=args.max_images, reference_storage_options=so,
-                           image_column=args.image_column)
+    metrics = evaluate_run(run, args.reference, args.judge or None, max_images=args.max_images,
+                           reference_storage_options=so, image_column=args.image_column, clip_url=args.clip)
     print(table(metrics["models"]))
     if not args.no_report:
         write_report(run)

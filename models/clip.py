@@ -123,6 +123,14 @@ class Scorer:
         """torchmetrics' CLIPScore per pair: max(100 * cos(image, prompt), 0)."""
         return np.maximum(self.similarity(images, prompts), 0)
 
+    def score_and_embed(self, images: np.ndarray | torch.Tensor, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(clip_score per pair, the images' unit embeddings as float32 (N, D)): one image pass for both."""
+        if len(images) != len(prompts):
+            raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
+        img = self.embed_images(images)
+        cos = (img * self.embed_texts(prompts)).sum(-1)
+        return np.maximum((100 * cos).float().cpu().numpy(), 0), img.float().cpu().numpy()
+
 
 class CLIPScorer(Scorer):
     """A trained CLIP with its tokenizer: prompts and images in, clip_score out."""

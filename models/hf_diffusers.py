@@ -22,7 +22,7 @@ from promptmill.models.checkpoint import CheckpointError
 from promptmill.models.generator import check_inputs
 from promptmill.models.local_cache import local_copy, refuse_pickled_weights
 from promptmill.models.precision import DTYPES
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 INDEX = "model_index.json"
 # arguments the adapter itself sets (one image per prompt, our generators, numpy out), or that only code can pass
@@ -40,9 +40,37 @@ class DiffusersCommon(BaseModel):
     model_config = ConfigDict(extra="forbid")
     num_inference_steps: int | None = Field(default=None, ge=1, le=1000)
     guidance_scale: float | None = Field(default=None, ge=0, le=100)
-    negative_prompt: str | None = None
+    negative_prompt: str | list[str] | None = None  # a list: one per prompt (input.negative_prompt_column)
     height: int | None = Field(default=None, ge=8, le=4096, multiple_of=8)
     width: int | None = Field(default=None, ge=8, le=4096, multiple_of=8)
+    scheduler: str | None = Field(default=None, description="a diffusers scheduler class by name (e.g. "
+                                  "EulerAncestralDiscreteScheduler), built from the pipeline's scheduler config")
+
+    @field_validator("scheduler")
+    @classmethod
+    def _scheduler_class(cls, v: str | None) -> str | None:
+        if v is not None:
+            scheduler_class(v)
+        return v
+
+
+def scheduler_class(name: str) -> type:
+    """The diffusers scheduler class `name`; ValueError listing what there is."""
+    import diffusers
+
+    def usable(n: str) -> bool:  # a class, not the placeholder diffusers puts where an optional package is missing
+        c = getattr(diffusers, n, None)
+        return isinstance(c, type) and issubclass(c, diffusers.SchedulerMixin) and "Dummy" not in type(c).__name__
+
+    cls = getattr(diffusers, name, None) if name.isidentifier() else None
+    if cls is not None and "Dummy" in type(cls).__name__:
+        raise ValueError(f"{name!r} needs a package diffusers leaves optional (its message: pip install the "
+                         "backend it names, e.g. scipy for LMSDiscreteScheduler)")
+    if not (name.isidentifier() and usable(name)):
+        known = sorted(n for n in dir(diffusers) if n.endswith("Scheduler") and usable(n))
+        raise ValueError(f"{name!r} is not a diffusers scheduler class; diffusers {diffusers.__version__} has "
+                         f"{', '.join(known[:40])}")
+    return cls
 
 
 def pipeline_class(local_or_url: str, storage_options: dict | None = None) -> type:
@@ -99,6 +127,7 @@ class DiffusersGenerator:
         self.height = self.width = _default_size(pipe)
         self.per_image = False  # set when the pipeline cannot take one generator per image
         self.precision = "fp32"
+        self._scheduler_config = None
         self.last_info: dict[str, list] = {}
 
     @classmethod
@@ -136,12 +165,23 @@ class DiffusersGenerator:
         when the pipeline has no checker). Noise comes from CPU generators: the same on any device (diffusers'
         own advice for reproducibility)."""
         gens = [torch.Generator(device="cpu").manual_seed(seed) for seed in seeds]
-        kwargs = {k: v for k, v in s.model_dump().items() if v is not None}
+        kwargs = {k: v for k, v in s.model_dump().items() if v is not None and k != "scheduler"}
+        if isinstance(kwargs.get("negative_prompt"), str):  # diffusers wants it the same type as `prompt` (a list)
+            kwargs["negative_prompt"] = [kwargs["negative_prompt"]] * len(prompts)
+        self._use_scheduler(s.scheduler)
         kwargs.setdefault("height", self.height)
         kwargs.setdefault("width", self.width)
         out = self.pipe(prompt=prompts, generator=gens[0] if self.per_image else gens, output_type="np", **kwargs)
         flags = getattr(out, "nsfw_content_detected", None)
         return np.asarray(out.images, np.float32), list(flags) if flags is not None else [None] * len(prompts)
+
+    def _use_scheduler(self, name: str | None) -> None:
+        """`sampling.scheduler`: that class from the pipeline's own scheduler config (its betas, its steps)."""
+        if name is None or type(self.pipe.scheduler).__name__ == name:
+            return
+        if self._scheduler_config is None:
+            self._scheduler_config = self.pipe.scheduler.config  # the pipeline's own, kept for later swaps
+        self.pipe.scheduler = scheduler_class(name).from_config(self._scheduler_config)
 
     @property
     def max_prompt_tokens(self) -> int | None:
@@ -169,7 +209,9 @@ class DiffusersGenerator:
                     raise
                 self.per_image = True  # e.g. aMUSEd's scheduler takes one generator for the whole batch
         if self.per_image:
-            calls = [self._call([p], [seed], s) for p, seed in zip(prompts, seeds)]
+            own = [s.model_copy(update={"negative_prompt": s.negative_prompt[i]}) if isinstance(s.negative_prompt, list)
+                   else s for i in range(len(prompts))]  # a per-row negative prompt goes with its image
+            calls = [self._call([p], [seed], o) for p, seed, o in zip(prompts, seeds, own)]
             images, nsfw = np.concatenate([c[0] for c in calls]), [c[1][0] for c in calls]
         finite = np.isfinite(images.reshape(len(images), -1)).all(1)
         self.last_info = {"non_finite": [not f for f in finite], "nsfw": nsfw}

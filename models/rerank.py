@@ -39,7 +39,9 @@ def generate_best_of(gen: Generator, scorer: Scorer, prompts: list[str], seeds: 
     n = len(prompts)
     all_prompts = [p for p in prompts for _ in range(candidates)]
     all_seeds = [candidate_seed(s, k) for s in seeds for k in range(candidates)]
-    imgs = gen.generate(all_prompts, all_seeds, **sampling)
+    per_row = {k: [x for x in v for _ in range(candidates)] for k, v in sampling.items()  # e.g. negative prompts
+               if isinstance(v, list) and len(v) == n}
+    imgs = gen.generate(all_prompts, all_seeds, **{**sampling, **per_row})
     drawn = getattr(gen, "last_info", None) or {}
     sims = scorer.similarity(imgs, all_prompts).reshape(n, candidates)
     best = sims.argmax(1)  # by the raw similarity (clip_score clamps at 0); ties keep the earliest draw

@@ -41,14 +41,16 @@ METADATA_SCHEMA = pa.schema([
     ("candidate_score", pa.float64()), ("image", pa.binary()), ("pipeline_class", pa.string()),
     ("geometry", pa.string()), ("judge_features", pa.list_(pa.float32())), ("diversity", pa.float32()),
     ("near_duplicate", pa.bool_()), ("scoring_error", pa.string()), ("checkpoint_id", pa.string()),
-    ("sha256", pa.string()), ("nsfw", pa.bool_()), ("prompt_truncated", pa.bool_()),
+    ("sha256", pa.string()), ("nsfw", pa.bool_()), ("prompt_truncated", pa.bool_()), ("negative_prompt", pa.string()),
+    ("clip_features", pa.list_(pa.float32())), ("aesthetic_score", pa.float64()),
 ])
 # null when the job does not score
-SCORES = ("clip_score", "prompt_match", "judged", "geometry", "judge_features", "scoring_error")
+SCORES = ("clip_score", "prompt_match", "judged", "geometry", "judge_features", "scoring_error", "clip_features",
+          "aesthetic_score")
 DERIVED = ("diversity", "near_duplicate")
-# what the generator says of an image (null where it cannot tell): its safety checker's flag, a prompt cut to the
-# text encoder's token limit
-FLAGS = ("nsfw", "prompt_truncated")  # per prompt, across its samples: set when the metadata is committed
+# per image, from the generate stage (null where a model cannot tell or has none): its safety checker's flag, a
+# prompt cut to the text encoder's token limit, the row's negative prompt
+PER_IMAGE = ("nsfw", "prompt_truncated", "negative_prompt")  # per prompt, across its samples: set when the metadata is committed
 
 
 def extension(image_format: str) -> str:

@@ -24,6 +24,19 @@ _SIGNING = {"sig", "x-amz-credential", "x-amz-security-token", "x-goog-credentia
 _CONN_KV = re.compile(r"\b(AccountKey|SharedAccessKey|SharedAccessSignature|Password|Pwd)=[^;\s]*", re.IGNORECASE)
 
 
+SIZED_FAMILIES = ("diffusers",)  # families whose generate takes height / width and a negative prompt per call
+_SIZE = re.compile(r"([1-9][0-9]{0,3})x([1-9][0-9]{0,3})")
+
+
+def parse_size(value: str) -> tuple[int, int] | None:
+    """"1024x576" -> (width, height), each a multiple of 8 in [8, 4096]; None when it is not one."""
+    m = _SIZE.fullmatch(value.strip()) if isinstance(value, str) else None
+    if m is None:
+        return None
+    w, h = int(m[1]), int(m[2])
+    return (w, h) if all(8 <= v <= 4096 and v % 8 == 0 for v in (w, h)) else None
+
+
 def _path_safe(v: str) -> str:
     if not SAFE_NAME.fullmatch(v):
         raise ValueError(f"{v!r} is not path-safe (letters, digits, '.', '_', '-'; no leading dot)")
@@ -81,6 +94,12 @@ class InputSpec(Strict):
                            "(reason prompt_too_many_tokens)")
     blocklist: Blocklist = Field(default_factory=lambda: Blocklist(), description="brand safety: matching prompts "
                                  "are rejected with reason 'blocked'")
+    negative_prompt_column: str | None = Field(default=None, description="column with a per-row negative prompt "
+                                               "(null: the model's sampling.negative_prompt); recorded in metadata; "
+                                               "for families that take one (diffusers)")
+    size_column: str | None = Field(default=None, description="column with a per-row image size, WIDTHxHEIGHT "
+                                    "(1024x576) or a preset name every model defines (models[].sizes); null: the "
+                                    "model's size; for families that take one (diffusers)")
     keep_columns: list[str] = Field(default_factory=list, description="input columns carried into each image's "
                                     "metadata row (an ad catalog's sku, template, campaign); every input file must "
                                     "have them, and none may be named like a metadata column")
@@ -165,6 +184,9 @@ class ModelSpec(Strict):
                                         "(weights stay as loaded). diffusers: the weights' dtype, default fp16 on "
                                         "CUDA and fp32 on CPU (bf16 runs on CPU too). Scorers stay fp32. Changes "
                                         "the pixels, so a rerun into the same output must keep it")
+    sizes: dict[str, str] = Field(default_factory=dict, description="named sizes (aspect presets) rows may ask for "
+                                  "through input.size_column, e.g. {'1:1': 1024x1024, '16:9': 1344x768}; diffusers "
+                                  "only")
     variant: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,32}$", description="diffusers only: "
                                 "the weight files' variant to load (e.g. fp16: unet/diffusion_pytorch_model."
                                 "fp16.safetensors)")
@@ -187,9 +209,15 @@ class ModelSpec(Strict):
         return v
 
     @model_validator(mode="after")
-    def _variant_is_diffusers(self) -> ModelSpec:
+    def _diffusers_options(self) -> ModelSpec:
         if self.variant is not None and self.family != "diffusers":
             raise ValueError(f"variant: a diffusers option (weight file variants); family {self.family!r} has none")
+        if self.sizes and self.family not in SIZED_FAMILIES:
+            raise ValueError(f"sizes: family {self.family!r} draws one size; per-row sizes need {SIZED_FAMILIES}")
+        for name, size in self.sizes.items():
+            if parse_size(size) is None:
+                raise ValueError(f"sizes[{name!r}]: {size!r} is not WIDTHxHEIGHT with each a multiple of 8 in "
+                                 "[8, 4096]")
         return self
 
     @model_validator(mode="after")
@@ -222,7 +250,13 @@ class ScoringSpec(Strict):
                              "rerank; null: no clip_score")
     judge: CheckpointRef | None = Field(default=str(SHIPPED / "judge"), description="judge checkpoint for prompt_match and "
                               "judged attributes; null: none")
-    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for both URLs")
+    aesthetic: CheckpointRef | None = Field(default=None, description="a LAION-style aesthetic predictor on the CLIP's "
+                                            "image embeddings (config.json + model.safetensors; models/aesthetic.py "
+                                            "says how to convert LAION's): aesthetic_score per image; null: none")
+    clip_near_duplicate_distance: float = Field(default=0.02, ge=0, le=2, description="without a judge: two samples of "
+                                                "a prompt closer than this in CLIP image-embedding cosine distance are "
+                                                "near-duplicates (calibrate yours: benchmarks/near_duplicates.py)")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for the scorers' URLs")
     pool: bool | None = Field(default=None, description="true: a scoring actor pool of its own, sized by "
                               "scoring.resources (scoring overlaps generation; scorers on other hardware than the "
                               "generators); false: each generator actor also scores every batch it draws, on its own "
@@ -313,8 +347,16 @@ class JobSpec(Strict):
         dup = sorted({n for n in names if names.count(n) > 1})
         if dup:
             raise ValueError(f"model names must be unique; repeated: {dup}")
-        if self.metrics.reference and not self.scoring.judge:
-            raise ValueError("metrics.reference needs scoring.judge (its features are the metric space)")
+        if self.metrics.reference and not (self.scoring.judge or self.scoring.clip):
+            raise ValueError("metrics.reference needs scoring.judge or scoring.clip (the feature space of the metrics)")
+        if self.scoring.aesthetic and not self.scoring.clip:
+            raise ValueError("scoring.aesthetic needs scoring.clip (it reads the CLIP's image embeddings)")
+        for column, what in ((self.input.size_column, "size_column"), (self.input.negative_prompt_column,
+                                                                        "negative_prompt_column")):
+            takes = [m.name for m in self.models if m.family not in SIZED_FAMILIES]
+            if column and takes:
+                raise ValueError(f"input.{what}: models {takes} cannot take a per-row value (families "
+                                 f"{SIZED_FAMILIES} can); run them in a spec without it")
         for m in self.models:
             if m.candidates > 1 and not (self.scoring.enabled and self.scoring.clip):
                 raise ValueError(f"model {m.name!r}: sampling.candidates > 1 reranks by clip_score, "

@@ -66,10 +66,10 @@ def test_diversity_and_near_duplicates_span_runs(tmp_path):
 
     put_atomic(fs, f"{root}/_staging/metadata/1.parquet",
                parquet_bytes(with_features(part(["copy", "apart", "alone"], [0, 0, 0]), [a, a, b])))
-    commit(fs, root, near_duplicate_distance=0.01)  # first run: one sample each, nothing to compare yet
+    commit(fs, root, ("judge_features", 0.01))  # first run: one sample each, nothing to compare yet
     put_atomic(fs, f"{root}/_staging/metadata/2.parquet",  # the rerun draws each prompt's second sample
                parquet_bytes(with_features(part(["copy", "apart"], [1, 1]), [a * 1.0001, b])))
-    rows = {(r["id"], r["sample"]): r for r in commit(fs, root, near_duplicate_distance=0.01).to_pylist()}
+    rows = {(r["id"], r["sample"]): r for r in commit(fs, root, ("judge_features", 0.01)).to_pylist()}
     assert rows[("copy", 0)]["near_duplicate"] and rows[("copy", 1)]["near_duplicate"]
     assert rows[("copy", 0)]["diversity"] < 1e-6
     assert rows[("apart", 0)]["near_duplicate"] is False and rows[("apart", 0)]["diversity"] > 0.5
@@ -103,9 +103,9 @@ def test_bucketed_commit_equals_one_bucket(tmp_path, monkeypatch):
     put_atomic(fs, f"{one}/_staging/metadata/b.parquet", parquet_bytes(staged("b", 1, [f"s{i}" for i in ids])))
     put_atomic(fs, f"{one}/_staging/metadata/c.parquet", parquet_bytes(staged("c", 1, ["again"] * len(ids))))  # redone
     shutil.copytree(one, many)
-    commit(fs, str(one), near_duplicate_distance=0.5)
+    commit(fs, str(one), ("judge_features", 0.5))
     monkeypatch.setattr(c, "BUCKET_BYTES", 1)  # as many buckets as bytes: every prompt's own file, or close
-    summary = commit(fs, str(many), near_duplicate_distance=0.5)
+    summary = commit(fs, str(many), ("judge_features", 0.5))
     files = sorted((many / "metadata").glob("*.parquet"))
     assert len(files) > 10 and not list((many / "_staging" / "metadata").glob("*.parquet"))
     a, b = c.read_metadata(fs, str(one)), c.read_metadata(fs, str(many))

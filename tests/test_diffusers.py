@@ -8,6 +8,7 @@ import os
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -135,6 +136,7 @@ def test_a_hugging_face_clip_scores_as_torchmetrics_does_and_through_the_job(ray
         metric.update(torch.from_numpy(im).permute(2, 0, 1), p)
         reference.append(metric.compute().item())
     assert np.allclose(ours, reference, atol=1e-4), (ours, reference)
+    assert ours.min() > 5 and ours.max() - ours.min() > 0.5, ours  # real scores, not the clamp's 0 in every row
     # end to end, reranked: a diffusers model draws 3 candidates per image, the HF CLIP keeps the best; clip_score
     # in every row, report written
     write_prompts(tmp_path / "in" / "a.parquet", ["a red circle", "a photo of a cat", "the dog on the left"],
@@ -144,7 +146,8 @@ def test_a_hugging_face_clip_scores_as_torchmetrics_does_and_through_the_job(ray
     spec["scoring"] = {"clip": clip_dir, "judge": None}
     run_job(load_spec(spec))
     rows = pq.read_table(tmp_path / "out" / "metadata").to_pylist()
-    assert len(rows) == 6 and all(r["clip_score"] is not None and 0 <= r["clip_score"] <= 100 for r in rows)
+    assert len(rows) == 6 and all(r["clip_score"] is not None and 0 < r["clip_score"] <= 100 for r in rows)
+    assert len({round(r["clip_score"], 3) for r in rows}) > 1
     assert all(r["prompt_match"] is None for r in rows) and (tmp_path / "out" / "report.html").exists()
     # the same draws made here, one image at a time, outside the job: the kept one is their best by clip_score
     from promptmill.models.hf_diffusers import DiffusersGenerator
@@ -154,7 +157,7 @@ def test_a_hugging_face_clip_scores_as_torchmetrics_does_and_through_the_job(ray
     for r in rows:
         draws = np.concatenate([gen.generate([r["prompt"]], [candidate_seed(r["seed"], k)], **SIZES["sd"])
                                 for k in range(3)])
-        sims = scorer.similarity(draws, [r["prompt"]] * 3)  # rerank's order: raw 100 cos (a tiny random CLIP's are < 0)
+        sims = scorer.similarity(draws, [r["prompt"]] * 3)  # rerank's order: raw 100 cos
         k = r["candidate_index"]  # the best, up to batched-vs-single rounding (pixels differ by <= 2/255)
         assert r["candidates"] == 3 and sims[k] >= sims.max() - 0.5, (k, sims)
         assert abs(r["clip_score"] - max(sims[k], 0)) < 0.5
@@ -356,3 +359,114 @@ def test_precision_sets_the_weights_dtype_and_bf16_runs_on_cpu(pipelines):
         DiffusersGenerator.load(pipelines["sd"], torch.device("cpu"), precision="fp16")
     with pytest.raises(CheckpointError, match="variant 'fp16'"):
         DiffusersGenerator.load(pipelines["sd"], torch.device("cpu"), variant="fp16")  # no such files here
+
+
+def test_a_scheduler_by_name_changes_the_draws_and_an_unknown_one_names_the_field(ray_local, pipelines, tmp_path,
+                                                                                  capsys):
+    from promptmill.models.hf_diffusers import DiffusersGenerator
+
+    gen = DiffusersGenerator.load(pipelines["sd"], torch.device("cpu"))
+    ddim = gen.generate(["a red circle"], [5], **SIZES["sd"])
+    heun = gen.generate(["a red circle"], [5], **SIZES["sd"], scheduler="HeunDiscreteScheduler")
+    assert type(gen.pipe.scheduler).__name__ == "HeunDiscreteScheduler"
+    assert np.abs(ddim.astype(int) - heun).max() > 10  # another sampler, other pixels
+    again = gen.generate(["a red circle"], [5], **SIZES["sd"], scheduler="DDIMScheduler")
+    assert np.abs(again.astype(int) - ddim).max() <= 2  # back to the pipeline's own config
+    write_prompts(tmp_path / "in" / "a.parquet", ["a red circle"], ["a"])
+    spec = _spec(tmp_path, pipelines["sd"], "sd", str(tmp_path / "out"))
+    spec["models"][0]["sampling"] = {**SIZES["sd"], "scheduler": "NoSuchScheduler"}
+    (tmp_path / "s.yaml").write_text(yaml.safe_dump(spec))
+    assert main(["generate", str(tmp_path / "s.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "models[0] (sd).sampling" in err and "'NoSuchScheduler' is not a diffusers scheduler class" in err
+    assert not (tmp_path / "out").exists()
+
+
+def test_per_row_negative_prompts_and_sizes_change_the_draws_and_bad_ones_are_rejected(ray_local, pipelines, tmp_path,
+                                                                                        capsys):
+    """input.negative_prompt_column and input.size_column (WIDTHxHEIGHT or a model's named preset): each row is
+    drawn with its own, recorded in metadata; a size no model can draw is a rejected row; a family that cannot
+    take them is refused naming the field."""
+    from promptmill.models.hf_diffusers import DiffusersGenerator
+
+    write_prompts(tmp_path / "in" / "a.parquet", ["a red circle"] * 5, ["plain", "neg", "wide", "preset", "bad"],
+                  negative=[None, "blurry photo", None, "blurry photo", None],
+                  size=[None, None, "48x32", "tall", "47x32"])
+    spec = _spec(tmp_path, pipelines["sd"], "sd", str(tmp_path / "out"))
+    spec["models"][0]["images_per_prompt"] = 1
+    spec["models"][0]["sizes"] = {"tall": "32x48"}
+    spec["input"].update(negative_prompt_column="negative", size_column="size", keep_columns=["size"])
+    res = run_job(load_spec(spec))
+    assert res.rejected == {"bad_size": 1} and res.images_total == {"sd": 4}
+    rows = {r["id"]: r for r in pq.read_table(tmp_path / "out" / "metadata").to_pylist()}
+    shapes = {i: decode_image(Path(r["image_path"]).read_bytes()).shape for i, r in rows.items()}
+    assert shapes == {"plain": (32, 32, 3), "neg": (32, 32, 3), "wide": (32, 48, 3), "preset": (48, 32, 3)}
+    assert {i: (r["width"], r["height"]) for i, r in rows.items()} == {
+        "plain": (32, 32), "neg": (32, 32), "wide": (48, 32), "preset": (32, 48)}
+    assert rows["neg"]["negative_prompt"] == "blurry photo" and rows["plain"]["negative_prompt"] == ""
+    gen = DiffusersGenerator.load(pipelines["sd"], torch.device("cpu"))
+    sampling = {k: v for k, v in SIZES["sd"].items() if k not in ("height", "width")}
+    plain = decode_image(Path(rows["plain"]["image_path"]).read_bytes()).astype(int)
+    neg = decode_image(Path(rows["neg"]["image_path"]).read_bytes()).astype(int)
+    again = gen.generate(["a red circle"], [rows["neg"]["seed"]], height=32, width=32, negative_prompt="blurry photo",
+                         **sampling)
+    without = gen.generate(["a red circle"], [rows["neg"]["seed"]], height=32, width=32, **sampling)
+    assert np.abs(again - neg).max() <= 2 and np.abs(without - neg).max() > 10  # the row's negative prompt drew it
+    assert np.abs(plain - neg).max() > 10
+    # a family that cannot take a per-row size: refused before anything, naming the field
+    gan = make_spec(str(tmp_path / "in"), str(tmp_path / "o2"), {"gan": "shipped:gan"})
+    gan["input"]["size_column"] = "size"
+    (tmp_path / "gan.yaml").write_text(yaml.safe_dump(gan))
+    assert main(["generate", str(tmp_path / "gan.yaml")]) == 2
+    assert "input.size_column: models ['gan'] cannot take a per-row value" in capsys.readouterr().err
+
+
+def test_without_a_judge_quality_signals_come_from_the_clip(ray_local, pipelines, tmp_path, monkeypatch):
+    """Real images, no judge: diversity and near-duplicates from the CLIP image embeddings the scoring stage
+    computes, an aesthetic score from a LAION-layout predictor on them, and FD / KID in CLIP space."""
+    from promptmill.models.aesthetic import load_aesthetic
+    from promptmill.models.clip import load_clip
+    from promptmill.pipelines.batch.diversity import annotate
+    from tiny_hf import tiny_aesthetic
+
+    clip_dir = str(tiny_hf_clip(tmp_path / "clip"))
+    aesthetic = str(tiny_aesthetic(tmp_path / "aesthetic", width=16))
+    write_prompts(tmp_path / "in" / "a.parquet", ["a red circle", "a photo of a cat", "the dog on the left"],
+                  ["a", "b", "c"])
+    ref = tmp_path / "ref.parquet"
+    from promptmill.models.shapes import example
+    from promptmill.pipelines.layout import encode_image
+
+    pq.write_table(pa.table({"png": [encode_image(example(i, 3, "test")[2], "png") for i in range(40)]}), ref)
+    spec = _spec(tmp_path, pipelines["sd"], "sd", str(tmp_path / "out"))
+    spec["models"][0]["images_per_prompt"] = 3
+    spec["scoring"] = {"clip": clip_dir, "judge": None, "aesthetic": aesthetic}
+    spec["metrics"] = {"reference": str(ref), "max_images": 10}
+    run_job(load_spec(spec))
+    rows = pq.read_table(tmp_path / "out" / "metadata").to_pylist()
+    assert all(r["judge_features"] is None and len(r["clip_features"]) == 16 for r in rows)
+    assert all(r["diversity"] is not None and r["near_duplicate"] is not None for r in rows)
+    scorer, predictor = load_clip(clip_dir), load_aesthetic(aesthetic)
+    r = rows[0]
+    emb = scorer.embed_images(decode_image(Path(r["image_path"]).read_bytes())[None]).numpy()
+    assert abs(predictor(emb)[0] - r["aesthetic_score"]) < 1e-3  # the predictor on the CLIP's embedding
+    assert len({round(x["aesthetic_score"], 5) for x in rows}) > 1
+    summary = json.loads((tmp_path / "out" / "summary.json").read_text())
+    assert summary["scores"]["sd"]["aesthetic_mean"] is not None
+    assert summary["metrics"]["features"].startswith("CLIP image embeddings")
+    m = summary["metrics"]["models"]
+    assert m["sd"]["fid"] > m["real_vs_real"]["fid"] and m["sd"]["inception_score"] is None
+    page = (tmp_path / "out" / "report.html").read_text()
+    assert "<th>aesthetic_mean</th>" in page and "<th>diversity_mean</th>" in page
+    assert "<th>prompt_match</th>" not in page and "<th>inception_score</th>" not in page  # null for every model
+    # near-duplicates in CLIP space: a re-encode of an image sits closer to it than another image does, and a
+    # threshold between the two flags the copies only (the threshold is the CLIP's: benchmarks/near_duplicates.py)
+    img = decode_image(Path(r["image_path"]).read_bytes())
+    other = decode_image(Path(rows[3]["image_path"]).read_bytes())
+    feats = scorer.embed_images(np.stack([img, decode_image(encode_image(img, "jpeg")), other])).numpy()
+    same, diff = 1 - feats[0] @ feats[1], 1 - feats[0] @ feats[2]
+    assert same < diff, (same, diff)
+    t = pa.table({"model": ["m"] * 3, "id": ["x"] * 3, "sample": [0, 1, 2],
+                  "clip_features": pa.array(list(feats), pa.list_(pa.float32())),
+                  "diversity": pa.nulls(3, pa.float32()), "near_duplicate": pa.nulls(3, pa.bool_())})
+    assert annotate(t, (same + diff) / 2, "clip_features")["near_duplicate"].to_pylist() == [True, True, False]

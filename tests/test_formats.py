@@ -6,7 +6,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 import tarfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -159,14 +161,33 @@ def test_write_tasks_retry_a_bounded_number_of_times(ray_local, tmp_path, fmt):
     """Ray Data retries a task whose worker died without limit; the job's write tasks stop at MAX_TASK_RETRIES, as
     its actor pools do, so a write that kills its worker every time fails the job instead of hanging it."""
     import ray
-    from promptmill.pipelines.batch.job import _writer, write_tasks
+    from promptmill.pipelines.batch.job import write_tasks
     from promptmill.pipelines.batch.pools import MAX_TASK_RETRIES
+
+    class KillsItsWorker:  # defined here: Ray's workers get it by value, not by importing this test module
+        """A write stage whose every attempt kills the worker running it (as an OOM kill would), after noting
+        the attempt in a file."""
+
+        def __init__(self, attempts: str) -> None:
+            self.attempts = attempts
+
+        def __call__(self, batch):
+            with open(self.attempts, "a") as f:
+                f.write(f"{os.getpid()}\n")
+            os._exit(1)
 
     spec = load_spec(make_spec("in", str(tmp_path / "out"), {"gan": "ck"},
                                output={"path": str(tmp_path / "out"), "format": fmt, "shard_size": 7}))
-    op = write_tasks(ray.data.range(3), _writer(spec, str(tmp_path / "out")), spec.output)._logical_plan.dag
-    assert op.ray_remote_args["max_retries"] == MAX_TASK_RETRIES
-    assert op.batch_size == (None if fmt == "files" else 7)  # a task per generated batch, or shard_size rows
+    attempts = tmp_path / "attempts"
+    ds = write_tasks(ray.data.range(3, override_num_blocks=1), KillsItsWorker(str(attempts)), spec.output)
+    assert ds._logical_plan.dag.batch_size == (None if fmt == "files" else 7)  # a task per batch, or shard_size rows
+    t0 = time.time()
+    with pytest.raises(ray.exceptions.RayError):
+        ds.take_all()
+    assert time.time() - t0 < 300, "the failing write hung the job"  # a hang guard, no speed claim
+    pids = attempts.read_text().split()
+    assert len(pids) == MAX_TASK_RETRIES + 1 and len(set(pids)) == len(pids), pids  # one try per new worker
+    assert MAX_TASK_RETRIES >= 1  # bounded, and retried at all
 
 
 def test_changing_the_format_of_an_output_is_refused(ray_local, checkpoints, tmp_path):

@@ -7,6 +7,7 @@ import pytest
 import torch
 from promptmill.models import CheckpointError, load_generator
 from promptmill.models.sampling import filter_logits
+from promptmill.pipelines.spec import SHIPPED
 
 PROMPTS = ["a small red circle on the left", "a large blue square above a green triangle", "out of domain words",
            "", "big yellow triangle, top", "a red circle", "a red circle"]
@@ -19,9 +20,11 @@ def test_generate_shapes_and_seeds(checkpoints, family):
     assert out.shape == (7, g.height, g.width, 3) and out.dtype == np.uint8
     again = g.generate(PROMPTS, list(range(len(PROMPTS))))
     assert np.array_equal(out, again)  # same seed -> same image
-    assert not np.array_equal(out[5], out[6]) or family == "transformer" and out[5].std() == 0
-    other = g.generate(PROMPTS[5:6], [12345])
-    assert not np.array_equal(other[0], out[5])  # different seed -> different image
+    # different seeds -> different images, on the shipped (trained) model: a tiny random Transformer's VQ decoder
+    # may draw one flat colour for every code, which would pass "differ" by luck or fail it
+    shipped = load_generator(str(SHIPPED / ("gan" if family == "gan" else "dalle")), "cpu")
+    a, b = shipped.generate(PROMPTS[5:6] * 2, [5, 12345])
+    assert a.std() > 5 and b.std() > 5 and np.abs(a.astype(int) - b).mean() > 2
 
 
 @pytest.mark.parametrize("family", ["gan", "transformer"])
@@ -276,3 +279,25 @@ def test_building_on_meta_leaves_other_threads_initialisers_alone():
     assert meta.weight.device.type == "meta"
     real = built["real"].weight
     assert real.device.type == "cpu" and real.std() > 0.01  # kaiming_uniform_ ran: not empty memory, not zeros
+
+
+@pytest.mark.parametrize("family", ["gan", "transformer"])
+def test_pixels_hold_to_one_level_across_batch_sizes_and_threads(family):
+    """What README promises of "the same pixels at any batch size and on any actor", on the shipped models: float
+    reductions follow the batch and the torch threads, so a pixel may land one level (1/255) off, in a few
+    images; never more (benchmarks/pixel_exactness.py measures it over 128 prompts)."""
+    from promptmill.models.shapes import example
+
+    gen = load_generator(str(SHIPPED / ("gan" if family == "gan" else "dalle")), "cpu")
+    prompts = [example(i, 0, "test")[1] for i in range(48)]
+    seeds = [1_000_003 * i + 7 for i in range(48)]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = np.concatenate([gen.generate(prompts[i:i + 1], seeds[i:i + 1]) for i in range(48)]).astype(int)
+        torch.set_num_threads(2)
+        batched = np.concatenate([gen.generate(prompts[i:i + 16], seeds[i:i + 16]) for i in range(0, 48, 16)])
+    finally:
+        torch.set_num_threads(before)
+    diff = np.abs(one - batched)
+    assert diff.max() <= 1 and (diff.reshape(48, -1).max(1) > 0).sum() <= 4, (diff.max(), (diff > 0).sum())

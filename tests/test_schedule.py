@@ -26,7 +26,7 @@ def _schedule(tmp_path: Path, checkpoints, **over) -> Path:
     data = {
         "name": "ads", "cron": "0 * * * *", "timezone": "Europe/Berlin", "start": "2026-11-24T06:00:00+01:00",
         "catalog": {"path": str(tmp_path / "catalog.parquet")},
-        "templates": ["a {size} {color} {shape} on the left", "{color} {shape}, center"],
+        "templates": ["a {size} {color} {shape} on the left", "{color} {shape}, top"],
         "blocklist": {"words": ["orange"]},
         "models": [{"name": "gan", "family": "gan", "checkpoint": checkpoints["gan"], "resources": {"batch_size": 8}}],
         "scoring": {"enabled": False},
@@ -43,8 +43,12 @@ def test_render_fills_templates_from_catalog_columns(tmp_path, checkpoints):
     t = render_prompts(s).to_pylist()
     assert len(t) == 6
     assert t[0] == {"id": "s1-t0", "prompt": "a small red circle on the left", "sku": "s1", "template": 0}
-    assert t[3]["prompt"] == "blue square, center"
-    assert CAPTIONS  # the tiny checkpoints' vocabulary covers these words
+    assert t[3]["prompt"] == "blue square, top"
+    from promptmill.models.tokenizer import WordTokenizer, words
+
+    vocab = set(WordTokenizer.train(CAPTIONS, max_len=12).vocab)  # what the tiny checkpoints were built with
+    drawn = {w for r in t if "orange" not in r["prompt"] for w in words(r["prompt"])}  # orange: blocked, not drawn
+    assert drawn <= vocab, drawn - vocab  # the rendered prompts use no word the tiny models map to <unk>
 
 
 def test_a_template_naming_a_missing_column_is_refused(tmp_path, checkpoints):

@@ -226,7 +226,9 @@ def test_submitted_specs_hold_references_not_secrets(monkeypatch, tmp_path, capl
 
 def test_planted_secrets_appear_in_no_output_byte_or_log_line(ray_local, checkpoints, s3, tmp_path, capfd, caplog):
     """Credentials and a userinfo URL planted in every field that takes them; every object the job writes to S3
-    and every log line is searched for them."""
+    and every log line is searched for them: the driver's (caplog, stdout/stderr) and every file in the Ray
+    session's log folder, where actors and workers write (ray_local does not forward them to the driver)."""
+    import ray
     import s3fs
 
     planted = {"key": "AKIAPLANTEDKEY000001", "secret": "planted-secret-0123456789"}
@@ -247,9 +249,14 @@ def test_planted_secrets_appear_in_no_output_byte_or_log_line(ray_local, checkpo
     assert any(p.endswith("summary.json") for p in written) and any(p.endswith(".tar") for p in written)
     blobs = b"".join(fs.cat_file(p) for p in written)
     logs = caplog.text + "".join(capfd.readouterr())
+    ray_logs = Path(ray._private.worker._global_node.get_logs_dir_path())
+    worker_files = [p for p in ray_logs.rglob("*") if p.is_file()]
+    assert any(p.name.startswith("worker-") for p in worker_files)  # the actors' and workers' own logs are there
+    worker_logs = b"".join(p.read_bytes() for p in worker_files)
     for secret in planted.values():
         assert secret.encode() not in blobs, secret
         assert secret not in logs, secret
+        assert secret.encode() not in worker_logs, secret
     # a checkpoint URL with credentials in it is recorded redacted wherever it is written
     from promptmill.pipelines.batch.preflight import fingerprint
 
@@ -498,5 +505,6 @@ def test_an_actor_that_keeps_dying_fails_the_job_instead_of_hanging(ray_local, c
     finally:
         stop.set()
         t.join()
-    assert len(kills) >= MAX_ACTOR_RESTARTS + 1 and time.time() - t0 < 180
+    assert len(kills) >= MAX_ACTOR_RESTARTS + 1
+    assert time.time() - t0 < 600, "the job neither finished nor failed"  # a hang guard, no speed claim
     assert run_job(load_spec(spec)).images_total == {"gan": 128}  # nothing lost: the rerun finishes it

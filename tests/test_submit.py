@@ -21,6 +21,7 @@ import s3fs
 import yaml
 from conftest import _free_port, kill_session
 
+HANG_GUARD_S = 300  # how long a state change may take before a test calls it a hang (never a speed claim)
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 CURRENT = Path("/tmp/ray/ray_current_cluster")  # where `ray start` records itself for ray.init()
@@ -134,7 +135,7 @@ def test_a_failed_submission_is_retried_as_the_next_attempt_then_stop_delete_lis
     assert "stop requested" in _cli(["stop", other, "--address", head], s3).stdout
     t0 = time.time()
     while json.loads(_cli(["status", other, "--address", head], s3).stdout)["status"] != "STOPPED":
-        assert time.time() - t0 < 60
+        assert time.time() - t0 < HANG_GUARD_S, "the stopped job never reported STOPPED"  # a hang guard, no speed claim
         time.sleep(1)
     listed = _cli(["list", "--address", head], s3).stdout
     assert all(x in listed for x in (f"{sid}\tFAILED", f"{sid}-a2\tSUCCEEDED", f"{other}\tSTOPPED")), listed
@@ -165,5 +166,6 @@ def test_submit_a_diffusers_job_reranked_by_a_hugging_face_clip_from_s3(head, s3
     rows = pq.read_table(fs.open(fs.ls("bucket/byom/out/metadata")[0])).to_pylist()
     assert sorted(r["id"] for r in rows) == ["a", "b"] and {r["pipeline_class"] for r in rows} == {
         "StableDiffusionPipeline"}
-    assert all(r["family"] == "diffusers" and r["candidates"] == 2 and 0 <= r["clip_score"] <= 100 for r in rows)
+    assert all(r["family"] == "diffusers" and r["candidates"] == 2 and 0 < r["clip_score"] <= 100 for r in rows)
+    assert len({round(r["clip_score"], 3) for r in rows}) > 1  # the tiny CLIP's scores are spread, not clamped to 0
     assert fs.exists("bucket/byom/out/report.html") and fs.exists("bucket/byom/out/_SUCCESS")

@@ -81,7 +81,14 @@ def tiny_hf_clip(d: Path) -> Path:
         vision_config=dict(hidden_size=32, intermediate_size=37, num_attention_heads=4, num_hidden_layers=2,
                            image_size=32, patch_size=8), projection_dim=16)
     image_proc = transformers.CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
-    transformers.CLIPModel(config).save_pretrained(str(d))
+    model = transformers.CLIPModel(config)
+    with torch.no_grad():  # random towers give cosines around 0, which clip_score clamps to 0 in every row: both
+        # towers' pooled outputs share a constant part and one projection, so cosines sit well above 0 and spread
+        model.text_projection.weight.copy_(model.visual_projection.weight)
+        for ln in (model.text_model.final_layer_norm, model.vision_model.post_layernorm):
+            ln.weight.fill_(0.5)
+            ln.bias.fill_(1.0)
+    model.save_pretrained(str(d))
     transformers.CLIPProcessor(image_processor=image_proc, tokenizer=tok).save_pretrained(str(d))
     return d
 
@@ -117,4 +124,17 @@ def tiny_sd_nan_vae(d: Path) -> Path:
     with torch.no_grad():
         base.vae.decoder.conv_out.bias.fill_(float("nan"))
     base.save_pretrained(str(d))
+    return d
+
+
+def tiny_aesthetic(d: Path, width: int) -> Path:
+    """A LAION-layout aesthetic predictor (random weights) over `width`-wide CLIP embeddings."""
+    from promptmill.models.aesthetic import AestheticPredictor
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    d.mkdir(parents=True, exist_ok=True)
+    dims = [width, 12, 8, 6, 4, 1]
+    save_file(AestheticPredictor(dims).state_dict(), str(d / "model.safetensors"))
+    (d / "config.json").write_text(json.dumps({"family": "aesthetic", "dims": dims}))
     return d

@@ -53,7 +53,7 @@ MAX_BUCKETS = 4_096
 KEYS = ["model", "id", "sample"]
 # what the job's summary needs of the committed rows (`pipelines.runs.results.score_summary`), returned by commit
 SUMMARY_COLUMNS = ["model", "id", "sample", "clip_score", "prompt_match", "candidates", "diversity", "near_duplicate",
-                   "nsfw", "prompt_truncated"]
+                   "nsfw", "prompt_truncated", "aesthetic_score"]
 SHARD_MANIFEST = "shards-manifest"
 
 
@@ -142,7 +142,7 @@ def _first_rows(table: pa.Table) -> pa.Array:
     return rows.take(pc.array_sort_indices(rows))
 
 
-def commit(fs: AbstractFileSystem, root: str, near_duplicate_distance: float | None = None,
+def commit(fs: AbstractFileSystem, root: str, near_duplicates: tuple[str, float | None] = ("judge_features", None),
            fence: Fence | None = None) -> pa.Table:
     """Merge staging into metadata/ with one row per sample, each prompt's diversity and near-duplicates set over
     all its samples (`pipelines.batch.diversity`); returns the committed rows' SUMMARY_COLUMNS. `fence`: the
@@ -171,7 +171,7 @@ def commit(fs: AbstractFileSystem, root: str, near_duplicate_distance: float | N
             if not bucket:
                 continue
             table = _union([pq.read_table(p) for p in bucket])
-            table = annotate(_sorted(table.take(_first_rows(table))), near_duplicate_distance)
+            table = annotate(_sorted(table.take(_first_rows(table))), near_duplicates[1], near_duplicates[0])
             if shards:
                 paths = table.column("image_path").to_pylist()
                 table = table.set_column(table.schema.get_field_index("image_path"), "image_path",

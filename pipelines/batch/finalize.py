@@ -86,14 +86,16 @@ def _after_commit(fs: AbstractFileSystem, root: str, run: Run, key: str, step: C
         write_json(fs, join(root, SUMMARY), run.summary)
 
 
-def near_duplicate_distance(spec: JobSpec) -> float | None:
-    """The scoring judge's calibrated threshold (None without a judge or a calibration)."""
-    if not (spec.scoring.enabled and spec.scoring.judge):
-        return None
-    from promptmill.models.judge import load_judge
+def near_duplicate_space(spec: JobSpec) -> tuple[str, float | None]:
+    """(feature column, threshold) of diversity and near-duplicates: the judge's with its calibrated threshold
+    (None without a calibration), else the CLIP's image embeddings with `scoring.clip_near_duplicate_distance`."""
+    s = spec.scoring
+    if s.enabled and s.judge:
+        from promptmill.models.judge import load_judge
 
-    return load_judge(spec.scoring.judge, storage_options=spec.scoring.storage_options).calibration.get(
-        "near_duplicate_distance")
+        judge = load_judge(s.judge, storage_options=s.storage_options)
+        return "judge_features", judge.calibration.get("near_duplicate_distance")
+    return "clip_features", (s.clip_near_duplicate_distance if s.enabled and s.clip else None)
 
 
 def finalize(spec: JobSpec, fs: AbstractFileSystem, root: str, *, input_rows: int, rejected: dict[str, int],
@@ -117,7 +119,7 @@ def finalize(spec: JobSpec, fs: AbstractFileSystem, root: str, *, input_rows: in
         fence.check()  # a run that stalled here past its lease stops before it touches anything committed
     if fs.exists(success):
         fs.rm(success)
-    table = commit(fs, root, near_duplicate_distance(spec), fence)
+    table = commit(fs, root, near_duplicate_space(spec), fence)
     previous = read_json(fs, join(root, SUMMARY)) or {}
     if "rejected_files" in previous or not fs.exists(join(root, REJECTED)):
         mine = previous.get("rejected_files", [])
@@ -149,7 +151,7 @@ def finalize(spec: JobSpec, fs: AbstractFileSystem, root: str, *, input_rows: in
             _after_commit(fs, root, run, "metrics_error", lambda: evaluate_run(
                 run, m.reference, spec.scoring.judge, max_images=m.max_images,
                 reference_storage_options=m.storage_options, image_column=m.image_column,
-                judge_storage_options=spec.scoring.storage_options))
+                judge_storage_options=spec.scoring.storage_options, clip_url=spec.scoring.clip))
         if spec.output.report:
             _after_commit(fs, root, run, "report_error", lambda: write_report(run))
         result.summary = run.summary

@@ -23,7 +23,7 @@ from promptmill.models.rerank import generate_best_of
 from promptmill.pipelines.batch.isolate import run_isolated
 from promptmill.pipelines.batch.score import ScoreStage, device_for
 from promptmill.pipelines.batch.threads import ActorThreads
-from promptmill.pipelines.spec import ModelSpec, ScoringSpec, redact_text
+from promptmill.pipelines.spec import ModelSpec, ScoringSpec, parse_size, redact_text
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +31,13 @@ log = logging.getLogger(__name__)
 class GenerateStage:
     def __init__(self, model: ModelSpec, scoring: ScoringSpec, checkpoint_id: str | None = None,
                  threads: int | None = None, score: bool = False, write: Callable[[dict], dict] | None = None,
-                 checkpoint_label: str | None = None, nsfw: str = "reject", truncate: bool = True) -> None:
+                 checkpoint_label: str | None = None, nsfw: str = "reject", truncate: bool = True,
+                 negative_column: str | None = None, size_column: str | None = None) -> None:
         self.threads = ActorThreads(threads)  # the job's count (preflight.actor_threads), on the device thread
         self.device = device_for(model.resources.num_gpus)
         self.model = model
         self.nsfw, self.truncate = nsfw, truncate  # output.nsfw, input.truncate
+        self.negative_column, self.size_column = negative_column, size_column  # input.*_column: per-row controls
         self.write = write  # the job's WriteStage, when this actor is the last stage (`job._images`)
         self.gen = at_precision(load_generator(model.checkpoint, self.device, model.storage_options, family=model.family,
                                                precision=model.precision, variant=model.variant),
@@ -64,6 +66,20 @@ class GenerateStage:
         self.threads.on_call()
         return self.draw(batch)
 
+    def _row_controls(self, batch: dict[str, np.ndarray], n: int) -> tuple[list[dict | None], list[str] | None]:
+        """Per row: the size its `input.size_column` asks for ({height, width}, None: the model's) and the negative
+        prompt of `input.negative_prompt_column` (null: the model's sampling.negative_prompt; None: no column)."""
+        sizes: list[dict | None] = [None] * n
+        if self.size_column:
+            for i, v in enumerate(batch[self.size_column]):
+                if isinstance(v, str):
+                    w, h = parse_size(self.model.sizes.get(v, v))
+                    sizes[i] = {"height": h, "width": w}
+        if not self.negative_column:
+            return sizes, None
+        default = self.sampling.get("negative_prompt") or ""
+        return sizes, [v if isinstance(v, str) else default for v in batch[self.negative_column]]
+
     def _flags(self, i: int, j: int, info: dict[str, list], reason: np.ndarray, error: np.ndarray,
                nsfw: np.ndarray) -> None:
         """Row i (the call's j-th image): a non-finite image is an error; a flagged one rejected or marked."""
@@ -90,25 +106,42 @@ class GenerateStage:
                 if t > limit and not self.truncate:
                     reason[i], error[i] = "prompt_too_many_tokens", f"{t} tokens; the text encoder takes {limit}"
 
+        sizes, negatives = self._row_controls(batch, n)
+
         def draw_rows(idx: list[int]):
             p, s = [prompts[i] for i in idx], [seeds[i] for i in idx]
+            sampling = {**self.sampling, **(sizes[idx[0]] or {})}  # one size per call (the rows are grouped)
+            if negatives is not None:
+                sampling["negative_prompt"] = [negatives[i] for i in idx]
             if self.scorer is None:
-                images = np.asarray(self.gen.generate(p, s, **self.sampling))
+                images = np.asarray(self.gen.generate(p, s, **sampling))
                 return images, np.zeros(len(idx), np.int32), None, getattr(self.gen, "last_info", None)
-            best = generate_best_of(self.gen, self.scorer, p, s, k, **self.sampling)
+            best = generate_best_of(self.gen, self.scorer, p, s, k, **sampling)
             return best.images, best.index.astype(np.int32), best.score.astype(np.float64), best.info
 
         todo = [i for i in range(n) if reason[i] is None]
-        done, failed = run_isolated(draw_rows, todo) if todo else ([], {})  # a poison row fails alone
-        shape = done[0][1][0].shape[1:] if done else (8, 8, 3)
-        pixels = np.zeros((n, *shape), np.uint8)
+        groups: dict[tuple, list[int]] = {}
+        for i in todo:  # rows of one size together: a call draws one size
+            groups.setdefault(tuple(sorted((sizes[i] or {}).items())), []).append(i)
+        done, failed = [], {}
+        for rows in groups.values():
+            d, f = run_isolated(draw_rows, rows)  # a poison row fails alone
+            done, failed = done + d, {**failed, **f}
+        pixels = np.empty(n, object)  # (H, W, 3) each: rows may differ in size
         index, score = np.zeros(n, np.int32), np.full(n, None, object)
         for idx, (imgs, ci, cs, info) in done:
-            pixels[idx], index[idx] = imgs, ci
+            index[idx] = ci
             if cs is not None:
                 score[idx] = cs
             for j, i in enumerate(idx):
+                pixels[i] = imgs[j]
                 self._flags(i, j, info or {}, reason, error, nsfw)
+        blank = np.zeros((8, 8, 3), np.uint8)  # a row with no image (rejected): never written
+        for i in range(n):
+            if pixels[i] is None:
+                pixels[i] = blank
+        if len({p.shape for p in pixels}) == 1:  # one size (the usual batch): a plain array
+            pixels = np.stack(list(pixels))
         for i, text in failed.items():
             reason[i], error[i] = "generation_error", text
         batch["pixels"], batch["candidate_index"], batch["candidate_score"] = pixels, index, score
@@ -122,8 +155,9 @@ class GenerateStage:
         batch["checkpoint_id"] = np.full(n, self.checkpoint_id, object)
         record = {**self.sampling, "candidates": k, **self.model.precision_record}
         batch["sampling"] = np.full(n, json.dumps(record, sort_keys=True), object)
-        batch["width"] = np.full(n, np.asarray(batch["pixels"]).shape[2], np.int32)  # sampling may set the size
-        batch["height"] = np.full(n, np.asarray(batch["pixels"]).shape[1], np.int32)
+        batch["width"] = np.array([p.shape[1] for p in pixels], np.int32)  # sampling or the row may set the size
+        batch["height"] = np.array([p.shape[0] for p in pixels], np.int32)
+        batch["negative_prompt"] = np.array(negatives if negatives is not None else [None] * n, object)
         batch["pipeline_class"] = np.full(n, getattr(self.gen, "pipeline_class", None), object)
         batch["device"] = np.full(n, self.device, object)
         batch["node"] = np.full(n, self.node, object)

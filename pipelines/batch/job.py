@@ -75,8 +75,10 @@ def retry_policy(spec: JobSpec) -> RetryPolicy:
 
 def validated_prompts(plan: InputPlan, spec: JobSpec) -> ray.data.Dataset:
     """Every input row with its id and reason (null = accepted); the run and --dry-run read the input this way."""
+    presets = frozenset.intersection(*(frozenset(m.sizes) for m in spec.models))  # names every model can draw
     return read_prompts(plan, spec.input).map_batches(
-        functools.partial(validate_batch, spec=spec.input, duplicates=plan.duplicate_ids), batch_format="pyarrow")
+        functools.partial(validate_batch, spec=spec.input, duplicates=plan.duplicate_ids, presets=presets),
+        batch_format="pyarrow")
 
 
 def _write_rejected(spec: JobSpec, plan: InputPlan, validated: ray.data.Dataset, root_url: str) -> dict[str, int]:
@@ -114,6 +116,12 @@ def _writer(spec: JobSpec, out_url: str, token: str = "") -> WriteStage:
                       tuple(spec.input.keep_columns), o.sidecars, token)
 
 
+def carried(spec: JobSpec) -> tuple[str, ...]:
+    """Input columns each sample carries to the generator and writer: input.keep_columns and the per-row controls."""
+    i = spec.input
+    return tuple(dict.fromkeys([*i.keep_columns, *(c for c in (i.negative_prompt_column, i.size_column) if c)]))
+
+
 def _images(spec: JobSpec, validated: ray.data.Dataset, done: frozenset[str], record: dict,
             write: WriteStage | None = None, todo: dict[str, int] | None = None) -> ray.data.Dataset:
     """One branch per model (expand -> generate actor pool, which also scores unless scoring has its own pool),
@@ -135,7 +143,7 @@ def _images(spec: JobSpec, validated: ray.data.Dataset, done: frozenset[str], re
         samples = validated.map_batches(
             functools.partial(expand_batch, prompt_column=spec.input.prompt_column, model=m.name,
                               images_per_prompt=m.images_per_prompt, job_seed=spec.seed, done=done,
-                              keep=tuple(spec.input.keep_columns)),
+                              keep=carried(spec)),
             batch_format="pyarrow",
         ).repartition(target_num_rows_per_block=r.batch_size)  # one block per generate call: every actor
         # gets work (a small prompt file is one block) and a crash loses at most the blocks in flight
@@ -144,6 +152,8 @@ def _images(spec: JobSpec, validated: ray.data.Dataset, done: frozenset[str], re
                                      "checkpoint_id": record["models"][m.name]["checkpoint_id"],
                                      "checkpoint_label": redact_text(m.checkpoint),
                                      "nsfw": spec.output.nsfw, "truncate": spec.input.truncate,
+                                     "negative_column": spec.input.negative_prompt_column,
+                                     "size_column": spec.input.size_column,
                                      "threads": size.threads, "write": last_writes},
             size, num_gpus=r.num_gpus, batch_size=r.batch_size, calls=concurrent_calls(r)))
     images = branches[0].union(*branches[1:]) if len(branches) > 1 else branches[0]

@@ -65,6 +65,9 @@ def plan_input(spec: InputSpec) -> InputPlan:
                 if missing:
                     raise InputError(f"{full_url(fs, f)}: missing input.keep_columns {missing} "
                                      f"(columns: {schema.names})")
+                for col, what in ((spec.negative_prompt_column, "negative prompt"), (spec.size_column, "size")):
+                    if col is not None:
+                        _check_type(fs, f, schema, col, what, PROMPT_TYPES)
                 if spec.id_column is not None:
                     _check_type(fs, f, schema, spec.id_column, "id", ID_TYPES)
                     if take:  # only rows the run reads can collide

@@ -15,6 +15,7 @@ from collections.abc import Callable
 
 import numpy as np
 import torch
+from promptmill.models.aesthetic import load_aesthetic
 from promptmill.models.clip import load_clip
 from promptmill.models.images import by_shape, to_nchw
 from promptmill.models.judge import judge_prompts, load_judge
@@ -23,7 +24,7 @@ from promptmill.pipelines.batch.threads import ActorThreads
 from promptmill.pipelines.spec import ScoringSpec, redact
 
 log = logging.getLogger(__name__)
-COLUMNS = ("clip_score", "judged", "geometry", "prompt_match", "judge_features")
+COLUMNS = ("clip_score", "judged", "geometry", "prompt_match", "judge_features", "clip_features", "aesthetic_score")
 
 
 def device_for(num_gpus: float) -> str:
@@ -43,13 +44,24 @@ class ScoreStage:
         so = scoring.storage_options
         self.clip = load_clip(scoring.clip, self.device, so) if scoring.clip else None
         self.judge = load_judge(scoring.judge, self.device, so) if scoring.judge else None
+        self.aesthetic = None
+        if scoring.aesthetic:  # on the CLIP's image embeddings: their width is what it must take
+            width = self.clip.embed_images(np.zeros((1, 32, 32, 3), np.uint8)).shape[-1]
+            self.aesthetic = load_aesthetic(scoring.aesthetic, so, width=width)
         log.info("scoring on %s (clip=%s, judge=%s)", self.device, *redact([scoring.clip, scoring.judge]))
 
     def score(self, pixels: np.ndarray, prompts: list[str]) -> dict[str, list]:
         """The score columns for these images, one value per image."""
         n = len(prompts)
         out: dict[str, list] = {k: [None] * n for k in COLUMNS}
-        if self.clip is not None:
+        if self.clip is not None and (self.judge is None or self.aesthetic is not None):
+            scores, embeddings = self.clip.score_and_embed(pixels, prompts)
+            out["clip_score"] = scores.astype(np.float64).tolist()
+            if self.judge is None:  # diversity and near-duplicates then come from the CLIP (diversity.py)
+                out["clip_features"] = list(embeddings)
+            if self.aesthetic is not None:
+                out["aesthetic_score"] = self.aesthetic(embeddings).tolist()
+        elif self.clip is not None:
             out["clip_score"] = self.clip.score(pixels, prompts).astype(np.float64).tolist()
         if self.judge is not None:
             with torch.no_grad():

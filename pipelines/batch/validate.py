@@ -10,7 +10,7 @@ import re
 
 import pyarrow as pa
 from promptmill.pipelines.layout import SAFE_NAME
-from promptmill.pipelines.spec import InputSpec
+from promptmill.pipelines.spec import InputSpec, parse_size
 
 ID, REASON = "pm_id", "pm_reason"
 # what XML 1.0 (the images' XMP) cannot hold, and no prompt means: C0 controls but tab and newlines, DEL, C1, U+FFFE/F
@@ -67,7 +67,17 @@ def reason_for(prompt: object, row_id: str | None, duplicates: set[str], max_cha
     return None
 
 
-def validate_batch(table: pa.Table, spec: InputSpec, duplicates: set[str]) -> pa.Table:
+def row_controls_reason(negative: object, size: object, max_chars: int, presets: frozenset[str]) -> str | None:
+    """A per-row negative prompt or size that no model can take (`input.negative_prompt_column`, `size_column`)."""
+    if negative is not None and (not isinstance(negative, str) or len(negative) > max_chars or CONTROL.search(negative)):
+        return "bad_negative_prompt"
+    if size is not None and not (isinstance(size, str) and (size in presets or parse_size(size) is not None)):
+        return "bad_size"
+    return None
+
+
+def validate_batch(table: pa.Table, spec: InputSpec, duplicates: set[str], presets: frozenset[str] = frozenset()
+                   ) -> pa.Table:
     if spec.id_column is None:
         ids = [f"r{h:016x}" for h in table.column("row_hash").to_pylist()]
         table = table.drop_columns(["row_hash"])
@@ -76,6 +86,12 @@ def validate_batch(table: pa.Table, spec: InputSpec, duplicates: set[str]) -> pa
     prompts = column_values(table.column(spec.prompt_column))
     blocked = spec.blocklist.compiled()
     reasons = [reason_for(p, i, duplicates, spec.max_prompt_chars, blocked) for p, i in zip(prompts, ids)]
+    if spec.negative_prompt_column or spec.size_column:  # `presets`: size names every model defines
+        n = len(prompts)
+        negatives = column_values(table.column(spec.negative_prompt_column)) if spec.negative_prompt_column else [None] * n
+        sizes = column_values(table.column(spec.size_column)) if spec.size_column else [None] * n
+        reasons = [r or row_controls_reason(neg, size, spec.max_prompt_chars, presets)
+                   for r, neg, size in zip(reasons, negatives, sizes)]
     ids = [None if isinstance(i, InvalidUTF8) else i for i in ids]  # such a row is rejected; its original id stays
     return table.append_column(ID, pa.array(ids, pa.string())).append_column(REASON, pa.array(reasons, pa.string()))
 

@@ -20,10 +20,10 @@ import numpy as np
 import pyarrow as pa
 from promptmill.pipelines.layout import (
     DERIVED,
-    FLAGS,
     METADATA,
     METADATA_SCHEMA,
     OUTPUT_FORMATS,
+    PER_IMAGE,
     REJECTED,
     SCORES,
     SHARDS,
@@ -86,7 +86,7 @@ class WriteStage:
         cols = {k: batch[k] for k in METADATA_SCHEMA.names if k in batch}
         cols["sha256"] = [hashlib.sha256(b).hexdigest() for b in encoded]  # of the file as written
         cols["image_format"] = np.full(n, self.image_format, object)
-        for k in (*SCORES, *DERIVED, *FLAGS):
+        for k in (*SCORES, *DERIVED, *PER_IMAGE):
             cols.setdefault(k, [None] * n)
         cols["image_key"] = [None] * n
         cols["image"] = [None] * n

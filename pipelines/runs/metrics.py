@@ -65,15 +65,31 @@ def knn_precision_recall(real: torch.Tensor, fake: torch.Tensor, k: int = PR_K) 
     return inside(fake, real, radii(real)), inside(real, fake, radii(fake))
 
 
+class CLIPFeatures(nn.Module):
+    """uint8 (N, 3, H, W) -> a CLIP's image embeddings: FD and KID in CLIP space, for images of any domain
+    (Kynkäänniemi et al. 2023 argue for it over Inception's)."""
+
+    def __init__(self, scorer) -> None:
+        super().__init__()
+        self.scorer = scorer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.scorer.embed_images(x.permute(0, 2, 3, 1).cpu().numpy()).float().cpu()
+
+
 class Evaluator:
     """Reference statistics computed once (torchmetrics' reset_real_features=False), then any number of
-    image sets compared against them."""
+    image sets compared against them. The feature space is the judge's (our shapes models; with Inception
+    Score from its logits) or, given `features` (CLIPFeatures), that module's (no Inception Score)."""
 
-    def __init__(self, judge: Judge, reference: Sequence[np.ndarray], batch: int = 500) -> None:
+    def __init__(self, judge: Judge | None, reference: Sequence[np.ndarray], batch: int = 500,
+                 features: nn.Module | None = None) -> None:
         if len(reference) < 2:
             raise ValueError(f"need at least 2 reference images, got {len(reference)}")
-        self.judge, self.batch, self.n_reference = judge.eval(), batch, len(reference)
-        self.feats = JudgeFeatures(judge)
+        if (judge is None) == (features is None):
+            raise ValueError("one feature space: a judge or `features`")
+        self.judge, self.batch, self.n_reference = judge and judge.eval(), batch, len(reference)
+        self.feats = JudgeFeatures(judge) if judge is not None else features.eval()
         self.fid = FrechetInceptionDistance(feature=self.feats, reset_real_features=False)
         self.kid_subset = min(1000, len(reference))
         self.kid = KernelInceptionDistance(feature=self.feats, subset_size=self.kid_subset, subsets=20,
@@ -106,22 +122,24 @@ class Evaluator:
         self.fid.reset()
         self.kid.reset()
         self.kid.subset_size = min(self.kid_subset, len(images))
-        inception = InceptionScore(feature=JudgeLogits(self.judge), splits=min(10, len(images)))
+        inception = (InceptionScore(feature=JudgeLogits(self.judge), splits=min(10, len(images)))
+                     if self.judge is not None else None)
         fake = self._update(images, real=False, inception=inception)
         kid_mean, kid_std = self.kid.compute()
-        is_mean, is_std = inception.compute()
+        is_mean, is_std = (t.item() for t in inception.compute()) if inception is not None else (None, None)
         precision, recall = knn_precision_recall(self.real_features, fake)
         out = {"fid": self.fid.compute().item(), "kid": kid_mean.item(), "kid_std": kid_std.item(),
-               "inception_score": is_mean.item(), "inception_score_std": is_std.item(),
+               "inception_score": is_mean, "inception_score_std": is_std,
                "precision": precision, "recall": recall, "n_reference": self.n_reference, "n_images": len(images)}
         return {k: (round(v, 6) if isinstance(v, float) and math.isfinite(v) else v) for k, v in out.items()}
 
 
-def compare(judge: Judge, reference: Sequence[np.ndarray], runs: dict[str, Sequence[np.ndarray]]) -> dict[str, dict[str, float]]:
+def compare(judge: Judge | None, reference: Sequence[np.ndarray], runs: dict[str, Sequence[np.ndarray]],
+            features: nn.Module | None = None) -> dict[str, dict[str, float]]:
     """Every model against the first half of the reference, and the floor: that half against the
     (disjoint) rest, cut to the largest model's size."""
     half = len(reference) // 2
-    ev = Evaluator(judge, reference[:half])
+    ev = Evaluator(judge, reference[:half], features=features)
     n = max((len(v) for v in runs.values()), default=0)
     out = {name: ev(imgs) for name, imgs in runs.items()}
     out["real_vs_real"] = ev(reference[half:][: max(n, 2)])
@@ -132,6 +150,7 @@ def table(metrics: dict[str, dict[str, float]]) -> str:
     cols = ["fid", "kid", "inception_score", "precision", "recall", "n_images"]
     rows = [f"{'model':<16}" + "".join(f"{c:>17}" for c in cols)]
     for name, m in metrics.items():
-        rows.append(f"{name:<16}" + "".join(f"{m.get(c, float('nan')):>17.4f}" if c != "n_images"
+        rows.append(f"{name:<16}" + "".join(f"{m.get(c) if m.get(c) is not None else float('nan'):>17.4f}"
+                                           if c != "n_images"
                                            else f"{m.get(c, 0):>17d}" for c in cols))
     return "\n".join(rows)

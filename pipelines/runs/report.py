@@ -107,12 +107,17 @@ def build_report(run: Run, gallery_prompts: int = 24, extremes: int = 8) -> str:
                    _fmt(s.get("images_per_s")), _fmt(s.get("wall_s"))]]))
     scores = score_summary(md) if len(md) else {}
     metrics = (s.get("metrics") or {}).get("models", {})
-    cols = ["images", "clip_score_mean", "prompt_match", "candidates", "diversity_mean", "near_duplicate_rate"]
+    cols = ["images", "clip_score_mean", "aesthetic_mean", "prompt_match", "candidates", "diversity_mean",
+            "near_duplicate_rate", "nsfw_images", "prompt_truncated_images"]
     mcols = ["fid", "kid", "inception_score", "precision", "recall"]
+    rows_of = [*models, *(["real_vs_real"] if "real_vs_real" in metrics else [])]
+    # a column no model has a value in (no judge, no checker, no metrics) says nothing: it is left out
+    cols = [c for c in cols if any(scores.get(m, {}).get(c) is not None for m in rows_of)]
+    mcols = [c for c in mcols if any(metrics.get(m, {}).get(c) is not None for m in rows_of)]
     parts.append("<h2>Per model</h2>" + _table(["model", *cols, *mcols],
                  [[html.escape(m), *(_fmt(scores.get(m, {}).get(c)) for c in cols),
                    *(_fmt(metrics.get(m, {}).get(c)) for c in mcols)]
-                  for m in [*models, *(["real_vs_real"] if "real_vs_real" in metrics else [])]]))
+                  for m in rows_of]))
     if metrics:
         parts.append(f"<p class=s>Metrics against {html.escape(str(s['metrics'].get('reference')))} in the "
                      f"{html.escape(str(s['metrics'].get('features')))}; real_vs_real is the floor of the same size.</p>")

@@ -114,7 +114,10 @@ def score_summary(metadata: pa.Table) -> dict[str, dict]:
         clip = [v for v in t.column("clip_score").to_pylist() if v is not None]
         match = [v for v in t.column("prompt_match").to_pylist() if v is not None]
         candidates = [c for c in t.column("candidates").to_pylist() if c is not None]
+        aesthetic = [v for v in (t["aesthetic_score"].to_pylist() if "aesthetic_score" in t.column_names else [])
+                     if v is not None]  # a run from before the column
         out[model] = {"images": len(t), "clip_score_mean": round(float(np.mean(clip)), 4) if clip else None,
+                      "aesthetic_mean": round(float(np.mean(aesthetic)), 4) if aesthetic else None,
                       "prompt_match": round(float(np.mean(match)), 4) if match else None,
                       "prompt_match_n": len(match), "candidates": max(candidates, default=None),
                       **diversity.summary(t),
