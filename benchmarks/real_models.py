@@ -15,6 +15,11 @@ one. For each batch size:
 
     python benchmarks/real_models.py [--models sd15,amused256] [--size 128] [--steps 2] [--batches 1,4,16]
 
+`--numerics` instead times the SD 1.5 architecture through the adapter at each precision the device takes (fp32 and
+bf16 on CPU; fp16 too on CUDA), with and without a LoRA on the UNet's attention (rank 8), side by side:
+
+    python benchmarks/real_models.py --numerics [--size 64] [--steps 2] [--batches 2]
+
 On CPU the default is a small resolution (128 px, 2 steps) so a run takes minutes; on CUDA (fp16, `--device cuda`)
 the defaults are each model's native size (SD 512 px, aMUSEd 256 px).
 """
@@ -125,6 +130,46 @@ def bare_rates(name: str, build, tmp: Path, device: torch.device, dtype: torch.d
     return rows
 
 
+def with_lora(pipe, d: Path) -> Path:
+    """A rank-8 LoRA on the UNet's attention projections, saved as diffusers writes one (safetensors)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe.unet.add_adapter(LoraConfig(r=8, lora_alpha=8, target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
+    diffusers.StableDiffusionPipeline.save_lora_weights(str(d), unet_lora_layers=layers, safe_serialization=True)
+    return d
+
+
+def numerics(tmp: Path, device: torch.device, size: int, steps: int, batch: int, reps: int) -> None:
+    """The adapter's img/s per precision, with and without a LoRA, on one SD 1.5-architecture directory."""
+    from promptmill.pipelines.spec import LoraSpec
+
+    torch.manual_seed(0)
+    pipe = sd15(tmp / "sd15")
+    pipe.save_pretrained(str(tmp / "sd15"))
+    lora = with_lora(pipe, tmp / "lora")
+    del pipe
+    sampling = {"num_inference_steps": steps, "height": size, "width": size, "guidance_scale": 0.0}
+    prompts, seeds = [PROMPTS[i % len(PROMPTS)] for i in range(batch)], list(range(batch))
+    precisions = ["fp32", "bf16", *(["fp16"] if device.type == "cuda" else [])]
+    rates = {}
+    for precision in precisions:
+        for loras in ([], [LoraSpec(path=str(lora))]):
+            gen = DiffusersGenerator.load(str(tmp / "sd15"), device, precision=precision, loras=loras)
+            rates[precision, bool(loras)] = best_rate(lambda: gen.generate(prompts, seeds, **sampling), batch, reps)  # noqa: B023
+            gen = None  # the next load's memory
+            gc.collect()
+    print(f"\nsd15 architecture, {size} px, {steps} steps, batch {batch}, device={device}, "
+          f"torch threads={torch.get_num_threads()}")
+    print(f"{'precision':10} {'img/s':>8} {'with LoRA':>10} {'LoRA/plain':>11} {'vs fp32':>8}")
+    for precision in precisions:
+        plain, lora_rate = rates[precision, False], rates[precision, True]
+        print(f"{precision:10} {plain:8.3f} {lora_rate:10.3f} {lora_rate / plain:11.2f} "
+              f"{plain / rates['fp32', False]:8.2f}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", default="sd15,amused256")
@@ -133,8 +178,14 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=2)
     ap.add_argument("--batches", default="1,4,16")
     ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--numerics", action="store_true", help="precision and LoRA cost through the adapter instead")
     args = ap.parse_args()
     device = torch.device(args.device)
+    if args.numerics:
+        with tempfile.TemporaryDirectory() as tmp:
+            numerics(Path(tmp), device, args.size or (512 if device.type == "cuda" else 64), args.steps,
+                     int(args.batches.split(",")[0]) if args.batches != "1,4,16" else 2, args.reps)
+        return
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     batches = [int(b) for b in args.batches.split(",")]
     import ray

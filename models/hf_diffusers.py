@@ -104,6 +104,24 @@ def sampling_model(cls: type) -> type[BaseModel]:
     return create_model(f"{cls.__name__}Sampling", __base__=DiffusersCommon, **own)
 
 
+def _load_loras(pipe: Any, loras: list, storage_options: dict | None, url: str) -> None:
+    """Each adapter from its own local copy (the cache the pipelines use), safetensors only, then all of them at
+    their weights. A pipeline without a LoRA loader, or an adapter it cannot take, is a CheckpointError naming it."""
+    if not hasattr(pipe, "load_lora_weights"):
+        raise CheckpointError(f"checkpoint {url!r}: {type(pipe).__name__} has no LoRA loader (models[].loras)")
+    names = []
+    for i, lora in enumerate(loras):
+        where = f"loras[{i}] {lora.path!r}"
+        local = local_copy(lora.path, storage_options)
+        refuse_pickled_weights(local, lora.path)
+        try:
+            pipe.load_lora_weights(local, weight_name=lora.weight_name, adapter_name=f"lora{i}")
+        except (OSError, ValueError, KeyError, RuntimeError, TypeError, ImportError) as e:
+            raise CheckpointError(f"{where}: {type(pipe).__name__} cannot load it ({e})") from e
+        names.append(f"lora{i}")
+    pipe.set_adapters(names, adapter_weights=[lora.weight for lora in loras])
+
+
 def _default_size(pipe: Any) -> int:
     scale = getattr(pipe, "vae_scale_factor", 1) or 1
     for part in ("unet", "transformer"):
@@ -137,8 +155,9 @@ class DiffusersGenerator:
 
     @classmethod
     def load(cls, url: str, device: torch.device, storage_options: dict | None = None, precision: str | None = None,
-             variant: str | None = None) -> DiffusersGenerator:
-        """`precision`: the weights' dtype (None: fp16 on CUDA, fp32 elsewhere); `variant`: which weight files."""
+             variant: str | None = None, loras: list | None = None) -> DiffusersGenerator:
+        """`precision`: the weights' dtype (None: fp16 on CUDA, fp32 elsewhere); `variant`: which weight files;
+        `loras`: adapters (path, weight, weight_name), through the pipeline's own LoRA loader."""
         pipeline_class(url, storage_options)  # a clear error before any copy
         precision = precision or ("fp16" if device.type == "cuda" else "fp32")
         if precision == "fp16" and device.type != "cuda":
@@ -156,6 +175,8 @@ class DiffusersGenerator:
             hint = f" (variant {variant!r}: are its files there?)" if variant else ""
             raise CheckpointError(f"checkpoint {url!r}: diffusers cannot load it{hint} ({e})") from e
         pipe.set_progress_bar_config(disable=True)
+        if loras:
+            _load_loras(pipe, loras, storage_options, url)
         gen = cls(pipe.to(device), device)
         gen.precision = precision
         return gen

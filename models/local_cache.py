@@ -73,9 +73,10 @@ def safe_relpath(key: str, url: str) -> str:
 
 
 def _listing(fs, root: str) -> list[tuple[str, int, str]]:
-    """(path under root, size, etag) of every file, sorted."""
+    """(path under root, size, etag) of every file, sorted; the console's zero-byte "folder/" markers are not files."""
     return sorted((p[len(root):], info.get("size"), str(info.get("ETag") or info.get("etag") or ""))
-                  for p, info in fs.find(root, detail=True).items())
+                  for p, info in fs.find(root, detail=True).items()
+                  if not (p.endswith("/") and not info.get("size")))
 
 
 _DIGESTS: dict[tuple[str, int, int], str] = {}  # (path, size, mtime_ns) -> content digest: hash a file once

@@ -14,6 +14,8 @@ import numpy as np
 from promptmill.models.clip import Scorer
 from promptmill.models.generator import Generator
 
+PER_ROW_SAMPLING = ("negative_prompt",)  # sampling values given one per image (input.negative_prompt_column)
+
 
 def candidate_seed(seed: int, k: int) -> int:
     if k == 0:
@@ -39,8 +41,8 @@ def generate_best_of(gen: Generator, scorer: Scorer, prompts: list[str], seeds: 
     n = len(prompts)
     all_prompts = [p for p in prompts for _ in range(candidates)]
     all_seeds = [candidate_seed(s, k) for s in seeds for k in range(candidates)]
-    per_row = {k: [x for x in v for _ in range(candidates)] for k, v in sampling.items()  # e.g. negative prompts
-               if isinstance(v, list) and len(v) == n}
+    per_row = {k: [x for x in sampling[k] for _ in range(candidates)] for k in PER_ROW_SAMPLING
+               if isinstance(sampling.get(k), list)}
     imgs = gen.generate(all_prompts, all_seeds, **{**sampling, **per_row})
     drawn = getattr(gen, "last_info", None) or {}
     sims = scorer.similarity(imgs, all_prompts).reshape(n, candidates)

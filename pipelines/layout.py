@@ -47,10 +47,10 @@ METADATA_SCHEMA = pa.schema([
 # null when the job does not score
 SCORES = ("clip_score", "prompt_match", "judged", "geometry", "judge_features", "scoring_error", "clip_features",
           "aesthetic_score")
-DERIVED = ("diversity", "near_duplicate")
+DERIVED = ("diversity", "near_duplicate")  # per prompt, across its samples: set when the metadata is committed
 # per image, from the generate stage (null where a model cannot tell or has none): its safety checker's flag, a
 # prompt cut to the text encoder's token limit, the row's negative prompt
-PER_IMAGE = ("nsfw", "prompt_truncated", "negative_prompt")  # per prompt, across its samples: set when the metadata is committed
+PER_IMAGE = ("nsfw", "prompt_truncated", "negative_prompt")
 
 
 def extension(image_format: str) -> str:

@@ -169,6 +169,14 @@ def _checkpoint_ref(v: str | None) -> str | None:
 CheckpointRef = Annotated[str, AfterValidator(_checkpoint_ref)]
 
 
+class LoraSpec(Strict):
+    path: str = Field(description="a LoRA adapter folder (safetensors, as diffusers' save_lora_weights writes it): "
+                      "local path or any fsspec URL; the model's storage_options apply")
+    weight: float = Field(default=1.0, ge=-10, le=10, description="its scale in the pipeline's set_adapters")
+    weight_name: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,128}\.safetensors$",
+                                    description="the file in the folder, when it holds more than one")
+
+
 class ModelSpec(Strict):
     name: SafeName = Field(description="used in output paths and metadata; path-safe, unique in the job")
     family: str = Field(description="generator family: 'transformer', 'gan' or an installed plugin's "
@@ -187,6 +195,9 @@ class ModelSpec(Strict):
     sizes: dict[str, str] = Field(default_factory=dict, description="named sizes (aspect presets) rows may ask for "
                                   "through input.size_column, e.g. {'1:1': 1024x1024, '16:9': 1344x768}; diffusers "
                                   "only")
+    loras: list[LoraSpec] = Field(default_factory=list, max_length=16, description="LoRA adapters loaded with the "
+                                  "pipeline's own LoRA loader (diffusers only); their content joins the checkpoint's "
+                                  "identity, so a resume with other adapters is refused")
     variant: str | None = Field(default=None, pattern=r"^[A-Za-z0-9_.-]{1,32}$", description="diffusers only: "
                                 "the weight files' variant to load (e.g. fp16: unet/diffusion_pytorch_model."
                                 "fp16.safetensors)")
@@ -212,6 +223,8 @@ class ModelSpec(Strict):
     def _diffusers_options(self) -> ModelSpec:
         if self.variant is not None and self.family != "diffusers":
             raise ValueError(f"variant: a diffusers option (weight file variants); family {self.family!r} has none")
+        if self.loras and self.family != "diffusers":
+            raise ValueError(f"loras: adapters load through diffusers' LoRA loader; family {self.family!r} has none")
         if self.sizes and self.family not in SIZED_FAMILIES:
             raise ValueError(f"sizes: family {self.family!r} draws one size; per-row sizes need {SIZED_FAMILIES}")
         for name, size in self.sizes.items():
@@ -237,7 +250,9 @@ class ModelSpec(Strict):
         """`precision` as the fingerprint and each row's sampling record it: nothing for fp32, so outputs written
         before the field existed still match."""
         record = {} if self.precision in (None, "fp32") else {"precision": self.precision}
-        return {**record, **({"variant": self.variant} if self.variant else {})}
+        return {**record, **({"variant": self.variant} if self.variant else {}),
+                **({"loras": [{"weight": x.weight, "weight_name": x.weight_name} for x in self.loras]} if self.loras
+                   else {})}
 
     @property
     def family_sampling(self) -> dict[str, Any]:
@@ -415,9 +430,10 @@ def parse_overrides(items: list[str], flag: str = "--set") -> list[tuple[str, An
 # so a spec means the same from any working directory. `--set` values are the shell's: the working directory's.
 # Training recipes are not in here: `make checkpoints` runs them from the project root, which is what they say.
 SPEC_PATHS = {
-    "spec": ("input.path", "output.path", "models.*.checkpoint", "scoring.clip", "scoring.judge", "metrics.reference"),
-    "schedule": ("catalog.path", "output.prefix", "models.*.checkpoint", "scoring.clip", "scoring.judge",
-                 "metrics.reference"),
+    "spec": ("input.path", "output.path", "models.*.checkpoint", "models.*.loras.*.path", "scoring.clip",
+             "scoring.judge", "scoring.aesthetic", "metrics.reference"),
+    "schedule": ("catalog.path", "output.prefix", "models.*.checkpoint", "models.*.loras.*.path", "scoring.clip",
+                 "scoring.judge", "scoring.aesthetic", "metrics.reference"),
 }
 
 

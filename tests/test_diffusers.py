@@ -403,7 +403,7 @@ def test_per_row_negative_prompts_and_sizes_change_the_draws_and_bad_ones_are_re
     assert shapes == {"plain": (32, 32, 3), "neg": (32, 32, 3), "wide": (32, 48, 3), "preset": (48, 32, 3)}
     assert {i: (r["width"], r["height"]) for i, r in rows.items()} == {
         "plain": (32, 32), "neg": (32, 32), "wide": (48, 32), "preset": (32, 48)}
-    assert rows["neg"]["negative_prompt"] == "blurry photo" and rows["plain"]["negative_prompt"] == ""
+    assert rows["neg"]["negative_prompt"] == "blurry photo" and rows["plain"]["negative_prompt"] is None
     gen = DiffusersGenerator.load(pipelines["sd"], torch.device("cpu"))
     sampling = {k: v for k, v in SIZES["sd"].items() if k not in ("height", "width")}
     plain = decode_image(Path(rows["plain"]["image_path"]).read_bytes()).astype(int)
@@ -470,3 +470,40 @@ def test_without_a_judge_quality_signals_come_from_the_clip(ray_local, pipelines
                   "clip_features": pa.array(list(feats), pa.list_(pa.float32())),
                   "diversity": pa.nulls(3, pa.float32()), "near_duplicate": pa.nulls(3, pa.bool_())})
     assert annotate(t, (same + diff) / 2, "clip_features")["near_duplicate"].to_pylist() == [True, True, False]
+
+
+def test_a_lora_changes_the_draws_its_removal_restores_them_and_a_resume_with_another_is_refused(
+        ray_local, pipelines, s3, tmp_path, monkeypatch):
+    """models[].loras from S3 through the pipeline's own LoRA loader; their content joins the checkpoint's id."""
+    import s3fs
+    from promptmill.pipelines.batch.preflight import PreflightError
+    from tiny_hf import tiny_lora
+
+    pytest.importorskip("peft")
+    monkeypatch.setenv("PROMPTMILL_CACHE", str(tmp_path / "cache"))
+    fs = s3fs.S3FileSystem(**s3)
+    for name, seed in (("style", 0), ("other", 1)):
+        fs.put(str(tiny_lora(Path(pipelines["sd"]), tmp_path / name, seed)) + "/", f"bucket/loras/{name}/",
+               recursive=True)
+    write_prompts(tmp_path / "in" / "a.parquet", ["a red circle", "a blue square"], ["a", "b"])
+
+    def run(out: str, loras: list) -> dict:
+        spec = _spec(tmp_path, pipelines["sd"], "sd", str(tmp_path / out))
+        spec["models"][0].update(loras=loras, storage_options=s3)
+        run_job(load_spec(spec))
+        return {(r["id"], r["sample"]): decode_image(Path(r["image_path"]).read_bytes()).astype(int)
+                for r in pq.read_table(tmp_path / out / "metadata").to_pylist()}
+
+    plain = run("plain", [])
+    styled = run("styled", [{"path": "s3://bucket/loras/style", "weight": 1.0}])
+    again = run("again", [])
+    assert all(np.abs(styled[k] - plain[k]).max() > 10 for k in plain)  # the adapter drew them
+    assert all(np.abs(again[k] - plain[k]).max() <= 2 for k in plain)  # without it: the plain pipeline's pixels
+    spec = _spec(tmp_path, pipelines["sd"], "sd", str(tmp_path / "styled"))
+    spec["models"][0].update(loras=[{"path": "s3://bucket/loras/other", "weight": 1.0}], storage_options=s3)
+    with pytest.raises(PreflightError, match="already holds model 'sd' with other settings"):
+        run_job(load_spec(spec))
+    spec["models"][0]["loras"] = [{"path": "s3://bucket/loras/missing"}]
+    spec["output"]["path"] = str(tmp_path / "missing")
+    with pytest.raises(PreflightError, match=r"models\[0\] \(sd\).loras\[0\].path"):
+        run_job(load_spec(spec))

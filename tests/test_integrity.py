@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+from pathlib import Path
 
 import boto3
 import pyarrow as pa
@@ -48,11 +49,11 @@ def test_a_model_prefix_of_ordinary_keys_is_copied_with_its_folders(s3, tmp_path
     c.create_bucket(Bucket="fine")
     for k in ("m/model_index.json", "m/unet/config.json", "m/unet/diffusion..model.safetensors", "m/.hidden"):
         c.put_object(Bucket="fine", Key=k, Body=k.encode())
+    for marker in ("m/", "m/unet/"):  # what the S3 console's "Create folder" leaves: not keys of the model
+        c.put_object(Bucket="fine", Key=marker, Body=b"")
     copy = tmp_path / "cache"
     got = local_copy("s3://fine/m", s3)
-    assert (copy / "models").resolve() in [p.resolve() for p in __import__("pathlib").Path(got).parents]
-    from pathlib import Path
-
+    assert (copy / "models").resolve() in [p.resolve() for p in Path(got).parents]
     assert Path(got, "unet", "diffusion..model.safetensors").read_bytes() == b"m/unet/diffusion..model.safetensors"
     assert Path(got, ".hidden").exists() and Path(got, "model_index.json").exists()
 
@@ -421,9 +422,17 @@ def test_report_and_evaluate_read_only_the_runs_own_bounded_images(ray_local, ch
         assert main(["report", str(runs["files"])]) == 1
         assert "is outside the run" in capsys.readouterr().err
     pq.write_table(table, meta)
+    # a link planted in the run's own folder, to a device: refused before it is opened
+    first = Path(table.column("image_path")[0].as_py())
+    saved = first.read_bytes()
+    first.unlink()
+    first.symlink_to("/dev/zero")
+    with pytest.raises(ValueError, match="is a link out of the run"):
+        Run(str(runs["files"])).images(Run(str(runs["files"])).rows("gan"))
+    first.unlink()
+    first.write_bytes(saved)
     # a decompression bomb in the run's own folder: the header is read, the pixels never decoded
-    Path_ = __import__("pathlib").Path
-    Path_(table.column("image_path")[0].as_py()).write_bytes(_bomb_png(50_000, 50_000))
+    first.write_bytes(_bomb_png(50_000, 50_000))
     with pytest.raises(ValueError, match="over the 67,108,864-pixel bound"):
         Run(str(runs["files"])).images(Run(str(runs["files"])).rows("gan"))
     # webdataset: a shard replaced by a tar with a sparse member (10 KB claiming 300 MB) is refused

@@ -60,7 +60,8 @@ def test_a_template_naming_a_missing_column_is_refused(tmp_path, checkpoints):
 
 
 def test_once_twice_runs_one_slot_once_and_blocks(ray_local, tmp_path, checkpoints, capsys):
-    path = str(_schedule(tmp_path, checkpoints))
+    """A scheduled ad batch as a team runs it: scoring and the report on, the catalog's columns carried."""
+    path = str(_schedule(tmp_path, checkpoints, scoring={"enabled": True}))
     assert cli(["schedule", path, "--once", "--at", "2026-11-24T08:30:00+01:00"]) == 0
     first = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert first["run"] == "ads-20261124T070000Z" and first["status"] == "complete"
@@ -68,7 +69,9 @@ def test_once_twice_runs_one_slot_once_and_blocks(ray_local, tmp_path, checkpoin
     out = tmp_path / "runs" / "ads-20261124T070000Z"
     assert pq.read_table(out / "prompts.parquet").num_rows == 6  # auditable: what was rendered
     assert {r["reason"] for r in pq.read_table(out / "rejected").to_pylist()} == {"blocked"}
-    assert pq.read_table(out / "metadata").num_rows == 4
+    rows = pq.read_table(out / "metadata").to_pylist()
+    assert len(rows) == 4 and all(r["clip_score"] is not None and r["scoring_error"] is None for r in rows)
+    assert {r["sku"] for r in rows} == {"s1", "s2"} and (out / "report.html").exists()
     stamp = (out / "_SUCCESS").stat().st_mtime_ns
     assert cli(["schedule", path, "--once", "--at", "2026-11-24T08:59:59+01:00"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["status"] == "already complete"

@@ -91,3 +91,12 @@ def test_spec_reference_is_generated_from_the_code_and_docs_are_in_sync():
         .model_fields["resources"].annotation.model_fields["batch_size"].description
     docs = (Path(__file__).resolve().parents[1] / "docs" / "spec.md").read_text()
     assert docs == reference_markdown(), "docs/spec.md is stale: run `make spec-docs`"
+
+
+@pytest.mark.parametrize("name", ["demo", "sd-turbo", "amused-256", "sdxl"])
+def test_the_example_specs_are_valid(name):
+    """What README points users at loads as it is (fields, presets, LoRAs, per-row columns)."""
+    spec = load_spec(str(Path(__file__).resolve().parents[1] / "examples" / f"{name}.yaml"))
+    if name == "sdxl":
+        m = spec.models[0]
+        assert m.sizes["16:9"] == "1344x768" and m.loras[0].weight == 0.8 and spec.input.size_column == "placement"

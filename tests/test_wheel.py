@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_the_wheel_in_a_fresh_venv_runs_the_demo_spec_from_another_folder(tmp_path):
     src = tmp_path / "src"  # only what the build reads: no build/ or egg-info left in the checkout
     src.mkdir()
+    checkout = sorted(p.name for p in ROOT.iterdir())
     for name in ("pyproject.toml", "README.md", "promptmill", "jobs", "models", "pipelines"):
         copy = shutil.copytree if (ROOT / name).is_dir() else shutil.copy2
         copy(ROOT / name, src / name, **({"ignore": shutil.ignore_patterns("__pycache__")} if copy is shutil.copytree else {}))
@@ -60,7 +61,7 @@ def test_the_wheel_in_a_fresh_venv_runs_the_demo_spec_from_another_folder(tmp_pa
     assert summary["images_total"] == {"dalle": 12, "gan": 12} and len(rows) == 24
     assert {Path(r["checkpoint"]).parent for r in rows} == {site / "promptmill" / "models" / "checkpoints"}
     assert all(r["prompt_match"] is not None for r in rows)  # the shipped judge came from the wheel too
-    assert not (ROOT / "build").exists()
+    assert sorted(p.name for p in ROOT.iterdir()) == checkout  # the build wrote nothing into the checkout
 
 
 def test_an_editable_install_of_the_docker_context_keeps_a_users_own_models_package(tmp_path):

@@ -138,3 +138,22 @@ def tiny_aesthetic(d: Path, width: int) -> Path:
     save_file(AestheticPredictor(dims).state_dict(), str(d / "model.safetensors"))
     (d / "config.json").write_text(json.dumps({"family": "aesthetic", "dims": dims}))
     return d
+
+
+def tiny_lora(sd_dir: Path, d: Path, seed: int = 0) -> Path:
+    """A LoRA adapter for the tiny SD UNet's attention projections, saved as diffusers' save_lora_weights writes
+    it (safetensors); its up-projections are random, so it changes the pixels (peft's default starts them at 0)."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    pipe = diffusers.StableDiffusionPipeline.from_pretrained(str(sd_dir))
+    torch.manual_seed(seed)
+    pipe.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_k", "to_q", "to_v", "to_out.0"]))
+    with torch.no_grad():
+        for name, p in pipe.unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(pipe.unet))
+    diffusers.StableDiffusionPipeline.save_lora_weights(str(d), unet_lora_layers=layers, safe_serialization=True)
+    return d

@@ -23,6 +23,7 @@ import re
 import tempfile
 import uuid
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -165,7 +166,8 @@ def commit(fs: AbstractFileSystem, root: str, near_duplicates: tuple[str, float 
         if not staged and committed and count == rows:
             # nothing staged and already one row per sample (always checked: a second writer's leftovers)
             return _read(fs, committed, SUMMARY_COLUMNS)
-        shards = _finalize_shards(fs, root, members)
+        guard = fence.guard if fence is not None else (lambda: None)
+        shards = _finalize_shards(fs, root, members, guard)
         gen, summaries = uuid.uuid4().hex[:8], []
         for b, bucket in enumerate(parts):
             if not bucket:
@@ -176,6 +178,7 @@ def commit(fs: AbstractFileSystem, root: str, near_duplicates: tuple[str, float 
                 paths = table.column("image_path").to_pylist()
                 table = table.set_column(table.schema.get_field_index("image_path"), "image_path",
                                          pa.array([shards.get(p, p) for p in paths], pa.string()))
+            guard()
             put_atomic(fs, join(root, METADATA, f"part-{gen}-{b:05d}.parquet"), parquet_bytes(table))
             summaries.append(table.select(SUMMARY_COLUMNS))
             del table
@@ -264,7 +267,8 @@ def _shard_rows(kept: pa.Table) -> pa.Table:
     return kept.filter(pc.fill_null(pc.ends_with(path, ".tar"), False)) if len(kept) else kept
 
 
-def _finalize_shards(fs: AbstractFileSystem, root: str, kept: pa.Table) -> dict[str, str]:
+def _finalize_shards(fs: AbstractFileSystem, root: str, kept: pa.Table,
+                     guard: Callable[[], None] = lambda: None) -> dict[str, str]:
     """Staged WebDataset tars -> `shards/<model>/{n:05d}.tar`, numbered after the committed ones; returns each
     staged tar's final URL. `kept`: INDEX columns of the rows the commit keeps (only tar members are read).
 
@@ -307,6 +311,7 @@ def _finalize_shards(fs: AbstractFileSystem, root: str, kept: pa.Table) -> dict[
         keep = [(name, b) for name, b in members if member_key(name) in staged[p][1]]
         if len(keep) != len(members):
             data = tar_bytes(keep)
+        guard()  # the lease still ours before each shard: numbers are picked by exists-then-write
         put_atomic(fs, dest, data)
         final[p] = full_url(fs, dest)
     return final

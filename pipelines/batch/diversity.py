@@ -9,8 +9,8 @@ from different batches, actors or runs. For each (model, id) with two or more sa
                   `near_duplicate_distance`, calibrated on real renders when it was trained); in CLIP space,
                   closer than `scoring.clip_near_duplicate_distance` (benchmarks/near_duplicates.py)
 
-Both stay null for a single sample, without features (scoring off, no judge), or, for near_duplicate, with a
-judge that carries no calibration. A GAN that draws one image per prompt has diversity near 0 and every
+Both stay null for a single sample, without features (scoring off, or neither judge nor CLIP), or, for
+near_duplicate, with a judge that carries no calibration. A GAN that draws one image per prompt has diversity near 0 and every
 sample a near-duplicate: `images_per_prompt: 4` then buys four copies, and the summary says so.
 """
 

@@ -125,6 +125,8 @@ def finalize(spec: JobSpec, fs: AbstractFileSystem, root: str, *, input_rows: in
         mine = previous.get("rejected_files", [])
     else:  # a summary from before the list was kept: its rejected/ files are that run's
         mine = [f.rsplit("/", 1)[-1] for f in fs.find(join(root, REJECTED)) if OWN_REJECTED.fullmatch(f.rsplit("/", 1)[-1])]
+    if fence is not None:
+        fence.guard()
     rejected_files = _publish_rejected(fs, root, mine)
     # 3. Summary, from the table just committed (not read back again)
     totals = {str(k): int(v) for k, v in zip(*pc.value_counts(table["model"]).flatten())} if len(table) else {}
@@ -139,6 +141,8 @@ def finalize(spec: JobSpec, fs: AbstractFileSystem, root: str, *, input_rows: in
         "ray_data_stats": stats,  # Ray Data's per-operator times and rows for this run (ds.stats())
         "phases_s": {**(phases or {}), "commit": round(time.time() - started - sum((phases or {}).values()), 3)},
     }
+    if fence is not None:
+        fence.guard()
     write_json(fs, join(root, SUMMARY), result.summary)
     # 4. Job-level metrics and the report: read from the committed data, so neither can cost it. One that fails
     # is named in the summary (`metrics_error`, `report_error`); `promptmill evaluate` / `report` redo it

@@ -40,7 +40,8 @@ class GenerateStage:
         self.negative_column, self.size_column = negative_column, size_column  # input.*_column: per-row controls
         self.write = write  # the job's WriteStage, when this actor is the last stage (`job._images`)
         self.gen = at_precision(load_generator(model.checkpoint, self.device, model.storage_options, family=model.family,
-                                               precision=model.precision, variant=model.variant),
+                                               precision=model.precision, variant=model.variant,
+                                               loras=model.loras),
                                 self.device, model.precision)
         # concurrent calls (resources.concurrent_calls) hand their draw and score to this one thread and write side
         # by side: one thread runs torch, so there is one OpenMP team (threads.py) and one CUDA stream in use
@@ -68,7 +69,8 @@ class GenerateStage:
 
     def _row_controls(self, batch: dict[str, np.ndarray], n: int) -> tuple[list[dict | None], list[str] | None]:
         """Per row: the size its `input.size_column` asks for ({height, width}, None: the model's) and the negative
-        prompt of `input.negative_prompt_column` (null: the model's sampling.negative_prompt; None: no column)."""
+        prompt of `input.negative_prompt_column` (None for a null: the model's sampling.negative_prompt; the list is
+        None without the column)."""
         sizes: list[dict | None] = [None] * n
         if self.size_column:
             for i, v in enumerate(batch[self.size_column]):
@@ -77,8 +79,7 @@ class GenerateStage:
                     sizes[i] = {"height": h, "width": w}
         if not self.negative_column:
             return sizes, None
-        default = self.sampling.get("negative_prompt") or ""
-        return sizes, [v if isinstance(v, str) else default for v in batch[self.negative_column]]
+        return sizes, [v if isinstance(v, str) else None for v in batch[self.negative_column]]
 
     def _flags(self, i: int, j: int, info: dict[str, list], reason: np.ndarray, error: np.ndarray,
                nsfw: np.ndarray) -> None:
@@ -111,7 +112,7 @@ class GenerateStage:
         def draw_rows(idx: list[int]):
             p, s = [prompts[i] for i in idx], [seeds[i] for i in idx]
             sampling = {**self.sampling, **(sizes[idx[0]] or {})}  # one size per call (the rows are grouped)
-            if negatives is not None:
+            if negatives is not None and negatives[idx[0]] is not None:  # else the model's own (or none)
                 sampling["negative_prompt"] = [negatives[i] for i in idx]
             if self.scorer is None:
                 images = np.asarray(self.gen.generate(p, s, **sampling))
@@ -121,8 +122,9 @@ class GenerateStage:
 
         todo = [i for i in range(n) if reason[i] is None]
         groups: dict[tuple, list[int]] = {}
-        for i in todo:  # rows of one size together: a call draws one size
-            groups.setdefault(tuple(sorted((sizes[i] or {}).items())), []).append(i)
+        for i in todo:  # rows of one size, with or without a negative prompt of their own, together
+            key = (tuple(sorted((sizes[i] or {}).items())), negatives is None or negatives[i] is None)
+            groups.setdefault(key, []).append(i)
         done, failed = [], {}
         for rows in groups.values():
             d, f = run_isolated(draw_rows, rows)  # a poison row fails alone
@@ -157,7 +159,9 @@ class GenerateStage:
         batch["sampling"] = np.full(n, json.dumps(record, sort_keys=True), object)
         batch["width"] = np.array([p.shape[1] for p in pixels], np.int32)  # sampling or the row may set the size
         batch["height"] = np.array([p.shape[0] for p in pixels], np.int32)
-        batch["negative_prompt"] = np.array(negatives if negatives is not None else [None] * n, object)
+        default = self.sampling.get("negative_prompt")  # what a row without one of its own was drawn with
+        batch["negative_prompt"] = np.array([default if negatives is None or negatives[i] is None else negatives[i]
+                                             for i in range(n)], object)
         batch["pipeline_class"] = np.full(n, getattr(self.gen, "pipeline_class", None), object)
         batch["device"] = np.full(n, self.device, object)
         batch["node"] = np.full(n, self.node, object)

@@ -82,12 +82,13 @@ class Holder:
 
 @dataclass(frozen=True)
 class Fence:
-    """What the commit needs of the lease: which staged parts are this run's to commit (its own token's, and
-    those that were already there when it took the lease) and a check that the lease is still its own."""
+    """What the commit needs of the lease: which staged parts are this run's to commit (its own token's, and those
+    it listed after taking the lease, before drawing) and checks that the lease is still its own."""
 
     token: str
     adopted: frozenset[str]
-    check: Callable[[], None]
+    check: Callable[[], None]  # a synchronous renewal: before the commit, before old parts go, before _SUCCESS
+    guard: Callable[[], None]  # cheap, before every other write of the commit
 
     def accepts(self, path: str) -> bool:
         return part_token(path) == self.token or path in self.adopted
@@ -107,11 +108,20 @@ def create_exclusive(fs: AbstractFileSystem, path: str, data: bytes) -> str:
     """Write `path` only if it does not exist (FileExistsError otherwise); returns its version (see `Lease`)."""
     if is_local_fs(fs):
         fs.makedirs(path.rsplit("/", 1)[0], exist_ok=True)
-        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-        with os.fdopen(fd, "wb") as f:
+        tmp = f"{path}.{uuid.uuid4().hex[:8]}.tmp"  # whole before it has the name: a reader never sees it empty
+        with open(tmp, "wb") as f:
             f.write(data)
+        try:
+            os.link(tmp, path)  # fails if the name exists
+        finally:
+            os.unlink(tmp)
         return data.decode()
-    out = fs.pipe_file(path, data, mode="create")  # s3fs: PutObject with If-None-Match: *
+    try:
+        out = fs.pipe_file(path, data, mode="create")  # s3fs: PutObject with If-None-Match: *
+    except OSError as e:
+        if isinstance(e, FileExistsError) or _precondition_failed(e):  # some stores answer 412 without a condition
+            raise FileExistsError(path) from e
+        raise
     return _etag(out) or data.decode()
 
 
@@ -134,6 +144,7 @@ class Lease:
         self.me = Holder(uuid.uuid4().hex[:12], socket.gethostname(), os.getpid(), job, 0.0, 1, _pid_namespace())
         self.version: str | None = None
         self.lost = threading.Event()
+        self._renewed = time.monotonic()  # when this run last proved the lease its own
         self._stop = threading.Event()
         self._lock = threading.Lock()  # the renew thread and check() swap one version
         self._thread: threading.Thread | None = None
@@ -150,16 +161,21 @@ class Lease:
     # -- the store's compare-and-swap ------------------------------------------------------------------------
     def _read(self) -> tuple[Holder | None, str | None]:
         """(holder, version) read together; (None, None) when there is no lease."""
-        try:
-            if self._s3:
-                self.fs.invalidate_cache(self.path)
-                with self.fs.open(self.path, "rb") as f:  # s3fs reads with If-Match on the ETag it saw
-                    data, version = f.read(), f.details.get("ETag")
-                return Holder.parse(data), version
-            data = self.fs.cat_file(self.path)
-            return Holder.parse(data), data.decode(errors="replace")
-        except FileNotFoundError:
-            return None, None
+        for attempt in range(3):
+            try:
+                if self._s3:
+                    self.fs.invalidate_cache(self.path)
+                    with self.fs.open(self.path, "rb") as f:  # s3fs reads with If-Match on the ETag it saw
+                        data, version = f.read(), f.details.get("ETag")
+                    return Holder.parse(data), version
+                data = self.fs.cat_file(self.path)
+                return Holder.parse(data), data.decode(errors="replace")
+            except FileNotFoundError:
+                return None, None
+            except OSError as e:  # s3fs' FileExpired: it changed between the HEAD and the GET; read it again
+                if attempt == 2 or "FileExpired" not in type(e).__name__ and "changed" not in str(e):
+                    raise
+        raise AssertionError("unreachable")
 
     @contextlib.contextmanager
     def _local_lock(self):
@@ -178,9 +194,12 @@ class Lease:
             try:
                 return _etag(self.fs.pipe_file(self.path, data, IfMatch=expected)) or data.decode()
             except OSError as e:
-                if _precondition_failed(e):
-                    return None
-                raise
+                if not _precondition_failed(e):
+                    raise
+                h, version = self._read()  # a retried PUT that had gone through reads back as ours
+                mine = Holder.parse(data)
+                return version if h is not None and (h.run, h.expires, h.generation) == (
+                    mine.run, mine.expires, mine.generation) else None
         if is_local_fs(self.fs):
             with self._local_lock():
                 _, now = self._read()
@@ -222,16 +241,21 @@ class Lease:
                 h, version = self._read()
                 if h is None:
                     continue  # released between our attempt and our read
+                if h.run == self.me.run:  # our own create, retried after it had gone through
+                    self.version = version
+                    break
                 if self._stale(h):
                     self.me.generation = max(h.generation, 0) + 1
                     self.version = self._swap(version, self._payload())
                     if self.version is not None:
                         log.warning("took over the stale lease of %s (fencing token %s)", h.describe(), self.token)
                         break
-                    continue  # another contender swapped first: read again
+                    time.sleep(0.2)  # another contender swapped first: read again
+                    continue
                 if time.time() >= deadline:
                     raise LeaseHeld(f"{self.path} is held by {h.describe()}") from None
                 time.sleep(poll_s)
+        self._renewed = time.monotonic()
         self._thread = threading.Thread(target=self._renew, name="promptmill-lease", daemon=True)
         self._thread.start()
         return self
@@ -253,6 +277,15 @@ class Lease:
                 raise LeaseHeld(f"{self.path}: this run lost its lease to "
                                 f"{h.describe() if h else 'nobody (deleted)'} (stalled past its expiry?)")
             self.version = version
+            self._renewed = time.monotonic()
+
+    def guard(self) -> None:
+        """Cheap, before each write of the commit: LeaseHeld once the lease is lost, or when this run has not
+        renewed it for two thirds of its life (stalled, or the store unreachable: a successor may be taking
+        over), so a run that lost it stops between writes rather than after the commit."""
+        if self.lost.is_set() or time.monotonic() - self._renewed > self.ttl_s * 2 / 3:
+            raise LeaseHeld(f"{self.path}: this run's lease was not renewed for {time.monotonic() - self._renewed:.0f} s "
+                            f"(its life is {self.ttl_s:.0f} s); stopping before it writes more")
 
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl_s / 3):
@@ -264,7 +297,7 @@ class Lease:
 
     def fence(self, staged: list[str]) -> Fence:
         """The fence for a run that listed `staged` (the staged parts it adopts) after taking this lease."""
-        return Fence(self.token, frozenset(staged), self.check)
+        return Fence(self.token, frozenset(staged), self.check, self.guard)
 
     def check(self) -> None:
         """Prove the lease is still this run's, now (a synchronous renewal); LeaseHeld if not. Before each step

@@ -6,10 +6,13 @@ a run with other settings; errors name the field and exit with code 2.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 from dataclasses import dataclass
 
+import fsspec
 import pyarrow as pa
 from promptmill.models import CheckpointError
 from promptmill.models.local_cache import content_id
@@ -46,14 +49,29 @@ def fingerprint(spec: JobSpec) -> dict:
     s = spec.scoring
     scorers = {k: getattr(s, k) for k in ("clip", "judge")}
     ids = {k: _content_id(v, s.storage_options) for k, v in scorers.items() if v and s.enabled}
+    extra = {"aesthetic": s.aesthetic} if s.aesthetic else {}  # only when set: older outputs recorded none
+    i = spec.input
+    controls = {k: v for k, v in (("negative_prompt_column", i.negative_prompt_column), ("size_column", i.size_column))
+                if v}  # which column decides a row's pixels; only when set, as above
     return redact({"seed": spec.seed, "image_format": spec.output.image_format, "format": spec.output.format,
-                   "scoring": {"enabled": s.enabled, **scorers, **{f"{k}_id": v for k, v in ids.items()}},
+                   **({"row_controls": controls} if controls else {}),
+                   "scoring": {"enabled": s.enabled, **scorers, **{f"{k}_id": v for k, v in ids.items()}, **extra},
                    "models": {m.name: {"family": m.family, "checkpoint": m.checkpoint,
-                                       "checkpoint_id": _content_id(m.checkpoint, m.storage_options),
+                                       "checkpoint_id": _model_id(m),
+                                       **({"sizes": m.sizes} if m.sizes else {}),
                                        "sampling": m.sampling,
                                        **m.precision_record,
                                        **({"rerank_clip": s.clip} if m.candidates > 1 else {})}
                               for m in spec.models}})
+
+
+def _model_id(m) -> str | None:
+    """The checkpoint's content id, joined with each LoRA adapter's (and its weight) when there are any."""
+    base = _content_id(m.checkpoint, m.storage_options)
+    if not m.loras:
+        return base
+    parts = [base, *[(_content_id(x.path, m.storage_options), x.weight, x.weight_name) for x in m.loras]]
+    return hashlib.blake2b(json.dumps(parts).encode(), digest_size=8).hexdigest()
 
 
 def _content_id(url: str, storage_options: dict) -> str | None:
@@ -82,11 +100,11 @@ def merged_fingerprint(spec: JobSpec, previous: dict | None) -> dict:
 
 def _check_fingerprint(spec: JobSpec, previous: dict, allow_subset: bool) -> None:
     now, where = fingerprint(spec), f"output.path {redact_text(spec.output.path)!r}"
-    for k in ("seed", "image_format", "format", "scoring"):
+    for k in ("seed", "image_format", "format", "scoring", "row_controls"):
         old = previous.get(k, "files" if k == "format" else None)
-        if k in previous or k == "format":
-            if old != (_known(old, now[k]) if k == "scoring" and isinstance(old, dict) else now[k]):
-                raise PreflightError(f"{where} already holds a run with {k} {old!r}; this spec has {now[k]!r}. "
+        if k in previous or k == "format" or (k == "row_controls" and now.get(k)):
+            if old != (_known(old, now[k]) if k == "scoring" and isinstance(old, dict) else now.get(k)):
+                raise PreflightError(f"{where} already holds a run with {k} {old!r}; this spec has {now.get(k)!r}. "
                                      "Use a new output path")
     for name, m in now["models"].items():
         old = previous["models"].get(name)
@@ -170,6 +188,8 @@ def check_models(spec: JobSpec) -> None:
                 raise PreflightError(f"{where}.checkpoint: {e}") from e
             except ValidationError as e:
                 raise PreflightError(f"{where}.sampling: {e}") from e
+            for j, lora in enumerate(m.loras):  # there, with a safetensors file: loading them is the actors'
+                _check_lora(lora, m.storage_options, f"{where}.loras[{j}]")
             continue
         try:
             gen = check_checkpoint(m.checkpoint, m.storage_options, family=m.family)
@@ -185,6 +205,18 @@ def check_models(spec: JobSpec) -> None:
         check_scoring(spec.scoring)
 
 
+def _check_lora(lora, storage_options: dict, where: str) -> None:
+    try:
+        fs, root = fsspec.core.url_to_fs(lora.path, **storage_options)
+        files = [f.rsplit("/", 1)[-1] for f in fs.find(root)]
+    except Exception as e:  # noqa: BLE001 - any storage error: this field's
+        raise PreflightError(f"{where}.path: {redact_text(lora.path)!r} cannot be listed ({type(e).__name__}: {e})") from e
+    weights = [f for f in files if f.endswith(".safetensors")]
+    if not weights or (lora.weight_name and lora.weight_name not in weights):
+        raise PreflightError(f"{where}.path: {redact_text(lora.path)!r} holds no {lora.weight_name or '.safetensors'} "
+                             f"file (files: {sorted(files)[:10]})")
+
+
 def check_scoring(scoring: ScoringSpec, where: str = "scoring.") -> None:
     """Load each scorer once in the driver: a bad checkpoint is an error naming its field before any work."""
     from promptmill.models.clip import load_clip
@@ -198,6 +230,13 @@ def check_scoring(scoring: ScoringSpec, where: str = "scoring.") -> None:
             loader(url, storage_options=scoring.storage_options)
         except (CheckpointError, OSError) as e:
             raise PreflightError(f"{where}{field_name}: {e}") from e
+    if scoring.aesthetic:
+        from promptmill.models.aesthetic import load_aesthetic
+
+        try:
+            load_aesthetic(scoring.aesthetic, scoring.storage_options)
+        except (CheckpointError, OSError) as e:
+            raise PreflightError(f"{where}aesthetic: {e}") from e
 
 
 def scoring_on(spec: JobSpec) -> bool:

@@ -21,6 +21,7 @@ from promptmill.pipelines.tables import InputError, list_files, ray_read_parquet
 
 PROMPT_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_binary,
                 pa.types.is_large_binary, pa.types.is_null)
+TEXT_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_null)  # per-row controls: text, not bytes
 ID_TYPES = (pa.types.is_string, pa.types.is_large_string, pa.types.is_integer)
 
 
@@ -67,7 +68,7 @@ def plan_input(spec: InputSpec) -> InputPlan:
                                      f"(columns: {schema.names})")
                 for col, what in ((spec.negative_prompt_column, "negative prompt"), (spec.size_column, "size")):
                     if col is not None:
-                        _check_type(fs, f, schema, col, what, PROMPT_TYPES)
+                        _check_type(fs, f, schema, col, what, TEXT_TYPES)
                 if spec.id_column is not None:
                     _check_type(fs, f, schema, spec.id_column, "id", ID_TYPES)
                     if take:  # only rows the run reads can collide

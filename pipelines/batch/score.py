@@ -3,8 +3,9 @@
 Adds `clip_score` (torchmetrics' CLIPScore: max(100 * cosine, 0)), `judged` (the judge's reading of the
 image as JSON, with its near-miss flag), `geometry` (the non-learned check's reading: objects, holes, solidity,
 template fits) and `prompt_match` (both readings agree with every attribute the prompt states and neither sees a
-malformed drawing; null, like `geometry`, for prompts outside the shapes grammar). A disabled scorer or one
-without a checkpoint leaves its columns null.
+malformed drawing; null, like `geometry`, for prompts outside the shapes grammar). Without a judge, the CLIP's image
+embeddings go into `clip_features` (diversity and near-duplicates then come from them); `scoring.aesthetic` adds
+`aesthetic_score` from the same embeddings. A disabled scorer or one without a checkpoint leaves its columns null.
 """
 
 from __future__ import annotations

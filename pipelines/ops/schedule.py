@@ -200,7 +200,8 @@ def job_data(s: ScheduleSpec, slot: dt.datetime) -> dict[str, Any]:
     return {
         "name": run_id(s, slot), "seed": s.seed,
         "input": {"path": join(url, PROMPTS), "id_column": "id", "prompt_column": "prompt",
-                  "storage_options": s.output.storage_options, "blocklist": s.blocklist.model_dump()},
+                  "storage_options": s.output.storage_options, "blocklist": s.blocklist.model_dump(),
+                  "keep_columns": ["sku", "template"]},  # each image says which product and template it is for
         "models": [m.model_dump() for m in s.models],
         "scoring": s.scoring.model_dump(), "metrics": s.metrics.model_dump(),
         "output": {"path": url, "storage_options": s.output.storage_options, "format": s.output.format,

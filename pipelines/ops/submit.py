@@ -143,7 +143,9 @@ def shipped_files(data: dict[str, Any], max_file_mb: float = MAX_FILE_MB) -> lis
         files.append(PROJECT / "pyproject.toml")
     refs = [(f"models[{i}].checkpoint", m.checkpoint) for i, m in enumerate(spec.models)]
     if spec.scoring.enabled:
-        refs += [(f"scoring.{k}", getattr(spec.scoring, k)) for k in ("clip", "judge") if getattr(spec.scoring, k)]
+        refs += [(f"scoring.{k}", getattr(spec.scoring, k)) for k in ("clip", "judge", "aesthetic")
+                 if getattr(spec.scoring, k)]
+    refs += [(f"models[{i}].loras[{j}].path", x.path) for i, m in enumerate(spec.models) for j, x in enumerate(m.loras)]
     for where, ref in refs:
         if "://" in ref:
             continue  # an object-store URL: nothing to ship

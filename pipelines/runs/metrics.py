@@ -1,7 +1,8 @@
 """Job-level metrics: FID, KID, Inception Score and k-NN precision / recall against a reference set.
 
 Inception weights cannot be fetched here, so the feature space is the judge's penultimate layer (FID, KID,
-precision / recall) and its logits (IS), through torchmetrics' custom-module hooks. IS uses the judge's
+precision / recall) and its logits (IS), through torchmetrics' custom-module hooks; without a judge, a CLIP's image
+embeddings (`CLIPFeatures`: Fréchet distance, KID, precision / recall; no IS). IS uses the judge's
 joint (shape, colour) reading of the first object: 32 classes, so IS lies in [1, 32]. Every model is
 reported beside the real-vs-real floor of the same size (reference vs disjoint reference images), which
 is what a number should be read against.

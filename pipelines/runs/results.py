@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -11,7 +13,7 @@ from promptmill.models.images import decode_image
 from promptmill.pipelines.batch import diversity
 from promptmill.pipelines.batch.commit import SUMMARY_COLUMNS, metadata_files, read_json, read_metadata
 from promptmill.pipelines.layout import SUMMARY, extension, tar_members
-from promptmill.pipelines.storage import filesystem, join
+from promptmill.pipelines.storage import filesystem, is_local_fs, join
 
 # what report and evaluate read of every row: not judge_features (128 floats a row) nor a Parquet-format run's
 # image bytes, which would hold the whole run in the driver; images are fetched for the rows shown (Run.images)
@@ -72,6 +74,8 @@ def inside_run(fs: AbstractFileSystem, root: str, url: str) -> str:
     if "://" in url and fs.unstrip_protocol(path) != url or ".." in parts or "." in parts \
             or not path.startswith(root.rstrip("/") + "/"):
         raise ValueError(f"image_path {url!r} is outside the run {root!r}; not read")
+    if is_local_fs(fs) and not os.path.realpath(path).startswith(os.path.realpath(root) + os.sep):
+        raise ValueError(f"image_path {url!r} is a link out of the run {root!r}; not read")
     return path
 
 
