@@ -299,8 +299,9 @@ def test_killed_driver_then_resume_is_exactly_once(checkpoints, tmp_path):
     assert len(rows) == 2 * n
     # pixel for pixel against a clean run with another batch size and one torch thread per actor: the bound README
     # states (float reductions follow the threads and the batch: 1/255 in a few pixels, benchmarks/pixel_exactness.py)
-    clean = tmp_path / "clean"
+    clean = tmp_path / "clean"  # its first 100 prompts: the comparison needs the same ids, not all of them
     spec2 = make_spec(str(tmp_path / "in.parquet"), str(clean), checkpoints)
+    spec2["input"]["limit"] = 100
     spec2["models"][0]["resources"] = {"batch_size": 16, "threads": 1}
     spec2["scoring"] = {"resources": {"batch_size": 16}}
     proc = _run_cli(spec2, tmp_path)
@@ -308,8 +309,8 @@ def test_killed_driver_then_resume_is_exactly_once(checkpoints, tmp_path):
     resumed = {(r["id"], r["sample"]): decode_image(Path(r["image_path"]).read_bytes()).astype(int) for r in rows}
     fresh = {(r["id"], r["sample"]): decode_image(Path(r["image_path"]).read_bytes()).astype(int)
              for r in pq.read_table(clean / "metadata").to_pylist()}
-    assert resumed.keys() == fresh.keys()
-    diffs = [np.abs(resumed[k] - fresh[k]) for k in resumed]
+    assert len(fresh) == 200 and fresh.keys() <= resumed.keys()
+    diffs = [np.abs(resumed[k] - fresh[k]) for k in fresh]
     assert max(int(d.max()) for d in diffs) <= 1
     assert sum(int((d.max(-1) > 0).sum()) for d in diffs) <= 0.05 * len(diffs)  # pixels differing, across images
 
