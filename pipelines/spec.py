@@ -179,10 +179,14 @@ class LoraSpec(Strict):
 
 class ModelSpec(Strict):
     name: SafeName = Field(description="used in output paths and metadata; path-safe, unique in the job")
-    family: str = Field(description="generator family: 'transformer', 'gan' or an installed plugin's "
-                        "(entry-point group promptmill.generators)")
-    checkpoint: CheckpointRef = Field(description="checkpoint directory (config.json + model.safetensors): path, "
-                                      "fsspec URL, or shipped:NAME for one that comes with promptmill")
+    family: str = Field(description="generator family: 'transformer', 'gan', 'diffusers' (any diffusers pipeline; "
+                        "pip install 'promptmill[diffusers]') or an installed plugin's (entry-point group "
+                        "promptmill.generators)")
+    checkpoint: CheckpointRef = Field(description="path, fsspec URL, or shipped:NAME for one that comes with "
+                                      "promptmill. Our families: a directory with config.json + model.safetensors; "
+                                      "diffusers: a pipeline directory (model_index.json + one folder per component, "
+                                      "safetensors weights; copied once per node into the local cache); a plugin's: "
+                                      "what its loader reads")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for the checkpoint URL")
     images_per_prompt: int = Field(default=1, ge=1, le=1000, description="samples per accepted prompt")
     sampling: dict[str, Any] = Field(default_factory=dict, description="family-specific sampling parameters")
