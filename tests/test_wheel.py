@@ -21,6 +21,18 @@ import pyarrow.parquet as pq
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def fresh_venv(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """(venv folder, its python, its site-packages): a new venv that borrows this environment's dependencies
+    through a path entry (nothing is downloaded) and does not see this checkout's editable install."""
+    env_dir = tmp_path / "venv"
+    venv.create(env_dir, with_pip=False)
+    py = env_dir / "bin" / "python"
+    site = Path(subprocess.check_output([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+                                        text=True).strip())
+    (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    return env_dir, py, site
+
+
 def test_the_wheel_in_a_fresh_venv_runs_the_demo_spec_from_another_folder(tmp_path):
     src = tmp_path / "src"  # only what the build reads: no build/ or egg-info left in the checkout
     src.mkdir()
@@ -37,12 +49,7 @@ def test_the_wheel_in_a_fresh_venv_runs_the_demo_spec_from_another_folder(tmp_pa
                 for p in (ROOT / top).rglob("__init__.py")}
     assert {f"promptmill/{p.replace('.', '/')}/__init__.py" for p in packages} <= set(names)  # none left unlisted
 
-    env_dir = tmp_path / "venv"
-    venv.create(env_dir, with_pip=False)
-    py = env_dir / "bin" / "python"
-    site = Path(subprocess.check_output([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                        text=True).strip())
-    (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    env_dir, py, site = fresh_venv(tmp_path)
     subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--ignore-installed", str(wheel)],
                    check=True, capture_output=True)
     where = subprocess.check_output([str(py), "-c", "import promptmill.models as m, promptmill.pipelines.spec as s; "
@@ -76,12 +83,7 @@ def test_an_editable_install_of_the_docker_context_keeps_a_users_own_models_pack
         else:
             app.mkdir(exist_ok=True)
             shutil.copy2(ROOT / name, app / name)
-    env_dir = tmp_path / "venv"
-    venv.create(env_dir, with_pip=False)
-    py = env_dir / "bin" / "python"
-    site = Path(subprocess.check_output([str(py), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
-                                        text=True).strip())
-    (site / "deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
+    env_dir, py, site = fresh_venv(tmp_path)
     subprocess.run([str(py), "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--no-index", "-e",
                     str(app)], check=True, capture_output=True)
     user = tmp_path / "user"
