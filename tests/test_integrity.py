@@ -507,3 +507,26 @@ def test_a_schedule_resolves_its_own_storage_references_at_fire_time_and_submits
     s = load_schedule(str(path))
     submitted = job_data(s, dt.datetime(2026, 11, 24, 9, tzinfo=dt.UTC))
     assert submitted["output"]["storage_options"]["endpoint_url"] == "${PM_S3_ENDPOINT}"  # resolves on the cluster
+
+
+def test_a_lease_in_a_missing_bucket_is_an_error_not_a_wait_on_itself(s3):
+    """Creating the lease where there is no bucket is not "the lease exists" (a 404 is not a 412): an error at once."""
+    import threading
+
+    from promptmill.pipelines.batch.lease import Lease
+    from promptmill.pipelines.storage import filesystem
+
+    fs, root = filesystem("s3://pm-no-such-bucket/out", s3)
+    raised: list[BaseException] = []
+
+    def take() -> None:
+        try:
+            Lease(fs, root).acquire()
+        except BaseException as e:  # noqa: BLE001 - what it raised is the assertion
+            raised.append(e)
+
+    t = threading.Thread(target=take, daemon=True)
+    t.start()
+    t.join(60)  # a hang guard, no speed claim
+    assert not t.is_alive(), "acquire kept retrying its own create"
+    assert raised and isinstance(raised[0], FileNotFoundError), raised

@@ -116,7 +116,8 @@ def finalize(spec: JobSpec, fs: AbstractFileSystem, root: str, *, input_rows: in
     # 2. Merge staging into metadata/, move the rejected rows
     pause_point("commit")
     if fence is not None:
-        fence.check()  # a run that stalled here past its lease stops before it touches anything committed
+        fence.guard()  # a run that stalled here past its lease stops before it touches anything committed (the
+        # commit then renews it synchronously before merging)
     if fs.exists(success):
         fs.rm(success)
     table = commit(fs, root, near_duplicate_space(spec), fence)

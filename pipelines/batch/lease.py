@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, fields
 
 from fsspec import AbstractFileSystem
 from promptmill.pipelines.layout import LEASE, part_token
-from promptmill.pipelines.storage import is_local_fs, join
+from promptmill.pipelines.storage import is_local_fs, join, put_atomic
 
 log = logging.getLogger(__name__)
 
@@ -130,10 +130,10 @@ def _etag(response: object) -> str | None:
 
 
 def _precondition_failed(e: BaseException) -> bool:
-    """S3's 412 (If-Match lost), which s3fs raises as OSError(EINVAL); or the object is gone."""
+    """S3's 412 (a condition did not hold), which s3fs raises as OSError(EINVAL)."""
     text = f"{type(e).__name__} {e} {e.__cause__ or ''}".lower()
-    return (isinstance(e, FileNotFoundError) or getattr(e, "errno", None) == errno.EINVAL
-            or "precondition" in text or "pre-condition" in text)
+    return (not isinstance(e, FileNotFoundError)
+            and (getattr(e, "errno", None) == errno.EINVAL or "precondition" in text or "pre-condition" in text))
 
 
 class Lease:
@@ -194,7 +194,7 @@ class Lease:
             try:
                 return _etag(self.fs.pipe_file(self.path, data, IfMatch=expected)) or data.decode()
             except OSError as e:
-                if not _precondition_failed(e):
+                if not (isinstance(e, FileNotFoundError) or _precondition_failed(e)):  # gone, or changed: lost
                     raise
                 h, version = self._read()  # a retried PUT that had gone through reads back as ours
                 mine = Holder.parse(data)
@@ -205,9 +205,7 @@ class Lease:
                 _, now = self._read()
                 if now != expected:
                     return None
-                tmp = f"{self.path}.{uuid.uuid4().hex[:8]}.tmp"
-                self.fs.pipe_file(tmp, data)
-                self.fs.mv(tmp, self.path)  # rename: a reader never sees half a lease
+                put_atomic(self.fs, self.path, data)  # a reader never sees half a lease
                 return data.decode()
         _, now = self._read()  # another store: read-compare-write, the best it allows
         if now != expected:
@@ -284,8 +282,9 @@ class Lease:
         renewed it for two thirds of its life (stalled, or the store unreachable: a successor may be taking
         over), so a run that lost it stops between writes rather than after the commit."""
         if self.lost.is_set() or time.monotonic() - self._renewed > self.ttl_s * 2 / 3:
-            raise LeaseHeld(f"{self.path}: this run's lease was not renewed for {time.monotonic() - self._renewed:.0f} s "
-                            f"(its life is {self.ttl_s:.0f} s); stopping before it writes more")
+            raise LeaseHeld(f"{self.path}: this run may have lost its lease (not renewed for "
+                            f"{time.monotonic() - self._renewed:.0f} s of its {self.ttl_s:.0f} s life); stopping "
+                            "before it writes more")
 
     def _renew(self) -> None:
         while not self._stop.wait(self.ttl_s / 3):

@@ -12,7 +12,6 @@ import logging
 import os
 from dataclasses import dataclass
 
-import fsspec
 import pyarrow as pa
 from promptmill.models import CheckpointError
 from promptmill.models.local_cache import content_id
@@ -207,7 +206,7 @@ def check_models(spec: JobSpec) -> None:
 
 def _check_lora(lora, storage_options: dict, where: str) -> None:
     try:
-        fs, root = fsspec.core.url_to_fs(lora.path, **storage_options)
+        fs, root = filesystem(lora.path, storage_options)
         files = [f.rsplit("/", 1)[-1] for f in fs.find(root)]
     except Exception as e:  # noqa: BLE001 - any storage error: this field's
         raise PreflightError(f"{where}.path: {redact_text(lora.path)!r} cannot be listed ({type(e).__name__}: {e})") from e
