@@ -25,7 +25,7 @@ import ray
 import torch
 from jobrun import SHIPPED_NAME  # benchmarks/ is the script folder, first on sys.path
 from promptmill.models import load_generator
-from promptmill.models.shapes import example
+from promptmill.models.shapes.scenes import example
 from promptmill.pipelines.batch.threads import ActorThreads
 from promptmill.pipelines.spec import SHIPPED
 

@@ -15,7 +15,7 @@ import time
 
 import torch
 from promptmill.models import load_generator
-from promptmill.models.shapes import example
+from promptmill.models.shapes.scenes import example
 from torch.utils.flop_counter import FlopCounterMode
 
 

@@ -17,7 +17,7 @@ import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
-from promptmill.models.shapes import example
+from promptmill.models.shapes.scenes import example
 
 SHIPPED_NAME = {"gan": "gan", "transformer": "dalle"}  # family -> its shipped checkpoint (models/shipped/<name>)
 

@@ -18,9 +18,9 @@ import io
 
 import numpy as np
 from PIL import Image
-from promptmill.models.clip import load_clip
+from promptmill.models.clip_loader import load_clip
 from promptmill.models.images import decode_image
-from promptmill.models.shapes import example
+from promptmill.models.shapes.scenes import example
 from promptmill.pipelines.spec import SHIPPED
 from promptmill.pipelines.tables import read_rows
 

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from jobrun import SHIPPED_NAME  # benchmarks/: first on sys.path
 from promptmill.models import load_generator
-from promptmill.models.shapes import example
+from promptmill.models.shapes.scenes import example
 from promptmill.pipelines.spec import SHIPPED
 
 

@@ -31,8 +31,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def write_shapes(out: str, rows: int, split: str = "train", seed: int = 0, size: int = 32,
                  storage_options: dict | None = None, near_miss: bool = False) -> list[str]:
-    from promptmill.models.shapes import example
     from promptmill.models.shapes.near_miss import near_miss as near_miss_row
+    from promptmill.models.shapes.scenes import example
     from promptmill.pipelines.layout import encode_image
     from promptmill.pipelines.storage import filesystem, is_local, join
 

@@ -25,16 +25,16 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def load_test_split(url: str, rows: int):
     """The shapes test split (`promptmill dataset shapes --split test`) at any fsspec URL, first `rows` rows."""
-    from promptmill.models.shapes.evaluate import TestSplit
+    from promptmill.pipelines.model_quality import TestSplit
     from promptmill.pipelines.tables import read_rows
 
     return TestSplit.from_rows(read_rows(url, TestSplit.COLUMNS, max_rows=rows))
 
 
 def main(args: argparse.Namespace) -> int:
-    from promptmill.models.clip import load_clip
+    from promptmill.models.clip_loader import load_clip
     from promptmill.models.judge import load_judge
-    from promptmill.models.shapes.evaluate import (
+    from promptmill.pipelines.model_quality import (
         clip_binding,
         eval_generator,
         eval_rerank,
@@ -92,7 +92,7 @@ def main(args: argparse.Namespace) -> int:
 
 def card_markdown(report: dict) -> str:
     """The report card as MODEL_CARD's table: one row per category, one column per family."""
-    from promptmill.models.shapes.evaluate import CATEGORIES
+    from promptmill.pipelines.model_quality import CATEGORIES
 
     fams = [f for f in ("transformer", "gan") if f in report]
     lines = ["| category | " + " | ".join(fams) + " |", "|---|" + "---|" * len(fams)]

@@ -24,8 +24,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    from promptmill.pipelines.runs.evaluate import evaluate_run
     from promptmill.pipelines.runs.metrics import table
+    from promptmill.pipelines.runs.reference import evaluate_run
     from promptmill.pipelines.runs.report import write_report
     from promptmill.pipelines.runs.results import Run
 

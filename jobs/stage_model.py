@@ -21,8 +21,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
 
 def main(args: argparse.Namespace) -> int:
     from promptmill.models import CheckpointError
+    from promptmill.pipelines.model_upload import stage_model
     from promptmill.pipelines.spec import SpecError, parse_overrides
-    from promptmill.pipelines.staging import stage_model
 
     try:
         line = stage_model(args.src, args.dst, dict(parse_overrides(args.storage_option, "--storage-option")), args.load)

@@ -8,17 +8,14 @@ from a blue triangle. `CLIPScorer.score` is torchmetrics' CLIPScore: max(100 * c
 
 from __future__ import annotations
 
-import json
 from dataclasses import asdict, dataclass
 
-import fsspec
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from promptmill.models.checkpoint import load_module
-from promptmill.models.images import to_nchw
-from promptmill.models.judge import as_model_input
+from promptmill.models.images import as_model_input, to_nchw
+from promptmill.models.scorer import Scorer
 from promptmill.models.tokenizer import WordTokenizer
 
 
@@ -108,30 +105,6 @@ class CLIP(nn.Module):
         return {"family": "clip", "config": asdict(self.cfg)}
 
 
-class Scorer:
-    """clip_score from `embed_images` / `embed_texts` (unit vectors): ours and Hugging Face CLIPs alike."""
-
-    def similarity(self, images: np.ndarray | torch.Tensor, prompts: list[str]) -> np.ndarray:
-        """100 * cos(image, prompt) per pair, unclamped: rerank orders by it (clamping at 0 ties every candidate
-        a CLIP finds unrelated)."""
-        if len(images) != len(prompts):
-            raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
-        cos = (self.embed_images(images) * self.embed_texts(prompts)).sum(-1)
-        return (100 * cos).float().cpu().numpy()
-
-    def score(self, images: np.ndarray | torch.Tensor, prompts: list[str]) -> np.ndarray:
-        """torchmetrics' CLIPScore per pair: max(100 * cos(image, prompt), 0)."""
-        return np.maximum(self.similarity(images, prompts), 0)
-
-    def score_and_embed(self, images: np.ndarray | torch.Tensor, prompts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(clip_score per pair, the images' unit embeddings as float32 (N, D)): one image pass for both."""
-        if len(images) != len(prompts):
-            raise ValueError(f"got {len(images)} images but {len(prompts)} prompts")
-        img = self.embed_images(images)
-        cos = (img * self.embed_texts(prompts)).sum(-1)
-        return np.maximum((100 * cos).float().cpu().numpy(), 0), img.float().cpu().numpy()
-
-
 class CLIPScorer(Scorer):
     """A trained CLIP with its tokenizer: prompts and images in, clip_score out."""
 
@@ -153,23 +126,3 @@ class CLIPScorer(Scorer):
 
     def config(self) -> dict:
         return {**self.model.config(), "tokenizer": self.tokenizer.to_config()}
-
-
-def load_clip(url: str, device: torch.device | str = "cpu", storage_options: dict | None = None):
-    """Our CLIP checkpoint, or a Hugging Face CLIP directory (its config.json says model_type "clip"): both score
-    with `.score(images, prompts)` by torchmetrics' CLIPScore definition."""
-    if _is_hf_clip(url, storage_options):
-        from promptmill.models.hf_clip import load_hf_clip
-
-        return load_hf_clip(url, device, storage_options)
-    config, model = load_module(url, "clip", lambda c: CLIP(CLIPConfig(**c["config"])), storage_options)
-    return CLIPScorer(model, WordTokenizer.from_config(config["tokenizer"]), device)
-
-
-def _is_hf_clip(url: str, storage_options: dict | None) -> bool:
-    try:
-        with fsspec.open(f"{url.rstrip('/')}/config.json", "rb", **(storage_options or {})) as f:
-            config = json.load(f)
-    except (OSError, ValueError):
-        return False  # the loader below names what is missing or broken
-    return isinstance(config, dict) and "family" not in config and config.get("model_type") == "clip"

@@ -11,9 +11,9 @@ import os
 import numpy as np
 import torch
 from promptmill.models.checkpoint import CheckpointError
-from promptmill.models.clip import Scorer
 from promptmill.models.images import to_nchw
 from promptmill.models.local_cache import local_copy, refuse_pickled_weights
+from promptmill.models.scorer import Scorer
 
 
 def _features(out) -> torch.Tensor:

@@ -49,3 +49,15 @@ def to_nchw(images: np.ndarray) -> torch.Tensor:
 def to_nhwc(images: torch.Tensor) -> np.ndarray:
     """(N, 3, H, W) tensor -> (N, H, W, 3) numpy array, same dtype."""
     return images.permute(0, 2, 3, 1).contiguous().cpu().numpy()
+
+
+def as_model_input(images: torch.Tensor, size: int) -> torch.Tensor:
+    """uint8 or [-1, 1] float (N, 3, H, W) -> float at the model's resolution (a 64 px generator can be judged)."""
+    import torch
+    import torch.nn.functional as F
+
+    if images.dtype == torch.uint8:
+        images = images.float() / 127.5 - 1
+    if images.shape[-2:] != (size, size):
+        images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return images

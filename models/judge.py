@@ -17,9 +17,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from promptmill.models.checkpoint import load_module
-from promptmill.models.images import to_nhwc
-from promptmill.models.shapes import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, Obj, Scene, matches, parse
+from promptmill.models.images import as_model_input, to_nhwc
 from promptmill.models.shapes.geometry import Geometry, geometry_matches, read_geometry
+from promptmill.models.shapes.scenes import BACKGROUNDS, COLORS, POSITIONS, SHAPES, SIZES, Obj, Scene, matches, parse
 
 CANON_RELATIONS = ["left of", "above"]
 HEADS = {"count": 2, "background": len(BACKGROUNDS), "position": len(POSITIONS), "relation": len(CANON_RELATIONS),
@@ -122,15 +122,6 @@ def labels(scenes: list[Scene], near_miss: list[bool] | None = None) -> dict[str
             for k in ("shape", "color", "size"):
                 rows[f"{k}{slot}"].append(_VOCAB[k].index(getattr(o, k)) if o else IGNORE)
     return {**{k: torch.tensor(v) for k, v in rows.items()}, "malformed": torch.tensor([int(b) for b in near_miss])}
-
-
-def as_model_input(images: torch.Tensor, size: int) -> torch.Tensor:
-    """uint8 or [-1, 1] float (N, 3, H, W) -> float at the model's resolution (a 64 px generator can be judged)."""
-    if images.dtype == torch.uint8:
-        images = images.float() / 127.5 - 1
-    if images.shape[-2:] != (size, size):
-        images = F.interpolate(images, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
-    return images
 
 
 @dataclass

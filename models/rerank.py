@@ -11,8 +11,8 @@ import hashlib
 from dataclasses import dataclass
 
 import numpy as np
-from promptmill.models.clip import Scorer
 from promptmill.models.generator import Generator
+from promptmill.models.scorer import Scorer
 
 PER_ROW_SAMPLING = ("negative_prompt",)  # sampling values given one per image (input.negative_prompt_column)
 

@@ -26,6 +26,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from promptmill.pipelines.redaction import redact_text
+
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
@@ -103,8 +105,6 @@ def short(e: BaseException) -> str:
 
 def retrying(op: str, url: str, fn: Callable[[], T], policy: RetryPolicy | None = None) -> T:
     """`fn()`, retried while its errors are transient and the budget lasts."""
-    from promptmill.pipelines.spec import redact_text  # spec imports storage, which imports this module
-
     policy = policy or RetryPolicy.current()
     t0, attempt = time.monotonic(), 0
     while True:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import os
 import uuid
+from typing import Any
 
 import fsspec
 import pyarrow as pa
@@ -69,3 +71,14 @@ def parquet_bytes(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
     return sink.getvalue().to_pybytes()
+
+
+def write_json(fs: AbstractFileSystem, path: str, obj: Any) -> None:
+    """JSON a person reads (summary, spec record): indented, keys sorted."""
+    fs.pipe(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
+
+
+def read_json(fs: AbstractFileSystem, path: str) -> Any:
+    """The JSON at `path`, or None where there is none."""
+    return json.loads(fs.cat_file(path)) if fs.exists(path) else None
+

@@ -28,7 +28,8 @@ def test_the_generate_job_imports_no_training_code():
 def test_models_never_import_pipelines_or_ray():
     mods = _modules_after("import promptmill.models, promptmill.models.gan, promptmill.models.transformer, "
                           "promptmill.models.clip, promptmill.models.judge, promptmill.models.vq, promptmill.models.shapes, "
-                          "promptmill.models.shapes.evaluate, promptmill.models.images")
+                          "promptmill.models.shapes.scenes, promptmill.models.shapes.geometry, "
+                          "promptmill.models.shapes.near_miss, promptmill.models.images")
     assert not {m for m in mods if m.startswith("promptmill.pipelines") or m == "ray"}
 
 

@@ -87,6 +87,7 @@ def test_bucketed_commit_equals_one_bucket(tmp_path, monkeypatch):
 
     import numpy as np
     import promptmill.pipelines.batch.commit as c
+    from promptmill.pipelines.metadata import read_metadata
 
     fs = fsspec.filesystem("file")
     rng = np.random.default_rng(1)
@@ -108,7 +109,7 @@ def test_bucketed_commit_equals_one_bucket(tmp_path, monkeypatch):
     summary = commit(fs, str(many), ("judge_features", 0.5))
     files = sorted((many / "metadata").glob("*.parquet"))
     assert len(files) > 10 and not list((many / "_staging" / "metadata").glob("*.parquet"))
-    a, b = c.read_metadata(fs, str(one)), c.read_metadata(fs, str(many))
+    a, b = read_metadata(fs, str(one)), read_metadata(fs, str(many))
     assert a.num_rows == b.num_rows == 80 and a.equals(b)
     assert set(b["sku"].to_pylist()) == {None, *(f"s{i}" for i in ids)}  # the first copy of a sample wins
     assert b["diversity"].null_count == 0 and summary.num_rows == 80

@@ -121,7 +121,7 @@ class TensorFeatures(torch.nn.Module):
 
 
 def test_a_hugging_face_clip_scores_as_torchmetrics_does_and_through_the_job(ray_local, pipelines, tmp_path):
-    from promptmill.models.clip import load_clip
+    from promptmill.models.clip_loader import load_clip
     from torchmetrics.multimodal.clip_score import CLIPScore
 
     clip_dir = str(tiny_hf_clip(tmp_path / "clip"))
@@ -296,8 +296,8 @@ def test_non_finite_and_flagged_images_never_land_as_good_ones(ray_local, tmp_pa
     # what the job reads per image (the flag job above shows it reaching metadata): a checker that passed an image
     # says false, a pipeline without one cannot tell (null, and the summary's count is null, not zero)
     from promptmill.models.hf_diffusers import DiffusersGenerator
-    from promptmill.pipelines.batch.commit import SUMMARY_COLUMNS
     from promptmill.pipelines.layout import METADATA_SCHEMA
+    from promptmill.pipelines.metadata import SUMMARY_COLUMNS
     from promptmill.pipelines.runs.results import score_summary
 
     for where, expect in ((clean, [False, False]), (str(tmp_path / "flagged-base"), [None, None])):
@@ -429,7 +429,7 @@ def test_without_a_judge_quality_signals_come_from_the_clip(ray_local, pipelines
     """Real images, no judge: diversity and near-duplicates from the CLIP image embeddings the scoring stage
     computes, an aesthetic score from a LAION-layout predictor on them, and FD / KID in CLIP space."""
     from promptmill.models.aesthetic import load_aesthetic
-    from promptmill.models.clip import load_clip
+    from promptmill.models.clip_loader import load_clip
     from promptmill.pipelines.batch.diversity import annotate
     from tiny_hf import tiny_aesthetic
 
@@ -438,7 +438,7 @@ def test_without_a_judge_quality_signals_come_from_the_clip(ray_local, pipelines
     write_prompts(tmp_path / "in" / "a.parquet", ["a red circle", "a photo of a cat", "the dog on the left"],
                   ["a", "b", "c"])
     ref = tmp_path / "ref.parquet"
-    from promptmill.models.shapes import example
+    from promptmill.models.shapes.scenes import example
     from promptmill.pipelines.layout import encode_image
 
     pq.write_table(pa.table({"png": [encode_image(example(i, 3, "test")[2], "png") for i in range(40)]}), ref)

@@ -354,7 +354,7 @@ def test_an_embedded_ray_finds_its_raylet_early_stops_its_monitor_first_and_leav
     code = """
 import json, psutil, ray
 from ray._private import ray_constants, services, state, worker
-from promptmill.pipelines.batch.ray_cluster import ensure_ray, stop_autoscaler_monitor
+from promptmill.pipelines.ray_cluster import ensure_ray, stop_autoscaler_monitor
 rays, alive_at_entry = services.get_node, []
 def recording(gcs_address, node_id):
     gs = state.GlobalState()

@@ -14,10 +14,10 @@ import torch
 from promptmill.jobs.cli import main
 from promptmill.models.images import to_nchw
 from promptmill.models.judge import judge_prompts, load_judge
-from promptmill.models.shapes import example, matches, parse
-from promptmill.models.shapes.evaluate import judge_accuracy
 from promptmill.models.shapes.geometry import geometry_matches, read_geometry
 from promptmill.models.shapes.near_miss import KINDS, near_miss
+from promptmill.models.shapes.scenes import example, matches, parse
+from promptmill.pipelines.model_quality import judge_accuracy
 
 CKPT = Path(__file__).resolve().parents[1] / "models" / "checkpoints"
 SEED = 1  # never trained on
@@ -51,7 +51,7 @@ def test_the_shipped_judge_rejects_near_misses_and_still_reads_real_renders(judg
     assert sum(rejected.values()) / len(kinds) >= 0.99, by_kind
     assert min(by_kind.values()) >= 0.9, by_kind  # no kind slips through wholesale
     # the same judge on real renders: every attribute >= 99.5 %, and almost none called malformed
-    from promptmill.models.shapes.evaluate import TestSplit
+    from promptmill.pipelines.model_quality import TestSplit
 
     r_scenes, r_captions, r_images = real
     acc = judge_accuracy(judge, TestSplit(r_images, r_captions, r_scenes, [False] * len(r_scenes)))

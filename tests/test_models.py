@@ -183,7 +183,7 @@ def test_gan_first_map_takes_the_caption_only_when_text_in_fc(text_in_fc):
 
 
 def test_seed_diversity_is_zero_for_one_seed_and_positive_across_seeds(checkpoints):
-    from promptmill.models.shapes.evaluate import seed_diversity
+    from promptmill.pipelines.model_quality import seed_diversity
 
     assert seed_diversity(checkpoints["gan"], PROMPTS[:3], seeds=1) == 0
     assert seed_diversity(checkpoints["gan"], PROMPTS[:3], seeds=4) > 0
@@ -286,7 +286,7 @@ def test_pixels_hold_to_one_level_across_batch_sizes_and_threads(family):
     """What README promises of "the same pixels at any batch size and on any actor", on the shipped models: float
     reductions follow the batch and the torch threads, so a pixel may land one level (1/255) off, in a few
     images; never more (benchmarks/pixel_exactness.py measures it over 128 prompts)."""
-    from promptmill.models.shapes import example
+    from promptmill.models.shapes.scenes import example
 
     gen = load_generator(str(SHIPPED / ("gan" if family == "gan" else "dalle")), "cpu")
     prompts = [example(i, 0, "test")[1] for i in range(48)]

@@ -92,7 +92,7 @@ def test_poison_rows_go_to_rejected_and_the_job_goes_on(tmp_path):
 
 
 def test_the_scoring_stage_isolates_a_row_it_cannot_score():
-    from promptmill.models.shapes import example
+    from promptmill.models.shapes.scenes import example
     from promptmill.pipelines.batch.score import ScoreStage
     from promptmill.pipelines.spec import ScoringSpec
 

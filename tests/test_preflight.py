@@ -220,7 +220,7 @@ def test_the_generate_pool_grows_to_single_threaded_actors_holding_the_cpus_of_o
     scoring pool beside it; a small job keeps one actor with the cores as threads; said sizes are kept."""
     import ray
     from promptmill.pipelines.batch.job import _images
-    from promptmill.pipelines.batch.ray_cluster import local_cores
+    from promptmill.pipelines.ray_cluster import local_cores
     from promptmill.pipelines.spec import load_spec
 
     cores = local_cores()

@@ -9,10 +9,10 @@ import pytest
 import torch
 from conftest import save_tiny
 from promptmill.models import load_generator
-from promptmill.models.clip import load_clip
+from promptmill.models.clip_loader import load_clip
 from promptmill.models.judge import judge_prompts, load_judge
 from promptmill.models.rerank import candidate_seed, generate_best_of
-from promptmill.models.shapes import example
+from promptmill.models.shapes.scenes import example
 from promptmill.pipelines.runs.metrics import Evaluator, knn_precision_recall
 
 CKPT = Path(__file__).resolve().parents[1] / "models" / "checkpoints"
@@ -45,7 +45,7 @@ def test_clip_score_prefers_the_true_caption(clip, renders):
 
 def test_clip_r_precision_on_the_test_split(clip, renders):
     """True caption among itself + 99 random ones: the number the model card reports."""
-    from promptmill.models.shapes.evaluate import r_precision
+    from promptmill.pipelines.model_quality import r_precision
 
     assert r_precision(clip, renders[0][:300], renders[1][:300], distractors=99, seed=0) > 0.5
 
@@ -53,7 +53,7 @@ def test_clip_r_precision_on_the_test_split(clip, renders):
 def test_clip_knows_which_of_two_objects_has_which_attribute(clip, renders):
     """The shipped CLIP scores a render's own caption above the caption with a colour, shape or size swapped
     between its two objects; the GAN reads its caption through this CLIP and is guided by it."""
-    from promptmill.models.shapes.evaluate import TestSplit, clip_binding
+    from promptmill.pipelines.model_quality import TestSplit, clip_binding
 
     split = TestSplit(torch.from_numpy(renders[0]).permute(0, 3, 1, 2).contiguous(), renders[1], [], [])
     binding = clip_binding(clip, split, len(renders[1]))
@@ -70,7 +70,7 @@ def test_prompt_match_is_one_on_real_renders_and_none_out_of_domain(judge, rende
     assert ok == [None, True]  # out of the grammar: no verdict; its own caption: a match
     import random
 
-    from promptmill.models.shapes import hard_negative
+    from promptmill.models.shapes.scenes import hard_negative
 
     wrong = [(i, hard_negative(renders[1][i], random.Random(i))) for i in range(40)]
     wrong = [(i, w) for i, w in wrong if w][:20]

@@ -136,7 +136,7 @@ def test_spec_errors_do_not_echo_secrets(checkpoints):
 
 
 def test_redact_covers_keys_urls_and_signatures():
-    from promptmill.pipelines.spec import redact
+    from promptmill.pipelines.redaction import redact
 
     planted = {
         "storage_options": {"key": "AKIA1", "secret": "s3cr3t", "client_kwargs": {"headers": {"Authorization": "Bearer t0k"}}},

@@ -6,7 +6,7 @@ import random
 
 import numpy as np
 import pytest
-from promptmill.models.shapes import (
+from promptmill.models.shapes.scenes import (
     BG_FORMS,
     HELD_OUT,
     POSITION_WORDS,
@@ -102,7 +102,7 @@ def test_captions_vary():
 def test_hard_negatives_change_one_attribute_and_skip_other_text():
     import random
 
-    from promptmill.models.shapes import caption, hard_negative, parse, sample_scene
+    from promptmill.models.shapes.scenes import caption, hard_negative, parse, sample_scene
 
     rng = random.Random(0)
     for _ in range(200):
@@ -121,7 +121,7 @@ def test_hard_negatives_swap_each_attribute_between_two_objects():
     swaps only could not tell which of two objects was the square, nor which was the big one)."""
     import random
 
-    from promptmill.models.shapes import binding_swaps, hard_negatives
+    from promptmill.models.shapes.scenes import binding_swaps, hard_negatives
 
     text = "a small red circle left of a large blue square"
     negs = hard_negatives(text, random.Random(0))
@@ -134,7 +134,7 @@ def test_hard_negatives_swap_each_attribute_between_two_objects():
 
 
 def test_attribute_errors_name_the_attribute_the_judge_reads_otherwise():
-    from promptmill.models.shapes.evaluate import attribute_errors
+    from promptmill.pipelines.model_quality import attribute_errors
 
     red_circle, blue_square = Obj("circle", "red", "small"), Obj("square", "blue", "large")
     caps = ["a small red circle right of a large blue square",  # canonical: square left of circle
@@ -163,7 +163,7 @@ def test_natural_variants_parse(phrase, position):
 
 
 def test_captions_never_use_the_natural_variants():
-    from promptmill.models.shapes import POSITION_VARIANTS
+    from promptmill.models.shapes.scenes import POSITION_VARIANTS
 
     variants = {v for vs in POSITION_VARIANTS.values() for v in vs}
     assert not any(v in example(i, 0, "train")[1] for i in range(3000) for v in variants if len(v) > 8)

@@ -8,7 +8,7 @@ import pytest
 from promptmill.jobs.dataset import write_shapes
 from promptmill.jobs.eval_models import load_test_split
 from promptmill.models.judge import load_judge
-from promptmill.models.shapes.evaluate import judge_accuracy
+from promptmill.pipelines.model_quality import judge_accuracy
 
 CKPT = Path(__file__).resolve().parents[1] / "models" / "checkpoints"
 

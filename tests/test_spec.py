@@ -3,7 +3,8 @@
 from pathlib import Path
 
 import pytest
-from promptmill.pipelines.spec import SpecError, load_spec, redact
+from promptmill.pipelines.redaction import redact
+from promptmill.pipelines.spec import SpecError, load_spec
 
 BASE = {"name": "t", "input": {"path": "in/"}, "output": {"path": "out/"},
         "models": [{"name": "gan", "family": "gan", "checkpoint": "ck/"}]}

@@ -50,7 +50,7 @@ def test_loss_goes_down(trained, kind):
     assert (out / "training" / "loss.png").stat().st_size > 1000
     if kind == "clip":  # the export scores prompts
         import numpy as np
-        from promptmill.models.clip import load_clip
+        from promptmill.models.clip_loader import load_clip
 
         scores = load_clip(str(out)).score(np.zeros((2, 32, 32, 3), np.uint8), ["a red circle", "a photo of a dog"])
         assert scores.shape == (2,) and (scores >= 0).all() and (scores <= 100).all()

@@ -18,7 +18,7 @@ from collections import deque
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from promptmill.models.shapes import BACKGROUNDS, COLORS, SHAPES, Obj, Parsed, Scene, mismatches
+from promptmill.models.shapes.scenes import BACKGROUNDS, COLORS, SHAPES, Obj, Parsed, Scene, mismatches
 
 FG_DISTANCE = 40.0  # RGB distance from the background that makes a pixel part of an object's region
 MIN_AREA = 3.0  # objects cover at least this many pixels (in 32 px units); smaller regions are specks

@@ -22,7 +22,18 @@ from dataclasses import replace
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFilter
-from promptmill.models.shapes import BACKGROUNDS, COLORS, SHAPES, SUPERSAMPLE, Obj, Scene, _draw, caption, layout, sample_scene
+from promptmill.models.shapes.scenes import (
+    BACKGROUNDS,
+    COLORS,
+    SHAPES,
+    SUPERSAMPLE,
+    Obj,
+    Scene,
+    _draw,
+    caption,
+    layout,
+    sample_scene,
+)
 
 KINDS = ("ring", "lobed", "notched", "blend", "blur", "noise", "cut", "extra", "aspect")
 VISIBLE_PX = 8  # a notch or a blended shape changes at least this many pixels of a 32 px image

@@ -16,7 +16,6 @@ rows (`benchmarks/commit_memory.py`); it is released after each.
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import re
@@ -25,7 +24,6 @@ import uuid
 import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -45,86 +43,25 @@ from promptmill.pipelines.layout import (
     tar_bytes,
     tar_members,
 )
-from promptmill.pipelines.storage import full_url, join, parquet_bytes, put_atomic
+from promptmill.pipelines.metadata import (
+    KEYS,
+    SUMMARY_COLUMNS,
+    conform,
+    extra_fields,
+    metadata_files,
+    read_part,
+    read_parts,
+    sized_metadata_files,
+    sorted_by_key,
+    union,
+)
+from promptmill.pipelines.storage import full_url, join, parquet_bytes, put_atomic, read_json, write_json
 
 log = logging.getLogger(__name__)
 BUCKET_BYTES = 8 << 20  # Parquet bytes merged in memory at once (~10k scored rows): the commit's memory bound
 SPILL_ROWS = 8_192  # rows read before they are split into the buckets' spill files (~16 MB)
 MAX_BUCKETS = 4_096
-KEYS = ["model", "id", "sample"]
-# what the job's summary needs of the committed rows (`pipelines.runs.results.score_summary`), returned by commit
-SUMMARY_COLUMNS = ["model", "id", "sample", "clip_score", "prompt_match", "candidates", "diversity", "near_duplicate",
-                   "nsfw", "prompt_truncated", "aesthetic_score"]
 SHARD_MANIFEST = "shards-manifest"
-
-
-def _listing(fs: AbstractFileSystem, path: str) -> dict[str, int]:
-    """Parquet files under `path` (sorted) with their sizes, from one listing."""
-    if not fs.exists(path):
-        return {}
-    found = fs.find(path, detail=True)
-    return {f: int(found[f].get("size") or 0) for f in sorted(found) if f.endswith(".parquet")}
-
-
-def _metadata_listing(fs: AbstractFileSystem, root: str) -> tuple[dict[str, int], dict[str, int]]:
-    """(committed files, staging parts) with their sizes, listed afresh: workers wrote parts since this process
-    last listed, and s3fs answers info() from its listing cache (a part missing there is FileNotFoundError)."""
-    fs.invalidate_cache()  # all of it: s3fs drops only the path and its parents, not the folders below
-    return _listing(fs, join(root, METADATA)), _listing(fs, join(root, STAGING, METADATA))
-
-
-def metadata_files(fs: AbstractFileSystem, root: str) -> tuple[list[str], list[str]]:
-    """(committed files, staging parts), listed afresh (`_metadata_listing`)."""
-    committed, staged = _metadata_listing(fs, root)
-    return list(committed), list(staged)
-
-
-def _read_one(fs: AbstractFileSystem, f: str, columns: list[str] | None = None) -> pa.Table:
-    """A whole object (one GET, retried as one), not a stream cut mid-read by an outage; only `columns` (those
-    the file has) are decoded."""
-    buf = pa.BufferReader(fs.cat_file(f))
-    if columns is not None:
-        have = pq.read_schema(buf).names
-        columns = [c for c in columns if c in have]
-        buf.seek(0)
-    return pq.read_table(buf, columns=columns)
-
-
-def _read(fs: AbstractFileSystem, files: list[str], columns: list[str] | None = None) -> pa.Table:
-    return _union([_read_one(fs, f, columns) for f in files], columns)
-
-
-def _union(tables: list[pa.Table], columns: list[str] | None = None) -> pa.Table:
-    """Tables written at different times as one: our columns in layout order, then the extra ones."""
-    schema = (pa.schema(list(METADATA_SCHEMA) + _extra_fields(tables)) if columns is None
-              else pa.schema([METADATA_SCHEMA.field(c) for c in columns]))
-    return pa.concat_tables([_conform(t, schema) for t in tables]) if tables else schema.empty_table()
-
-
-def _extra_fields(tables: list[pa.Table]) -> list[pa.Field]:
-    """Columns beyond ours (input.keep_columns), in order of first appearance, each with its first non-null type."""
-    found: dict[str, pa.DataType] = {}
-    for t in tables:
-        for f in t.schema:
-            if f.name not in METADATA_SCHEMA.names and (f.name not in found or pa.types.is_null(found[f.name])):
-                found[f.name] = f.type
-    return [pa.field(k, v) for k, v in found.items()]
-
-
-def _conform(t: pa.Table, schema: pa.Schema) -> pa.Table:
-    """`t` in `schema`'s columns and types; a column added to the layout later is null in older parts."""
-    cols = [t[f.name] if f.name in t.column_names else pa.nulls(len(t), f.type) for f in schema]
-    return pa.Table.from_arrays(cols, schema=pa.schema([f.with_type(c.type) for f, c in zip(schema, cols)])).cast(schema)
-
-
-def _sorted(table: pa.Table) -> pa.Table:
-    return table.sort_by([("model", "ascending"), ("id", "ascending"), ("sample", "ascending")])
-
-
-def read_metadata(fs: AbstractFileSystem, root: str, columns: list[str] | None = None) -> pa.Table:
-    """The committed metadata of a run (what a user reads), sorted by model, id, sample; `columns` (with those
-    three) or all."""
-    return _sorted(_read(fs, metadata_files(fs, root)[0], columns))
 
 
 def done_keys(fs: AbstractFileSystem, root: str, files: list[str] | None = None) -> frozenset[str]:
@@ -132,7 +69,7 @@ def done_keys(fs: AbstractFileSystem, root: str, files: list[str] | None = None)
     if files is None:
         committed, staged = metadata_files(fs, root)
         files = committed + staged
-    return frozenset(sample_keys(_read(fs, files, KEYS)))
+    return frozenset(sample_keys(read_parts(fs, files, KEYS)))
 
 
 def _first_rows(table: pa.Table) -> pa.Array:
@@ -148,7 +85,7 @@ def commit(fs: AbstractFileSystem, root: str, near_duplicates: tuple[str, float 
     """Merge staging into metadata/ with one row per sample, each prompt's diversity and near-duplicates set over
     all its samples (`pipelines.batch.diversity`); returns the committed rows' SUMMARY_COLUMNS. `fence`: the
     run's lease; only the staged parts it accepts are merged, and it is checked before anything is replaced."""
-    committed_sizes, staged_sizes = _metadata_listing(fs, root)
+    committed_sizes, staged_sizes = sized_metadata_files(fs, root)
     if fence is not None:
         for p in [p for p in staged_sizes if not fence.accepts(p)]:
             log.warning("not committing %s: written by another holder of the lease (a stale writer) after this "
@@ -165,15 +102,15 @@ def commit(fs: AbstractFileSystem, root: str, near_duplicates: tuple[str, float 
         count, members = _kept(parts)
         if not staged and committed and count == rows:
             # nothing staged and already one row per sample (always checked: a second writer's leftovers)
-            return _read(fs, committed, SUMMARY_COLUMNS)
+            return read_parts(fs, committed, SUMMARY_COLUMNS)
         guard = fence.guard if fence is not None else (lambda: None)
         shards = _finalize_shards(fs, root, members, guard)
         gen, summaries = uuid.uuid4().hex[:8], []
         for b, bucket in enumerate(parts):
             if not bucket:
                 continue
-            table = _union([pq.read_table(p) for p in bucket])
-            table = annotate(_sorted(table.take(_first_rows(table))), near_duplicates[1], near_duplicates[0])
+            table = union([pq.read_table(p) for p in bucket])
+            table = annotate(sorted_by_key(table.take(_first_rows(table))), near_duplicates[1], near_duplicates[0])
             if shards:
                 paths = table.column("image_path").to_pylist()
                 table = table.set_column(table.schema.get_field_index("image_path"), "image_path",
@@ -192,7 +129,7 @@ def commit(fs: AbstractFileSystem, root: str, near_duplicates: tuple[str, float 
     _sweep_shards(fs, root, members, shards)
     if staged:
         log.info("committed %d metadata rows (%d staging parts merged)", count, len(staged))
-    return _union(summaries, SUMMARY_COLUMNS)
+    return union(summaries, SUMMARY_COLUMNS)
 
 
 INDEX = ["model", "id", "sample", "image_path", "image_key"]  # what deduplication and the shards' commit read
@@ -224,8 +161,8 @@ def _split(fs: AbstractFileSystem, files: list[str], buckets: int, spill: Path) 
             w.write_table(part)
 
     for f in files:
-        t = _read_one(fs, f)
-        pending.append(_conform(t, pa.schema(list(METADATA_SCHEMA) + _extra_fields([t]))))
+        t = read_part(fs, f)
+        pending.append(conform(t, pa.schema(list(METADATA_SCHEMA) + extra_fields([t]))))
         if sum(len(p) for p in pending) >= SPILL_ROWS:
             flush()
     if pending:
@@ -251,7 +188,7 @@ def _kept(parts: list[list[Path]]) -> tuple[int, pa.Table]:
     count, members = 0, []
     for bucket in parts:
         if bucket:
-            t = _union([pq.read_table(p, columns=INDEX) for p in bucket], INDEX)
+            t = union([pq.read_table(p, columns=INDEX) for p in bucket], INDEX)
             t = t.take(_first_rows(t))
             count += len(t)
             members.append(_shard_rows(t))
@@ -338,12 +275,3 @@ def _sweep_shards(fs: AbstractFileSystem, root: str, kept: pa.Table, moved: dict
                 log.warning("removing unreferenced shard %s (copied by a commit that did not finish)", f)
                 fs.rm(path)
         fs.rm(m)
-
-
-def write_json(fs: AbstractFileSystem, path: str, obj: Any) -> None:
-    fs.pipe(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())
-
-
-def read_json(fs: AbstractFileSystem, path: str) -> Any:
-    return json.loads(fs.cat_file(path)) if fs.exists(path) else None
-

@@ -51,18 +51,3 @@ def annotate(table: pa.Table, threshold: float | None, column: str = "judge_feat
                              pa.array(diversity, pa.float32(), mask=np.isnan(diversity)))
     return table.set_column(table.schema.get_field_index("near_duplicate"), "near_duplicate",
                             pa.array(near == 1, pa.bool_(), mask=near < 0))
-
-
-def summary(table: pa.Table) -> dict:
-    """One model's figures over its prompts with two or more scored samples: mean diversity, and the share of
-    those prompts with at least one near-duplicate pair."""
-    per: dict[str, list] = {}  # id -> [diversity, any near-duplicate (None: unknown)]
-    for i, d, n in zip(*(table.column(c).to_pylist() for c in ("id", "diversity", "near_duplicate"))):
-        if d is not None:
-            seen = per.setdefault(i, [d, None])
-            if n is not None:
-                seen[1] = bool(seen[1]) or n
-    flagged = [n for _, n in per.values() if n is not None]
-    return {"diversity_mean": round(float(np.mean([d for d, _ in per.values()])), 4) if per else None,
-            "near_duplicate_rate": round(float(np.mean(flagged)), 4) if flagged else None,
-            "prompts_with_samples": len(per)}

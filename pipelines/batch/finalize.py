@@ -14,14 +14,16 @@ from dataclasses import dataclass, field
 
 import pyarrow.compute as pc
 from fsspec import AbstractFileSystem
-from promptmill.pipelines.batch.commit import commit, metadata_files, read_json, write_json
+from promptmill.pipelines.batch.commit import commit
 from promptmill.pipelines.batch.isolate import error_text
 from promptmill.pipelines.batch.lease import Fence
 from promptmill.pipelines.layout import OWN_REJECTED, REJECTED, STAGING, SUCCESS, SUMMARY, rejected_name
+from promptmill.pipelines.metadata import metadata_files
+from promptmill.pipelines.redaction import redact
 from promptmill.pipelines.runs.report import write_report
 from promptmill.pipelines.runs.results import Run, score_summary
-from promptmill.pipelines.spec import JobSpec, redact
-from promptmill.pipelines.storage import full_url, join
+from promptmill.pipelines.spec import JobSpec
+from promptmill.pipelines.storage import full_url, join, read_json, write_json
 
 log = logging.getLogger(__name__)
 
@@ -150,7 +152,7 @@ def finalize(spec: JobSpec, fs: AbstractFileSystem, root: str, *, input_rows: in
     if spec.metrics.reference or spec.output.report:
         run = Run(out_url, spec.output.storage_options, summary=result.summary)  # reads the committed metadata
         if spec.metrics.reference:
-            from promptmill.pipelines.runs.evaluate import evaluate_run  # torch and torchmetrics: ~2 s of the driver's start
+            from promptmill.pipelines.runs.reference import evaluate_run  # torch and torchmetrics: ~2 s of the driver's start
 
             m = spec.metrics
             _after_commit(fs, root, run, "metrics_error", lambda: evaluate_run(

@@ -17,13 +17,14 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import ray
 from promptmill.models import load_generator
-from promptmill.models.clip import load_clip
+from promptmill.models.clip_loader import load_clip
 from promptmill.models.precision import at_precision
 from promptmill.models.rerank import generate_best_of
 from promptmill.pipelines.batch.isolate import run_isolated
 from promptmill.pipelines.batch.score import ScoreStage, device_for
 from promptmill.pipelines.batch.threads import ActorThreads
-from promptmill.pipelines.spec import ModelSpec, ScoringSpec, parse_size, redact_text
+from promptmill.pipelines.redaction import redact_text
+from promptmill.pipelines.spec import ModelSpec, ScoringSpec, parse_size
 
 log = logging.getLogger(__name__)
 

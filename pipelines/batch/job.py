@@ -19,7 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
-from promptmill.pipelines.batch.commit import done_keys, metadata_files, write_json
+from promptmill.pipelines.batch.commit import done_keys
 from promptmill.pipelines.batch.expand import expand_batch
 from promptmill.pipelines.batch.finalize import JobResult, finalize
 from promptmill.pipelines.batch.lease import Lease, LeaseHeld
@@ -41,15 +41,17 @@ from promptmill.pipelines.batch.preflight import (
     writes_in_actors,
 )
 from promptmill.pipelines.batch.progress import Progress
-from promptmill.pipelines.batch.ray_cluster import ensure_ray, local_cores
 from promptmill.pipelines.batch.read import InputPlan, read_prompts
 from promptmill.pipelines.batch.validate import ID, REASON, validate_batch
 from promptmill.pipelines.batch.write import WriteStage
 from promptmill.pipelines.layout import REJECTED, SPEC, STAGING
+from promptmill.pipelines.metadata import metadata_files
+from promptmill.pipelines.ray_cluster import ensure_ray, local_cores
+from promptmill.pipelines.redaction import redact_text
 from promptmill.pipelines.retry import ENV as RETRY_ENV
 from promptmill.pipelines.retry import STORAGE_LINE, RetryPolicy, StorageError
-from promptmill.pipelines.spec import JobSpec, OutputSpec, SpecError, redact_text
-from promptmill.pipelines.storage import arrow_fs, filesystem, full_url, join
+from promptmill.pipelines.spec import JobSpec, OutputSpec, SpecError
+from promptmill.pipelines.storage import arrow_fs, filesystem, full_url, join, write_json
 
 log = logging.getLogger(__name__)
 

@@ -16,7 +16,8 @@ from promptmill.pipelines.batch.job import retry_policy, start_ray, validated_pr
 from promptmill.pipelines.batch.preflight import check_output_reachable, preflight
 from promptmill.pipelines.batch.validate import ID, REASON
 from promptmill.pipelines.layout import sample_key
-from promptmill.pipelines.spec import JobSpec, redact_text
+from promptmill.pipelines.redaction import redact_text
+from promptmill.pipelines.spec import JobSpec
 from promptmill.pipelines.storage import filesystem, full_url
 
 

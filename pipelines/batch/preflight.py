@@ -15,11 +15,11 @@ from dataclasses import dataclass
 import pyarrow as pa
 from promptmill.models import CheckpointError
 from promptmill.models.local_cache import content_id
-from promptmill.pipelines.batch.commit import read_json
 from promptmill.pipelines.batch.read import InputPlan, plan_input
 from promptmill.pipelines.layout import IMAGES, LEASE, METADATA, REJECTED, SHARDS, SPEC, STAGING
-from promptmill.pipelines.spec import JobSpec, ScoringSpec, redact, redact_text
-from promptmill.pipelines.storage import filesystem, full_url, is_local, join
+from promptmill.pipelines.redaction import redact, redact_text
+from promptmill.pipelines.spec import JobSpec, ScoringSpec
+from promptmill.pipelines.storage import filesystem, full_url, is_local, join, read_json
 from promptmill.pipelines.tables import InputError
 from pydantic import ValidationError
 
@@ -163,7 +163,7 @@ def preflight(spec: JobSpec, allow_subset: bool = False) -> tuple[InputPlan, dic
     except InputError as e:
         raise PreflightError(str(e)) from e
     if spec.metrics.reference:
-        from promptmill.pipelines.runs.evaluate import read_reference  # torchmetrics: ~1 s a job without metrics need not pay
+        from promptmill.pipelines.runs.reference import read_reference  # torchmetrics: ~1 s a job without metrics need not pay
 
         try:
             read_reference(spec.metrics.reference, spec.metrics.storage_options, spec.metrics.image_column, 4)
@@ -218,7 +218,7 @@ def _check_lora(lora, storage_options: dict, where: str) -> None:
 
 def check_scoring(scoring: ScoringSpec, where: str = "scoring.") -> None:
     """Load each scorer once in the driver: a bad checkpoint is an error naming its field before any work."""
-    from promptmill.models.clip import load_clip
+    from promptmill.models.clip_loader import load_clip
     from promptmill.models.judge import load_judge
 
     for field_name, loader in (("clip", load_clip), ("judge", load_judge)):

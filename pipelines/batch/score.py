@@ -17,12 +17,13 @@ from collections.abc import Callable
 import numpy as np
 import torch
 from promptmill.models.aesthetic import load_aesthetic
-from promptmill.models.clip import load_clip
+from promptmill.models.clip_loader import load_clip
 from promptmill.models.images import by_shape, to_nchw
 from promptmill.models.judge import judge_prompts, load_judge
 from promptmill.pipelines.batch.isolate import run_isolated
 from promptmill.pipelines.batch.threads import ActorThreads
-from promptmill.pipelines.spec import ScoringSpec, redact
+from promptmill.pipelines.redaction import redact
+from promptmill.pipelines.spec import ScoringSpec
 
 log = logging.getLogger(__name__)
 COLUMNS = ("clip_score", "judged", "geometry", "prompt_match", "judge_features", "clip_features", "aesthetic_score")

@@ -23,10 +23,11 @@ from promptmill.models.images import decode_image
 from promptmill.pipelines.batch.lease import Lease
 from promptmill.pipelines.batch.pools import map_in_pool
 from promptmill.pipelines.batch.preflight import check_scoring, scoring_pool_size
-from promptmill.pipelines.batch.ray_cluster import ensure_ray, local_cores
 from promptmill.pipelines.batch.score import ScoreStage
 from promptmill.pipelines.layout import LEASE, SUCCESS, SUMMARY
-from promptmill.pipelines.spec import ScoringSpec, redact
+from promptmill.pipelines.ray_cluster import ensure_ray, local_cores
+from promptmill.pipelines.redaction import redact
+from promptmill.pipelines.spec import ScoringSpec
 from promptmill.pipelines.storage import filesystem, full_url, join, parquet_bytes, put_atomic
 from promptmill.pipelines.tables import InputError, list_files, ray_read_parquet
 

@@ -26,16 +26,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from promptmill.pipelines.spec import (
-    SPEC_PATHS,
-    JobSpec,
-    SpecError,
-    literal_secrets,
-    resolve_env,
-    rewrite_paths,
-    spec_data,
-    validated,
-)
+from promptmill.pipelines.redaction import literal_secrets
+from promptmill.pipelines.spec import SPEC_PATHS, JobSpec, SpecError, resolve_env, rewrite_paths, spec_data, validated
 
 import promptmill
 

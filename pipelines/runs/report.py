@@ -12,10 +12,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
-from promptmill.pipelines.batch.commit import write_json
 from promptmill.pipelines.layout import REPORT, SUMMARY
 from promptmill.pipelines.runs.results import Run, score_summary
-from promptmill.pipelines.storage import join
+from promptmill.pipelines.storage import join, write_json
 
 THUMB = 96  # small images (our 32 px models) are upscaled to this, nearest-neighbour, so each pixel shows
 PHOTO = 192  # larger ones are downscaled to fit this box, keeping their aspect ratio

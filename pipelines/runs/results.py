@@ -10,10 +10,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 from promptmill.models.images import decode_image
-from promptmill.pipelines.batch import diversity
-from promptmill.pipelines.batch.commit import SUMMARY_COLUMNS, metadata_files, read_json, read_metadata
 from promptmill.pipelines.layout import SUMMARY, extension, tar_members
-from promptmill.pipelines.storage import filesystem, is_local_fs, join
+from promptmill.pipelines.metadata import SUMMARY_COLUMNS, metadata_files, read_metadata
+from promptmill.pipelines.storage import filesystem, is_local_fs, join, read_json
 
 # what report and evaluate read of every row: not judge_features (128 floats a row) nor a Parquet-format run's
 # image bytes, which would hold the whole run in the driver; images are fetched for the rows shown (Run.images)
@@ -124,6 +123,21 @@ def score_summary(metadata: pa.Table) -> dict[str, dict]:
                       "aesthetic_mean": round(float(np.mean(aesthetic)), 4) if aesthetic else None,
                       "prompt_match": round(float(np.mean(match)), 4) if match else None,
                       "prompt_match_n": len(match), "candidates": max(candidates, default=None),
-                      **diversity.summary(t),
+                      **diversity_summary(t),
                       **{f"{flag}_images": _count_true(t, flag) for flag in ("nsfw", "prompt_truncated")}}
     return out
+
+
+def diversity_summary(table: pa.Table) -> dict:
+    """One model's figures over its prompts with two or more scored samples: mean diversity, and the share of
+    those prompts with at least one near-duplicate pair."""
+    per: dict[str, list] = {}  # id -> [diversity, any near-duplicate (None: unknown)]
+    for i, d, n in zip(*(table.column(c).to_pylist() for c in ("id", "diversity", "near_duplicate"))):
+        if d is not None:
+            seen = per.setdefault(i, [d, None])
+            if n is not None:
+                seen[1] = bool(seen[1]) or n
+    flagged = [n for _, n in per.values() if n is not None]
+    return {"diversity_mean": round(float(np.mean([d for d, _ in per.values()])), 4) if per else None,
+            "near_duplicate_rate": round(float(np.mean(flagged)), 4) if flagged else None,
+            "prompts_with_samples": len(per)}

@@ -23,8 +23,8 @@ from promptmill.models.checkpoint import save_checkpoint
 from promptmill.models.clip import CLIP, CLIPConfig, CLIPScorer
 from promptmill.models.gan import Discriminator, GANConfig, GANGenerator, GANNet, d_loss, g_loss, sentence
 from promptmill.models.judge import Judge, JudgeConfig
-from promptmill.models.shapes import hard_negatives
 from promptmill.models.shapes.near_miss import near_miss
+from promptmill.models.shapes.scenes import hard_negatives
 from promptmill.models.tokenizer import WordTokenizer
 from promptmill.models.transformer import DalleTransformer, TransformerConfig, TransformerGenerator
 from promptmill.models.vq import VQConfig, VQModel
@@ -144,7 +144,7 @@ class JudgeRecipe(Recipe):
         return {"loss": loss.item()}
 
     def export(self, url: str, storage_options: dict | None = None) -> None:
-        from promptmill.models.shapes.evaluate import malformed_threshold, near_duplicate_distance
+        from promptmill.pipelines.model_quality import malformed_threshold, near_duplicate_distance
 
         self.model.eval().cpu()
         self.model.calibration = {"near_duplicate_distance": near_duplicate_distance(self.model)}
@@ -232,7 +232,7 @@ class TransformerRecipe(Recipe):
 
 def negative_tokens(tokenizer: WordTokenizer, captions: list[str], seed: int, step: int,
                     device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Hard-negative captions (`models.shapes.hard_negatives`: one attribute changed, plus each attribute the two
+    """Hard-negative captions (`models.shapes.scenes.hard_negatives`: one attribute changed, plus each attribute the two
     objects differ in swapped between them), drawn from (seed, step) so a resumed run sees the same ones:
     (rows, tokens), rows[i] = the caption that tokens[i] negates; None when no caption allows one."""
     rng = random.Random(f"{seed}/{step}")

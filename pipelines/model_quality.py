@@ -19,7 +19,7 @@ from promptmill.models.generator import load_generator
 from promptmill.models.images import decode_image, to_nchw, to_nhwc
 from promptmill.models.judge import HEADS, IGNORE, Judge, judge_prompts, labels, pairwise_cosine, scene_from_dict
 from promptmill.models.rerank import generate_best_of
-from promptmill.models.shapes import Scene, binding_swaps, matches, mismatches, parse, stated
+from promptmill.models.shapes.scenes import Scene, binding_swaps, matches, mismatches, parse, stated
 from promptmill.models.vq import load_vq
 
 
@@ -114,7 +114,7 @@ def near_duplicate_distance(judge: Judge, captions: int = 500, renders: int = 4,
     than this are near-duplicates. A low quantile, not the minimum: two jittered renders can be nearly equal."""
     from dataclasses import replace
 
-    from promptmill.models.shapes import BACKGROUNDS, caption, render, sample_scene
+    from promptmill.models.shapes.scenes import BACKGROUNDS, caption, render, sample_scene
 
     rng = random.Random(f"{seed}/near-duplicate")
     dists = []

@@ -5,12 +5,11 @@ from __future__ import annotations
 import numpy as np
 from promptmill.models.images import decode_image
 from promptmill.models.judge import load_judge
-from promptmill.pipelines.batch.commit import write_json
 from promptmill.pipelines.layout import SUMMARY
+from promptmill.pipelines.redaction import redact_text
 from promptmill.pipelines.runs.metrics import CLIPFeatures, compare
 from promptmill.pipelines.runs.results import Run
-from promptmill.pipelines.spec import redact_text
-from promptmill.pipelines.storage import join
+from promptmill.pipelines.storage import join, write_json
 from promptmill.pipelines.tables import read_rows
 
 
@@ -31,7 +30,7 @@ def evaluate_run(run: Run, reference: str, judge_url: str | None, *, max_images:
         judge, features, space = load_judge(judge_url, storage_options=judge_storage_options), None, \
             f"judge penultimate layer ({redact_text(judge_url)})"
     elif clip_url:
-        from promptmill.models.clip import load_clip
+        from promptmill.models.clip_loader import load_clip
 
         judge, space = None, f"CLIP image embeddings ({redact_text(clip_url)})"
         features = CLIPFeatures(load_clip(clip_url, storage_options=judge_storage_options))
