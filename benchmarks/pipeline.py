@@ -17,7 +17,7 @@ For each family, on the same shapes test prompts and the shipped checkpoint:
 Each job starts once creating a file costs its usual CPU (`jobrun.settle_disk`: for about a minute after many
 deletions it costs 5-25 times as much on this machine); the table says what it cost at each job's start.
 
-Both sizes are at least 2 x `preflight.MIN_ROWS_PER_ACTOR` prompts: below that the job keeps one actor per pool
+Both sizes are at least 2 x `sizing.MIN_ROWS_PER_ACTOR` prompts: below that the job keeps one actor per pool
 (a small job does not pay for a second's start), and a marginal between two sizings would not cancel start-up.
 A new output's first ~16k images also make its 4,096 image folders (`layout.image_relpath`), so the GAN's marginal
 between small sizes counts folder creation that a long job has behind it: `--families gan --scoring off --gan-n

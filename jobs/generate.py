@@ -33,9 +33,9 @@ def main(args: argparse.Namespace) -> int:
         source = json.loads(os.environ[args.spec[4:]]) if args.spec.startswith("env:") else args.spec
         spec = load_spec(source, args.overrides)
         if args.dry_run:
-            from promptmill.pipelines.batch.plan import plan_job
+            from promptmill.pipelines.batch.dry_run import dry_run
 
-            print(json.dumps(plan_job(spec, allow_subset=args.allow_subset), indent=2))
+            print(json.dumps(dry_run(spec, allow_subset=args.allow_subset), indent=2))
             return 0
         result = run_job(spec, allow_subset=args.allow_subset)
     except (SpecError, PreflightError, JobFailed, StorageError) as e:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import random
 import re
 import time
@@ -31,7 +30,6 @@ from promptmill.pipelines.redaction import redact_text
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-ENV = "PROMPTMILL_STORAGE_RETRY"  # "attempts,max_wait_s": how a job's policy reaches its Ray workers
 _TRANSIENT_CODES = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
                     "InternalError", "ServiceUnavailable", "RequestLimitExceeded", "TooManyRequests",
                     "500", "502", "503", "504"}
@@ -58,11 +56,18 @@ class RetryPolicy:
 
     @classmethod
     def current(cls) -> RetryPolicy:
-        raw = os.environ.get(ENV)
-        if not raw:
-            return cls()
-        attempts, wait = raw.split(",")
-        return cls(int(attempts), float(wait))
+        """This process's policy (`use_policy`; the default otherwise)."""
+        return _current[0]
+
+
+_current = [RetryPolicy()]
+
+
+def use_policy(policy: RetryPolicy) -> None:
+    """The policy of every filesystem this process opens from now on without one of its own (the job's
+    `storage.retry`, set once by the driver). A filesystem keeps the policy it was opened with, also on the Ray
+    workers it is sent to: that is how a job's policy reaches them."""
+    _current[0] = policy
 
 
 class StorageError(RuntimeError):
@@ -136,7 +141,7 @@ class RetryingFS:
 
     def __init__(self, fs: Any, policy: RetryPolicy | None = None) -> None:
         self.__dict__["_fs"] = fs
-        self.__dict__["_policy"] = policy
+        self.__dict__["_policy"] = policy or RetryPolicy.current()
 
     def __reduce__(self):  # travels to Ray workers with its policy (unpickling must not reach __getattr__)
         return RetryingFS, (self._fs, self._policy)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import uuid
+from dataclasses import dataclass
 from typing import Any
 
 import fsspec
@@ -32,6 +33,27 @@ def filesystem(url: str, storage_options: dict | None = None,
     the process's policy: `pipelines.retry`)."""
     fs, path = fsspec.core.url_to_fs(absolute(url), **(storage_options or {}))
     return RetryingFS(fs, retry), path
+
+
+@dataclass(frozen=True)
+class Location:
+    """A folder on any storage, opened once: its retrying filesystem and root path. Passed down whole (and pickled
+    to Ray workers: the filesystem carries its retry policy) instead of a URL every stage opens again."""
+
+    fs: AbstractFileSystem
+    root: str
+
+    @classmethod
+    def open(cls, url: str, storage_options: dict | None = None, retry: RetryPolicy | None = None) -> Location:
+        return cls(*filesystem(url, storage_options, retry))
+
+    @property
+    def url(self) -> str:
+        """What a user opens again (`full_url`)."""
+        return full_url(self.fs, self.root)
+
+    def path(self, *parts: str) -> str:
+        return join(self.root, *parts)
 
 
 def full_url(fs: AbstractFileSystem, path: str) -> str:

@@ -20,8 +20,8 @@ import yaml
 from conftest import kill_session, make_spec, write_prompts
 from promptmill.models.images import decode_image
 from promptmill.models.local_cache import content_id
+from promptmill.pipelines.batch.dry_run import dry_run
 from promptmill.pipelines.batch.job import PHASES, run_job
-from promptmill.pipelines.batch.plan import plan_job
 from promptmill.pipelines.spec import load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -62,7 +62,7 @@ def test_end_to_end_local(ray_local, checkpoints, tmp_path, caplog, monkeypatch)
                            "images_per_prompt": 1, "sampling": {"guidance_scale": 2.0, "top_k": 8},
                            "resources": {"batch_size": 4}})
     spec["input"]["storage_options"] = {"secret": "hunter2"}
-    plan = plan_job(load_spec(spec))  # --dry-run: the plan, nothing written
+    plan = dry_run(load_spec(spec))  # --dry-run: the plan, nothing written
     assert not (tmp_path / "out").exists() and plan["output_state"] == "new"
     assert plan["input_rows"] == 11 and plan["accepted"] == 5 and sum(plan["rejected"].values()) == 6
     assert plan["models"]["gan"] == {"family": "gan", "images": 10, "in_output": 0, "to_draw": 10,
@@ -110,7 +110,7 @@ def test_end_to_end_local(ray_local, checkpoints, tmp_path, caplog, monkeypatch)
     digests = file_digests(out)
     spec["models"][0]["images_per_prompt"] = 3
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
-    plan = plan_job(load_spec(spec))
+    plan = dry_run(load_spec(spec))
     assert plan["output_state"] == "resume" and plan["models"]["gan"]["in_output"] == 10
     assert plan["models"]["gan"]["to_draw"] == 5 and plan["models"]["dalle"]["to_draw"] == 0
     assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == before
@@ -160,6 +160,7 @@ def test_concurrent_calls_per_actor_change_no_pixel_and_write_each_image_once(ra
 def test_concurrent_calls_draw_on_one_device_thread_and_write_side_by_side(ray_local, checkpoints):
     """One call writes while the next draws: a write that waits for the other call's draw finishes only if drawing
     is done before writing; draws never overlap and all run on one thread (one OpenMP team, one CUDA stream)."""
+    from promptmill.pipelines.batch.chain import ActorChain
     from promptmill.pipelines.batch.generate import GenerateStage
     from promptmill.pipelines.spec import ModelSpec, ScoringSpec
 
@@ -169,8 +170,9 @@ def test_concurrent_calls_draw_on_one_device_thread_and_write_side_by_side(ray_l
         assert both_drawn.wait(timeout=30), "the other call never drew: drawing waited for this write"
         return {"images": [len(batch["id"])]}
 
-    stage = GenerateStage(ModelSpec(name="gan", family="gan", checkpoint=checkpoints["gan"]),
-                          ScoringSpec(enabled=False), write=write)
+    chain = ActorChain([(GenerateStage, {"model": ModelSpec(name="gan", family="gan", checkpoint=checkpoints["gan"]),
+                                         "scoring": ScoringSpec(enabled=False)})], after=[write])
+    stage = chain.on_device[0]
     draw = stage.draw
 
     def counted(batch):
@@ -190,7 +192,7 @@ def test_concurrent_calls_draw_on_one_device_thread_and_write_side_by_side(ray_l
     batches = [{"id": [f"{c}{i}" for i in range(3)], "prompt": GOOD[:3], "seed": [1, 2, 3], "sample": [0, 0, 0]}
                for c in "ab"]
     results = [None, None]
-    calls = [threading.Thread(target=lambda j=j: results.__setitem__(j, stage(batches[j]))) for j in range(2)]
+    calls = [threading.Thread(target=lambda j=j: results.__setitem__(j, chain(batches[j]))) for j in range(2)]
     for t in calls:
         t.start()
     for t in calls:

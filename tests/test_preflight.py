@@ -154,7 +154,7 @@ def test_precision_is_part_of_an_outputs_settings(good):
 
 
 def test_actor_threads_follow_the_cpus_held_or_share_this_machine():
-    from promptmill.pipelines.batch.preflight import actor_threads, place_scoring, pool_cpus
+    from promptmill.pipelines.batch.sizing import actor_threads, pool_cpus, scoring_in_pool
     from promptmill.pipelines.spec import Resources, load_spec
 
     assert actor_threads(Resources(num_cpus=4), 3, None) == 4  # a cluster: the CPUs Ray reserved for it
@@ -164,17 +164,18 @@ def test_actor_threads_follow_the_cpus_held_or_share_this_machine():
     assert actor_threads(Resources(threads=3), 1, 16) == 3  # said explicitly
     spec = load_spec({"name": "t", "input": {"path": "in"}, "output": {"path": "out"},
                       "models": [{"name": "gan", "family": "gan", "checkpoint": "ck"}]})
-    assert place_scoring(spec, 3).scoring.pool is True and pool_cpus(place_scoring(spec, 3)) == 2
-    fitted = place_scoring(spec, 2)  # a 2-CPU `ray start --head`: scoring moves into the generator actor
-    assert fitted.scoring.pool is False and pool_cpus(fitted) + 1 == 2
-    assert place_scoring(fitted, 64).scoring.pool is False  # said explicitly: kept
+    assert scoring_in_pool(spec, 3) is True and pool_cpus(spec, scoring_in_pool(spec, 3)) == 2
+    fitted = scoring_in_pool(spec, 2)  # a 2-CPU `ray start --head`: scoring moves into the generator actor
+    assert fitted is False and pool_cpus(spec, fitted) + 1 == 2
+    said = load_spec({**spec.model_dump(), "scoring": {"pool": False}})
+    assert scoring_in_pool(said, 64) is False  # said explicitly: kept
     gpu = load_spec({**spec.model_dump(), "models": [{"name": "gan", "family": "gan", "checkpoint": "ck",
                                                       "resources": {"num_gpus": 1}}]})
-    assert place_scoring(gpu, 16).scoring.pool is True  # the CPU-bound geometry check overlaps a GPU's drawing
+    assert scoring_in_pool(gpu, 16) is True  # the CPU-bound geometry check overlaps a GPU's drawing
 
 
 def test_a_cpu_pool_sized_by_the_job_splits_into_single_threaded_actors_that_fit_in_memory():
-    from promptmill.pipelines.batch.preflight import ACTOR_PROCESS_BYTES, MIN_ROWS_PER_ACTOR, cpu_actors
+    from promptmill.pipelines.batch.sizing import ACTOR_PROCESS_BYTES, MIN_ROWS_PER_ACTOR, cpu_actors
     from promptmill.pipelines.spec import Resources
 
     gib, small = 1 << 30, 5 << 20
@@ -196,7 +197,7 @@ def test_a_cpu_pool_sized_by_the_job_splits_into_single_threaded_actors_that_fit
 
 
 def test_the_scoring_pool_sizes_by_the_same_rule_from_its_clip_and_judge(tmp_path):
-    from promptmill.pipelines.batch.preflight import checkpoint_bytes, scoring_pool_size
+    from promptmill.pipelines.batch.sizing import checkpoint_bytes, scoring_pool_size
     from promptmill.pipelines.spec import Resources, ScoringSpec
 
     scoring = ScoringSpec()  # the shipped CLIP and judge, a few MB
@@ -220,6 +221,7 @@ def test_the_generate_pool_grows_to_single_threaded_actors_holding_the_cpus_of_o
     scoring pool beside it; a small job keeps one actor with the cores as threads; said sizes are kept."""
     import ray
     from promptmill.pipelines.batch.job import _images
+    from promptmill.pipelines.batch.sizing import make_plan, scoring_in_pool
     from promptmill.pipelines.ray_cluster import local_cores
     from promptmill.pipelines.spec import load_spec
 
@@ -231,28 +233,32 @@ def test_the_generate_pool_grows_to_single_threaded_actors_holding_the_cpus_of_o
         spec = load_spec(make_spec("in", str(tmp_path / "out"), checkpoints, scoring=scoring or {"enabled": False},
                                    models=[{"name": "gan", "family": "gan", "checkpoint": checkpoints["gan"],
                                             "resources": resources}]))
-        return _images(spec, ray.data.range(1), frozenset(), {"models": {"gan": {"checkpoint_id": "x"}}},
-                       todo={"gan": images})._logical_plan.dag
+        plan = make_plan(spec, scoring_in_pool(spec, 64), cores, {"gan": images})
+        op = _images(spec, ray.data.range(1), frozenset(), {"models": {"gan": {"checkpoint_id": "x"}}}, plan)
+        return op._logical_plan.dag
+
+    def threads(op) -> int:  # the stage's own (ActorChain builds it in the actor)
+        return op.fn_constructor_kwargs["on_device"][0][1]["threads"]
 
     op = generate_op({"batch_size": 8})
     assert op.compute.min_size == 1 and 2 <= op.compute.max_size <= cores  # fewer where memory is short
     assert op.ray_remote_args["num_cpus"] * op.compute.max_size == pytest.approx(1)
-    assert op.fn_constructor_kwargs["threads"] == 1
+    assert threads(op) == 1
     op = generate_op({"batch_size": 8, "threads": 2})
     assert (op.compute.min_size, op.compute.max_size, op.ray_remote_args["num_cpus"]) == (1, 1, 1)
-    assert op.fn_constructor_kwargs["threads"] == 2
+    assert threads(op) == 2
     op = generate_op({"batch_size": 8}, images=512)  # a small job: not worth a second actor's start
     assert (op.compute.min_size, op.compute.max_size, op.ray_remote_args["num_cpus"]) == (1, 1, 1)
-    assert op.fn_constructor_kwargs["threads"] == cores
+    assert threads(op) == cores
     score = generate_op({"batch_size": 8}, scoring={"enabled": True, "pool": True})  # two pools, each the same
     for op in (score.input_dependencies[0], score):  # ScoreStage after GenerateStage
         assert op.compute.min_size == 1 and 2 <= op.compute.max_size <= cores, op
         assert op.ray_remote_args["num_cpus"] * op.compute.max_size == pytest.approx(1)
-        assert op.fn_constructor_kwargs["threads"] == 1
+        assert threads(op) == 1
 
 
 def test_files_are_written_by_the_actors_on_cpu_and_by_tasks_beside_a_gpu_model_unless_said():
-    from promptmill.pipelines.batch.preflight import writes_in_actors
+    from promptmill.pipelines.batch.sizing import writes_in_actors
     from promptmill.pipelines.spec import load_spec
 
     def spec(num_gpus: float = 0, **output) -> object:

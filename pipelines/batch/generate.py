@@ -1,27 +1,21 @@
-"""The generate stage: a Ray Data callable class, one model load per actor, one `generate` per batch.
+"""The generate stage: one model load per actor, one `generate` per batch, raw pixels and metadata columns out.
 
-Emits raw pixels (the scoring stage reads them; the writer encodes) or, when it is the job's last actor stage,
-writes them itself (`write`), and with `sampling.candidates`
-K > 1 draws K per image and keeps the best by clip_score (DALL-E's rerank). With `resources.concurrent_calls` > 1
-(the default on a GPU) Ray Data runs that many calls in the actor at once: they draw in turn on one device
-thread, and one call's encode and write (CPU) run while the next one draws, instead of the GPU waiting for them.
+With `sampling.candidates` K > 1 it draws K per image and keeps the best by clip_score (DALL-E's rerank). What
+follows it in the actor (scoring, writing) is composed around it (`chain.ActorChain`), not known to it.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import ray
 from promptmill.models import load_generator
-from promptmill.models.clip_loader import load_clip
 from promptmill.models.precision import at_precision
 from promptmill.models.rerank import generate_best_of
 from promptmill.pipelines.batch.isolate import run_isolated
-from promptmill.pipelines.batch.score import ScoreStage, device_for
+from promptmill.pipelines.batch.score import device_for, shared_clip
 from promptmill.pipelines.batch.threads import ActorThreads
 from promptmill.pipelines.redaction import redact_text
 from promptmill.pipelines.spec import ModelSpec, ScoringSpec, parse_size
@@ -31,28 +25,20 @@ log = logging.getLogger(__name__)
 
 class GenerateStage:
     def __init__(self, model: ModelSpec, scoring: ScoringSpec, checkpoint_id: str | None = None,
-                 threads: int | None = None, score: bool = False, write: Callable[[dict], dict] | None = None,
-                 checkpoint_label: str | None = None, nsfw: str = "reject", truncate: bool = True,
+                 threads: int | None = None, checkpoint_label: str | None = None, nsfw: str = "reject", truncate: bool = True,
                  negative_column: str | None = None, size_column: str | None = None) -> None:
-        self.threads = ActorThreads(threads)  # the job's count (preflight.actor_threads), on the device thread
+        self.threads = ActorThreads(threads)  # the job's count (sizing.actor_threads), on the device thread
         self.device = device_for(model.resources.num_gpus)
         self.model = model
         self.nsfw, self.truncate = nsfw, truncate  # output.nsfw, input.truncate
         self.negative_column, self.size_column = negative_column, size_column  # input.*_column: per-row controls
-        self.write = write  # the job's WriteStage, when this actor is the last stage (`job._images`)
         self.gen = at_precision(load_generator(model.checkpoint, self.device, model.storage_options, family=model.family,
                                                precision=model.precision, variant=model.variant,
                                                loras=model.loras),
                                 self.device, model.precision)
-        # concurrent calls (resources.concurrent_calls) hand their draw and score to this one thread and write side
-        # by side: one thread runs torch, so there is one OpenMP team (threads.py) and one CUDA stream in use
-        self.device_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="promptmill-device")
         self.sampling = self.gen.Sampling(**model.family_sampling).model_dump()
-        # score: what this actor draws is scored here, on its device, before it leaves (no scoring pool)
-        self.scores = ScoreStage(scoring, self.device) if score else None
-        rerank = model.candidates > 1
-        held = self.scores.clip if self.scores is not None else None
-        self.scorer = (held or load_clip(scoring.clip, self.device, scoring.storage_options)) if rerank else None
+        # rerank's CLIP: the one a scoring stage in this actor holds too (`shared_clip`)
+        self.scorer = shared_clip(scoring, self.device) if model.candidates > 1 else None
         # metadata rows, WebDataset .json and XMP carry it, as the driver redacted it (it knows which `${NAME}`
         # values it put in)
         self.checkpoint = checkpoint_label or redact_text(model.checkpoint)
@@ -61,10 +47,6 @@ class GenerateStage:
         log.info("loaded %s (%s) on %s, node %s", model.name, model.family, self.device, self.node)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        batch = self.device_thread.submit(self._on_device, batch).result()
-        return self.write(batch) if self.write is not None else batch
-
-    def _on_device(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         self.threads.on_call()
         return self.draw(batch)
 
@@ -166,4 +148,4 @@ class GenerateStage:
         batch["pipeline_class"] = np.full(n, getattr(self.gen, "pipeline_class", None), object)
         batch["device"] = np.full(n, self.device, object)
         batch["node"] = np.full(n, self.node, object)
-        return self.scores(batch) if self.scores is not None else batch
+        return batch

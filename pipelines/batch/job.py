@@ -19,6 +19,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
+from promptmill.pipelines.batch.chain import GenerateStageActor, ScoreStageActor
 from promptmill.pipelines.batch.commit import done_keys
 from promptmill.pipelines.batch.expand import expand_batch
 from promptmill.pipelines.batch.finalize import JobResult, finalize
@@ -28,44 +29,35 @@ from promptmill.pipelines.batch.preflight import (
     PreflightError,
     check_models,
     check_output_reachable,
-    concurrent_calls,
     merged_fingerprint,
-    place_scoring,
-    pool_cpus,
-    pool_size,
-    pools,
     preflight,
-    scoring_on,
-    scoring_pool,
-    scoring_pool_size,
-    writes_in_actors,
 )
 from promptmill.pipelines.batch.progress import Progress
 from promptmill.pipelines.batch.read import InputPlan, read_prompts
+from promptmill.pipelines.batch.sizing import JobPlan, make_plan, pool_cpus, pools, scoring_in_pool
 from promptmill.pipelines.batch.validate import ID, REASON, validate_batch
 from promptmill.pipelines.batch.write import WriteStage
 from promptmill.pipelines.layout import REJECTED, SPEC, STAGING
 from promptmill.pipelines.metadata import metadata_files
 from promptmill.pipelines.ray_cluster import ensure_ray, local_cores
 from promptmill.pipelines.redaction import redact_text
-from promptmill.pipelines.retry import ENV as RETRY_ENV
-from promptmill.pipelines.retry import STORAGE_LINE, RetryPolicy, StorageError
+from promptmill.pipelines.retry import STORAGE_LINE, RetryPolicy, StorageError, use_policy
 from promptmill.pipelines.spec import JobSpec, OutputSpec, SpecError
-from promptmill.pipelines.storage import arrow_fs, filesystem, full_url, join, write_json
+from promptmill.pipelines.storage import Location, arrow_fs, join, write_json
 
 log = logging.getLogger(__name__)
 
 
-def _check_capacity(spec: JobSpec) -> None:
+def _check_capacity(spec: JobSpec, in_pool: bool) -> None:
     """Pools whose minimum actors take every CPU starve the read/write tasks: the job would hang, not fail."""
     have = ray.cluster_resources()
-    need_cpu = pool_cpus(spec) + 1
+    need_cpu = pool_cpus(spec, in_pool) + 1
     if have.get("CPU", 0) < need_cpu:
         raise PreflightError(
             f"models[*].resources: the actor pools need {need_cpu:g} CPUs at minimum (actors x num_cpus, plus 1 "
             f"for reading and writing) but the Ray cluster has {have.get('CPU', 0):g}; lower actors or num_cpus "
             "(scoring.resources counts with scoring.pool: true)")
-    need_gpu = sum(r.actors * r.num_gpus for r in pools(spec))
+    need_gpu = sum(r.actors * r.num_gpus for r in pools(spec, in_pool))
     if need_gpu > have.get("GPU", 0):
         log.warning("actor pools ask for %g GPUs, the cluster has %g now: waiting for the autoscaler",
                     need_gpu, have.get("GPU", 0))
@@ -83,10 +75,10 @@ def validated_prompts(plan: InputPlan, spec: JobSpec) -> ray.data.Dataset:
         batch_format="pyarrow")
 
 
-def _write_rejected(spec: JobSpec, plan: InputPlan, validated: ray.data.Dataset, root_url: str) -> dict[str, int]:
+def _write_rejected(spec: JobSpec, plan: InputPlan, validated: ray.data.Dataset, out: Location) -> dict[str, int]:
     """Rejected rows (original columns + reason) -> _staging/rejected; returns counts by reason."""
-    fs, root = filesystem(root_url, spec.output.storage_options, retry_policy(spec))
-    staging = join(root, STAGING, REJECTED)
+    fs = out.fs
+    staging = out.path(STAGING, REJECTED)
     if fs.exists(staging):
         fs.rm(staging, recursive=True)
     keep = [c for c in plan.columns if c != "row_hash"]
@@ -112,10 +104,9 @@ def _write_rejected(spec: JobSpec, plan: InputPlan, validated: ray.data.Dataset,
     return counts
 
 
-def _writer(spec: JobSpec, out_url: str, token: str = "") -> WriteStage:
+def _writer(spec: JobSpec, out: Location, token: str = "") -> WriteStage:
     o = spec.output
-    return WriteStage(out_url, o.storage_options, o.image_format, o.format, retry_policy(spec), o.provenance,
-                      tuple(spec.input.keep_columns), o.sidecars, token)
+    return WriteStage(out, o.image_format, o.format, o.provenance, tuple(spec.input.keep_columns), o.sidecars, token)
 
 
 def carried(spec: JobSpec) -> tuple[str, ...]:
@@ -124,22 +115,18 @@ def carried(spec: JobSpec) -> tuple[str, ...]:
     return tuple(dict.fromkeys([*i.keep_columns, *(c for c in (i.negative_prompt_column, i.size_column) if c)]))
 
 
-def _images(spec: JobSpec, validated: ray.data.Dataset, done: frozenset[str], record: dict,
-            write: WriteStage | None = None, todo: dict[str, int] | None = None) -> ray.data.Dataset:
-    """One branch per model (expand -> generate actor pool, which also scores unless scoring has its own pool),
-    unioned, then the scoring pool if there is one. `write`: the last actor stage writes what it made (pixels
-    then never cross the object store to a write task). `todo`: images each model has left to draw (pools sized
-    to the work: `preflight.cpu_actors`); None = unknown."""
+def _images(spec: JobSpec, validated: ray.data.Dataset, done: frozenset[str], record: dict, plan: JobPlan,
+            write: WriteStage | None = None) -> ray.data.Dataset:
+    """One branch per model (expand -> its generator pool, which also scores when `plan.scoring` is "fused"),
+    unioned, then the scoring pool if there is one. `write`: the last actor stage writes what it made (pixels then
+    never cross the object store to a write task)."""
     from promptmill.pipelines.batch.generate import GenerateStage  # torch: imported by the actors, and by the driver only
     from promptmill.pipelines.batch.score import ScoreStage  # here, once `check_models` has (run_job)
 
-    branches, cores, actors = [], local_cores(), sum(p.actors for p in pools(spec))
-    pool = scoring_pool(spec)
-    fused, last_writes = scoring_on(spec) and not pool, None if pool else write
+    last = [write] if write is not None else []
+    branches = []
     for m in spec.models:
-        r = m.resources
-        size = pool_size(r, actors, cores, (m.checkpoint,), m.storage_options,
-                         None if todo is None else todo[m.name])
+        r, size = m.resources, plan.models[m.name]
         if size.max_actors > r.max_actors:
             log.info("%s: up to %d single-threaded actors on this machine's cores", m.name, size.max_actors)
         samples = validated.map_batches(
@@ -149,22 +136,20 @@ def _images(spec: JobSpec, validated: ray.data.Dataset, done: frozenset[str], re
             batch_format="pyarrow",
         ).repartition(target_num_rows_per_block=r.batch_size)  # one block per generate call: every actor
         # gets work (a small prompt file is one block) and a crash loses at most the blocks in flight
-        branches.append(map_in_pool(
-            samples, GenerateStage, {"model": m, "scoring": spec.scoring, "score": fused,
-                                     "checkpoint_id": record["models"][m.name]["checkpoint_id"],
-                                     "checkpoint_label": redact_text(m.checkpoint),
-                                     "nsfw": spec.output.nsfw, "truncate": spec.input.truncate,
-                                     "negative_column": spec.input.negative_prompt_column,
-                                     "size_column": spec.input.size_column,
-                                     "threads": size.threads, "write": last_writes},
-            size, num_gpus=r.num_gpus, batch_size=r.batch_size, calls=concurrent_calls(r)))
+        draw = (GenerateStage, {"model": m, "scoring": spec.scoring,
+                                "checkpoint_id": record["models"][m.name]["checkpoint_id"],
+                                "checkpoint_label": redact_text(m.checkpoint),
+                                "nsfw": spec.output.nsfw, "truncate": spec.input.truncate,
+                                "negative_column": spec.input.negative_prompt_column,
+                                "size_column": spec.input.size_column, "threads": size.threads})
+        score = [(ScoreStage, {"scoring": spec.scoring, "num_gpus": r.num_gpus})] if plan.scoring == "fused" else []
+        after = last if plan.scoring != "pool" else []
+        branches.append(map_in_pool(samples, GenerateStageActor, {"on_device": [draw, *score], "after": after}, size))
     images = branches[0].union(*branches[1:]) if len(branches) > 1 else branches[0]
-    if not pool:
+    if plan.scoring != "pool":
         return images
-    s = spec.scoring.resources
-    size = scoring_pool_size(spec.scoring, actors, cores, None if todo is None else sum(todo.values()))
-    return map_in_pool(images, ScoreStage, {"scoring": spec.scoring, "write": write, "threads": size.threads},
-                       size, num_gpus=s.num_gpus, batch_size=s.batch_size)
+    score = (ScoreStage, {"scoring": spec.scoring, "threads": plan.scorers.threads})
+    return map_in_pool(images, ScoreStageActor, {"on_device": [score], "after": last}, plan.scorers)
 
 
 def _write(spec: JobSpec, images: ray.data.Dataset, write: WriteStage | None, expected: int,
@@ -258,15 +243,15 @@ class Phases(dict):
 
 def run_job(spec: JobSpec, allow_subset: bool = False) -> JobResult:
     t0, phases = time.time(), Phases()
-    os.environ[RETRY_ENV] = f"{spec.storage.retry.attempts},{spec.storage.retry.max_wait_s}"  # this process's calls
+    use_policy(retry_policy(spec))  # every filesystem this job opens, and the workers it sends them to
+    out = Location.open(spec.output.path, spec.output.storage_options)  # the output, opened once
+    fs, root = out.fs, out.root
     # 1. Check inputs: spec, input files, checkpoints, sampling, output (ours, same settings), capacity
-    plan, previous = preflight(spec, allow_subset)
-    fs, root = filesystem(spec.output.path, spec.output.storage_options, retry_policy(spec))
-    out_url = full_url(fs, root)
+    plan, previous = preflight(spec, allow_subset, out)
     phases.mark("preflight")
     start_ray(spec)  # checkpoints and scorers are checked while Ray starts
-    spec = place_scoring(spec, ray.cluster_resources().get("CPU", 0))
-    _check_capacity(spec)
+    in_pool = scoring_in_pool(spec, ray.cluster_resources().get("CPU", 0))  # decided once, for this Ray
+    _check_capacity(spec, in_pool)
     check_output_reachable(spec, ray.nodes())
     phases.mark("ray")
     # 2. One writer per output; its settings are on record before the first image
@@ -282,7 +267,7 @@ def run_job(spec: JobSpec, allow_subset: bool = False) -> JobResult:
         #    model branch reuse it (prompt rows are small; images are what streams)
         validated = validated_prompts(plan, spec).materialize()
         # 4. Rejected rows -> staging (published by finalize)
-        rejected = _write_rejected(spec, plan, validated, out_url)
+        rejected = _write_rejected(spec, plan, validated, out)
         phases.mark("read_validate_rejected")
         # 5. Generate, score and write what is missing
         accepted = plan.rows - sum(rejected.values())
@@ -294,10 +279,12 @@ def run_job(spec: JobSpec, allow_subset: bool = False) -> JobResult:
                 for m in spec.models}  # sample_key: model/id/sample
         progress = Progress(sum(todo.values()), sum(rejected.values()))  # not expected - done: with
         # --allow-subset, done also holds the left-out models' samples
+        layout = make_plan(spec, in_pool, local_cores(), todo)  # where everything runs, and each pool's size
+        log.info("plan: %s", layout)
         # files: the last actor stage writes (output.write_in); WebDataset tars and Parquet parts gather rows in tasks
-        write, in_actors = _writer(spec, out_url, lease.token), writes_in_actors(spec)
-        images = _images(spec, validated, done, record, write if in_actors else None, todo)
-        written, dropped, stats = _write(spec, images, None if in_actors else write, expected, progress)
+        write = _writer(spec, out, lease.token)
+        images = _images(spec, validated, done, record, layout, write if layout.write_in_actors else None)
+        written, dropped, stats = _write(spec, images, None if layout.write_in_actors else write, expected, progress)
         progress.final()
         if progress.first is not None:
             phases.mark("first_image", progress.first)  # actors start, load their models, draw the first batch

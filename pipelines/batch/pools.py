@@ -1,10 +1,10 @@
 """Ray Data actor pools, built one way for every stage that hosts a model (generate, score, promptmill score):
-sizes from `preflight.pool_size`, restarts and retries bounded."""
+sizes from the run's plan (`sizing.pool_size`), restarts and retries bounded."""
 
 from __future__ import annotations
 
 import ray.data
-from promptmill.pipelines.batch.preflight import PoolSize
+from promptmill.pipelines.batch.sizing import PoolSize
 from ray.data import ActorPoolStrategy
 
 # Ray restarts pool actors and retries their tasks without limit by default: a batch that OOM-kills its actor
@@ -13,15 +13,15 @@ MAX_ACTOR_RESTARTS = 3
 MAX_TASK_RETRIES = 3
 
 
-def map_in_pool(ds: ray.data.Dataset, stage: type, kwargs: dict, size: PoolSize, *, num_gpus: float,
-                batch_size: int, calls: int = 1) -> ray.data.Dataset:
-    """`stage(**kwargs)` in each actor of a pool of `size`, called on batches of `batch_size` rows. Ray Data runs
-    one call per actor at a time unless told it may run several side by side (`calls`, in threads:
-    `preflight.concurrent_calls`, generator pools)."""
+def map_in_pool(ds: ray.data.Dataset, stage: type, kwargs: dict, size: PoolSize) -> ray.data.Dataset:
+    """`stage(**kwargs)` in each actor of a pool of `size`, called on batches of `size.batch_size` rows. Ray Data
+    runs one call per actor at a time unless told it may run several side by side (`size.calls`, in threads:
+    `sizing.concurrent_calls`, generator pools)."""
+    calls = size.calls
     many = {"max_concurrent_calls_per_actor": calls, "enable_true_multi_threading": True} if calls > 1 else {}
     # restarts and retries go as map_batches kwargs, the way Ray 2.60 reads them (actor_pool_map_operator; it
     # warns that ray_remote_args are deprecated, but no named parameter carries these yet)
     return ds.map_batches(stage, fn_constructor_kwargs=kwargs,
                           compute=ActorPoolStrategy(min_size=size.min_actors, max_size=size.max_actors, **many),
-                          num_gpus=num_gpus, num_cpus=size.num_cpus, batch_size=batch_size,
+                          num_gpus=size.num_gpus, num_cpus=size.num_cpus, batch_size=size.batch_size,
                           max_restarts=MAX_ACTOR_RESTARTS, max_task_retries=MAX_TASK_RETRIES)

@@ -10,9 +10,9 @@ embeddings go into `clip_features` (diversity and near-duplicates then come from
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
-from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ from promptmill.models.aesthetic import load_aesthetic
 from promptmill.models.clip_loader import load_clip
 from promptmill.models.images import by_shape, to_nchw
 from promptmill.models.judge import judge_prompts, load_judge
+from promptmill.models.scorer import Scorer
 from promptmill.pipelines.batch.isolate import run_isolated
 from promptmill.pipelines.batch.threads import ActorThreads
 from promptmill.pipelines.redaction import redact
@@ -27,6 +28,16 @@ from promptmill.pipelines.spec import ScoringSpec
 
 log = logging.getLogger(__name__)
 COLUMNS = ("clip_score", "judged", "geometry", "prompt_match", "judge_features", "clip_features", "aesthetic_score")
+
+
+@functools.cache
+def _clip(url: str, device: str, options: str) -> Scorer:
+    return load_clip(url, device, json.loads(options))
+
+
+def shared_clip(scoring: ScoringSpec, device: str) -> Scorer:
+    """`scoring.clip` loaded once per process and device: rerank and scoring in one actor hold one copy."""
+    return _clip(scoring.clip, device, json.dumps(scoring.storage_options, sort_keys=True))
 
 
 def device_for(num_gpus: float) -> str:
@@ -39,12 +50,12 @@ class ScoreStage:
     the generator's)."""
 
     def __init__(self, scoring: ScoringSpec, device: str | None = None, threads: int | None = None,
-                 write: Callable[[dict], dict] | None = None) -> None:
+                 num_gpus: float | None = None) -> None:
         self.threads = ActorThreads(threads)
-        self.write = write  # the job's WriteStage, when this actor is the last stage (`job._images`)
-        self.device = device or device_for(scoring.resources.num_gpus)
+        # in a generator actor: its GPUs (`num_gpus`), decided here, where the actor sees its devices
+        self.device = device or device_for(scoring.resources.num_gpus if num_gpus is None else num_gpus)
         so = scoring.storage_options
-        self.clip = load_clip(scoring.clip, self.device, so) if scoring.clip else None
+        self.clip = shared_clip(scoring, self.device) if scoring.clip else None
         self.judge = load_judge(scoring.judge, self.device, so) if scoring.judge else None
         self.aesthetic = None
         if scoring.aesthetic:  # on the CLIP's image embeddings: their width is what it must take
@@ -93,4 +104,4 @@ class ScoreStage:
             for j, text in failed.items():  # the image is kept, unscored, with the reason
                 cols["scoring_error"][rows[j]] = text
         batch.update(cols)
-        return self.write(batch) if self.write is not None else batch
+        return batch

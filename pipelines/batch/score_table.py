@@ -22,8 +22,9 @@ import pyarrow.parquet as pq
 from promptmill.models.images import decode_image
 from promptmill.pipelines.batch.lease import Lease
 from promptmill.pipelines.batch.pools import map_in_pool
-from promptmill.pipelines.batch.preflight import check_scoring, scoring_pool_size
+from promptmill.pipelines.batch.preflight import check_scoring
 from promptmill.pipelines.batch.score import ScoreStage
+from promptmill.pipelines.batch.sizing import scoring_pool_size
 from promptmill.pipelines.layout import LEASE, SUCCESS, SUMMARY
 from promptmill.pipelines.ray_cluster import ensure_ray, local_cores
 from promptmill.pipelines.redaction import redact
@@ -128,7 +129,7 @@ def _score_files(fs_in, files: list[str], fs_out, parts_dir: str, image_column: 
     ds = ray_read_parquet(files, fs_in, include_paths=True)
     ds = map_in_pool(ds, ScoreRows, {"scoring": scoring, "image_column": image_column,
                                      "caption_column": caption_column, "threads": size.threads},
-                     size, num_gpus=r.num_gpus, batch_size=r.batch_size)
+                     size)
     held: dict[str, list[pa.Table]] = defaultdict(list)
     count: dict[str, int] = defaultdict(int)
     by_path = {p.split("://", 1)[-1]: p for p in expected}  # Ray reports paths without the scheme

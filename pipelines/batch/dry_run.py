@@ -17,12 +17,15 @@ from promptmill.pipelines.batch.preflight import check_output_reachable, preflig
 from promptmill.pipelines.batch.validate import ID, REASON
 from promptmill.pipelines.layout import sample_key
 from promptmill.pipelines.redaction import redact_text
+from promptmill.pipelines.retry import use_policy
 from promptmill.pipelines.spec import JobSpec
-from promptmill.pipelines.storage import filesystem, full_url
+from promptmill.pipelines.storage import Location, full_url
 
 
-def plan_job(spec: JobSpec, allow_subset: bool = False) -> dict[str, Any]:
-    plan, previous = preflight(spec, allow_subset)
+def dry_run(spec: JobSpec, allow_subset: bool = False) -> dict[str, Any]:
+    use_policy(retry_policy(spec))
+    out = Location.open(spec.output.path, spec.output.storage_options)
+    plan, previous = preflight(spec, allow_subset, out)
     start_ray(spec)
     check_output_reachable(spec, ray.nodes())
     validated = validated_prompts(plan, spec)
@@ -32,7 +35,7 @@ def plan_job(spec: JobSpec, allow_subset: bool = False) -> dict[str, Any]:
         for reason in t.column(REASON).filter(pc.is_valid(t.column(REASON))).to_pylist():
             rejected[reason] = rejected.get(reason, 0) + 1
         accepted += t.column(ID).filter(pc.is_null(t.column(REASON))).to_pylist()
-    fs, root = filesystem(spec.output.path, spec.output.storage_options, retry_policy(spec))
+    fs, root = out.fs, out.root
     done = done_keys(fs, root) if previous is not None else frozenset()
     models = {}
     for m in spec.models:
