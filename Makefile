@@ -1,5 +1,6 @@
 # promptmill: `make demo` and `make test` do all set-up on a fresh machine (venv, torch CPU build, project).
 VENV ?= .venv
+TORCH_INDEX ?=  # e.g. https://download.pytorch.org/whl/cpu: the CPU-only torch build on Linux (PyPI serves CUDA's)
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
@@ -21,7 +22,7 @@ chromium:  ## the report test's headless browser: Debian's chromium via apt when
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
 	$(PIP) install -q --upgrade pip
-	$(PIP) install -q torch==2.13.0
+	$(PIP) install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX))
 	$(PIP) install -q -e ".[test,diffusers]"
 	touch $@
 

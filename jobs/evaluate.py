@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
+
+from promptmill.jobs import add_storage_options
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -18,7 +19,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    "are the feature space when --judge is ''")
     p.add_argument("--max-images", type=int, default=2000, help="images per model (reference: twice that)")
     p.add_argument("--image-column", default="png")
-    p.add_argument("--storage-options", default="{}", help="JSON fsspec options for the run and the reference")
+    add_storage_options(p, "the run and the reference")
     p.add_argument("--no-report", action="store_true", help="do not rebuild report.html")
     p.set_defaults(func=main)
 
@@ -29,7 +30,7 @@ def main(args: argparse.Namespace) -> int:
     from promptmill.pipelines.runs.report import write_report
     from promptmill.pipelines.runs.results import Run
 
-    so = json.loads(args.storage_options)
+    so = args.storage_options
     run = Run(args.run, so)
     metrics = evaluate_run(run, args.reference, args.judge or None, max_images=args.max_images,
                            reference_storage_options=so, image_column=args.image_column, clip_url=args.clip)

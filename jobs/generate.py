@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import os
 
 from promptmill.jobs import error
@@ -19,7 +20,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                    help="write into an output that holds models this spec leaves out (their images stay)")
     p.add_argument("--dry-run", action="store_true", help="preflight and plan (rows, rejected, images per model, what "
                    "the output already holds) as JSON; nothing is written")
-    p.add_argument("--verbose", action="store_true", help="print the traceback of a failure, not only its one line")
+    # the old spelling of the global `--log-level DEBUG` (which prints the traceback behind an error): kept for a release
+    p.add_argument("--verbose", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=main)
 
 
@@ -40,6 +42,8 @@ def main(args: argparse.Namespace) -> int:
         result = run_job(spec, allow_subset=args.allow_subset)
     except (SpecError, PreflightError, JobFailed, StorageError) as e:
         if args.verbose:
+            logging.getLogger("promptmill").warning("generate --verbose is deprecated: use promptmill --log-level DEBUG")
+        if args.verbose or logging.getLogger().isEnabledFor(logging.DEBUG):
             traceback.print_exc()
         # 2: bad spec or input, nothing done; 3: storage gave up (the same command resumes); 1: the job failed
         return error(e, code=3 if isinstance(e, StorageError) else 1 if isinstance(e, JobFailed) else 2)

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import json
+
+from promptmill.jobs import add_storage_options
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="rebuild report.html of a finished run")
     p.add_argument("run", help="output URL of a generate job")
-    p.add_argument("--storage-options", default="{}", help="JSON fsspec options")
+    add_storage_options(p, "the run")
     p.set_defaults(func=main)
 
 
@@ -18,6 +19,6 @@ def main(args: argparse.Namespace) -> int:
     from promptmill.pipelines.runs.results import Run
     from promptmill.pipelines.storage import full_url
 
-    run = Run(args.run, json.loads(args.storage_options))
+    run = Run(args.run, args.storage_options)
     print(full_url(run.fs, write_report(run)))
     return 0

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-import json
+
+from promptmill.jobs import add_storage_options
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
@@ -20,7 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--actors", type=int, default=None, help="scoring actors (default: one, or on this machine "
                    "alone one single-threaded actor per core as the work allows)")
-    p.add_argument("--storage-options", default="{}", help="JSON fsspec options for input, output and checkpoints")
+    add_storage_options(p, "input, output and checkpoints")
     p.set_defaults(func=main)
 
 
@@ -34,7 +35,7 @@ def main(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     try:
-        so = json.loads(args.storage_options)
+        so = args.storage_options
         scoring = ScoringSpec(clip=args.clip or None, judge=args.judge or None, storage_options=so,
                               resources=Resources(batch_size=args.batch_size,
                                                   **({"actors": args.actors, "max_actors": args.actors}

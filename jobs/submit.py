@@ -6,20 +6,42 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 import yaml
-from promptmill.jobs import error
+from promptmill.jobs import error, json_object
 
 ADDRESS = {"default": None, "help": "the cluster's Jobs API (dashboard), e.g. http://HOST:8265 (default: "
            "$RAY_API_SERVER_ADDRESS, then $RAY_ADDRESS if it is an http(s) URL)"}
+
+
+def _verify(text: str) -> bool | str:
+    """`--verify` as `ray job` reads it: true / false, or a CA bundle file or directory."""
+    return {"true": True, "false": False}.get(text.lower(), text)
+
+
+def add_connection(p: argparse.ArgumentParser) -> None:
+    """How every command reaches the Jobs API, spelled as `ray job` spells it."""
+    p.add_argument("--address", **ADDRESS)
+    p.add_argument("--headers", type=json_object, default=None, metavar="JSON",
+                   help='HTTP headers for the Jobs API as a JSON object (an auth proxy\'s), default $RAY_JOB_HEADERS')
+    p.add_argument("--verify", type=_verify, default=True, metavar="true|false|CA_PATH",
+                   help="verify the Jobs API's TLS certificate (true), not (false), or against this CA bundle")
+
+
+def connection(args: argparse.Namespace) -> dict:
+    headers = args.headers
+    if headers is None and os.environ.get("RAY_JOB_HEADERS"):
+        headers = json_object(os.environ["RAY_JOB_HEADERS"])
+    return {"headers": headers, "verify": args.verify}
 
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("submit", help="submit the generate job to a Ray cluster (Ray Jobs) and stream its logs")
     p.add_argument("spec", help="job spec YAML")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    p.add_argument("--address", **ADDRESS)
+    add_connection(p)
     p.add_argument("--no-wait", action="store_true", help="return once submitted instead of streaming the logs")
     p.add_argument("--wait", action="store_true", help=argparse.SUPPRESS)  # the default now; kept for old scripts
     p.add_argument("--timeout", type=float, default=None, help="seconds to stream before giving up (exit 1)")
@@ -30,11 +52,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--max-file-mb", type=float, default=None, help="refuse to ship any file bigger than this (256)")
     p.add_argument("--runtime-env", type=Path, default=None, help="a YAML/JSON runtime_env merged into the job's "
                    "(pip, env_vars, ...; the job's working_dir and spec variable are promptmill's)")
-    p.add_argument("--runtime-env-json", default=None, help="the same, inline JSON")
-    p.add_argument("--metadata-json", default=None, help='JSON object of job metadata, e.g. \'{"team": "ads"}\'')
+    p.add_argument("--runtime-env-json", type=json_object, default=None, help="the same, inline JSON")
+    p.add_argument("--metadata-json", type=json_object, default=None,
+                   help='JSON object of job metadata, e.g. \'{"team": "ads"}\'')
     p.add_argument("--entrypoint-num-cpus", type=float, default=None)
     p.add_argument("--entrypoint-num-gpus", type=float, default=None)
     p.add_argument("--entrypoint-memory", type=int, default=None, help="bytes")
+    p.add_argument("--entrypoint-resources", type=json_object, default=None, metavar="JSON",
+                   help='custom resources the driver needs, e.g. \'{"head_slot": 1}\'')
     p.set_defaults(func=main_submit)
     for name, text, func in (("status", "status and progress of a submitted job", main_status),
                              ("logs", "logs of a submitted job", main_logs),
@@ -42,23 +67,13 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                              ("delete", "delete a finished job's record from the cluster", main_delete)):
         s = sub.add_parser(name, help=text)
         s.add_argument("id")
-        s.add_argument("--address", **ADDRESS)
+        add_connection(s)
         if name == "logs":
             s.add_argument("--follow", action="store_true", help="stream until the job ends")
         s.set_defaults(func=func)
     ls = sub.add_parser("list", help="promptmill's jobs on the cluster")
-    ls.add_argument("--address", **ADDRESS)
+    add_connection(ls)
     ls.set_defaults(func=main_list)
-
-
-def _json_object(text: str, flag: str) -> dict:
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{flag}: not JSON: {e}") from e
-    if not isinstance(value, dict):
-        raise ValueError(f"{flag}: wants a JSON object, got {type(value).__name__}")
-    return value
 
 
 def _passthrough(args: argparse.Namespace) -> dict:
@@ -67,10 +82,9 @@ def _passthrough(args: argparse.Namespace) -> dict:
         renv = yaml.safe_load(args.runtime_env.read_text()) or {}
         if not isinstance(renv, dict):
             raise ValueError(f"--runtime-env {args.runtime_env}: wants a mapping")
-    if args.runtime_env_json:
-        renv = {**renv, **_json_object(args.runtime_env_json, "--runtime-env-json")}
-    meta = _json_object(args.metadata_json, "--metadata-json") if args.metadata_json else {}
-    entry = {k: v for k in ("entrypoint_num_cpus", "entrypoint_num_gpus", "entrypoint_memory")
+    renv = {**renv, **(args.runtime_env_json or {})}
+    meta = args.metadata_json or {}
+    entry = {k: v for k in ("entrypoint_num_cpus", "entrypoint_num_gpus", "entrypoint_memory", "entrypoint_resources")
              if (v := getattr(args, k)) is not None}
     return {"runtime_env": renv, "metadata": {str(k): str(v) for k, v in meta.items()}, **entry}
 
@@ -91,15 +105,15 @@ def main_submit(args: argparse.Namespace) -> int:
             print(f"{size:>12,}  {rel}")
         print(f"{sum(s for _, s in files):>12,}  total, {len(files)} files would be shipped; nothing submitted")
         return 0
-    sid, created = submit(data, args.address, args.pass_aws_credentials, cap, **extra)
+    sid, created = submit(data, args.address, args.pass_aws_credentials, cap, connection=connection(args), **extra)
     print(f"{sid} {'submitted' if created else 'already submitted'}", flush=True)
     if args.no_wait:
         return 0
     try:
-        logs(sid, args.address, follow=True, timeout=args.timeout)
+        logs(sid, args.address, follow=True, timeout=args.timeout, **connection(args))
     except TimeoutError as e:
         return error(e)
-    status = info(sid, args.address)["status"]
+    status = info(sid, args.address, **connection(args))["status"]
     print(f"{sid} {status}")
     return 0 if status == "SUCCEEDED" else 1
 
@@ -107,34 +121,34 @@ def main_submit(args: argparse.Namespace) -> int:
 def main_status(args: argparse.Namespace) -> int:
     from promptmill.pipelines.ops.submit import info
 
-    print(json.dumps(info(args.id, args.address), indent=2, default=str))
+    print(json.dumps(info(args.id, args.address, **connection(args)), indent=2, default=str))
     return 0
 
 
 def main_logs(args: argparse.Namespace) -> int:
     from promptmill.pipelines.ops.submit import logs
 
-    logs(args.id, args.address, args.follow)
+    logs(args.id, args.address, args.follow, **connection(args))
     return 0
 
 
 def main_stop(args: argparse.Namespace) -> int:
     from promptmill.pipelines.ops.submit import stop
 
-    print(f"{args.id} {'stop requested' if stop(args.id, args.address) else 'was not running'}")
+    print(f"{args.id} {'stop requested' if stop(args.id, args.address, **connection(args)) else 'was not running'}")
     return 0
 
 
 def main_delete(args: argparse.Namespace) -> int:
     from promptmill.pipelines.ops.submit import delete
 
-    print(f"{args.id} {'deleted' if delete(args.id, args.address) else 'not deleted'}")
+    print(f"{args.id} {'deleted' if delete(args.id, args.address, **connection(args)) else 'not deleted'}")
     return 0
 
 
 def main_list(args: argparse.Namespace) -> int:
     from promptmill.pipelines.ops.submit import jobs
 
-    for j in jobs(args.address):
+    for j in jobs(args.address, **connection(args)):
         print(f"{j['submission_id']}\t{j['status']}\t{j['name']}\tattempt {j['attempt'] or 1}")
     return 0

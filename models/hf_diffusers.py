@@ -169,7 +169,7 @@ class DiffusersGenerator:
 
         refuse_pickled_weights(local, url)
         try:  # safetensors only: a .bin is a pickle, which can run code when it is loaded
-            pipe = DiffusionPipeline.from_pretrained(local, torch_dtype=DTYPES[precision], local_files_only=True,
+            pipe = DiffusionPipeline.from_pretrained(local, dtype=DTYPES[precision], local_files_only=True,
                                                      use_safetensors=True, variant=variant)
         except (OSError, ValueError, KeyError, RuntimeError, TypeError) as e:
             hint = f" (variant {variant!r}: are its files there?)" if variant else ""

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 
 def _modules_after(code: str) -> set[str]:
     out = subprocess.run([sys.executable, "-c", f"{code}\nimport sys; print('\\n'.join(sys.modules))"],
@@ -65,3 +67,47 @@ def test_schedule_at_without_once_is_an_error_and_a_missing_catalog_names_its_fi
     missing = _cli("schedule", str(bad), "--once", "--dry-run")
     assert missing.returncode == 2 and missing.stderr.startswith("promptmill: error: catalog.path ")
     assert "Traceback" not in missing.stderr
+
+
+def test_one_spelling_per_option_with_the_old_ones_hidden_for_a_release(tmp_path):
+    """--storage-options JSON on every command (stage-model's KEY=VALUE form hidden), the global --log-level DEBUG for
+    tracebacks (generate's --verbose hidden); the old spellings still work, with a warning."""
+    for cmd in ("stage-model", "score", "report", "evaluate"):
+        text = _cli(cmd, "--help").stdout
+        assert "--storage-options JSON" in text and "--storage-option " not in text, (cmd, text)
+    assert "--verbose" not in _cli("generate", "--help").stdout
+    src = tmp_path / "model"
+    src.mkdir()
+    (src / "config.json").write_text("{}")
+    for flags in (["--storage-options", '{"auto_mkdir": true}'], ["--storage-option", "auto_mkdir=true"]):
+        staged = _cli("stage-model", str(src), str(tmp_path / "dst" / flags[0]), *flags)
+        assert staged.returncode == 2 and "config.json" in staged.stderr, staged.stderr  # reached the checks
+        assert ("deprecated" in staged.stderr) == (flags[0] == "--storage-option")
+    bad = _cli("stage-model", str(src), str(tmp_path / "x"), "--storage-options", "[1]")
+    assert bad.returncode == 2 and "--storage-options: wants a JSON object, got list" in bad.stderr
+    missing = tmp_path / "missing.yaml"
+    for flags, traceback in (([], False), (["--log-level", "DEBUG"], True)):
+        run = _cli(*flags, "generate", str(missing))
+        assert run.returncode == 2 and ("Traceback" in run.stderr) == traceback, run.stderr
+    old = _cli("generate", str(missing), "--verbose")
+    assert old.returncode == 2 and "Traceback" in old.stderr and "--verbose is deprecated" in old.stderr
+
+
+def test_make_setup_installs_the_torch_build_readme_says(tmp_path):
+    """`make setup TORCH_INDEX=...` asks pip for torch from that index (the CPU build on Linux); without it, pip's
+    default index decides (README says what each machine gets)."""
+    import shutil
+    from pathlib import Path
+
+    if not shutil.which("make"):
+        pytest.skip("no make")
+    root = Path(__file__).resolve().parents[1]
+
+    def dry(*extra: str) -> str:
+        return subprocess.run(["make", "-n", "-B", f"VENV={tmp_path}/venv", *extra, "setup"], cwd=root,
+                              capture_output=True, text=True, check=True).stdout
+
+    cpu = "https://download.pytorch.org/whl/cpu"
+    assert f"install -q torch==2.13.0 --index-url {cpu}" in dry(f"TORCH_INDEX={cpu}")
+    assert "--index-url" not in dry() and "install -q torch==2.13.0" in dry()
+    assert f"TORCH_INDEX={cpu}" in (root / "README.md").read_text()

@@ -97,6 +97,14 @@ def test_kuberay_manifests_pass_the_crd_schemas_with_autoscaling_token_auth_and_
     assert len(images) == 1 and re.fullmatch(r"[a-z0-9.\-/]+/promptmill:[\w.\-]+-gpu", images.pop())
     for p in pods:  # every pod writes to the bucket: every pod has the bucket role
         assert p["spec"]["serviceAccountName"] == "promptmill"
+    job = doc["spec"]["jobTemplate"] if doc["kind"] == "RayCronJob" else doc["spec"]
+    # a job waiting on GPU nodes cannot wait forever; neither can the whole job, nor its submitter's retries
+    assert 0 < job["preRunningDeadlineSeconds"] < job["activeDeadlineSeconds"]
+    assert job["backoffLimit"] >= 1 and job["submitterConfig"]["backoffLimit"] >= 1
+    bad = copy.deepcopy(doc)
+    (bad["spec"]["jobTemplate"] if doc["kind"] == "RayCronJob" else bad["spec"])["preRunningDeadlineSeconds"] = 0
+    with pytest.raises(jsonschema.ValidationError):  # the CRD's minimum: 1
+        _validate(bad)
     bad = copy.deepcopy(doc)
     _cluster_specs(bad)["enableInTreeAutoscalling"] = True  # typo
     with pytest.raises(jsonschema.ValidationError, match="enableInTreeAutoscalling"):

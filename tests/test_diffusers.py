@@ -170,8 +170,11 @@ def test_stage_model_copies_checks_and_loads_from_storage(pipelines, s3, tmp_pat
     import shutil
 
     monkeypatch.setenv("PROMPTMILL_CACHE", str(tmp_path / "cache"))
-    opts = [f"--storage-option={k}={v}" for k, v in s3.items()]
-    assert main(["stage-model", pipelines["sd"], "s3://bucket/staged/sd", *opts, "--load"]) == 0
+    import json
+
+    opts = [f"--storage-option={k}={v}" for k, v in s3.items()]  # the old spelling, kept for a release
+    assert main(["stage-model", pipelines["sd"], "s3://bucket/staged/sd", "--storage-options", json.dumps(s3),
+                 "--load"]) == 0
     out = capsys.readouterr().out
     assert "diffusers) -> s3://bucket/staged/sd; loads from there" in out and out.startswith("staged 10 files")
     broken = tmp_path / "broken"

@@ -34,7 +34,7 @@ def head():
     before = CURRENT.read_text() if CURRENT.exists() else None
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}",  # the job's `python` is this venv's
            "PROMPTMILL_CACHE": f"{temp}/cache"}  # model copies from S3 stay out of the user's cache
-    proc = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+    proc = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2", '--resources={"promptmill_slot": 2}',
                              "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
                              f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={grpc}",
                              f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
@@ -83,7 +83,8 @@ def test_submit_wait_status_logs_and_no_double_run(head, s3, tmp_path):
     path.write_text(yaml.safe_dump(spec))
     first = _cli(["submit", str(path), "--address", head, "--timeout", "300", "--pass-aws-credentials",
                   "--metadata-json", '{"team": "ads"}', "--runtime-env-json", '{"env_vars": {"TEAM": "ads"}}',
-                  "--entrypoint-memory", "100000000"], s3)
+                  "--entrypoint-memory", "100000000", "--entrypoint-resources", '{"promptmill_slot": 1}',
+                  "--headers", '{"X-Promptmill-Team": "ads"}', "--verify", "false"], s3)
     sid = first.stdout.split()[0]
     assert first.returncode == 0, first.stdout + first.stderr + _cli(["logs", sid, "--address", head], s3).stdout[-3000:]
     assert sid.startswith("promptmill-submitted-") and "submitted" in first.stdout and "SUCCEEDED" in first.stdout
@@ -102,6 +103,7 @@ def test_submit_wait_status_logs_and_no_double_run(head, s3, tmp_path):
     status = json.loads(_cli(["status", sid, "--address", head], s3).stdout)
     assert status["status"] == "SUCCEEDED"
     assert status["metadata"]["team"] == "ads" and status["metadata"]["attempt"] == "1"
+    assert status["entrypoint_resources"] == {"promptmill_slot": 1.0}  # the driver held what it asked for
     assert status["progress"].startswith("6 / 6 images (100 %)") and "1 rejected" in status["progress"], status
     logs = _cli(["logs", sid, "--address", head], s3)
     assert "6 images (6 in output), 1 rejected" in logs.stdout, logs.stdout[-2000:]
@@ -169,3 +171,21 @@ def test_submit_a_diffusers_job_reranked_by_a_hugging_face_clip_from_s3(head, s3
     assert all(r["family"] == "diffusers" and r["candidates"] == 2 and 0 < r["clip_score"] <= 100 for r in rows)
     assert len({round(r["clip_score"], 3) for r in rows}) > 1  # the tiny CLIP's scores are spread, not clamped to 0
     assert fs.exists("bucket/byom/out/report.html") and fs.exists("bucket/byom/out/_SUCCESS")
+
+
+def test_the_jobs_api_is_reached_with_the_headers_and_tls_setting_given(head, monkeypatch):
+    """--headers (an auth proxy's) and --verify reach the client every command uses, as `ray job` passes them;
+    $RAY_JOB_HEADERS is the default, as there."""
+    import argparse
+
+    from promptmill.jobs.submit import connection
+    from promptmill.pipelines.ops.submit import client
+
+    monkeypatch.setenv("RAY_AUTH_MODE", "token")
+    c = client(head, headers={"X-Promptmill-Team": "ads"}, verify=False)
+    assert c._headers["X-Promptmill-Team"] == "ads" and c._verify is False
+    assert c.list_jobs() is not None  # the head answers with them
+    monkeypatch.setenv("RAY_JOB_HEADERS", '{"X-From-Env": "1"}')
+    assert connection(argparse.Namespace(headers=None, verify=True)) == {"headers": {"X-From-Env": "1"}, "verify": True}
+    given = connection(argparse.Namespace(headers={"X-Given": "2"}, verify="/etc/ssl/certs"))
+    assert given == {"headers": {"X-Given": "2"}, "verify": "/etc/ssl/certs"}

@@ -175,10 +175,12 @@ def jobs_api_address(address: str | None = None) -> str:
             or (ray_address if ray_address.startswith(("http://", "https://")) else None) or "http://127.0.0.1:8265")
 
 
-def client(address: str | None):
+def client(address: str | None, headers: dict[str, str] | None = None, verify: bool | str = True):
+    """The Jobs API client, reached as `ray job` reaches it: `headers` (an auth proxy's), `verify` (TLS: a bool or a CA
+    bundle path)."""
     from ray.job_submission import JobSubmissionClient
 
-    return JobSubmissionClient(jobs_api_address(address))
+    return JobSubmissionClient(jobs_api_address(address), headers=headers, verify=verify)
 
 
 def attempt_id(base: str, attempt: int) -> str:
@@ -213,13 +215,15 @@ def job_env(data: dict[str, Any], pass_aws_credentials: bool = False) -> dict[st
 
 def submit(data: dict[str, Any], address: str | None = None, pass_aws_credentials: bool = False,
            max_file_mb: float = MAX_FILE_MB, runtime_env: dict[str, Any] | None = None,
-           metadata: dict[str, str] | None = None, **entrypoint: Any) -> tuple[str, bool]:
+           metadata: dict[str, str] | None = None, connection: dict[str, Any] | None = None,
+           **entrypoint: Any) -> tuple[str, bool]:
     """Submit; returns (submission id, whether this call created it). `runtime_env` and `metadata` are merged
-    into ours (our working_dir and spec variable win); `entrypoint` takes Ray's entrypoint_num_gpus etc."""
+    into ours (our working_dir and spec variable win); `entrypoint` takes Ray's entrypoint_num_gpus,
+    entrypoint_resources etc.; `connection`: `client`'s headers and verify."""
     refuse_literal_secrets(data)  # schedules submit without going through resolved_spec
     data = project_relative(data)
     base = submission_id(data)
-    c = client(address)
+    c = client(address, **(connection or {}))
     env = job_env(data, pass_aws_credentials)
     working_dir = stage_working_dir(shipped_files(data, max_file_mb))
     renv = {**(runtime_env or {}), "working_dir": working_dir,
@@ -254,21 +258,23 @@ def _submit(c, base: str, runtime_env: dict, metadata: dict, entrypoint: dict) -
             time.sleep(2)
 
 
-def info(sid: str, address: str | None = None) -> dict[str, Any]:
+def info(sid: str, address: str | None = None, **connection: Any) -> dict[str, Any]:
     """The job's status, and its driver's last progress line (from its log: images done / total, img/s, ETA)."""
     from promptmill.pipelines.batch.progress import PREFIX
 
-    c = client(address)
+    c = client(address, **connection)
     i = c.get_job_info(sid)
     lines = [ln for ln in c.get_job_logs(sid).splitlines() if PREFIX in ln]
     return {"submission_id": sid, "status": str(i.status.value), "message": i.message, "entrypoint": i.entrypoint,
+            "entrypoint_resources": i.entrypoint_resources,
             "start_time": i.start_time, "end_time": i.end_time, "metadata": i.metadata,
             "progress": lines[-1][lines[-1].rindex(PREFIX) + len(PREFIX):] if lines else None}
 
 
-def logs(sid: str, address: str | None = None, follow: bool = False, timeout: float | None = None) -> None:
+def logs(sid: str, address: str | None = None, follow: bool = False, timeout: float | None = None,
+         **connection: Any) -> None:
     """Print the job's log; with `follow`, stream it until the job ends (TimeoutError after `timeout` s)."""
-    c = client(address)
+    c = client(address, **connection)
     if not follow:
         print(c.get_job_logs(sid), end="")
         return
@@ -287,18 +293,18 @@ def logs(sid: str, address: str | None = None, follow: bool = False, timeout: fl
     asyncio.run(bounded())
 
 
-def stop(sid: str, address: str | None = None) -> bool:
-    return client(address).stop_job(sid)
+def stop(sid: str, address: str | None = None, **connection: Any) -> bool:
+    return client(address, **connection).stop_job(sid)
 
 
-def delete(sid: str, address: str | None = None) -> bool:
+def delete(sid: str, address: str | None = None, **connection: Any) -> bool:
     """Remove a finished job's record (Ray refuses one still running)."""
-    return client(address).delete_job(sid)
+    return client(address, **connection).delete_job(sid)
 
 
-def jobs(address: str | None = None) -> list[dict[str, Any]]:
+def jobs(address: str | None = None, **connection: Any) -> list[dict[str, Any]]:
     """promptmill's submissions on the cluster, oldest first."""
-    found = [j for j in client(address).list_jobs() if (j.metadata or {}).get("promptmill") == "generate"]
+    found = [j for j in client(address, **connection).list_jobs() if (j.metadata or {}).get("promptmill") == "generate"]
     return [{"submission_id": j.submission_id, "status": str(j.status.value), "name": j.metadata.get("name"),
              "attempt": j.metadata.get("attempt"), "start_time": j.start_time, "end_time": j.end_time}
             for j in sorted(found, key=lambda j: j.start_time or 0)]
