@@ -34,7 +34,8 @@ def head():
     before = CURRENT.read_text() if CURRENT.exists() else None
     env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}",  # the job's `python` is this venv's
            "PROMPTMILL_CACHE": f"{temp}/cache"}  # model copies from S3 stay out of the user's cache
-    proc = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2", '--resources={"promptmill_slot": 2}',
+    proc = subprocess.Popen([str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", "--num-cpus=2",
+                             '--resources={"promptmill_slot": 2}',
                              "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
                              f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={grpc}",
                              f"--metrics-export-port={metrics}", f"--runtime-env-agent-port={runtime_env}",
