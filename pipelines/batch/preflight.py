@@ -16,8 +16,10 @@ from promptmill.models import CheckpointError
 from promptmill.models.local_cache import content_id
 from promptmill.pipelines.batch.read import InputPlan, plan_input
 from promptmill.pipelines.batch.sizing import scoring_on
+from promptmill.pipelines.c2pa_signing import SigningError, check_signing
 from promptmill.pipelines.layout import IMAGES, LEASE, METADATA, REJECTED, SHARDS, SPEC, STAGING
 from promptmill.pipelines.redaction import redact, redact_text
+from promptmill.pipelines.runs.tracking import TrackingError, check_trackers
 from promptmill.pipelines.spec import JobSpec, ScoringSpec
 from promptmill.pipelines.storage import Location, filesystem, full_url, is_local, join, read_json
 from promptmill.pipelines.tables import InputError
@@ -163,6 +165,12 @@ def preflight(spec: JobSpec, allow_subset: bool = False, out: Location | None = 
     try:
         plan = plan_input(spec.input)
     except InputError as e:
+        raise PreflightError(str(e)) from e
+    try:
+        check_trackers(spec.tracking)  # installed only: a tracker that is down costs its log, never the job
+        if spec.output.c2pa is not None:
+            check_signing(spec.output.c2pa, spec.output.image_format)
+    except (TrackingError, SigningError) as e:
         raise PreflightError(str(e)) from e
     if spec.metrics.reference:
         from promptmill.pipelines.runs.reference import read_reference  # torchmetrics: ~1 s a job without metrics need not pay
