@@ -99,6 +99,16 @@ def test_a_pem_written_into_the_spec_is_refused_without_echoing_the_key(tmp_path
     assert load_spec(spec).output.c2pa.private_key == "${PM_UNSET_KEY_VAR}"
 
 
+def test_a_spec_files_relative_certificate_path_resolves_against_its_folder(tmp_path):
+    import yaml
+
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump({
+        "name": "t", "input": {"path": "in.parquet"}, "models": [{"name": "g", "family": "gan", "checkpoint": "ckpt"}],
+        "output": {"path": "out", "c2pa": {"certificate": "keys/chain.pem", "private_key": "${PM_UNSET_KEY_VAR}"}}}))
+    c = load_spec(tmp_path / "job.yaml").output.c2pa
+    assert (c.certificate, c.private_key) == (str(tmp_path / "keys" / "chain.pem"), "${PM_UNSET_KEY_VAR}")
+
+
 def _reader(data: bytes, mime: str, trust: str | None = None):
     settings = {"verify": {"verify_trust": True}, "trust": {"trust_anchors": Path(trust).read_text()}} if trust else None
     ctx = c2pa.Context(settings=c2pa.Settings.from_dict(settings)) if settings else None
