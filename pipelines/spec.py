@@ -382,7 +382,8 @@ class MlflowSpec(Strict):
     experiment: str = Field(default="promptmill", description="experiment name, created when missing")
     run_name: str | None = Field(default=None, description="the tracker run's name; null: the job's name")
     artifact_location: str | None = Field(default=None, description="where a new experiment keeps artifacts (histogram, "
-                                          "sample grid, summary.json); null: the tracking server's default")
+                                          "sample grid, summary.json); null: mlartifacts/ beside a sqlite:/// database, "
+                                          "else the tracking server's default")
     timeout_s: float = Field(default=20, gt=0, le=600, description="per HTTP request to the server, two retries at most: "
                              "a tracker that is down costs the job about this much, then the run is logged without it")
 

@@ -176,6 +176,14 @@ def test_spec_tracking_section_names_the_bad_field():
                    "output": {"path": "o"}, "tracking": {"mlflow": {"uri": "u", "experimnt": "e"}}})
 
 
+def test_a_local_sqlite_store_keeps_artifacts_beside_its_database():
+    from promptmill.pipelines.spec import MlflowSpec
+
+    assert tracking.artifact_location(MlflowSpec(uri="sqlite:////data/mlflow.db")) == "/data/mlartifacts"
+    assert tracking.artifact_location(MlflowSpec(uri="http://mlflow:5000")) is None  # the server's
+    assert tracking.artifact_location(MlflowSpec(uri="sqlite:////d/m.db", artifact_location="s3://b/a")) == "s3://b/a"
+
+
 def test_flat_params_and_metrics_from_a_summary():
     assert tracking.flat_params({"a": {"b": [1, {"c": None}]}, "s": "x" * 600}) == {
         "a.b.0": "1", "a.b.1.c": "null", "s": "x" * tracking.MAX_PARAM_CHARS}

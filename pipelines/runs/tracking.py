@@ -118,6 +118,14 @@ def _env(**values: str) -> Iterator[None]:
                 os.environ[k] = v
 
 
+def artifact_location(cfg: MlflowSpec) -> str | None:
+    """A new experiment's artifact root: as configured; for a local sqlite store, `mlartifacts/` beside the database
+    (MLflow's default is ./mlruns in whatever folder the driver runs in); else the server's default."""
+    if cfg.artifact_location or not cfg.uri.startswith("sqlite:///"):
+        return cfg.artifact_location
+    return os.path.join(os.path.dirname(os.path.abspath(cfg.uri.removeprefix("sqlite:///"))), "mlartifacts")
+
+
 def _mlflow(cfg: MlflowSpec, job: str, params: dict[str, str], metrics: dict[str, float], images: dict[str, bytes | None],
             links: dict[str, str], run: Run) -> dict[str, str]:
     # a tracker that is down costs ~timeout_s x 3, not MLflow's default 7 retries of 120 s with doubling backoff
@@ -128,7 +136,7 @@ def _mlflow(cfg: MlflowSpec, job: str, params: dict[str, str], metrics: dict[str
 
         client = MlflowClient(tracking_uri=cfg.uri)
         exp = client.get_experiment_by_name(cfg.experiment)
-        exp_id = exp.experiment_id if exp else client.create_experiment(cfg.experiment, cfg.artifact_location)
+        exp_id = exp.experiment_id if exp else client.create_experiment(cfg.experiment, artifact_location(cfg))
         tags = {"promptmill.output": links["output"], "promptmill.summary": links["summary_json"]}
         r = client.create_run(exp_id, run_name=cfg.run_name or job, tags=tags)
         run_id, status = r.info.run_id, "FAILED"
@@ -156,6 +164,8 @@ def _mlflow(cfg: MlflowSpec, job: str, params: dict[str, str], metrics: dict[str
 
 def _wandb(cfg: WandbSpec, job: str, params: dict[str, str], metrics: dict[str, float], images: dict[str, bytes | None],
            links: dict[str, str], run: Run) -> dict[str, str]:
+    if cfg.mode == "disabled":  # W&B logs nothing and keeps no run folder
+        return {"mode": "disabled"}
     import numpy as np
     import wandb
     from PIL import Image
