@@ -7,6 +7,7 @@ import datetime
 import hashlib
 import io
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -83,6 +84,42 @@ def test_preflight_signs_a_tiny_image_and_names_the_field_when_it_cannot(certs, 
     monkeypatch.setenv("PM_TEST_CERT", certs["chain"])
     assert read_pem("${PM_TEST_KEY}", {}, "k") == Path(certs["key"]).read_bytes()
     check_signing(C2paSpec(certificate="${PM_TEST_CERT}", private_key="${PM_TEST_KEY}"), "jpeg")
+
+
+@pytest.mark.parametrize("image_format", ["png", "jpeg", "webp"])
+def test_every_image_format_is_signed_over_its_provenance_and_verifies(certs, image_format):
+    import numpy as np
+    from promptmill.pipelines.c2pa_signing import MIME, signer
+    from promptmill.pipelines.layout import encode_image
+
+    fields = {"prompt": "a small red circle", "model": "gan", "seed": "7", "sample": "0", "checkpoint_id": "abc"}
+    plain = encode_image(np.full((16, 16, 3), 200, np.uint8), image_format, fields)
+    signed = signer(C2paSpec(certificate=certs["chain"], private_key=certs["key"])).sign(plain, image_format, fields)
+    reader = _reader(signed, MIME[image_format])
+    assert reader.get_validation_state() == "Valid"
+    assert json.loads(reader.json())["manifests"][reader.get_active_manifest()["label"]]["assertions"][1]["data"] == {
+        "prompt": "a small red circle", "model": "gan", "seed": 7, "sample": 0, "checkpoint_id": "abc"}
+    assert Image.open(io.BytesIO(signed)).convert("RGB").getpixel((3, 3)) == (200, 200, 200)
+    assert len(signed) - len(plain) < 5000  # the manifest and the certificate chain, no thumbnail
+
+
+def test_the_cli_exits_2_naming_the_field_when_the_key_does_not_sign(tmp_path, checkpoints, certs):
+    import subprocess
+    import sys
+
+    import yaml
+
+    write_prompts(tmp_path / "in.parquet", ["a small red circle"], ["a"])
+    spec = make_spec(str(tmp_path / "in.parquet"), str(tmp_path / "out"), checkpoints,
+                     output={"path": str(tmp_path / "out"), "c2pa": {"certificate": certs["chain"],
+                                                                       "private_key": "${PM_TEST_C2PA_KEY}"}})
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(spec))
+    other = Path(certs["other_key"]).read_text()
+    p = subprocess.run([sys.executable, "-m", "promptmill.jobs.cli", "generate", str(tmp_path / "job.yaml")],
+                       capture_output=True, text=True, timeout=120, env={**os.environ, "PM_TEST_C2PA_KEY": other})
+    assert p.returncode == 2, p.stderr
+    assert "output.c2pa: a test signature failed" in p.stderr and other.splitlines()[1] not in p.stderr + p.stdout
+    assert not (tmp_path / "out").exists()  # nothing written
 
 
 def test_a_pem_written_into_the_spec_is_refused_without_echoing_the_key(tmp_path, checkpoints, certs):
