@@ -136,6 +136,22 @@ def test_a_pem_written_into_the_spec_is_refused_without_echoing_the_key(tmp_path
     assert load_spec(spec).output.c2pa.private_key == "${PM_UNSET_KEY_VAR}"
 
 
+def test_an_output_is_signed_throughout_or_not_at_all(tmp_path, checkpoints, certs):
+    from promptmill.pipelines.batch.preflight import PreflightError, fingerprint, preflight
+
+    write_prompts(tmp_path / "in.parquet", ["a small red circle"], ["a"])
+    out = tmp_path / "out"
+    plain = load_spec(make_spec(str(tmp_path / "in.parquet"), str(out), checkpoints))
+    signed = load_spec(make_spec(str(tmp_path / "in.parquet"), str(out), checkpoints, output={
+        "path": str(out), "c2pa": {"certificate": certs["chain"], "private_key": certs["key"]}}))
+    for before, now in ((plain, signed), (signed, plain)):
+        out.mkdir(exist_ok=True)
+        (out / "_spec.json").write_text(json.dumps(fingerprint(before)))
+        with pytest.raises(PreflightError, match="already holds a run with c2pa"):
+            preflight(now)
+    preflight(signed)  # the same settings: fine (a new key or certificate too)
+
+
 def test_a_spec_files_relative_certificate_path_resolves_against_its_folder(tmp_path):
     import yaml
 

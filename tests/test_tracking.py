@@ -121,6 +121,7 @@ def test_a_run_is_logged_once_per_completing_run_to_mlflow_and_wandb_offline(ray
     history = {(i.key,) if i.key else tuple(i.nested_key): json.loads(i.value_json) for r in records
                if r.WhichOneof("record_type") == "history" for i in r.history.item}
     assert config["models.0.name"] == "gan" and config["metrics.storage_options.key"] == "***"
+    assert {r.run.run_group for r in records if r.WhichOneof("record_type") == "run"} == {out_url[-128:]}
     assert history[("gan/images",)] == 3
     assert history[("gan/clip_score_hist", "_type")] == "histogram"
     assert history[("sample_grid", "_type")] == history[("clip_score_histogram", "_type")] == "image-file"

@@ -56,6 +56,7 @@ def fingerprint(spec: JobSpec) -> dict:
                 if v}  # which column decides a row's pixels; only when set, as above
     return redact({"seed": spec.seed, "image_format": spec.output.image_format, "format": spec.output.format,
                    **({"row_controls": controls} if controls else {}),
+                   **({"c2pa": True} if spec.output.c2pa else {}),  # every image signed, or none: not which key
                    "scoring": {"enabled": s.enabled, **scorers, **{f"{k}_id": v for k, v in ids.items()}, **extra},
                    "models": {m.name: {"family": m.family, "checkpoint": m.checkpoint,
                                        "checkpoint_id": _model_id(m),
@@ -101,9 +102,9 @@ def merged_fingerprint(spec: JobSpec, previous: dict | None) -> dict:
 
 def _check_fingerprint(spec: JobSpec, previous: dict, allow_subset: bool) -> None:
     now, where = fingerprint(spec), f"output.path {redact_text(spec.output.path)!r}"
-    for k in ("seed", "image_format", "format", "scoring", "row_controls"):
+    for k in ("seed", "image_format", "format", "scoring", "row_controls", "c2pa"):
         old = previous.get(k, "files" if k == "format" else None)
-        if k in previous or k == "format" or (k == "row_controls" and now.get(k)):
+        if k in previous or k == "format" or (k in ("row_controls", "c2pa") and now.get(k)):
             if old != (_known(old, now[k]) if k == "scoring" and isinstance(old, dict) else now.get(k)):
                 raise PreflightError(f"{where} already holds a run with {k} {old!r}; this spec has {now.get(k)!r}. "
                                      "Use a new output path")

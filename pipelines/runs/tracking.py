@@ -89,8 +89,7 @@ def log_run(spec: JobSpec, run: Run) -> dict[str, str]:
     metrics = run_metrics(run.summary)
     images = {"clip_score_histogram.png": score_histogram(run.metadata, run.models) if len(run.metadata) else None,
               "sample_grid.png": sample_grid(run)}
-    links = {"output": run.url, "summary_json": join(run.url, SUMMARY) if "://" in run.url else full_url(run.fs, join(
-        run.root, SUMMARY))}
+    links = {"output": redact_text(run.url), "summary_json": redact_text(full_url(run.fs, join(run.root, SUMMARY)))}
     errors, ids = {}, {}
     for name in configured(spec.tracking):
         try:
@@ -174,6 +173,7 @@ def _wandb(cfg: WandbSpec, job: str, params: dict[str, str], metrics: dict[str, 
     if cfg.dir:
         os.makedirs(cfg.dir, exist_ok=True)
     with wandb.init(project=cfg.project, entity=cfg.entity, mode=cfg.mode, dir=cfg.dir, name=cfg.run_name or job,
+                    group=links["output"][-128:],  # the runs of one output side by side (W&B keeps 128 characters)
                     config=params, tags=["promptmill"], settings=settings, reinit="create_new") as tracker:
         hist = {f"{m}/clip_score_hist": wandb.Histogram(v) for m in run.models
                 if (v := [x for x in run.rows(m).column("clip_score").to_pylist() if x is not None])}
