@@ -3,7 +3,7 @@
 
 PNG: tEXt chunks (`promptmill:prompt`, ...) plus an XMP packet (iTXt `XML:com.adobe.xmp`); JPEG and WebP: the
 same XMP packet. The marker is IPTC's digital source type `trainedAlgorithmicMedia`, as IPTC and the C2PA
-guidance describe for generated images. A signed C2PA manifest is not written yet (see README, Provenance).
+guidance describe for generated images. The signed C2PA manifest (`output.c2pa`) is `pipelines.c2pa_signing`'s.
 """
 
 from __future__ import annotations

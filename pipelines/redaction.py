@@ -12,6 +12,7 @@ _USERINFO = re.compile(r"([a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")  # scheme://use
 _QUERY = re.compile(r"([?&])([^=&#\s]+)=([^&#\s]*)")
 _SIGNING = {"sig", "x-amz-credential", "x-amz-security-token", "x-goog-credential", "x-goog-signature"}
 _CONN_KV = re.compile(r"\b(AccountKey|SharedAccessKey|SharedAccessSignature|Password|Pwd)=[^;\s]*", re.IGNORECASE)
+_PEM_KEY = re.compile(r"-----BEGIN ([A-Z0-9 ]*PRIVATE KEY)-----.*?(?:-----END \1-----|\Z)", re.DOTALL)
 ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")  # `${NAME}`: a reference, not a secret written out
 _RESOLVED: set[str] = set()  # what this process put into storage options for `${NAME}`: `redact_text` masks it
 _MIN_MASKED = 6  # shorter values (a region's "eu", a bucket "data") would mask ordinary words in every log line
@@ -59,6 +60,7 @@ def redact(obj: Any) -> Any:
 def redact_text(text: str) -> str:
     for value in sorted(_RESOLVED, key=len, reverse=True):  # longest first: one value may hold another
         text = text.replace(value, "***")
+    text = _PEM_KEY.sub(r"-----BEGIN \1-----***-----END \1-----", text)  # a key pasted where a path belongs
     text = _USERINFO.sub(r"\1***@", text)
     text = _QUERY.sub(lambda m: f"{m[1]}{m[2]}=***" if _SECRET.search(m[2]) or m[2].lower() in _SIGNING else m[0], text)
     return _CONN_KV.sub(lambda m: f"{m[1]}=***", text)

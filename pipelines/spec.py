@@ -297,6 +297,33 @@ class MetricsSpec(Strict):
     max_images: int = Field(default=2000, ge=10, le=100_000, description="reference images read (and run images per model)")
 
 
+C2PA_ALGORITHMS = ("es256", "es384", "es512", "ps256", "ps384", "ps512", "ed25519")  # c2pa-python's C2paSigningAlg
+
+
+def _not_pem(v: str) -> str:
+    if "-----BEGIN" in v:
+        raise ValueError("a PEM written into the spec; give a path or URL to the file, or ${NAME} of an environment "
+                         "variable holding it (the spec is copied into summaries and Ray's job records)")
+    return v
+
+
+PemRef = Annotated[str, AfterValidator(_not_pem)]
+
+
+class C2paSpec(Strict):
+    certificate: PemRef = Field(description="the signing certificate chain (PEM, leaf first, then intermediates): a "
+                                "path or fsspec URL, or ${NAME}: an environment variable holding the PEM or its path, "
+                                "read where the images are written (every node). Never the PEM itself")
+    private_key: PemRef = Field(description="the certificate's private key (PEM, PKCS#8), given like certificate; "
+                                "read once per worker process, never written or logged")
+    algorithm: Literal[C2PA_ALGORITHMS] = Field(default="es256", description="signature algorithm, matching the "  # type: ignore[valid-type]
+                                                "key: es256/384/512 (EC P-256/384/521), ps256/384/512 (RSA-PSS), ed25519")
+    tsa_url: str | None = Field(default=None, description="an RFC 3161 timestamp authority: a verifier then accepts "
+                                "the signature after the certificate expires; null: no timestamp")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for the certificate "
+                                            "and key URLs")
+
+
 class OutputSpec(Strict):
     path: str = Field(description="output directory; local path or any fsspec URL")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="passed to fsspec for the output")
@@ -330,6 +357,10 @@ class OutputSpec(Strict):
                            ".json (the metadata row) beside each image, as img2dataset does")
     shared: bool = Field(default=False, description="a local path that every node of the cluster mounts (NFS, EFS, "
                          "Lustre): allowed on a multi-node cluster, where an unshared local path is refused")
+    c2pa: C2paSpec | None = Field(default=None, description="sign each image with a C2PA manifest (c2pa-python; "
+                                  "pip install 'promptmill[c2pa]'): created by an AI tool (IPTC trainedAlgorithmicMedia), "
+                                  "prompt, model, checkpoint id and seed, signed with the team's certificate; PNG, JPEG, "
+                                  "WebP; null: off")
 
 
 class RetrySpec(Strict):
@@ -345,6 +376,40 @@ class StorageSpec(Strict):
                              "permanent ones (403, missing bucket, bad credentials) fail at once")
 
 
+class MlflowSpec(Strict):
+    uri: str = Field(description="tracking URI: http(s)://server, databricks, or sqlite:///path/mlflow.db for a local "
+                     "store (MLflow 3.18 refuses a file:/ store unless MLFLOW_ALLOW_FILE_STORE=true)")
+    experiment: str = Field(default="promptmill", description="experiment name, created when missing")
+    run_name: str | None = Field(default=None, description="the tracker run's name; null: the job's name")
+    artifact_location: str | None = Field(default=None, description="where a new experiment keeps artifacts (histogram, "
+                                          "sample grid, summary.json); null: mlartifacts/ beside a sqlite:/// database, "
+                                          "else the tracking server's default")
+    timeout_s: float = Field(default=20, gt=0, le=600, description="per HTTP request to the server, two retries at most: "
+                             "a tracker that is down costs the job about this much, then the run is logged without it")
+
+
+class WandbSpec(Strict):
+    project: str = Field(description="W&B project")
+    entity: str | None = Field(default=None, description="W&B team or user; null: the API key's default")
+    mode: Literal["online", "offline", "disabled"] = Field(default="online", description="offline: written under dir "
+                                                           "for `wandb sync` later; disabled: nothing logged")
+    dir: str | None = Field(default=None, description="local folder of W&B's run files; null: WANDB_DIR or ./wandb")
+    run_name: str | None = Field(default=None, description="the tracker run's name; null: the job's name")
+    timeout_s: float = Field(default=60, gt=0, le=600, description="wandb.init's timeout (init_timeout)")
+
+
+class TrackingSpec(Strict):
+    mlflow: MlflowSpec | None = Field(default=None, description="log each run to MLflow (pip install "
+                                      "'promptmill[mlflow]'); a URI string is short for {uri: ...}")
+    wandb: WandbSpec | None = Field(default=None, description="log each run to Weights & Biases (pip install "
+                                    "'promptmill[wandb]')")
+
+    @field_validator("mlflow", mode="before")
+    @classmethod
+    def _uri_shorthand(cls, v: Any) -> Any:
+        return {"uri": v} if isinstance(v, str) else v
+
+
 class JobSpec(Strict):
     name: str = Field(description="job name, recorded in the summary")
     seed: int = Field(default=0, description="job seed; per-image seeds derive from (seed, id, model, sample)")
@@ -354,6 +419,9 @@ class JobSpec(Strict):
     scoring: ScoringSpec = Field(default_factory=ScoringSpec, description="per-image scores and rerank")
     metrics: MetricsSpec = Field(default_factory=MetricsSpec, description="job-level metrics against a reference")
     storage: StorageSpec = Field(default_factory=StorageSpec, description="how storage calls ride through faults")
+    tracking: TrackingSpec = Field(default_factory=TrackingSpec, description="experiment trackers the driver logs "
+                                   "each run to after it is committed (parameters, per-model figures, histogram, sample "
+                                   "grid); one that fails is named in summary.json (tracking_error), never fails the job")
 
     @model_validator(mode="after")
     def _unique_models(self) -> JobSpec:
@@ -428,9 +496,10 @@ def parse_overrides(items: list[str], flag: str = "--set") -> list[tuple[str, An
 # the local paths a spec file holds; they resolve against the file's folder (as in a compose file or a Makefile),
 # so a spec means the same from any working directory. `--set` values are the shell's: the working directory's.
 # Training recipes are not in here: `make checkpoints` runs them from the project root, which is what they say.
+LATE_REFS = ("output.c2pa.certificate", "output.c2pa.private_key")  # paths whose ${NAME} stays as written
 SPEC_PATHS = {
     "spec": ("input.path", "output.path", "models.*.checkpoint", "models.*.loras.*.path", "scoring.clip",
-             "scoring.judge", "scoring.aesthetic", "metrics.reference"),
+             "scoring.judge", "scoring.aesthetic", "metrics.reference", *LATE_REFS),
     "schedule": ("catalog.path", "output.prefix", "models.*.checkpoint", "models.*.loras.*.path", "scoring.clip",
                  "scoring.judge", "scoring.aesthetic", "metrics.reference"),
 }
@@ -527,6 +596,8 @@ def _resolvable(path: tuple[str, ...], kind: str) -> bool:
     """Whether a field (its keys and list indices) takes `${NAME}`: storage options and path fields only."""
     if "storage_options" in path:
         return True
+    if ".".join(path) in LATE_REFS:  # the signing key's ${NAME} is read where it signs, never put into the spec
+        return False
     return any(len(f := field.split(".")) == len(path) and all(k == p or (p == "*" and k.isdigit())
                                                              for k, p in zip(path, f))
                for field in SPEC_PATHS.get(kind, ()))

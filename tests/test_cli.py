@@ -27,6 +27,12 @@ def test_the_generate_job_imports_no_training_code():
         sorted(m for m in mods if m.startswith("promptmill.pipelines.training."))
 
 
+def test_trackers_and_c2pa_are_imported_only_when_configured():
+    mods = _modules_after("from promptmill.jobs.cli import main\n"
+                          "import promptmill.pipelines.batch.job, promptmill.jobs.generate, promptmill.pipelines.runs.tracking")
+    assert not {m for m in mods if m.split(".")[0] in ("mlflow", "wandb", "c2pa")}
+
+
 def test_models_never_import_pipelines_or_ray():
     mods = _modules_after("import promptmill.models, promptmill.models.gan, promptmill.models.transformer, "
                           "promptmill.models.clip, promptmill.models.judge, promptmill.models.vq, promptmill.models.shapes, "

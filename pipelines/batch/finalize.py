@@ -1,4 +1,4 @@
-"""Finishing a run, as one function: commit, rejected rows, summary, metrics, report, `_SUCCESS` last.
+"""Finishing a run, as one function: commit, rejected rows, summary, metrics, report, trackers, `_SUCCESS` last.
 
 `_SUCCESS` doubles as the "done" marker (img2dataset writes its stats last for the same reason): a rerun on
 an output that has it and nothing new to write touches nothing.
@@ -22,6 +22,7 @@ from promptmill.pipelines.metadata import metadata_files
 from promptmill.pipelines.redaction import redact
 from promptmill.pipelines.runs.report import write_report
 from promptmill.pipelines.runs.results import Run, score_summary
+from promptmill.pipelines.runs.tracking import configured, log_run
 from promptmill.pipelines.spec import JobSpec
 from promptmill.pipelines.storage import full_url, join, read_json, write_json
 
@@ -88,6 +89,15 @@ def _after_commit(fs: AbstractFileSystem, root: str, run: Run, key: str, step: C
         write_json(fs, join(root, SUMMARY), run.summary)
 
 
+def _track(spec: JobSpec, fs: AbstractFileSystem, root: str, run: Run) -> None:
+    """Log the run to its trackers; their ids, or `tracking_error` naming each that failed, go into summary.json."""
+    errors = log_run(spec, run)
+    if errors:
+        run.summary["tracking_error"] = "; ".join(f"tracking.{k}: {v}" for k, v in errors.items())
+    if errors or "tracking" in run.summary:
+        write_json(fs, join(root, SUMMARY), run.summary)
+
+
 def near_duplicate_space(spec: JobSpec) -> tuple[str, float | None]:
     """(feature column, threshold) of diversity and near-duplicates: the judge's with its calibrated threshold
     (None without a calibration), else the CLIP's image embeddings with `scoring.clip_near_duplicate_distance`."""
@@ -149,7 +159,7 @@ def finalize(spec: JobSpec, fs: AbstractFileSystem, root: str, *, input_rows: in
     write_json(fs, join(root, SUMMARY), result.summary)
     # 4. Job-level metrics and the report: read from the committed data, so neither can cost it. One that fails
     # is named in the summary (`metrics_error`, `report_error`); `promptmill evaluate` / `report` redo it
-    if spec.metrics.reference or spec.output.report:
+    if spec.metrics.reference or spec.output.report or configured(spec.tracking):
         run = Run(out_url, spec.output.storage_options, summary=result.summary)  # reads the committed metadata
         if spec.metrics.reference:
             from promptmill.pipelines.runs.reference import evaluate_run  # torch and torchmetrics: ~2 s of the driver's start
@@ -161,6 +171,8 @@ def finalize(spec: JobSpec, fs: AbstractFileSystem, root: str, *, input_rows: in
                 judge_storage_options=spec.scoring.storage_options, clip_url=spec.scoring.clip))
         if spec.output.report:
             _after_commit(fs, root, run, "report_error", lambda: write_report(run))
+        if configured(spec.tracking):  # once per run, here in the driver: never from the actors
+            _track(spec, fs, root, run)
         result.summary = run.summary
     # 5. Done: _SUCCESS last, then staging goes
     if fence is not None:

@@ -106,7 +106,8 @@ def _write_rejected(spec: JobSpec, plan: InputPlan, validated: ray.data.Dataset,
 
 def _writer(spec: JobSpec, out: Location, token: str = "") -> WriteStage:
     o = spec.output
-    return WriteStage(out, o.image_format, o.format, o.provenance, tuple(spec.input.keep_columns), o.sidecars, token)
+    return WriteStage(out, o.image_format, o.format, o.provenance, tuple(spec.input.keep_columns), o.sidecars, token,
+                      o.c2pa)
 
 
 def carried(spec: JobSpec) -> tuple[str, ...]:

@@ -16,8 +16,10 @@ from promptmill.models import CheckpointError
 from promptmill.models.local_cache import content_id
 from promptmill.pipelines.batch.read import InputPlan, plan_input
 from promptmill.pipelines.batch.sizing import scoring_on
+from promptmill.pipelines.c2pa_signing import SigningError, check_signing
 from promptmill.pipelines.layout import IMAGES, LEASE, METADATA, REJECTED, SHARDS, SPEC, STAGING
 from promptmill.pipelines.redaction import redact, redact_text
+from promptmill.pipelines.runs.tracking import TrackingError, check_trackers
 from promptmill.pipelines.spec import JobSpec, ScoringSpec
 from promptmill.pipelines.storage import Location, filesystem, full_url, is_local, join, read_json
 from promptmill.pipelines.tables import InputError
@@ -54,6 +56,7 @@ def fingerprint(spec: JobSpec) -> dict:
                 if v}  # which column decides a row's pixels; only when set, as above
     return redact({"seed": spec.seed, "image_format": spec.output.image_format, "format": spec.output.format,
                    **({"row_controls": controls} if controls else {}),
+                   **({"c2pa": True} if spec.output.c2pa else {}),  # every image signed, or none: not which key
                    "scoring": {"enabled": s.enabled, **scorers, **{f"{k}_id": v for k, v in ids.items()}, **extra},
                    "models": {m.name: {"family": m.family, "checkpoint": m.checkpoint,
                                        "checkpoint_id": _model_id(m),
@@ -99,9 +102,9 @@ def merged_fingerprint(spec: JobSpec, previous: dict | None) -> dict:
 
 def _check_fingerprint(spec: JobSpec, previous: dict, allow_subset: bool) -> None:
     now, where = fingerprint(spec), f"output.path {redact_text(spec.output.path)!r}"
-    for k in ("seed", "image_format", "format", "scoring", "row_controls"):
+    for k in ("seed", "image_format", "format", "scoring", "row_controls", "c2pa"):
         old = previous.get(k, "files" if k == "format" else None)
-        if k in previous or k == "format" or (k == "row_controls" and now.get(k)):
+        if k in previous or k == "format" or (k in ("row_controls", "c2pa") and now.get(k)):
             if old != (_known(old, now[k]) if k == "scoring" and isinstance(old, dict) else now.get(k)):
                 raise PreflightError(f"{where} already holds a run with {k} {old!r}; this spec has {now.get(k)!r}. "
                                      "Use a new output path")
@@ -163,6 +166,12 @@ def preflight(spec: JobSpec, allow_subset: bool = False, out: Location | None = 
     try:
         plan = plan_input(spec.input)
     except InputError as e:
+        raise PreflightError(str(e)) from e
+    try:
+        check_trackers(spec.tracking)  # installed only: a tracker that is down costs its log, never the job
+        if spec.output.c2pa is not None:
+            check_signing(spec.output.c2pa, spec.output.image_format)
+    except (TrackingError, SigningError) as e:
         raise PreflightError(str(e)) from e
     if spec.metrics.reference:
         from promptmill.pipelines.runs.reference import read_reference  # torchmetrics: ~1 s a job without metrics need not pay

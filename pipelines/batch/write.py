@@ -10,10 +10,12 @@ from __future__ import annotations
 import hashlib
 import json
 import uuid
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
 from promptmill.pipelines.batch.writers import layout_writer
+from promptmill.pipelines.c2pa_signing import signer
 from promptmill.pipelines.layout import (
     DERIVED,
     METADATA,
@@ -27,6 +29,9 @@ from promptmill.pipelines.layout import (
 )
 from promptmill.pipelines.provenance import FIELDS
 from promptmill.pipelines.storage import Location, join, parquet_bytes, put_atomic
+
+if TYPE_CHECKING:
+    from promptmill.pipelines.spec import C2paSpec
 
 ERROR_REASONS = ("generation_error", "non_finite_output")  # count against output.max_error_fraction
 
@@ -44,11 +49,12 @@ class WriteStage:
     """Plain function stage (tasks, not actors); returns one count row per model in the batch for progress."""
 
     def __init__(self, out: Location, image_format: str, fmt: str = "files", provenance: bool = True,
-                 keep: tuple[str, ...] = (), sidecars: bool = False, token: str = "") -> None:
+                 keep: tuple[str, ...] = (), sidecars: bool = False, token: str = "", c2pa: C2paSpec | None = None) -> None:
         self.out, self.image_format = out, image_format
         self.layout = layout_writer(fmt, out, image_format, sidecars)
         self.provenance, self.keep = provenance, keep
         self.token = token  # the output lease's fencing token: the commit takes only this run's parts
+        self.c2pa = c2pa  # where the key is, not the key: each worker process loads it once (`c2pa_signing.signer`)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         fs, root = self.out.fs, self.out.root
@@ -64,6 +70,9 @@ class WriteStage:
             return self._counts(batch, counts)
         encoded = [encode_image(im, self.image_format, provenance(batch, i) if self.provenance else None)
                    for i, im in enumerate(np.asarray(batch["pixels"]))]
+        if self.c2pa is not None:  # signed last, over the bytes as written: sha256 below is of the signed file
+            sign = signer(self.c2pa).sign
+            encoded = [sign(b, self.image_format, provenance(batch, i)) for i, b in enumerate(encoded)]
         cols = {k: batch[k] for k in METADATA_SCHEMA.names if k in batch}
         cols["sha256"] = [hashlib.sha256(b).hexdigest() for b in encoded]  # of the file as written
         cols["image_format"] = np.full(n, self.image_format, object)

@@ -28,20 +28,44 @@ def _png_uri(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
-def thumbnail(img: np.ndarray) -> str:
-    """An <img class=t> of any size: a small image upscaled by a whole factor (pixels stay sharp), a large one
+def thumbnail_image(img: np.ndarray) -> Image.Image:
+    """Any size to a thumbnail: a small image upscaled by a whole factor (pixels stay sharp), a large one
     downscaled to fit PHOTO, aspect kept either way."""
     h, w = img.shape[:2]
     im = Image.fromarray(img)
     if max(h, w) <= THUMB:
         k = max(1, THUMB // max(h, w))
-        im, cls = im.resize((w * k, h * k), Image.NEAREST), "t px"
-    else:
-        im.thumbnail((PHOTO, PHOTO), Image.LANCZOS)
-        cls = "t"
+        return im.resize((w * k, h * k), Image.NEAREST)
+    im.thumbnail((PHOTO, PHOTO), Image.LANCZOS)
+    return im
+
+
+def thumbnail(img: np.ndarray) -> str:
+    """An <img class=t> of `thumbnail_image` (pixelated rendering for an upscaled one)."""
+    im = thumbnail_image(img)
+    cls = "t px" if max(img.shape[:2]) <= THUMB else "t"
     buf = io.BytesIO()
     im.save(buf, format="PNG")
     return f"<img class='{cls}' width={im.width} height={im.height} src='{_png_uri(buf.getvalue())}'"
+
+
+def sample_grid(run: Run, per_model: int = 8) -> bytes | None:
+    """One PNG: a row of `per_model` thumbnails (sample 0 of the first prompts by id) per model; None when empty."""
+    md = run.metadata
+    if not len(md):
+        return None
+    rows = []
+    for m in run.models:
+        t = md.filter(pc.and_(pc.equal(md["model"], m), pc.equal(md["sample"], 0))).sort_by("id").slice(0, per_model)
+        rows.append([thumbnail_image(im) for im in run.images(t)])
+    cell = max(max(im.width, im.height) for r in rows for im in r)
+    grid = Image.new("RGB", (cell * max(map(len, rows)), cell * len(rows)), "white")
+    for y, r in enumerate(rows):
+        for x, im in enumerate(r):
+            grid.paste(im, (x * cell, y * cell))
+    buf = io.BytesIO()
+    grid.save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def _table(header: list[str], rows: list[list]) -> str:
@@ -69,6 +93,12 @@ def _score_line(row: dict) -> str:
 
 
 def score_plot(metadata: pa.Table, models: list[str]) -> str | None:
+    png = score_histogram(metadata, models)
+    return _png_uri(png) if png else None
+
+
+def score_histogram(metadata: pa.Table, models: list[str]) -> bytes | None:
+    """PNG of each model's clip_score distribution (None when nothing was scored)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -89,7 +119,7 @@ def score_plot(metadata: pa.Table, models: list[str]) -> str | None:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=80)
     plt.close(fig)
-    return _png_uri(buf.getvalue())
+    return buf.getvalue()
 
 
 def build_report(run: Run, gallery_prompts: int = 24, extremes: int = 8) -> str:
