@@ -123,3 +123,20 @@ def test_an_older_output_resumes_exactly_once_and_reads_back(ray_local, checkpoi
     run = Run(str(out))
     images = run.images(run.rows("gan"))
     assert len(images) == 6 and all(im.shape == (32, 32, 3) for im in images)
+
+
+def test_score_reads_a_datasets_image_column(ray_local, tmp_path, capsys):
+    """`promptmill score` over a Parquet file `datasets` wrote with an Image column (struct of bytes and path, as
+    our Parquet layout now writes): every row decodes and is scored, none gets a score_error."""
+    from promptmill.jobs.cli import main
+
+    rng = np.random.default_rng(0)
+    images = [PIL.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for _ in range(4)]
+    features = datasets.Features({"image": datasets.Image(), "caption": datasets.Value("string")})
+    (tmp_path / "in").mkdir()
+    datasets.Dataset.from_dict({"image": images, "caption": PROMPTS + PROMPTS[:1]}, features=features).to_parquet(
+        str(tmp_path / "in" / "hf.parquet"))
+    assert pa.types.is_struct(pq.read_schema(tmp_path / "in" / "hf.parquet").field("image").type)
+    assert main(["score", str(tmp_path / "in"), "--out", str(tmp_path / "scored"), "--image-column", "image"]) == 0
+    rows = pq.read_table(tmp_path / "scored" / "parts").to_pylist()
+    assert len(rows) == 4 and all(r["score_error"] is None and r["clip_score"] is not None for r in rows)
