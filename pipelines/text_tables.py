@@ -21,16 +21,15 @@ from promptmill.pipelines.tables import InputError
 if TYPE_CHECKING:
     import ray.data
 
-FORMATS = ("parquet", "csv", "tsv", "jsonl")
 SUFFIXES = {".parquet": "parquet", ".csv": "csv", ".tsv": "tsv", ".jsonl": "jsonl", ".json": "jsonl", ".ndjson": "jsonl"}
 COMPRESSIONS = {".gz": "gzip", ".bz2": "bz2", ".zst": "zstd", ".xz": "xz"}  # fsspec's names
 INPUT_SUFFIXES = tuple(s + c for s in SUFFIXES for c in ("", *COMPRESSIONS) if not (s == ".parquet" and c))
+BLOCK_BYTES = 1 << 20  # pyarrow's parse block: a batch of a few thousand prompts, the driver's memory per file
+
+
 def suffixes(declared: str = "auto") -> tuple[str, ...]:
     """The names a folder's input files may have: every format's, or the declared format's only."""
     return tuple(s for s in INPUT_SUFFIXES if declared == "auto" or _split(s)[0] == declared)
-
-
-BLOCK_BYTES = 1 << 20  # pyarrow's parse block: a batch of a few thousand prompts, the driver's memory per file
 
 
 def _split(path: str) -> tuple[str | None, str | None]:
@@ -138,7 +137,8 @@ def _bad_line(fs: AbstractFileSystem, path: str, fmt: str) -> tuple[int, str] | 
                 except json.JSONDecodeError as e:
                     return n, f"not valid JSON ({e.msg}, column {e.colno})"
                 if not isinstance(value, dict):
-                    return n, f"a JSON Lines row must be an object, got {type(value).__name__}"
+                    return n, (f"a JSON Lines row must be an object, got {type(value).__name__} (.json inputs are "
+                               "read as JSON Lines: one object a line)")
             return None
         numbered = _NumberedLines(lines)
         rows = csv.reader(numbered, delimiter="\t" if fmt == "tsv" else ",")
