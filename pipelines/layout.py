@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import re
 import tarfile
 import uuid
@@ -31,6 +32,9 @@ IMAGE_FORMATS: dict[str, tuple[str, dict]] = {
 }
 
 
+# the Parquet layout's image: Hugging Face `datasets`' Image feature (its arrow storage), so `load_dataset("parquet")`
+# decodes it; `path` is the image's file name, for the format
+IMAGE_TYPE = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
 METADATA_SCHEMA = pa.schema([
     ("id", pa.string()), ("prompt", pa.string()), ("model", pa.string()), ("family", pa.string()),
     ("checkpoint", pa.string()), ("sample", pa.int32()), ("seed", pa.int64()), ("image_path", pa.string()),
@@ -38,7 +42,7 @@ METADATA_SCHEMA = pa.schema([
     ("sampling", pa.string()), ("device", pa.string()), ("node", pa.string()), ("clip_score", pa.float64()),
     ("prompt_match", pa.bool_()),
     ("judged", pa.string()), ("candidates", pa.int32()), ("candidate_index", pa.int32()),
-    ("candidate_score", pa.float64()), ("image", pa.binary()), ("pipeline_class", pa.string()),
+    ("candidate_score", pa.float64()), ("image", IMAGE_TYPE), ("pipeline_class", pa.string()),
     ("geometry", pa.string()), ("judge_features", pa.list_(pa.float32())), ("diversity", pa.float32()),
     ("near_duplicate", pa.bool_()), ("scoring_error", pa.string()), ("checkpoint_id", pa.string()),
     ("sha256", pa.string()), ("nsfw", pa.bool_()), ("prompt_truncated", pa.bool_()), ("negative_prompt", pa.string()),
@@ -51,6 +55,43 @@ DERIVED = ("diversity", "near_duplicate")  # per prompt, across its samples: set
 # per image, from the generate stage (null where a model cannot tell or has none): its safety checker's flag, a
 # prompt cut to the text encoder's token limit, the row's negative prompt
 PER_IMAGE = ("nsfw", "prompt_truncated", "negative_prompt")
+
+
+# where image_path (files: the image; webdataset: its shard) points: relative to the run's root, so an output can be
+# moved or copied; rows of runs from before this hold absolute URLs, which readers still take (`run_path`)
+PATHS = "relative to the output root (the folder holding metadata/); older rows: absolute URLs"
+PATHS_KEY = b"promptmill.image_path"  # the committed metadata's schema metadata says so, as does summary.json
+HF_KEY = b"huggingface"  # `datasets`' own key: {"info": {"features": ...}} (datasets.Features.arrow_schema)
+IMAGEFOLDER = "metadata.jsonl"  # `load_dataset("imagefolder")`'s table beside a files-layout model's images
+HF_VALUES = {"string": "string", "large_string": "large_string", "int32": "int32", "int64": "int64", "bool": "bool",
+             "double": "float64", "float": "float32", "binary": "binary", "large_binary": "large_binary",
+             "null": "null", "int8": "int8", "int16": "int16", "uint64": "uint64", "uint32": "uint32"}
+
+
+def run_path(root: str, path: str) -> str:
+    """A metadata path as a path of the run's filesystem (protocol stripped): relative ones (`PATHS`) under `root`;
+    an older run's absolute URL or path as written (the caller's `inside_run` decides whether it may be read)."""
+    if "://" in path or path.startswith("/"):
+        return path.split("://", 1)[-1] if "://" in path else path
+    return f"{root.rstrip('/')}/{path}"
+
+
+def _hf_feature(t: pa.DataType) -> dict | None:
+    if pa.types.is_list(t) or pa.types.is_large_list(t):
+        inner = _hf_feature(t.value_type)
+        return None if inner is None else {"feature": inner, "_type": "List"}
+    return {"dtype": HF_VALUES[str(t)], "_type": "Value"} if str(t) in HF_VALUES else None
+
+
+def dataset_schema(schema: pa.Schema) -> pa.Schema:
+    """`schema` with what readers need to know beyond the types: where paths point (PATHS_KEY), and the Hugging Face
+    features (the image as their Image) so `datasets` decodes images; left to `datasets` to infer when a column
+    (an exotic input.keep_columns type) has no plain feature."""
+    features = {f.name: {"_type": "Image"} if f.name == "image" else _hf_feature(f.type) for f in schema}
+    meta = {PATHS_KEY: PATHS.encode()}
+    if all(v is not None for v in features.values()):
+        meta[HF_KEY] = json.dumps({"info": {"features": features}}).encode()
+    return schema.with_metadata(meta)
 
 
 def extension(image_format: str) -> str:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
-from promptmill.pipelines.layout import METADATA, METADATA_SCHEMA, STAGING
+from promptmill.pipelines.layout import IMAGE_TYPE, METADATA, METADATA_SCHEMA, STAGING
 from promptmill.pipelines.storage import join
 
 KEYS = ["model", "id", "sample"]
@@ -68,9 +68,20 @@ def extra_fields(tables: list[pa.Table]) -> list[pa.Field]:
     return [pa.field(k, v) for k, v in found.items()]
 
 
+def _image(column: pa.ChunkedArray) -> pa.ChunkedArray:
+    """An older part's `image` (plain bytes) as the layout's Image struct (bytes, no path)."""
+    if not (pa.types.is_binary(column.type) or pa.types.is_large_binary(column.type)):
+        return column
+    chunks = [pa.StructArray.from_arrays([c.cast(pa.binary()), pa.nulls(len(c), pa.string())], ["bytes", "path"],
+                                         mask=c.is_null()) for c in column.chunks]
+    return pa.chunked_array(chunks, IMAGE_TYPE)
+
+
 def conform(t: pa.Table, schema: pa.Schema) -> pa.Table:
-    """`t` in `schema`'s columns and types; a column added to the layout later is null in older parts."""
-    cols = [t[f.name] if f.name in t.column_names else pa.nulls(len(t), f.type) for f in schema]
+    """`t` in `schema`'s columns and types; a column added to the layout later is null in older parts, and an older
+    part's binary image becomes the Image struct."""
+    cols = [(_image(t[f.name]) if f.name == "image" else t[f.name]) if f.name in t.column_names
+            else pa.nulls(len(t), f.type) for f in schema]
     return pa.Table.from_arrays(cols, schema=pa.schema([f.with_type(c.type) for f, c in zip(schema, cols)])).cast(schema)
 
 

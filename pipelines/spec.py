@@ -75,7 +75,11 @@ class Blocklist(Strict):
 
 
 class InputSpec(Strict):
-    path: str = Field(description="Parquet file, directory or glob; local path or any fsspec URL")
+    path: str = Field(description="Parquet, CSV, TSV or JSON Lines (.jsonl/.json) file, directory or glob, each "
+                      "optionally .gz/.bz2/.zst/.xz compressed; local path or any fsspec URL")
+    format: Literal["auto", "parquet", "csv", "tsv", "jsonl"] = Field(
+        default="auto", description="the input files' format; auto: from their names (no known suffix: Parquet); "
+        "CSV / TSV columns are read as text")
     prompt_column: str = Field(default="prompt", description="column holding the prompt text")
     id_column: str | None = Field(
         default=None, description="column with a unique, path-safe row id; None derives one from file + row"

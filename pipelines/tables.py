@@ -32,13 +32,16 @@ def ray_read_parquet(files: list[str], fs: AbstractFileSystem, **kwargs) -> ray.
         ctx.use_datasource_v2 = v2
 
 
-def list_files(url: str, storage_options: dict, field: str = "input.path") -> tuple[AbstractFileSystem, list[str]]:
+def list_files(url: str, storage_options: dict, field: str = "input.path", suffixes: tuple[str, ...] = (".parquet",)
+               ) -> tuple[AbstractFileSystem, list[str]]:
+    """The files a URL names: itself, a glob's matches, or a folder's files ending in one of `suffixes` (none
+    hidden or under `_`/`.` folders)."""
     fs, path = filesystem(url, storage_options)
     try:
         if any(c in path for c in "*?["):
             files = fs.glob(path)
         elif fs.isdir(path):
-            files = [f for f in fs.find(path) if f.endswith(".parquet")
+            files = [f for f in fs.find(path) if f.lower().endswith(suffixes)
                      and not any(p.startswith((".", "_")) for p in f[len(path):].split("/"))]
         elif fs.exists(path):
             files = [path]
@@ -47,7 +50,7 @@ def list_files(url: str, storage_options: dict, field: str = "input.path") -> tu
     except (PermissionError, OSError) as e:
         raise InputError(f"{field} {url!r}: cannot list ({e})") from e
     if not files:
-        raise InputError(f"{field} {url!r}: no .parquet files found")
+        raise InputError(f"{field} {url!r}: no {'/'.join(sorted({s.split('.')[1] for s in suffixes}))} files found")
     return fs, sorted(files)
 
 

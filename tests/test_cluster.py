@@ -43,7 +43,7 @@ def _assert_complete(out: Path, n: int) -> list[dict]:
     rows = pq.read_table(out / "metadata").to_pylist()
     keys = [(r["id"], r["sample"]) for r in rows]
     assert len(keys) == len(set(keys)) == 2 * n  # nothing lost, nothing twice
-    assert all(Path(r["image_path"]).is_file() for r in rows)
+    assert all((out / r["image_path"]).is_file() for r in rows)  # relative to the output
     return rows
 
 

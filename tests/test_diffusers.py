@@ -55,7 +55,7 @@ def test_a_diffusers_pipeline_runs_through_the_job_exactly_once_and_batch_invari
     assert {r["family"] for r in rows.values()} == {"diffusers"}
     assert {r["pipeline_class"] for r in rows.values()} == {expect_class}
     assert {(r["width"], r["height"]) for r in rows.values()} == {(size, size)}
-    images = {k: decode_image(Path(r["image_path"]).read_bytes()) for k, r in rows.items()}
+    images = {k: decode_image((tmp_path / "out" / r["image_path"]).read_bytes()) for k, r in rows.items()}
     assert all(im.shape == (size, size, 3) for im in images.values())
     assert run_job(load_spec(_spec(tmp_path, pipelines[kind], kind, str(tmp_path / "out")))).skipped  # exactly once
     # batch size 1 on a fresh output: the same draws (one generator per image). A batched UNet is not bit-identical
@@ -63,7 +63,7 @@ def test_a_diffusers_pipeline_runs_through_the_job_exactly_once_and_batch_invari
     run_job(load_spec(_spec(tmp_path, pipelines[kind], kind, str(tmp_path / "out1"), batch=1)))
     rows1 = {(r["id"], r["sample"]): r for r in pq.read_table(tmp_path / "out1" / "metadata").to_pylist()}
     for k, r in rows1.items():
-        one = decode_image(Path(r["image_path"]).read_bytes()).astype(int)
+        one = decode_image((tmp_path / "out1" / r["image_path"]).read_bytes()).astype(int)
         assert np.abs(one - images[k]).max() <= 2, (k, np.abs(one - images[k]).max())
     other_seed = images[("a", 1)].astype(int) - images[("a", 0)]
     assert np.abs(other_seed).max() > 20  # while another seed is another image
@@ -161,7 +161,7 @@ def test_a_hugging_face_clip_scores_as_torchmetrics_does_and_through_the_job(ray
         k = r["candidate_index"]  # the best, up to batched-vs-single rounding (pixels differ by <= 2/255)
         assert r["candidates"] == 3 and sims[k] >= sims.max() - 0.5, (k, sims)
         assert abs(r["clip_score"] - max(sims[k], 0)) < 0.5
-        kept = decode_image(Path(r["image_path"]).read_bytes()).astype(int)
+        kept = decode_image((tmp_path / "out" / r["image_path"]).read_bytes()).astype(int)
         assert np.abs(kept - draws[k]).max() <= 2, (r, sims)
     assert any(r["candidate_index"] != 0 for r in rows)  # rerank changed something: not always the plain sample
 
@@ -293,7 +293,8 @@ def test_non_finite_and_flagged_images_never_land_as_good_ones(ray_local, tmp_pa
     res = run_job(load_spec(spec))
     rows = pq.read_table(tmp_path / "o-flag" / "metadata").to_pylist()
     assert len(rows) == 6 and all(r["nsfw"] is True for r in rows)
-    assert all(decode_image(Path(r["image_path"]).read_bytes()).max() == 0 for r in rows)  # the checker's black
+    assert all(decode_image((tmp_path / "o-flag" / r["image_path"]).read_bytes()).max() == 0
+               for r in rows)  # the checker's black
     assert json.loads((tmp_path / "o-flag" / "summary.json").read_text())["scores"]["sd"]["nsfw_images"] == 6
 
     # what the job reads per image (the flag job above shows it reaching metadata): a checker that passed an image
@@ -406,15 +407,15 @@ def test_per_row_negative_prompts_and_sizes_change_the_draws_and_bad_ones_are_re
     res = run_job(load_spec(spec))
     assert res.rejected == {"bad_size": 1} and res.images_total == {"sd": 4}
     rows = {r["id"]: r for r in pq.read_table(tmp_path / "out" / "metadata").to_pylist()}
-    shapes = {i: decode_image(Path(r["image_path"]).read_bytes()).shape for i, r in rows.items()}
+    shapes = {i: decode_image((tmp_path / "out" / r["image_path"]).read_bytes()).shape for i, r in rows.items()}
     assert shapes == {"plain": (32, 32, 3), "neg": (32, 32, 3), "wide": (32, 48, 3), "preset": (48, 32, 3)}
     assert {i: (r["width"], r["height"]) for i, r in rows.items()} == {
         "plain": (32, 32), "neg": (32, 32), "wide": (48, 32), "preset": (32, 48)}
     assert rows["neg"]["negative_prompt"] == "blurry photo" and rows["plain"]["negative_prompt"] is None
     gen = DiffusersGenerator.load(pipelines["sd"], torch.device("cpu"))
     sampling = {k: v for k, v in SIZES["sd"].items() if k not in ("height", "width")}
-    plain = decode_image(Path(rows["plain"]["image_path"]).read_bytes()).astype(int)
-    neg = decode_image(Path(rows["neg"]["image_path"]).read_bytes()).astype(int)
+    plain = decode_image((tmp_path / "out" / rows["plain"]["image_path"]).read_bytes()).astype(int)
+    neg = decode_image((tmp_path / "out" / rows["neg"]["image_path"]).read_bytes()).astype(int)
     again = gen.generate(["a red circle"], [rows["neg"]["seed"]], height=32, width=32, negative_prompt="blurry photo",
                          **sampling)
     without = gen.generate(["a red circle"], [rows["neg"]["seed"]], height=32, width=32, **sampling)
@@ -455,7 +456,7 @@ def test_without_a_judge_quality_signals_come_from_the_clip(ray_local, pipelines
     assert all(r["diversity"] is not None and r["near_duplicate"] is not None for r in rows)
     scorer, predictor = load_clip(clip_dir), load_aesthetic(aesthetic)
     r = rows[0]
-    emb = scorer.embed_images(decode_image(Path(r["image_path"]).read_bytes())[None]).numpy()
+    emb = scorer.embed_images(decode_image((tmp_path / "out" / r["image_path"]).read_bytes())[None]).numpy()
     assert abs(predictor(emb)[0] - r["aesthetic_score"]) < 1e-3  # the predictor on the CLIP's embedding
     assert len({round(x["aesthetic_score"], 5) for x in rows}) > 1
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
@@ -468,8 +469,8 @@ def test_without_a_judge_quality_signals_come_from_the_clip(ray_local, pipelines
     assert "<th>prompt_match</th>" not in page and "<th>inception_score</th>" not in page  # null for every model
     # near-duplicates in CLIP space: a re-encode of an image sits closer to it than another image does, and a
     # threshold between the two flags the copies only (the threshold is the CLIP's: benchmarks/near_duplicates.py)
-    img = decode_image(Path(r["image_path"]).read_bytes())
-    other = decode_image(Path(rows[3]["image_path"]).read_bytes())
+    img = decode_image((tmp_path / "out" / r["image_path"]).read_bytes())
+    other = decode_image((tmp_path / "out" / rows[3]["image_path"]).read_bytes())
     feats = scorer.embed_images(np.stack([img, decode_image(encode_image(img, "jpeg")), other])).numpy()
     same, diff = 1 - feats[0] @ feats[1], 1 - feats[0] @ feats[2]
     assert same < diff, (same, diff)
@@ -498,7 +499,7 @@ def test_a_lora_changes_the_draws_its_removal_restores_them_and_a_resume_with_an
         spec = _spec(tmp_path, pipelines["sd"], "sd", str(tmp_path / out))
         spec["models"][0].update(loras=loras, storage_options=s3)
         run_job(load_spec(spec))
-        return {(r["id"], r["sample"]): decode_image(Path(r["image_path"]).read_bytes()).astype(int)
+        return {(r["id"], r["sample"]): decode_image((tmp_path / out / r["image_path"]).read_bytes()).astype(int)
                 for r in pq.read_table(tmp_path / out / "metadata").to_pylist()}
 
     plain = run("plain", [])

@@ -78,7 +78,7 @@ def test_webdataset_read_back_resume_and_rerun(ray_local, checkpoints, tmp_path,
         assert meta["sha256"] == r["sha256"] == hashlib.sha256(s["png"]).hexdigest()
         assert (r["sku"], r["price"]) == (meta["sku"], meta["price"]) == CATALOG[r["id"]]  # input.keep_columns
         assert decode_image(s["png"]).shape == (32, 32, 3)
-        assert r["image_path"].endswith(".tar") and Path(r["image_path"]).is_file()
+        assert r["image_path"].endswith(".tar") and (out / r["image_path"]).is_file()  # relative to the output
     hf = _load_dataset(tmp_path, monkeypatch, "webdataset", str(out / "shards" / "gan" / "*.tar"))
     assert hf.num_rows == 10 and hf[0]["png"].size == (32, 32) and hf[0]["json"]["sku"] in SKUS
     # rerun: nothing changes; more samples per prompt: only new shards, old bytes kept
@@ -108,19 +108,20 @@ def test_parquet_and_files_layouts_carry_the_same_bytes_provenance_catalog_colum
     t = pq.read_table(out / "metadata")
     assert t.num_rows == 10 and not (out / "images").exists()
     file_rows = pq.read_table(files / "metadata").to_pylist()
-    ref = {(r["id"], r["sample"]): Path(r["image_path"]).read_bytes() for r in file_rows}
+    ref = {(r["id"], r["sample"]): (files / r["image_path"]).read_bytes() for r in file_rows}
     for r in t.to_pylist():
-        assert r["image"] == ref[(r["id"], r["sample"])]  # same bytes as the files layout
-        assert r["sha256"] == hashlib.sha256(r["image"]).hexdigest() and (r["sku"], r["price"]) == CATALOG[r["id"]]
+        assert r["image"]["bytes"] == ref[(r["id"], r["sample"])]  # same bytes as the files layout
+        assert r["sha256"] == hashlib.sha256(r["image"]["bytes"]).hexdigest()
+        assert (r["sku"], r["price"]) == CATALOG[r["id"]]
     for r in file_rows:
-        data = Path(r["image_path"]).read_bytes()
+        data = (files / r["image_path"]).read_bytes()
         assert r["sha256"] == hashlib.sha256(data).hexdigest()
         im = Image.open(io.BytesIO(data))
         fields = read_fields(im)
         assert fields["prompt"] == r["prompt"] and fields["checkpoint_id"] == r["checkpoint_id"] is not None
         assert (fields["model"], fields["seed"], fields["sample"]) == (r["model"], str(r["seed"]), str(r["sample"]))
         assert f'DigitalSourceType="{TRAINED_ALGORITHMIC_MEDIA}"' in im.text["XML:com.adobe.xmp"]
-        stem = r["image_path"].rsplit(".", 1)[0]
+        stem = str(files / r["image_path"]).rsplit(".", 1)[0]
         side = json.loads(Path(f"{stem}.json").read_text())
         assert Path(f"{stem}.txt").read_text() == r["prompt"] and (side["id"], side["sku"]) == (r["id"], r["sku"])
     bare = Image.open(io.BytesIO(encode_image(decode_image(data), "png")))  # output.provenance: false
@@ -128,9 +129,9 @@ def test_parquet_and_files_layouts_carry_the_same_bytes_provenance_catalog_colum
     summary = json.loads((files / "summary.json").read_text())
     assert "GenerateStage" in summary["ray_data_stats"]  # Ray Data's per-operator stats of the run
     hf = _load_dataset(tmp_path, monkeypatch, "parquet", str(out / "metadata" / "*.parquet"))
-    assert hf.num_rows == 10 and all(decode_image(b).shape == (32, 32, 3) for b in hf["image"])
+    assert hf.num_rows == 10 and all(np.asarray(im).shape == (32, 32, 3) for im in hf["image"])  # PIL, decoded
     hf = _load_dataset(tmp_path, monkeypatch, "parquet", str(files / "metadata" / "*.parquet"))
-    assert sorted(hf["sku"]) == sorted(SKUS * 2) and all(Path(p).is_file() for p in hf["image_path"])
+    assert sorted(hf["sku"]) == sorted(SKUS * 2) and all((files / p).is_file() for p in hf["image_path"])
     assert run_job(load_spec(_spec(tmp_path, str(out), "parquet", checkpoints, keep=True))).skipped
     for run_dir in (out, files):  # report and evaluate read every row without image bytes or judge features
         run = Run(str(run_dir))
@@ -150,7 +151,7 @@ def test_files_written_in_tasks_are_the_actors_bytes_exactly_once(ray_local, che
         out = tmp_path / where
         run_job(load_spec(_spec(tmp_path, str(out), "files", checkpoints, write_in=where)))
         rows = assert_exactly_once(out, {("gan", i, s) for i in IDS for s in (0, 1)})
-        runs[where] = {(r["id"], r["sample"]): (r["sha256"], Path(r["image_path"]).read_bytes()) for r in rows}
+        runs[where] = {(r["id"], r["sample"]): (r["sha256"], (out / r["image_path"]).read_bytes()) for r in rows}
         stats = json.loads((out / "summary.json").read_text())["ray_data_stats"]
         assert ("MapBatches(WriteStage)" in stats) == (where == "tasks"), stats[:2000]
     assert runs["tasks"] == runs["actors"]
@@ -215,7 +216,7 @@ def test_sharded_formats_on_s3(ray_local, checkpoints, tmp_path, s3, fmt):
         samples = _wds_samples(local)
         assert len(samples) == len({s["__key__"] for s in samples}) == 10
     else:
-        assert all(decode_image(b).shape == (32, 32, 3) for b in t.column("image").to_pylist())
+        assert all(decode_image(b["bytes"]).shape == (32, 32, 3) for b in t.column("image").to_pylist())
     assert run_job(load_spec(spec)).skipped
 
 

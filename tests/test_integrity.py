@@ -146,7 +146,7 @@ def test_control_characters_are_rejected_and_long_prompts_fit_a_jpegs_xmp(ray_lo
     assert sorted(r["id"] for r in rejected) == ["bell", "c1", "esc"]
     rows = {r["id"]: r for r in pq.read_table(io.BytesIO(fs.cat_file(fs.find("bucket/odd/out/metadata")[0]))).to_pylist()}
     assert rows["long"]["prompt"] == long_prompt  # the metadata keeps the whole prompt
-    im = Image.open(io.BytesIO(fs.cat_file(rows["long"]["image_path"])))
+    im = Image.open(io.BytesIO(fs.cat_file(f"bucket/odd/out/{rows['long']['image_path']}")))  # relative to the output
     xmp = im.info["xmp"].decode()
     import hashlib
     import xml.dom.minidom
@@ -156,7 +156,8 @@ def test_control_characters_are_rejected_and_long_prompts_fit_a_jpegs_xmp(ray_lo
     from promptmill.pipelines.provenance import MAX_FIELD_CHARS
 
     assert long_prompt[:MAX_FIELD_CHARS] in xmp
-    assert "a red\tcircle" in Image.open(io.BytesIO(fs.cat_file(rows["tab"]["image_path"]))).info["xmp"].decode()
+    assert "a red\tcircle" in Image.open(io.BytesIO(fs.cat_file(f"bucket/odd/out/{rows['tab']['image_path']}"))
+                               ).info["xmp"].decode()
 
 
 @pytest.mark.parametrize("index", ["[1, 2]", '{"_class_name": ["StableDiffusionPipeline"]}', '{"_class_name": "os.system"}'])
@@ -410,9 +411,9 @@ def test_report_and_evaluate_read_only_the_runs_own_bounded_images(ray_local, ch
     meta = next((runs["files"] / "metadata").iterdir())
     table = pq.read_table(meta)
     (tmp_path / "elsewhere").mkdir()
-    shutil.copy(table.column("image_path")[0].as_py(), tmp_path / "elsewhere" / "x.png")
+    shutil.copy(runs["files"] / table.column("image_path")[0].as_py(), tmp_path / "elsewhere" / "x.png")
     for bad in (str(tmp_path / "elsewhere" / "x.png"), "/dev/zero", f"{runs['files']}/images/../../elsewhere/x.png",
-                "s3://another-bucket/x.png"):
+                "s3://another-bucket/x.png", "../elsewhere/x.png", "images/../../elsewhere/x.png"):  # relative too
         paths = table.column("image_path").to_pylist()
         paths[0] = bad
         pq.write_table(table.set_column(table.schema.get_field_index("image_path"), "image_path", pa.array(paths)),
@@ -423,7 +424,7 @@ def test_report_and_evaluate_read_only_the_runs_own_bounded_images(ray_local, ch
         assert "is outside the run" in capsys.readouterr().err
     pq.write_table(table, meta)
     # a link planted in the run's own folder, to a device: refused before it is opened
-    first = Path(table.column("image_path")[0].as_py())
+    first = runs["files"] / table.column("image_path")[0].as_py()
     saved = first.read_bytes()
     first.unlink()
     first.symlink_to("/dev/zero")

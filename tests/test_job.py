@@ -35,7 +35,7 @@ def metadata(out: Path):
 
 def file_digests(out: Path) -> dict[str, str]:
     return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted((out / "images").rglob("*")) if p.is_file()}
+            for p in sorted((out / "images").rglob("*")) if p.is_file() and p.name != "metadata.jsonl"}
 
 
 def assert_exactly_once(out: Path, expected_keys: set[tuple]) -> list[dict]:
@@ -44,8 +44,9 @@ def assert_exactly_once(out: Path, expected_keys: set[tuple]) -> list[dict]:
     assert len(keys) == len(set(keys)), "duplicate metadata rows"
     assert set(keys) == expected_keys
     for r in rows:
-        assert Path(r["image_path"]).is_file(), r["image_path"]
-    assert len([p for p in (out / "images").rglob("*") if p.is_file()]) == len(rows)  # no orphan images
+        assert (out / r["image_path"]).is_file(), r["image_path"]  # relative to the output
+    images = [p for p in (out / "images").rglob("*") if p.is_file() and p.name != "metadata.jsonl"]  # imagefolder's
+    assert len(images) == len(rows)  # no orphan images
     assert (out / "_SUCCESS").exists() and not (out / "_staging").exists()
     summary = json.loads((out / "summary.json").read_text())
     assert sum(summary["images_total"].values()) == len(rows)  # the summary counts the table
@@ -80,10 +81,10 @@ def test_end_to_end_local(ray_local, checkpoints, tmp_path, caplog, monkeypatch)
     assert r0["checkpoint_id"] == content_id(checkpoints["gan"])  # what drew it, by content
     assert 0 <= r0["clip_score"] <= 100 and r0["prompt_match"] is None  # scored; out of the shapes grammar
     r1 = next(r for r in rows if r["id"] == "p4" and r["model"] == "gan" and r["sample"] == 1)
-    assert "/images/gan/" in r1["image_path"] and r1["image_path"].endswith("/p4-1.png")
+    assert r1["image_path"].startswith("images/gan/") and r1["image_path"].endswith("/p4-1.png")
     dalle = next(r for r in rows if r["model"] == "dalle")
     assert json.loads(dalle["sampling"])["guidance_scale"] == 2.0
-    assert decode_image(Path(dalle["image_path"]).read_bytes()).shape == (32, 32, 3)
+    assert decode_image((out / dalle["image_path"]).read_bytes()).shape == (32, 32, 3)
     rejected = pq.read_table(out / "rejected").to_pylist()
     assert {r["id"]: r["reason"] for r in rejected} == {
         "e": "empty_prompt", "n": "null_prompt", "long": "prompt_too_long", "dup": "duplicate_id", "a/b": "unsafe_id"}
@@ -133,7 +134,7 @@ def test_batch_size_actor_count_and_where_scoring_runs_change_no_pixel_and_no_sc
         spec["models"][0]["resources"] = res
         run_job(load_spec(spec))
         digests.append(file_digests(tmp_path / f"out{i}"))
-        scores.append({r["image_path"].split(f"out{i}/")[1]: (r["clip_score"], r["prompt_match"], r["judged"], r["geometry"])
+        scores.append({r["image_path"]: (r["clip_score"], r["prompt_match"], r["judged"], r["geometry"])
                        for r in metadata(tmp_path / f"out{i}")})
     assert len(digests[0]) == 30 and digests[0] == digests[1]
     assert scores[0].keys() == scores[1].keys() and all(s[0] is not None and s[2] for s in scores[0].values())
@@ -308,8 +309,8 @@ def test_killed_driver_then_resume_is_exactly_once(checkpoints, tmp_path):
     spec2["scoring"] = {"resources": {"batch_size": 16}}
     proc = _run_cli(spec2, tmp_path)
     assert proc.wait(timeout=300) == 0, proc.stdout.read()
-    resumed = {(r["id"], r["sample"]): decode_image(Path(r["image_path"]).read_bytes()).astype(int) for r in rows}
-    fresh = {(r["id"], r["sample"]): decode_image(Path(r["image_path"]).read_bytes()).astype(int)
+    resumed = {(r["id"], r["sample"]): decode_image((out / r["image_path"]).read_bytes()).astype(int) for r in rows}
+    fresh = {(r["id"], r["sample"]): decode_image((clean / r["image_path"]).read_bytes()).astype(int)
              for r in pq.read_table(clean / "metadata").to_pylist()}
     assert len(fresh) == 200 and fresh.keys() <= resumed.keys()
     diffs = [np.abs(resumed[k] - fresh[k]) for k in fresh]

@@ -48,7 +48,7 @@ def test_a_plugin_family_runs_through_the_job_batch_invariantly(tmp_path):
     assert run.returncode == 0, run.stderr[-3000:]
     rows = {(r["id"], r["sample"]): r for r in pq.read_table(tmp_path / "out" / "metadata").to_pylist()}
     assert len(rows) == 6 and {r["family"] for r in rows.values()} == {"acme"}
-    images = {k: decode_image(Path(r["image_path"]).read_bytes()) for k, r in rows.items()}
+    images = {k: decode_image((tmp_path / "out" / r["image_path"]).read_bytes()) for k, r in rows.items()}
     assert all(im.shape == (24, 24, 3) for im in images.values())
     # the plugin's own batch invariance holds through the job: same prompt, same seed -> same pixels
     sys.path.insert(0, str(site))

@@ -88,7 +88,8 @@ def test_poison_rows_go_to_rejected_and_the_job_goes_on(tmp_path):
     assert summary["rejected"] == {"generation_error": 2} and summary["images_total"] == {"p": 18}
     keys = [(r["id"], r["model"], r["sample"]) for r in rows]  # the chaos suite's checks: exactly once, tidy
     assert len(keys) == len(set(keys)) == 18 and not (tmp_path / "out" / "_staging").exists()
-    assert sorted(str(p) for p in (tmp_path / "out" / "images").rglob("*.png")) == sorted(r["image_path"] for r in rows)
+    out = tmp_path / "out"
+    assert sorted(str(p) for p in (out / "images").rglob("*.png")) == sorted(str(out / r["image_path"]) for r in rows)
 
 
 def test_the_scoring_stage_isolates_a_row_it_cannot_score():

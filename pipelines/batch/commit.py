@@ -36,8 +36,10 @@ from promptmill.pipelines.layout import (
     METADATA_SCHEMA,
     SHARDS,
     STAGING,
+    dataset_schema,
     member_key,
     own_shard,
+    run_path,
     sample_keys,
     shard_relpath,
     tar_bytes,
@@ -55,7 +57,7 @@ from promptmill.pipelines.metadata import (
     sorted_by_key,
     union,
 )
-from promptmill.pipelines.storage import full_url, join, parquet_bytes, put_atomic, read_json, write_json
+from promptmill.pipelines.storage import join, parquet_bytes, put_atomic, read_json, write_json
 
 log = logging.getLogger(__name__)
 BUCKET_BYTES = 8 << 20  # Parquet bytes merged in memory at once (~10k scored rows): the commit's memory bound
@@ -116,12 +118,13 @@ def commit(fs: AbstractFileSystem, root: str, near_duplicates: tuple[str, float 
                 table = table.set_column(table.schema.get_field_index("image_path"), "image_path",
                                          pa.array([shards.get(p, p) for p in paths], pa.string()))
             guard()
-            put_atomic(fs, join(root, METADATA, f"part-{gen}-{b:05d}.parquet"), parquet_bytes(table))
+            put_atomic(fs, join(root, METADATA, f"part-{gen}-{b:05d}.parquet"), parquet_bytes(_described(table)))
             summaries.append(table.select(SUMMARY_COLUMNS))
             del table
             pa.default_memory_pool().release_unused()  # else the pool keeps every bucket's peak (module doc)
     if not summaries:  # an empty run still commits one (empty) file: a reader finds its schema
-        put_atomic(fs, join(root, METADATA, f"part-{gen}-00000.parquet"), parquet_bytes(METADATA_SCHEMA.empty_table()))
+        put_atomic(fs, join(root, METADATA, f"part-{gen}-00000.parquet"), 
+                   parquet_bytes(_described(METADATA_SCHEMA.empty_table())))
     if fence is not None:
         fence.check()  # still ours before the old parts go: a successor may be reading them
     for f in files:  # only now: every row above is safely in the new generation
@@ -130,6 +133,11 @@ def commit(fs: AbstractFileSystem, root: str, near_duplicates: tuple[str, float 
     if staged:
         log.info("committed %d metadata rows (%d staging parts merged)", count, len(staged))
     return union(summaries, SUMMARY_COLUMNS)
+
+
+def _described(table: pa.Table) -> pa.Table:
+    """A committed part says where its paths point and carries `datasets`' features (`layout.dataset_schema`)."""
+    return table.replace_schema_metadata(dataset_schema(table.schema).metadata)
 
 
 INDEX = ["model", "id", "sample", "image_path", "image_key"]  # what deduplication and the shards' commit read
@@ -216,13 +224,13 @@ def _finalize_shards(fs: AbstractFileSystem, root: str, kept: pa.Table,
     kept = _shard_rows(kept)
     if not len(kept):
         return {}
-    staged_root = full_url(fs, join(root, STAGING, SHARDS))
+    staged_root = join(root, STAGING, SHARDS)  # rows name tars relative to root (older runs: absolute URLs)
     paths = kept.column("image_path").to_pylist()
     keys, models = kept.column("image_key").to_pylist(), kept.column("model").to_pylist()
     staged: dict[str, tuple[str, set[str]]] = {}
     last: dict[str, int] = {}
     for p, k, m in zip(paths, keys, models):
-        if p.startswith(staged_root + "/"):
+        if run_path(root, p).startswith(staged_root + "/"):
             staged.setdefault(p, (m, set()))[1].add(k)
         elif (hit := SHARD_NAME.search(p)) is not None:
             last[m] = max(last.get(m, -1), int(hit.group(1)))
@@ -230,7 +238,7 @@ def _finalize_shards(fs: AbstractFileSystem, root: str, kept: pa.Table,
         return {}
     final: dict[str, str] = {}
     plan, numbers = [], dict(last)
-    referenced = {fs._strip_protocol(p) for p in paths if p}
+    referenced = {run_path(root, p) for p in paths if p}
     for p in sorted(staged):
         model = staged[p][0]
         while True:  # never overwrite a shard the metadata does not reference: it may not be ours
@@ -243,14 +251,14 @@ def _finalize_shards(fs: AbstractFileSystem, root: str, kept: pa.Table,
     # proves are ours (the sweep deletes nothing else)
     write_json(fs, join(root, STAGING, f"{SHARD_MANIFEST}-{uuid.uuid4().hex[:8]}.json"), [d for _, d in plan])
     for p, dest in plan:
-        data = fs.cat_file(fs._strip_protocol(p))
+        data = fs.cat_file(run_path(root, p))
         members = tar_members(data)
         keep = [(name, b) for name, b in members if member_key(name) in staged[p][1]]
         if len(keep) != len(members):
             data = tar_bytes(keep)
         guard()  # the lease still ours before each shard: numbers are picked by exists-then-write
         put_atomic(fs, dest, data)
-        final[p] = full_url(fs, dest)
+        final[p] = dest[len(root.rstrip("/")) + 1:]
     return final
 
 
@@ -264,7 +272,7 @@ def _sweep_shards(fs: AbstractFileSystem, root: str, kept: pa.Table, moved: dict
     manifests = fs.glob(join(root, STAGING, f"{SHARD_MANIFEST}-*.json")) if fs.exists(join(root, STAGING)) else []
     if not manifests:
         return
-    used = {fs._strip_protocol(moved.get(p, p)) for p in _shard_rows(kept).column("image_path").to_pylist()}
+    used = {run_path(root, moved.get(p, p)) for p in _shard_rows(kept).column("image_path").to_pylist()}
     for m in manifests:
         listed = read_json(fs, m)
         for f in listed if isinstance(listed, list) else []:

@@ -15,9 +15,10 @@ from dataclasses import dataclass, field
 import pyarrow.compute as pc
 from fsspec import AbstractFileSystem
 from promptmill.pipelines.batch.commit import commit
+from promptmill.pipelines.batch.imagefolder import write_imagefolders
 from promptmill.pipelines.batch.isolate import error_text
 from promptmill.pipelines.batch.lease import Fence
-from promptmill.pipelines.layout import OWN_REJECTED, REJECTED, STAGING, SUCCESS, SUMMARY, rejected_name
+from promptmill.pipelines.layout import OWN_REJECTED, PATHS, REJECTED, STAGING, SUCCESS, SUMMARY, rejected_name
 from promptmill.pipelines.metadata import metadata_files
 from promptmill.pipelines.redaction import redact
 from promptmill.pipelines.runs.report import write_report
@@ -133,6 +134,10 @@ def finalize(spec: JobSpec, fs: AbstractFileSystem, root: str, *, input_rows: in
     if fs.exists(success):
         fs.rm(success)
     table = commit(fs, root, near_duplicate_space(spec), fence)
+    if spec.output.format == "files":  # `datasets`' imagefolder table beside each model's images
+        if fence is not None:
+            fence.guard()
+        write_imagefolders(fs, root)
     previous = read_json(fs, join(root, SUMMARY)) or {}
     if "rejected_files" in previous or not fs.exists(join(root, REJECTED)):
         mine = previous.get("rejected_files", [])
@@ -150,7 +155,7 @@ def finalize(spec: JobSpec, fs: AbstractFileSystem, root: str, *, input_rows: in
         "rejected": rejected, "rejected_total": sum(rejected.values()),
         "images_written_this_run": written, "images_total": totals, "wall_s": round(wall, 3),
         "images_per_s": round(result.images_per_s, 3), "spec": redact(spec.model_dump(mode="json")),
-        "scores": score_summary(table), "rejected_files": rejected_files,
+        "scores": score_summary(table), "rejected_files": rejected_files, "image_path": PATHS,
         "ray_data_stats": stats,  # Ray Data's per-operator times and rows for this run (ds.stats())
         "phases_s": {**(phases or {}), "commit": round(time.time() - started - sum((phases or {}).values()), 3)},
     }

@@ -58,7 +58,8 @@ class ScoreRows(ScoreStage):
         decoded: dict[int, np.ndarray] = {}
         for i, data in enumerate(batch[self.image_column]):
             try:
-                decoded[i] = decode_image(bytes(data))
+                # `datasets`' Image struct (a Parquet output of ours, or any HF dataset) or plain bytes
+                decoded[i] = decode_image(bytes(data["bytes"] if isinstance(data, dict) else data))
             except Exception as e:  # noqa: BLE001 - any undecodable bytes: this row's error, not the job's
                 out["score_error"][i] = f"image does not decode: {type(e).__name__}: {e}"[:300]
         idx = sorted(decoded)

@@ -4,7 +4,8 @@ the rows' image columns; `WriteStage` does what every layout shares (rejected ro
 - `files`: one object per image at a deterministic name, and with `sidecars` img2dataset's `<key>.txt` / `.json`.
 - `webdataset`: one tar per model per write batch (`<key>.png`, `<key>.txt` prompt, `<key>.json` metadata), staged
   under `_staging/shards/`; `pipelines.batch.commit` numbers them `shards/<model>/{shard:05d}.tar`.
-- `parquet`: the encoded image bytes ride in the metadata table itself (`image` column).
+- `parquet`: the encoded image rides in the metadata table itself (`image`, as `datasets`' Image: bytes and name).
+`image_path` is relative to the output's root (`layout.PATHS`).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from promptmill.pipelines.layout import (
     sample_member_key,
     tar_bytes,
 )
-from promptmill.pipelines.storage import Location, full_url, is_local_fs, put_atomic
+from promptmill.pipelines.storage import Location, is_local_fs, join, put_atomic
 
 
 def sample_json(row: dict) -> bytes:
@@ -58,7 +59,7 @@ class FilesWriter(LayoutWriter):
             for d in {p.rsplit("/", 1)[0] for p in paths}:
                 fs.makedirs(d, exist_ok=True)
         fs.pipe(dict(zip(paths, encoded)))  # s3fs: concurrent PUTs
-        table = _with(table, "image_path", [full_url(fs, p) for p in paths])
+        table = _with(table, "image_path", [p[len(self.out.root.rstrip("/")) + 1:] for p in paths])
         if self.sidecars:  # beside the image, after it
             side = {}
             for path, row in zip(paths, table.to_pylist()):
@@ -70,7 +71,9 @@ class FilesWriter(LayoutWriter):
 
 class ParquetWriter(LayoutWriter):
     def store(self, table: pa.Table, encoded: list[bytes]) -> pa.Table:
-        return _with(table, "image", encoded)
+        names = [f"{i}-{int(s)}.{extension(self.image_format)}" for i, s in zip(table["id"].to_pylist(),
+                                                                             table["sample"].to_pylist())]
+        return _with(table, "image", [{"bytes": b, "path": n} for b, n in zip(encoded, names)])
 
 
 class WebDatasetWriter(LayoutWriter):
@@ -88,10 +91,10 @@ class WebDatasetWriter(LayoutWriter):
                 key = rows[i]["image_key"]
                 members += [(f"{key}.{ext}", encoded[i]), (f"{key}.txt", rows[i]["prompt"].encode()),
                             (f"{key}.json", sample_json(rows[i]))]
-            path = self.out.path(STAGING, SHARDS, model, f"{uuid.uuid4().hex}.tar")
-            put_atomic(self.out.fs, path, tar_bytes(members))
+            rel = join(STAGING, SHARDS, model, f"{uuid.uuid4().hex}.tar")
+            put_atomic(self.out.fs, self.out.path(rel), tar_bytes(members))
             for i in idx:
-                paths[i] = full_url(self.out.fs, path)
+                paths[i] = rel
         return _with(table, "image_path", paths)
 
 

@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 from promptmill.models.images import decode_image
-from promptmill.pipelines.layout import SUMMARY, extension, tar_members
+from promptmill.pipelines.layout import SUMMARY, extension, run_path, tar_members
 from promptmill.pipelines.metadata import SUMMARY_COLUMNS, metadata_files, read_metadata
 from promptmill.pipelines.storage import filesystem, is_local_fs, join, read_json
 
@@ -61,14 +61,16 @@ class Run:
                 fh.seek(0)
                 t = pq.read_table(fh, columns=["model", "id", "sample", "image"], filters=[("id", "in", ids)])
             cols = (t.column(c).to_pylist() for c in ("model", "id", "sample", "image"))
-            found.update({(m, i, s): b for m, i, s, b in zip(*cols) if (m, i, s) in wanted})
+            found.update({(m, i, s): b["bytes"] if isinstance(b, dict) else b  # older runs: plain bytes
+                          for m, i, s, b in zip(*cols) if (m, i, s) in wanted})
         return pa.array([found.get(k) for k in keys], pa.binary())
 
 
 def inside_run(fs: AbstractFileSystem, root: str, url: str) -> str:
-    """`url`'s path when it lies under the run's `root` on the run's own store; a ValueError naming it otherwise
-    (metadata is anyone's to edit: an image_path of another bucket or /dev/zero is not read)."""
-    path = fs._strip_protocol(url)
+    """`url`'s path (relative to `root`, or an older run's absolute URL) when it lies under the run's `root` on the
+    run's own store; a ValueError naming it otherwise (metadata is anyone's to edit: an image_path of another
+    bucket, ../ or /dev/zero is not read)."""
+    path = run_path(root, url) if "://" not in url else fs._strip_protocol(url)  # relative: under root (PATHS)
     parts = path.split("/")
     if "://" in url and fs.unstrip_protocol(path) != url or ".." in parts or "." in parts \
             or not path.startswith(root.rstrip("/") + "/"):
@@ -81,10 +83,11 @@ def inside_run(fs: AbstractFileSystem, root: str, url: str) -> str:
 def read_image_bytes(fs: AbstractFileSystem, rows: pa.Table, root: str) -> list[bytes]:
     """Encoded images of metadata rows, whatever the output format (files, webdataset, parquet); only paths
     inside the run's `root` are read."""
-    inline = rows.column("image").to_pylist()
+    inline = [b["bytes"] if isinstance(b, dict) else b for b in rows.column("image").to_pylist()]  # Image or bytes
     paths = rows.column("image_path").to_pylist()
     keys = rows.column("image_key").to_pylist()
-    needed = sorted({inside_run(fs, root, p) for p, b in zip(paths, inline) if b is None and p})
+    where = {p: inside_run(fs, root, p) for p, b in zip(paths, inline) if b is None and p}
+    needed = sorted(set(where.values()))
     got = fs.cat(needed) if needed else {}  # s3fs: concurrent GETs
     members: dict[str, dict[str, bytes]] = {}
     out = []
@@ -92,9 +95,9 @@ def read_image_bytes(fs: AbstractFileSystem, rows: pa.Table, root: str) -> list[
         if b is not None:
             out.append(b)
         elif k is None:
-            out.append(got[fs._strip_protocol(p)])
+            out.append(got[where[p]])
         else:  # a WebDataset member
-            tar = fs._strip_protocol(p)
+            tar = where[p]
             if tar not in members:
                 members[tar] = dict(tar_members(got[tar]))
             out.append(members[tar][f"{k}.{extension(fmt)}"])
