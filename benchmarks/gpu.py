@@ -137,7 +137,7 @@ def same_pixels(out: Path, ckpt: str, device: str, precision: str, n: int = 64) 
     rows = pq.read_table(out / "metadata", columns=["prompt", "seed", "image_path"]).slice(0, n).to_pylist()
     gen = at_precision(load_generator(ckpt, device), device, precision)
     drawn = gen.generate([r["prompt"] for r in rows], [int(r["seed"]) for r in rows])
-    diffs = [int(np.abs(decode_image(Path(r["image_path"]).read_bytes()).astype(int) - im).max())
+    diffs = [int(np.abs(decode_image((out / r["image_path"]).read_bytes()).astype(int) - im).max())
              for r, im in zip(rows, drawn)]
     return {"images": len(rows), "identical": sum(d == 0 for d in diffs), "max_abs_diff": max(diffs)}
 

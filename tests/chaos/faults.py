@@ -180,8 +180,8 @@ def exactly_once(store: Store, n: int) -> None:
     rows = [r for p in fs.find("chaos/out/metadata") for r in pq.read_table(fs.open(p)).to_pylist()]
     keys = [(r["id"], r["model"], r["sample"]) for r in rows]
     assert len(keys) == len(set(keys)) == n
-    images = fs.find("chaos/out/images")
-    assert len(images) == n and {r["image_path"].split("://", 1)[-1] for r in rows} == set(images)
+    images = [p for p in fs.find("chaos/out/images") if p.endswith(".png")]  # not imagefolder's metadata.jsonl
+    assert len(images) == n and {f"chaos/out/{r['image_path']}" for r in rows} == set(images)  # relative to the output
     assert not fs.exists("chaos/out/_staging") and fs.exists("chaos/out/_SUCCESS")
     summary = json.loads(fs.cat_file("chaos/out/summary.json"))
     assert summary["images_total"] == {"gan": n} and summary["accepted"] == n
