@@ -95,9 +95,11 @@ def _read(fs: AbstractFileSystem, files: list[str], columns: list[str] | None = 
 
 
 def _union(tables: list[pa.Table], columns: list[str] | None = None) -> pa.Table:
-    """Tables written at different times as one: our columns in layout order, then the extra ones."""
+    """Tables written at different times as one: our columns in layout order, then the extra ones (`columns`: those
+    asked for, kept input columns included)."""
     schema = (pa.schema(list(METADATA_SCHEMA) + _extra_fields(tables)) if columns is None
-              else pa.schema([METADATA_SCHEMA.field(c) for c in columns]))
+              else pa.schema([METADATA_SCHEMA.field(c) for c in columns if c in METADATA_SCHEMA.names]
+                             + [f for f in _extra_fields(tables) if f.name in columns]))
     return pa.concat_tables([_conform(t, schema) for t in tables]) if tables else schema.empty_table()
 
 

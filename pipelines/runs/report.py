@@ -29,19 +29,24 @@ def _png_uri(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
-def thumbnail(img: np.ndarray) -> str:
-    """An <img class=t> of any size: a small image upscaled by a whole factor (pixels stay sharp), a large one
-    downscaled to fit PHOTO, aspect kept either way."""
+def thumbnail_image(img: np.ndarray, small: int = THUMB, box: int = PHOTO) -> tuple[Image.Image, bool]:
+    """(the thumbnail, whether it was upscaled): an image within `small` upscaled by a whole factor (pixels stay
+    sharp), a larger one downscaled to fit `box`, aspect kept either way. The review page's thumbnails too."""
     h, w = img.shape[:2]
     im = Image.fromarray(img)
-    if max(h, w) <= THUMB:
-        k = max(1, THUMB // max(h, w))
-        im, cls = im.resize((w * k, h * k), Image.NEAREST), "t px"
-    else:
-        im.thumbnail((PHOTO, PHOTO), Image.LANCZOS)
-        cls = "t"
+    if max(h, w) <= small:
+        k = max(1, small // max(h, w))
+        return im.resize((w * k, h * k), Image.NEAREST), True
+    im.thumbnail((box, box), Image.LANCZOS)
+    return im, False
+
+
+def thumbnail(img: np.ndarray) -> str:
+    """An <img class=t> of any size (`thumbnail_image`), embedded as a PNG data URI."""
+    im, upscaled = thumbnail_image(img)
     buf = io.BytesIO()
     im.save(buf, format="PNG")
+    cls = "t px" if upscaled else "t"
     return f"<img class='{cls}' width={im.width} height={im.height} src='{_png_uri(buf.getvalue())}'"
 
 
@@ -93,11 +98,14 @@ def score_plot(metadata: pa.Table, models: list[str]) -> str | None:
     return _png_uri(buf.getvalue())
 
 
-def build_report(run: Run, gallery_prompts: int = 24, extremes: int = 8) -> str:
+def build_report(run: Run, gallery_prompts: int = 24, extremes: int = 8, review_url: str | None = None) -> str:
+    """`review_url`: where this run's review page (`promptmill review`) is served, linked at the top."""
     s, models, md = run.summary, run.models, run.metadata
     parts = [f"<!doctype html><html><head><meta charset=utf-8><title>promptmill: {html.escape(s.get('name', ''))}"
              f"</title><style>{CSS}</style></head><body>",
              f"<h1>promptmill run: {html.escape(s.get('name', run.url))}</h1><p class=s>{html.escape(run.url)}</p>"]
+    if review_url:
+        parts.append(f"<p><a id=review href='{html.escape(review_url, quote=True)}'>Review and approve these images</a></p>")
     rej = s.get("rejected") or {}
     parts.append("<h2>Summary</h2>" + _table(["input rows", "accepted", "rejected", "images (total)", "images/s (this run)",
                                               "wall s"],
@@ -151,10 +159,10 @@ def build_report(run: Run, gallery_prompts: int = 24, extremes: int = 8) -> str:
     return "\n".join(parts)
 
 
-def write_report(run: Run) -> str:
+def write_report(run: Run, review_url: str | None = None) -> str:
     """Writes report.html; a rebuild that succeeds clears the `report_error` an earlier attempt left in the summary."""
     path = join(run.root, REPORT)
-    run.fs.pipe(path, build_report(run).encode())
+    run.fs.pipe(path, build_report(run, review_url=review_url).encode())
     if run.summary.pop("report_error", None) is not None:
         write_json(run.fs, join(run.root, SUMMARY), run.summary)
     return path

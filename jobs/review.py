@@ -1,0 +1,44 @@
+"""promptmill review OUTPUT [--port 8765] [--token T] [--reviewer NAME]: the review page over a finished run."""
+
+from __future__ import annotations
+
+import argparse
+import getpass
+import json
+import os
+import time
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("review", help="a web page to approve / reject a run's images (127.0.0.1, token required)")
+    p.add_argument("output", help="output URL of a generate job (local or s3://)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    p.add_argument("--port", type=int, default=8765)
+    p.add_argument("--token", default=None, help="access token (default: $PROMPTMILL_REVIEW_TOKEN, else a random one)")
+    p.add_argument("--reviewer", default=None, help="the name every decision from this server is signed with "
+                   "(default: $PROMPTMILL_REVIEWER, else your login name)")
+    p.add_argument("--product-column", default=None, help="kept input column naming the product (default: product, sku)")
+    p.add_argument("--storage-options", default="{}", help="JSON fsspec options")
+    p.set_defaults(func=main)
+
+
+def main(args: argparse.Namespace) -> int:
+    import uvicorn
+    from promptmill.jobs import error
+    from promptmill.pipelines.review.app import TOKEN_ENV, build_app, new_token
+    from promptmill.pipelines.review.grid import Grid
+
+    token = args.token or os.environ.get(TOKEN_ENV) or new_token()
+    reviewer = args.reviewer or os.environ.get("PROMPTMILL_REVIEWER") or getpass.getuser()
+    t0 = time.perf_counter()
+    try:
+        grid = Grid(args.output, json.loads(args.storage_options), args.product_column)
+    except (FileNotFoundError, ValueError) as e:
+        return error(e)
+    app = build_app(grid, token, reviewer)
+    host = f"[{args.host}]" if ":" in args.host else args.host
+    print(f"promptmill review: {len(grid.table)} images of {args.output} opened in {time.perf_counter() - t0:.2f} s",
+          flush=True)
+    print(f"    http://{host}:{args.port}/?token={token}", flush=True)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
