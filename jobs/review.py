@@ -6,6 +6,7 @@ import argparse
 import getpass
 import json
 import os
+import socket
 import time
 
 
@@ -36,9 +37,18 @@ def main(args: argparse.Namespace) -> int:
     except (FileNotFoundError, ValueError) as e:
         return error(e)
     app = build_app(grid, token, reviewer)
+    family = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)  # bound and listening before the URL is printed (port 0: any)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as e:
+        return error(OSError(f"--host {args.host} --port {args.port}: cannot bind ({e.strerror})"))
+    sock.listen(128)
+    port = sock.getsockname()[1]
     host = f"[{args.host}]" if ":" in args.host else args.host
     print(f"promptmill review: {len(grid.table)} images of {args.output} opened in {time.perf_counter() - t0:.2f} s",
           flush=True)
-    print(f"    http://{host}:{args.port}/?token={token}", flush=True)
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    print(f"    http://{host}:{port}/?token={token}", flush=True)
+    uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     return 0

@@ -129,11 +129,13 @@ def best_per_group(metadata: pa.Table, n: int, score: str, per: str | None, skip
     t = metadata.filter(pc.is_valid(metadata[score]))
     for flag in skip:
         if flag in t.column_names:
-            t = t.filter(pc.invert(pc.fill_null(t[flag], False)))
-    if exclude is not None and len(exclude):
-        t = t.join(exclude.select(KEY).append_column("_x", pa.array([True] * len(exclude))), KEY, join_type="left outer")
-        t = t.filter(pc.is_null(t["_x"])).drop_columns(["_x"])
+            t = t.filter(pc.invert(pc.fill_null(pc.cast(t[flag], pa.bool_()), False)))
     group = per or "model"
+    t = t.select(list(dict.fromkeys([*KEY, group, score])))
+    if exclude is not None and len(exclude):
+        ex = exclude.select(KEY).cast(t.select(KEY).schema)
+        t = t.join(ex.append_column("_x", pa.array([True] * len(ex))), KEY, join_type="left outer")
+        t = t.filter(pc.is_null(t["_x"])).drop_columns(["_x"])
     t = t.sort_by([(group, "ascending"), (score, "descending"), *((k, "ascending") for k in KEY)])
     if not len(t):
         return t.select(KEY)

@@ -7,6 +7,7 @@ converts only the page's rows to Python: no loop over the run's rows per request
 from __future__ import annotations
 
 import io
+import logging
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -18,6 +19,7 @@ from promptmill.pipelines.review.decisions import KEY, DecisionLog
 from promptmill.pipelines.review.rows import open_run, product_column
 from promptmill.pipelines.runs.report import thumbnail_image
 
+log = logging.getLogger(__name__)
 SCORES = ("clip_score", "aesthetic_score")
 FLAG_COLUMNS = ("near_duplicate", "nsfw", "prompt_match")
 MAX_FACETS = 200  # a kept column with more distinct values than this is filtered by typed text, not a list
@@ -110,7 +112,7 @@ class Grid:
             masks.append(pc.match_substring(t["prompt"], q.prompt, ignore_case=True))
         for f, v in q.flags.items():
             if f in t.column_names:
-                masks.append(pc.equal(pc.fill_null(t[f], False), v))
+                masks.append(pc.equal(pc.fill_null(pc.cast(t[f], pa.bool_()), False), v))
         if q.score in t.column_names:
             if q.min_score is not None:
                 masks.append(pc.greater_equal(t[q.score], q.min_score))
@@ -138,7 +140,7 @@ class Grid:
         order = [(k, "ascending") for k in KEY]
         if q.sort != "key" and q.score in t.column_names:
             order = [(q.score, "descending" if q.sort == "score_desc" else "ascending"), *order]
-            t = t.sort_by(order, null_placement="at_end")
+            t = t.take(pc.sort_indices(t, sort_keys=order, null_placement="at_end"))
         elif q.decision:  # the join does not keep row order
             t = t.sort_by(order)
         page = t.slice(q.offset, q.limit)
@@ -194,7 +196,12 @@ class Grid:
         row = self.row(model, row_id, sample)
         if not len(row):
             return None
-        im, _ = thumbnail_image(self.run.images(row)[0], THUMB_SMALL, THUMB_BOX)
+        try:
+            img = self.run.images(row)[0]
+        except ValueError as e:  # an image_path outside the run (metadata is anyone's to edit): not served
+            log.warning("%s", e)
+            return None
+        im, _ = thumbnail_image(img, THUMB_SMALL, THUMB_BOX)
         buf = io.BytesIO()
         im.save(buf, format="PNG")
         data = buf.getvalue()
