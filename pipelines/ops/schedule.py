@@ -295,7 +295,9 @@ def fire(s: ScheduleSpec, slot: dt.datetime, dry_run: bool = False) -> dict[str,
             mark = "BLOCKED " if blocked is not None and blocked.search(r["prompt"]) else ""
             print(f"{r['id']}\t{mark}{r['prompt']}")
         return {"run": rid, "status": "dry run", "prompts": table.num_rows, "output": data["output"]["path"],
-                "models": [m.name for m in s.models], "submit_address": s.submit_address}
+                "models": [m.name for m in s.models], "submit_address": s.submit_address,
+                "review_auto": s.review.auto.model_dump() if s.review.auto else None,
+                "deliver_to": join(own.deliver.to, rid) if own.deliver else None}
     spec = load_spec(data)  # the spec is valid before anything is written
     fs, root = filesystem(run_url(own, slot), own.output.storage_options)
     prompts_path = join(root, PROMPTS)

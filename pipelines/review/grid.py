@@ -140,7 +140,7 @@ class Grid:
         order = [(k, "ascending") for k in KEY]
         if q.sort != "key" and q.score in t.column_names:
             order = [(q.score, "descending" if q.sort == "score_desc" else "ascending"), *order]
-            t = t.take(pc.sort_indices(t, sort_keys=order, null_placement="at_end"))
+            t = t.sort_by(order)  # nulls last (Arrow's default)
         elif q.decision:  # the join does not keep row order
             t = t.sort_by(order)
         page = t.slice(q.offset, q.limit)
