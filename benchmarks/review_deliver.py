@@ -149,6 +149,15 @@ def bench_deliver(images: int) -> None:
     fs, root = filesystem(str(tmp / "run"))
     md = pq.read_table(tmp / "run" / "metadata", columns=["model", "id", "sample"])
     DecisionLog(fs, root).decide(md, "approve", None, "bench")
+    from promptmill.pipelines.review.grid import Grid
+
+    grid = Grid(str(tmp / "run"))
+    page = grid.query(grid.parse({"limit": "48", "sort": "key"}))["rows"]
+    for label in ("cold", "cached"):
+        t = time.perf_counter()
+        for r in page:
+            assert grid.thumbnail(r["model"], r["id"], r["sample"])
+        print(f"\nthumbnails of one page (48, files layout, local disk), {label}: {time.perf_counter() - t:.3f} s")
     print(f"\n{len(md)} images of the shipped GAN (32x32) approved; deliver to local disk, 4 workers, crop\n")
     print("| placement | format | images/s | s | rerun (nothing to do) s |\n|---|---|---|---|---|")
     for fmt in ("jpeg", "png"):

@@ -103,6 +103,14 @@ def test_deliver_local_sizes_manifest_provenance_idempotence(made_run, tmp_path,
         [("p0", 0), ("p1", 1), ("p3", 1)]
     assert not list(dest.rglob("p2-0.png"))
     assert all(stamps[p] == p.stat().st_mtime_ns for p in stamps if p.exists() and "manifest" not in p.name)
+    # the manifest is anyone's to edit: a path out of the destination is never deleted
+    outside = tmp_path / "outside.png"
+    outside.write_bytes(b"keep me")
+    m = pq.read_table(dest / "manifest.parquet")
+    forged = m.slice(0, 1).to_pylist()[0] | {"id": "p9", "path": "../outside.png"}
+    pq.write_table(pa.concat_tables([m, pa.Table.from_pylist([forged], schema=m.schema)]), dest / "manifest.parquet")
+    assert deliver(capsys, run, "--to", str(dest), "--format", "png")["withdrawn"] == 0
+    assert outside.read_bytes() == b"keep me"
     # JPEG, padded: the XMP (prompt + AI marker) rides in the JPEG too
     jpg = deliver(capsys, run, "--to", str(tmp_path / "jpeg"), "--fit", "pad", "--placements", "link=1200x628")
     assert jpg["written"] == {"link": 3}

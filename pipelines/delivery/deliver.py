@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.csv as pacsv
 import pyarrow.parquet as pq
 from promptmill.pipelines.delivery.placements import FITS, Placement, fit_image
-from promptmill.pipelines.layout import IMAGE_FORMATS, encode_image, extension
+from promptmill.pipelines.layout import IMAGE_FORMATS, SAFE_NAME, encode_image, extension
 from promptmill.pipelines.provenance import FIELDS
 from promptmill.pipelines.review.decisions import KEY, DecisionLog
 from promptmill.pipelines.review.rows import open_run
@@ -76,6 +76,16 @@ def approved_rows(run: Run, latest: pa.Table) -> pa.Table:
 
 def relpath(p: Placement, model: str, row_id: str, sample: int, image_format: str) -> str:
     return f"{p.name}/{model}/{row_id}-{sample}.{extension(image_format)}"
+
+
+def own_file(entry: dict) -> bool:
+    """Whether a manifest row's path is one `deliver` writes (the manifest is anyone's to edit: a path such as
+    ../../x is never deleted)."""
+    names = (entry.get("placement"), entry.get("model"), entry.get("id"))
+    if not all(isinstance(n, str) and SAFE_NAME.fullmatch(n) for n in names) or entry.get("format") not in IMAGE_FORMATS:
+        return False
+    p = Placement(entry["placement"], 0, 0)
+    return entry.get("path") == relpath(p, entry["model"], entry["id"], int(entry["sample"]), entry["format"])
 
 
 def provenance(row: dict, p: Placement) -> dict[str, str]:
@@ -158,7 +168,7 @@ def deliver(src: str, dest: str, settings: DeliverSettings, storage_options: dic
     # 4. Withdraw what is no longer approved, then the manifest (only when it changed)
     approved_keys = {(r["model"], r["id"], r["sample"]) for r in pylist}
     for k, o in old_rows.items():
-        if k[:3] not in approved_keys and join(root, o["path"]) in present:
+        if k[:3] not in approved_keys and own_file(o) and join(root, o["path"]) in present:
             fs.rm(join(root, o["path"]))
             out.withdrawn += 1
     schema = manifest_schema(run, kept)

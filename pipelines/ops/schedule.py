@@ -23,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from croniter import croniter
+from promptmill.pipelines.batch.commit import metadata_files
 from promptmill.pipelines.delivery.deliver import DeliverSettings, deliver
 from promptmill.pipelines.delivery.placements import DEFAULT_PLACEMENTS, parse_colour, parse_placements
 from promptmill.pipelines.layout import SUCCESS
@@ -264,6 +265,8 @@ def review_and_deliver(s: ScheduleSpec, slot: dt.datetime) -> dict[str, Any]:
     out: dict[str, Any] = {}
     url, opts = run_url(s, slot), s.output.storage_options
     rules = s.review.auto
+    if (rules or s.deliver) and not metadata_files(*filesystem(url, opts))[0]:
+        return {"review": "no images to review (every row rejected?)"}
     if rules is not None:
         fs, root = filesystem(url, opts)
         decisions = DecisionLog(fs, root)
