@@ -9,7 +9,10 @@ another offset (with no filter, a kept-column filter, a score range, and the und
 Deliver: a real run of the shipped GAN (`promptmill generate`, N images, scoring off), every image approved, then
 `deliver` to a fresh folder once per placement and format; images/s = approved images / wall seconds.
 
-    python benchmarks/review_deliver.py [--rows 100000] [--images 300]
+Browser: the same page in Debian's headless Chromium (Playwright): navigation to 48 cards drawn, and `n` to the
+next page drawn.
+
+    python benchmarks/review_deliver.py [--rows 100000] [--images 300] [--no-browser] [--skip-deliver]
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import logging
 import statistics
 import subprocess
 import sys
@@ -80,13 +84,14 @@ def get(base: str, path: str) -> tuple[float, dict]:
     return time.perf_counter() - t, body
 
 
-def bench_page(n: int, decisions: int) -> None:
+def bench_page(n: int, decisions: int, browser: bool = True) -> None:
     import socket
 
     import uvicorn
     from promptmill.pipelines.review.app import build_app
     from promptmill.pipelines.review.grid import Grid
 
+    logging.getLogger("promptmill.pipelines.review.grid").setLevel(logging.ERROR)  # no image files: one 404 per card
     root = Path(tempfile.mkdtemp()) / "run"
     synth_run(root, n, decisions)
     size = sum(p.stat().st_size for p in (root / "metadata").glob("*.parquet"))
@@ -122,7 +127,38 @@ def bench_page(n: int, decisions: int) -> None:
             times.append(dt_)
             total = body["total"]
         print(f"| {name} | {statistics.median(times):.3f} | {max(times):.3f} | {total:,} |")
+    if browser:
+        bench_browser(base)
     server.should_exit = True
+
+
+def bench_browser(base: str) -> None:
+    """The same run in headless Chromium (Debian's): from navigation to 48 cards drawn, and a page turn (`n`) to the
+    next 48 drawn. The synthetic run has no image files: each card's thumbnail request is answered 404."""
+    import shutil
+
+    from playwright.sync_api import expect, sync_playwright
+
+    with sync_playwright() as pw:
+        b = pw.chromium.launch(executable_path=shutil.which("chromium"), headless=True, args=["--no-sandbox"])
+        page = b.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(f"{base}/?token=bench")  # sets the cookie; not timed
+        times = {"open (navigate, 48 cards drawn)": [], "page turn (`n`, next 48 drawn)": []}
+        for _ in range(5):
+            t = time.perf_counter()
+            page.goto(base + "/")
+            expect(page.locator(".card")).to_have_count(48)
+            times["open (navigate, 48 cards drawn)"].append(time.perf_counter() - t)
+            for _ in range(2):
+                before = page.inner_text("#range")
+                t = time.perf_counter()
+                page.keyboard.press("n")
+                expect(page.locator("#range")).not_to_have_text(before)
+                times["page turn (`n`, next 48 drawn)"].append(time.perf_counter() - t)
+        b.close()
+    print("\n| in headless Chromium | median s | max s |\n|---|---|---|")
+    for name, ts in times.items():
+        print(f"| {name} | {statistics.median(ts):.3f} | {max(ts):.3f} |")
 
 
 def bench_deliver(images: int) -> None:
@@ -180,8 +216,9 @@ def main() -> None:
     ap.add_argument("--decisions", type=int, default=2_000)
     ap.add_argument("--images", type=int, default=300)
     ap.add_argument("--skip-deliver", action="store_true")
+    ap.add_argument("--no-browser", action="store_true", help="skip the headless Chromium timings")
     args = ap.parse_args()
-    bench_page(args.rows, args.decisions)
+    bench_page(args.rows, args.decisions, not args.no_browser)
     if not args.skip_deliver:
         bench_deliver(args.images)
 

@@ -265,7 +265,7 @@ def test_keyboard_review_in_headless_chromium(run):
             scores = json.loads(request(base, "/api/items?sort=score_desc", Authorization="Bearer tok")[2])["rows"]
             assert order == [f"{r['model']}/{r['id']}/{r['sample']}" for r in scores]  # best first
             expect(cards.nth(0)).to_have_class("card sel")
-            page.wait_for_function("document.querySelector('.card img').complete")
+            expect(cards.nth(0).locator("img")).to_have_js_property("complete", True)  # (the page's CSP forbids eval)
             assert cards.nth(0).locator("img").evaluate("i => i.naturalWidth") == 192  # the thumbnail, served by key
             page.keyboard.press("a")  # approve #0, move to #1
             expect(cards.nth(0)).to_have_attribute("data-decision", "approve")

@@ -310,8 +310,9 @@ def fire(s: ScheduleSpec, slot: dt.datetime, dry_run: bool = False) -> dict[str,
         from promptmill.pipelines.ops.submit import submit
 
         sid, created = submit(data, s.submit_address, s.pass_aws_credentials)
-        if s.review.auto or s.deliver:  # the job ends on the cluster; a later fire of this slot finds it done
-            log.warning("%s: submitted; its review and delivery run when the slot fires again after the job", rid)
+        if s.review.auto or s.deliver:  # the job ends on the cluster, after this returns
+            log.warning("%s: submitted; review.auto and deliver run once it is done, by `promptmill schedule %s --once "
+                        "--at %s` (or `promptmill deliver`)", rid, "SCHEDULE.yaml", slot.isoformat())
         return {"run": rid, "status": "submitted" if created else "already submitted", "submission_id": sid}
     from promptmill.pipelines.batch.job import run_job
 

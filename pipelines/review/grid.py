@@ -198,7 +198,8 @@ class Grid:
             return None
         try:
             img = self.run.images(row)[0]
-        except ValueError as e:  # an image_path outside the run (metadata is anyone's to edit): not served
+        except (ValueError, FileNotFoundError, KeyError) as e:  # a path outside the run (metadata is anyone's to
+            # edit), or an image file or tar member gone: not served
             log.warning("%s", e)
             return None
         im, _ = thumbnail_image(img, THUMB_SMALL, THUMB_BOX)
