@@ -20,6 +20,7 @@ from promptmill.jobs.cli import main as cli
 from promptmill.pipelines.delivery.placements import Placement, border_colour, fit_image, parse_colour, parse_placements
 from promptmill.pipelines.provenance import TRAINED_ALGORITHMIC_MEDIA, read_fields
 from promptmill.pipelines.review.decisions import DecisionLog, latest
+from promptmill.pipelines.review.grid import Grid
 from promptmill.pipelines.storage import filesystem
 from review_runs import ad_run, copy_run
 
@@ -142,6 +143,12 @@ def test_deliver_from_and_to_s3(ray_local, checkpoints, tmp_path, s3, capsys):
         assert TRAINED_ALGORITHMIC_MEDIA.encode() in im.info["xmp"] and r["prompt"].encode() in im.info["xmp"]
     again = deliver(capsys, run, "--to", "s3://bucket/delivered", "--storage-options", opts)
     assert sum(again["written"].values()) == 0 and not again["manifest_written"]
+    # the review page's data over the same S3 run: rows, decisions, thumbnails by key
+    grid = Grid(run, s3)
+    page = grid.query(grid.parse({"decision": "approve", "sort": "key"}))
+    assert [(r["id"], r["sample"], r["decision"]["reviewer"]) for r in page["rows"]] == [("p0", 0, "alice"), ("p3", 1, "alice")]
+    assert Image.open(io.BytesIO(grid.thumbnail("gan", "p3", 1))).size == (192, 192)
+    assert grid.thumbnail("gan", "p3", 5) is None
 
 
 def test_a_schedule_reviews_and_delivers_each_fire(ray_local, checkpoints, tmp_path, capsys):
