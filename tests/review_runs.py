@@ -16,14 +16,15 @@ PROMPTS = ["a small red circle on the left", "a large blue square above a green 
            "a big yellow triangle at the top", "a small purple circle on a white background"]
 
 
-def ad_run(tmp: Path, checkpoints: dict[str, str], out: str, storage_options: dict | None = None) -> str:
+def ad_run(tmp: Path, checkpoints: dict[str, str], out: str, storage_options: dict | None = None,
+           layout: str = "files") -> str:
     """4 prompts x 2 samples of the shipped GAN (3.8 MB: real shapes, so scores and the screenshot mean something),
     scored, with the kept columns sku / template / campaign."""
     src = write_prompts(tmp / "in" / "part-0.parquet", PROMPTS, [f"p{i}" for i in range(len(PROMPTS))],
                         sku=["s1", "s1", "s2", "s2"], template=[0, 1, 0, 1], campaign=["spring"] * 4)
     spec = make_spec(str(Path(src).parent), out, checkpoints,
                      input={"path": str(Path(src).parent), "id_column": "id", "keep_columns": ["sku", "template", "campaign"]},
-                     output={"path": out, "storage_options": storage_options or {}})
+                     output={"path": out, "storage_options": storage_options or {}, "format": layout})
     spec["models"][0]["checkpoint"] = "shipped:gan"
     run_job(load_spec(spec))
     return out

@@ -191,3 +191,15 @@ def test_a_schedule_reviews_and_delivers_each_fire(ray_local, checkpoints, tmp_p
     path.write_text(yaml.safe_dump(data))
     assert cli(["schedule", str(path), "--once", "--at", "2026-11-24T06:10:00Z"]) == 2
     assert "deliver.placements" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("layout", ["webdataset", "parquet"])
+def test_review_and_deliver_read_images_in_any_layout(ray_local, checkpoints, tmp_path, capsys, layout):
+    run = ad_run(tmp_path, checkpoints, str(tmp_path / "run"), layout=layout)
+    grid = Grid(run)
+    assert Image.open(io.BytesIO(grid.thumbnail("gan", "p1", 1))).size == (192, 192)
+    approve(run, [("p1", 1)])
+    out = deliver(capsys, run, "--to", str(tmp_path / "dest"), "--placements", "feed=1080x1080")
+    assert out["written"] == {"feed": 1}
+    im = Image.open(tmp_path / "dest" / "feed" / "gan" / "p1-1.jpg")
+    assert im.size == (1080, 1080) and b"a large blue square" in im.info["xmp"]

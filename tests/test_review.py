@@ -198,6 +198,21 @@ def _start_reviewer(run: Path, name: str) -> tuple[subprocess.Popen, str]:
     raise AssertionError(f"reviewer {name} did not start: {p.wait()}")
 
 
+def test_review_binds_loopback_with_a_random_token(run):
+    env = {k: v for k, v in os.environ.items() if k != "PROMPTMILL_REVIEW_TOKEN"}
+    p = subprocess.Popen([sys.executable, "-m", "promptmill.jobs.cli", "review", str(run), "--port", "0"], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        url = next(line.strip() for line in p.stdout if "?token=" in line)
+        base, token = url.split("/?token=")
+        assert base.startswith("http://127.0.0.1:") and len(token) >= 32  # secrets.token_urlsafe(24)
+        assert request(base, "/api/meta")[0] == 401
+        assert json.loads(request(base, "/api/meta", Authorization=f"Bearer {token}")[2])["rows"] == 8
+    finally:
+        p.terminate()
+        p.wait(10)
+
+
 def test_two_reviewer_processes_lose_nothing(run):
     procs = [_start_reviewer(run, n) for n in ("alice", "bob")]
     try:
