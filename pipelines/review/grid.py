@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from threading import Lock
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from promptmill.pipelines.review.decisions import KEY, DecisionLog
@@ -56,6 +57,7 @@ class Grid:
         self._thumbs: OrderedDict[tuple, bytes] = OrderedDict()
         self._thumb_cache, self._lock = thumb_cache, Lock()
         self.facets = {c: self._facet(c) for c in ["model", *self.kept]}
+        self._keys = self.table.select(KEY).append_column("_in", pa.array(np.ones(len(self.table), bool)))
 
     def _facet(self, column: str) -> list[str] | None:
         values = pc.unique(pc.cast(self.table[column], pa.string()))
@@ -132,17 +134,15 @@ class Grid:
         if mask is not None:
             t = t.filter(mask)
         decided = self.log.latest()
-        if q.decision:
-            marks = decided.select([*KEY, "decision"])
-            t = t.join(marks, KEY, join_type="left outer")
-            t = t.filter(pc.is_null(t["decision"]) if q.decision == "none" else
-                         pc.fill_null(pc.equal(t["decision"], q.decision), False)).drop_columns(["decision"])
-        order = [(k, "ascending") for k in KEY]
+        if q.decision:  # the keys joined with the decisions, then the matching rows taken in their order
+            narrow = t.select(KEY).append_column("_i", pa.array(np.arange(len(t))))
+            j = narrow.join(decided.select([*KEY, "decision"]), KEY, join_type="left outer")
+            hit = pc.is_null(j["decision"]) if q.decision == "none" else \
+                pc.fill_null(pc.equal(j["decision"], q.decision), False)
+            t = t.take(np.sort(j.filter(hit)["_i"].to_numpy()))
         if q.sort != "key" and q.score in t.column_names:
-            order = [(q.score, "descending" if q.sort == "score_desc" else "ascending"), *order]
+            order = [(q.score, "descending" if q.sort == "score_desc" else "ascending"), *((k, "ascending") for k in KEY)]
             t = t.sort_by(order)  # nulls last (Arrow's default)
-        elif q.decision:  # the join does not keep row order
-            t = t.sort_by(order)
         page = t.slice(q.offset, q.limit)
         return {"total": len(t), "offset": q.offset, "rows": self._rows(page, decided)}
 
@@ -165,15 +165,15 @@ class Grid:
     # ------------------------------------------------------------ keys and images
 
     def keys(self, items: list[dict]) -> pa.Table:
-        """(model, id, sample) of `items` that are images of this run; a ValueError naming the first that is not."""
+        """(model, id, sample) of `items`: a ValueError for a malformed item, a KeyError naming the first key that is
+        no image of this run."""
         try:
             want = pa.table({"model": pa.array([str(i["model"]) for i in items], pa.string()),
                              "id": pa.array([str(i["id"]) for i in items], pa.string()),
                              "sample": pa.array([int(i["sample"]) for i in items], pa.int32())})
         except (KeyError, TypeError, ValueError) as e:
             raise ValueError(f"items: each needs model, id and sample ({e})") from None
-        found = want.join(self.table.select(KEY).append_column("_in", pa.array([True] * len(self.table))), KEY,
-                          join_type="left outer")
+        found = want.join(self._keys, KEY, join_type="left outer")
         missing = found.filter(pc.is_null(found["_in"]))
         if len(missing):
             m = missing.slice(0, 1).to_pylist()[0]
