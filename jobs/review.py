@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import getpass
+import ipaddress
 import json
 import os
 import socket
@@ -50,5 +51,8 @@ def main(args: argparse.Namespace) -> int:
     print(f"promptmill review: {len(grid.table)} images of {args.output} opened in {time.perf_counter() - t0:.2f} s",
           flush=True)
     print(f"    http://{host}:{port}/?token={token}", flush=True)
+    if not ipaddress.ip_address(socket.getaddrinfo(args.host, None)[0][4][0]).is_loopback:
+        print(f"promptmill review: warning: {args.host} is reachable from other machines over plain HTTP; the token is "
+              "the only guard (put TLS in front)", flush=True)
     uvicorn.Server(uvicorn.Config(app, log_level="warning")).run(sockets=[sock])
     return 0

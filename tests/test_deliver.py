@@ -120,6 +120,10 @@ def test_deliver_local_sizes_manifest_provenance_idempotence(made_run, tmp_path,
     xmp = im.info["xmp"].decode()
     assert TRAINED_ALGORITHMIC_MEDIA in xmp and "dc:description" in xmp
     assert any(md[k]["prompt"] in xmp for k in md)
+    webp = deliver(capsys, run, "--to", str(tmp_path / "webp"), "--placements", "link=1200x628", "--format", "webp")
+    assert webp["written"] == {"link": 3}
+    im = Image.open(next((tmp_path / "webp" / "link").rglob("*.webp")))
+    assert im.format == "WEBP" and im.size == (1200, 628) and TRAINED_ALGORITHMIC_MEDIA in im.info["xmp"].decode()
     # bad input names itself
     assert cli(["deliver", run, "--to", str(tmp_path / "x"), "--placements", "feed=1080"]) == 2
     assert "WIDTHxHEIGHT" in capsys.readouterr().err
