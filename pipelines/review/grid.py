@@ -202,7 +202,7 @@ class Grid:
             # edit), or an image file or tar member gone: not served
             log.warning("%s", e)
             return None
-        im, _ = thumbnail_image(img, THUMB_SMALL, THUMB_BOX)
+        im = thumbnail_image(img, THUMB_SMALL, THUMB_BOX)
         buf = io.BytesIO()
         im.save(buf, format="PNG")
         data = buf.getvalue()

@@ -29,24 +29,24 @@ def _png_uri(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
-def thumbnail_image(img: np.ndarray, small: int = THUMB, box: int = PHOTO) -> tuple[Image.Image, bool]:
-    """(the thumbnail, whether it was upscaled): an image within `small` upscaled by a whole factor (pixels stay
-    sharp), a larger one downscaled to fit `box`, aspect kept either way. The review page's thumbnails too."""
+def thumbnail_image(img: np.ndarray, small: int = THUMB, box: int = PHOTO) -> Image.Image:
+    """Any size to a thumbnail: a small image (within `small`) upscaled by a whole factor (pixels stay sharp), a large
+    one downscaled to fit `box`, aspect kept either way. The review page's thumbnails too, with its own sizes."""
     h, w = img.shape[:2]
     im = Image.fromarray(img)
     if max(h, w) <= small:
         k = max(1, small // max(h, w))
-        return im.resize((w * k, h * k), Image.NEAREST), True
+        return im.resize((w * k, h * k), Image.NEAREST)
     im.thumbnail((box, box), Image.LANCZOS)
-    return im, False
+    return im
 
 
 def thumbnail(img: np.ndarray) -> str:
-    """An <img class=t> of any size (`thumbnail_image`), embedded as a PNG data URI."""
-    im, upscaled = thumbnail_image(img)
+    """An <img class=t> of `thumbnail_image` (pixelated rendering for an upscaled one)."""
+    im = thumbnail_image(img)
+    cls = "t px" if max(img.shape[:2]) <= THUMB else "t"
     buf = io.BytesIO()
     im.save(buf, format="PNG")
-    cls = "t px" if upscaled else "t"
     return f"<img class='{cls}' width={im.width} height={im.height} src='{_png_uri(buf.getvalue())}'"
 
 
