@@ -9,12 +9,14 @@ from importlib.metadata import PackageNotFoundError, version
 
 from promptmill.jobs import (
     dataset,
+    deliver,
     error,
     eval_models,
     evaluate,
     export,
     generate,
     report,
+    review,
     schedule,
     score,
     spec,
@@ -23,7 +25,8 @@ from promptmill.jobs import (
     train,
 )
 
-COMMANDS = [generate, submit, schedule, score, evaluate, report, dataset, train, eval_models, export, spec, stage_model]
+COMMANDS = [generate, submit, schedule, review, deliver, score, evaluate, report, dataset, train, eval_models, export, spec,
+            stage_model]
 LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 
 

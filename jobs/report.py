@@ -11,6 +11,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("report", help="rebuild report.html of a finished run")
     p.add_argument("run", help="output URL of a generate job")
     add_storage_options(p, "the run")
+    p.add_argument("--review-url", default=None, help="the run's review page (`promptmill review`), linked from the report")
     p.set_defaults(func=main)
 
 
@@ -20,5 +21,5 @@ def main(args: argparse.Namespace) -> int:
     from promptmill.pipelines.storage import full_url
 
     run = Run(args.run, args.storage_options)
-    print(full_url(run.fs, write_report(run)))
+    print(full_url(run.fs, write_report(run, args.review_url)))
     return 0

@@ -52,9 +52,11 @@ def read_parts(fs: AbstractFileSystem, files: list[str], columns: list[str] | No
 
 
 def union(tables: list[pa.Table], columns: list[str] | None = None) -> pa.Table:
-    """Tables written at different times as one: our columns in layout order, then the extra ones."""
+    """Tables written at different times as one: our columns in layout order, then the extra ones (`columns`: those
+    asked for, kept input columns included)."""
     schema = (pa.schema(list(METADATA_SCHEMA) + extra_fields(tables)) if columns is None
-              else pa.schema([METADATA_SCHEMA.field(c) for c in columns]))
+              else pa.schema([METADATA_SCHEMA.field(c) for c in columns if c in METADATA_SCHEMA.names]
+                             + [f for f in extra_fields(tables) if f.name in columns]))
     return pa.concat_tables([conform(t, schema) for t in tables]) if tables else schema.empty_table()
 
 

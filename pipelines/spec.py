@@ -505,7 +505,7 @@ SPEC_PATHS = {
     "spec": ("input.path", "output.path", "models.*.checkpoint", "models.*.loras.*.path", "scoring.clip",
              "scoring.judge", "scoring.aesthetic", "metrics.reference", *LATE_REFS),
     "schedule": ("catalog.path", "output.prefix", "models.*.checkpoint", "models.*.loras.*.path", "scoring.clip",
-                 "scoring.judge", "scoring.aesthetic", "metrics.reference"),
+                 "scoring.judge", "scoring.aesthetic", "metrics.reference", "deliver.to"),
 }
 
 

@@ -78,7 +78,7 @@ def test_schedule_at_without_once_is_an_error_and_a_missing_catalog_names_its_fi
 def test_one_spelling_per_option_with_the_old_ones_hidden_for_a_release(tmp_path):
     """--storage-options JSON on every command (stage-model's KEY=VALUE form hidden), the global --log-level DEBUG for
     tracebacks (generate's --verbose hidden); the old spellings still work, with a warning."""
-    for cmd in ("stage-model", "score", "report", "evaluate"):
+    for cmd in ("stage-model", "score", "report", "evaluate", "review", "deliver"):
         text = _cli(cmd, "--help").stdout
         assert "--storage-options JSON" in text and "--storage-option " not in text, (cmd, text)
     assert "--verbose" not in _cli("generate", "--help").stdout

@@ -4,6 +4,9 @@
 A fire's run id is the schedule name plus its scheduled time (UTC), and its output is `<prefix>/<run id>/`,
 so a fire whose `_SUCCESS` exists is a no-op and a re-fired slot resumes where it stopped. The rendered
 prompts are written next to the run (`<run>/prompts.parquet`) before generating: every run is auditable.
+Where the schedule says so, a fire run in this process then reviews itself (`review.auto`: the best N per product
+approved as `auto`) and delivers the approved images (`deliver`); both are idempotent, so a re-fired slot finishes
+them too, and people can still override on the review page, then `promptmill deliver` again.
 """
 
 from __future__ import annotations
@@ -13,13 +16,19 @@ import logging
 import string
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from croniter import croniter
+from promptmill.pipelines.delivery.deliver import DeliverSettings, deliver
+from promptmill.pipelines.delivery.placements import DEFAULT_PLACEMENTS, parse_colour, parse_placements
 from promptmill.pipelines.layout import SUCCESS
+from promptmill.pipelines.metadata import metadata_files
+from promptmill.pipelines.review.decisions import AUTO_REVIEWER, DecisionLog, best_per_group
+from promptmill.pipelines.review.rows import open_run
 from promptmill.pipelines.spec import (
     Blocklist,
     ImageFormat,
@@ -56,6 +65,45 @@ class ScheduleOutput(Strict):
     image_format: ImageFormat = "png"
 
 
+class AutoReview(Strict):
+    best: int = Field(ge=1, strict=False, description="images approved per product (per `per` value) in each fire")
+    by: Literal["clip_score", "aesthetic_score"] = Field(default="clip_score", description="score ranked on, best first")
+    per: Literal["sku", "template"] = Field(default="sku", description="kept column the best are chosen within")
+    skip: list[Literal["near_duplicate", "nsfw"]] = Field(default_factory=lambda: ["near_duplicate", "nsfw"],
+                                                         description="flags that keep an image from approval")
+
+
+class ReviewRules(Strict):
+    auto: AutoReview | None = Field(default=None, description="approve automatically after each fire (reviewer "
+                                    "`auto`); the review page still overrides")
+
+
+class DeliverBlock(Strict):
+    to: str = Field(description="each fire's approved creatives go to <to>/<run id>/ (`promptmill deliver`)")
+    placements: dict[str, str] = Field(default_factory=lambda: dict(p.split("=") for p in DEFAULT_PLACEMENTS.split(",")),
+                                       description="placement name -> WIDTHxHEIGHT")
+    fit: Literal["crop", "pad"] = Field(default="crop", description="crop: fill the placement; pad: fit the image")
+    pad_color: str = Field(default="auto", description="with fit pad: #RRGGBB or auto (the image's border colour)")
+    image_format: ImageFormat = Field(default="jpeg", description="encoding of the delivered files")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="for `to` (default: the output's)")
+
+    @field_validator("placements")
+    @classmethod
+    def _placements(cls, v: dict[str, str]) -> dict[str, str]:
+        parse_placements(v)
+        return v
+
+    @field_validator("pad_color")
+    @classmethod
+    def _pad(cls, v: str) -> str:
+        parse_colour(v)
+        return v
+
+    def settings(self) -> DeliverSettings:
+        return DeliverSettings(tuple(parse_placements(self.placements)), self.fit, self.image_format,
+                               parse_colour(self.pad_color))
+
+
 class ScheduleSpec(Strict):
     name: SafeName = Field(description="schedule name, part of every run id")
     cron: str = Field(description="five-field cron expression, e.g. '0 6 * * 1-5'")
@@ -76,6 +124,8 @@ class ScheduleSpec(Strict):
     pass_aws_credentials: bool = Field(default=False, description="with submit_address: send this process's AWS "
                                        "keys with each job (readable through the Jobs API; default: the "
                                        "cluster's own identity)")
+    review: ReviewRules = Field(default_factory=ReviewRules, description="what happens to a fire's images after it")
+    deliver: DeliverBlock | None = Field(default=None, description="deliver the approved images after each fire")
 
     @field_validator("cron")
     @classmethod
@@ -209,11 +259,37 @@ def job_data(s: ScheduleSpec, slot: dt.datetime) -> dict[str, Any]:
     }
 
 
+def review_and_deliver(s: ScheduleSpec, slot: dt.datetime) -> dict[str, Any]:
+    """After a fire: `review.auto` approvals (once per run: not again when `auto` already decided there), then
+    delivery of whatever is approved now (idempotent). `s`: the live schedule."""
+    out: dict[str, Any] = {}
+    url, opts = run_url(s, slot), s.output.storage_options
+    rules = s.review.auto
+    if (rules or s.deliver) and not metadata_files(*filesystem(url, opts))[0]:
+        return {"review": "no images to review (every row rejected?)"}
+    if rules is not None:
+        fs, root = filesystem(url, opts)
+        decisions = DecisionLog(fs, root)
+        done = decisions.refresh()
+        if not pc.any(pc.equal(done["reviewer"], AUTO_REVIEWER)).as_py():
+            run, _ = open_run(url, opts)
+            latest = decisions.latest()
+            keys = best_per_group(run.metadata, rules.best, rules.by, rules.per, tuple(rules.skip),
+                                  exclude=latest.filter(pc.equal(latest["decision"], "reject")))
+            decisions.decide(keys, "approve", f"auto: best {rules.best} per {rules.per} by {rules.by}", AUTO_REVIEWER)
+            out["auto_approved"] = len(keys)
+    if s.deliver is not None:
+        d = s.deliver
+        out["delivered"] = deliver(url, join(d.to, run_id(s, slot)), d.settings(), opts,
+                                   d.storage_options or None).as_dict()
+    return out
+
+
 def fire(s: ScheduleSpec, slot: dt.datetime, dry_run: bool = False) -> dict[str, Any]:
     """Run (or submit) one slot. Returns what happened, for the log."""
     rid, own = run_id(s, slot), live(s)
     if is_done(own, slot):
-        return {"run": rid, "status": "already complete"}
+        return {"run": rid, "status": "already complete", **review_and_deliver(own, slot)}
     table = render_prompts(own)
     data = job_data(s, slot)
     if dry_run:
@@ -222,7 +298,9 @@ def fire(s: ScheduleSpec, slot: dt.datetime, dry_run: bool = False) -> dict[str,
             mark = "BLOCKED " if blocked is not None and blocked.search(r["prompt"]) else ""
             print(f"{r['id']}\t{mark}{r['prompt']}")
         return {"run": rid, "status": "dry run", "prompts": table.num_rows, "output": data["output"]["path"],
-                "models": [m.name for m in s.models], "submit_address": s.submit_address}
+                "models": [m.name for m in s.models], "submit_address": s.submit_address,
+                "review_auto": s.review.auto.model_dump() if s.review.auto else None,
+                "deliver_to": join(own.deliver.to, rid) if own.deliver else None}
     spec = load_spec(data)  # the spec is valid before anything is written
     fs, root = filesystem(run_url(own, slot), own.output.storage_options)
     prompts_path = join(root, PROMPTS)
@@ -232,11 +310,15 @@ def fire(s: ScheduleSpec, slot: dt.datetime, dry_run: bool = False) -> dict[str,
         from promptmill.pipelines.ops.submit import submit
 
         sid, created = submit(data, s.submit_address, s.pass_aws_credentials)
+        if s.review.auto or s.deliver:  # the job ends on the cluster, after this returns
+            log.warning("%s: submitted; review.auto and deliver run once it is done, by `promptmill schedule %s --once "
+                        "--at %s` (or `promptmill deliver`)", rid, "SCHEDULE.yaml", slot.isoformat())
         return {"run": rid, "status": "submitted" if created else "already submitted", "submission_id": sid}
     from promptmill.pipelines.batch.job import run_job
 
     result = run_job(spec)
-    return {"run": rid, "status": "complete", "line": result.line(), "rejected": result.rejected}
+    return {"run": rid, "status": "complete", "line": result.line(), "rejected": result.rejected,
+            **review_and_deliver(own, slot)}
 
 
 def due_slots(s: ScheduleSpec, now: dt.datetime) -> list[dt.datetime]:

@@ -28,15 +28,15 @@ def _png_uri(data: bytes) -> str:
     return "data:image/png;base64," + base64.b64encode(data).decode()
 
 
-def thumbnail_image(img: np.ndarray) -> Image.Image:
-    """Any size to a thumbnail: a small image upscaled by a whole factor (pixels stay sharp), a large one
-    downscaled to fit PHOTO, aspect kept either way."""
+def thumbnail_image(img: np.ndarray, small: int = THUMB, box: int = PHOTO) -> Image.Image:
+    """Any size to a thumbnail: a small image (within `small`) upscaled by a whole factor (pixels stay sharp), a large
+    one downscaled to fit `box`, aspect kept either way. The review page's thumbnails too, with its own sizes."""
     h, w = img.shape[:2]
     im = Image.fromarray(img)
-    if max(h, w) <= THUMB:
-        k = max(1, THUMB // max(h, w))
+    if max(h, w) <= small:
+        k = max(1, small // max(h, w))
         return im.resize((w * k, h * k), Image.NEAREST)
-    im.thumbnail((PHOTO, PHOTO), Image.LANCZOS)
+    im.thumbnail((box, box), Image.LANCZOS)
     return im
 
 
@@ -122,11 +122,14 @@ def score_histogram(metadata: pa.Table, models: list[str]) -> bytes | None:
     return buf.getvalue()
 
 
-def build_report(run: Run, gallery_prompts: int = 24, extremes: int = 8) -> str:
+def build_report(run: Run, gallery_prompts: int = 24, extremes: int = 8, review_url: str | None = None) -> str:
+    """`review_url`: where this run's review page (`promptmill review`) is served, linked at the top."""
     s, models, md = run.summary, run.models, run.metadata
     parts = [f"<!doctype html><html><head><meta charset=utf-8><title>promptmill: {html.escape(s.get('name', ''))}"
              f"</title><style>{CSS}</style></head><body>",
              f"<h1>promptmill run: {html.escape(s.get('name', run.url))}</h1><p class=s>{html.escape(run.url)}</p>"]
+    if review_url:
+        parts.append(f"<p><a id=review href='{html.escape(review_url, quote=True)}'>Review and approve these images</a></p>")
     rej = s.get("rejected") or {}
     parts.append("<h2>Summary</h2>" + _table(["input rows", "accepted", "rejected", "images (total)", "images/s (this run)",
                                               "wall s"],
@@ -180,10 +183,10 @@ def build_report(run: Run, gallery_prompts: int = 24, extremes: int = 8) -> str:
     return "\n".join(parts)
 
 
-def write_report(run: Run) -> str:
+def write_report(run: Run, review_url: str | None = None) -> str:
     """Writes report.html; a rebuild that succeeds clears the `report_error` an earlier attempt left in the summary."""
     path = join(run.root, REPORT)
-    run.fs.pipe(path, build_report(run).encode())
+    run.fs.pipe(path, build_report(run, review_url=review_url).encode())
     if run.summary.pop("report_error", None) is not None:
         write_json(run.fs, join(run.root, SUMMARY), run.summary)
     return path
