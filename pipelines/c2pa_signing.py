@@ -63,7 +63,7 @@ def manifest(fields: dict[str, str]) -> dict:
 
 
 class Signer:
-    """One process's signer: the key loaded once, reused for every image (signing itself is ~8 ms per image)."""
+    """One process's signer: the key loaded once, reused for every image."""
 
     def __init__(self, spec: C2paSpec) -> None:
         try:

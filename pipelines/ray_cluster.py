@@ -50,8 +50,8 @@ def prompt_node_lookup() -> Iterator[None]:
     """While an embedded Ray starts, ask the GCS for the new raylet every 50 ms before Ray's own lookup. Ray's
     (`GlobalStateAccessor::GetNode`, C++) sleeps a whole second between tries, and the raylet registers 1-2 s in,
     only once its agents are up: ray.init took 1.0 or 2.0 s in that wait, never less. With the poll first, Ray's
-    lookup finds the node on its first try (`ray.init` alone, 4 fresh processes each, alternating: 3.12 -> 2.48 s
-    mean). Reaches into Ray's `services.get_node` (ray is pinned) for this `with` only; without it, Ray's own."""
+    lookup finds the node on its first try (docs/benchmarks.md, "Sizing rules"). Reaches into Ray's
+    `services.get_node` (ray is pinned) for this `with` only; without it, Ray's own."""
     from ray._private import services
 
     rays = services.get_node

@@ -217,9 +217,8 @@ def start_ray(spec: JobSpec) -> None:
 
 def _check_models_beside_ray(spec: JobSpec) -> None:
     """`check_models` at a lower CPU priority (Linux nice is per thread): the processes ray.init starts get the
-    cores first, so the raylet registers sooner, and the import soaks up what they leave. benchmarks/startup.py, 20
-    fresh processes each, interleaved: wall 8.65 -> 8.09 s mean (measured while ray.init still polled for the raylet
-    once a second, before `ray_cluster.prompt_node_lookup`)."""
+    cores first, so the raylet registers sooner, and the import soaks up what they leave (docs/benchmarks.md,
+    "Sizing rules")."""
     if sys.platform == "linux":
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)

@@ -21,10 +21,9 @@ def scoring_on(spec: JobSpec) -> bool:
 def scoring_in_pool(spec: JobSpec, cpus: float) -> bool:
     """Whether scores come from a pool of their own (else each generator actor scores what it draws).
     `scoring.pool` decides when set; unset, a pool of its own when it fits beside the generators and
-    reading/writing on a cluster of `cpus` CPUs, since generation and scoring then overlap (2-core machine,
-    scored jobs 0.92 and 0.78 of the pool's speed when fused: benchmarks/pipeline.py --before); else in the
-    generator actors, so the default spec still runs on a 2-CPU head. Also with GPU generators: the scorers' cost
-    is the geometry check, on the CPU wherever they run; in the generator actor it held the GPU's turn."""
+    reading/writing on a cluster of `cpus` CPUs, since generation and scoring then overlap; else in the generator
+    actors, so the default spec still runs on a 2-CPU head. With GPU generators too: the geometry check is CPU work
+    that would hold the GPU's turn. Measured: docs/benchmarks.md, "Sizing rules"."""
     if not scoring_on(spec):
         return False
     if spec.scoring.pool is not None:
@@ -61,11 +60,8 @@ def actor_threads(r: Resources, actors: int, local_cores: int | None) -> int:
 CPU_ACTORS_MEMORY_SHARE = 0.25
 ACTOR_PROCESS_BYTES = 600 << 20
 SIZES = {"actors", "max_actors", "threads"}  # a spec that sets any of these sizes the pool itself
-# Ray Data adds an actor as soon as the first one is busy, and it starts beside the first batches (imports, model
-# load: a few CPU-seconds). Small jobs paid for it, on the 2-core machine (batch 64, mean wall, alternating, one
-# actor with the cores as threads against single-threaded ones): GAN 512 prompts 9.5 -> 10.8 s, scored 12.7 ->
-# 14.7 s; scored Transformer 256 prompts 12.8 -> 14.0 s; GAN 2,048 prompts 12.9 -> 13.0 s, Transformer 512
-# 13.2 -> 13.1 s; and from there up the split wins (GAN 8,192 scored: 140.6-148.3 -> 148.8-161.7 img/s wall)
+# images an extra actor must have to pay for its start (imports, model load) beside the first batches; below it a
+# job keeps one actor with the cores as threads (docs/benchmarks.md, "Sizing rules")
 MIN_ROWS_PER_ACTOR = 1024
 
 
@@ -78,12 +74,9 @@ def cpu_actors(r: Resources, actors: int, local_cores: int | None, model_bytes: 
                rows: int | None = None) -> int:
     """How many single-threaded actors a CPU pool that the job sized itself on this machine alone may grow to: one
     per core. Each draws and writes its own batches, so one's encode and write overlap another's drawing, and no
-    op waits on a thread team: on the 2-core machine (benchmarks/pipeline.py --resources) the unscored GAN went
-    from 0.52-0.69 to 0.81-0.85 of the bare model and the Transformer from 0.86-0.89 to 0.98-1.17, with the first
-    image as soon. Every such pool may grow to one per core, also beside other pools (`actors`: all the job's
-    pools' actors): Ray Data adds actors to the pool whose input backs up, so the busier of a generator and a
-    scoring pool gets the cores (scored GAN 0.90-0.95 -> 1.07-1.17 of bare + score, Transformer 0.80-0.89 ->
-    0.85-0.98). 1 (no split) when the spec sizes the pool (actors, max_actors or threads), on GPUs, on a cluster,
+    op waits on a thread team (docs/benchmarks.md, "Sizing rules"). Every such pool may grow to one per core, also
+    beside other pools (`actors`: all the job's pools' actors): Ray Data adds actors to the pool whose input backs
+    up, so the busier of a generator and a scoring pool gets the cores. 1 (no split) when the spec sizes the pool (actors, max_actors or threads), on GPUs, on a cluster,
     or when the copies would not fit: the pools together keep to CPU_ACTORS_MEMORY_SHARE of the memory. `rows`:
     the images the pool has to draw or score, when known; each actor needs MIN_ROWS_PER_ACTOR of them to pay for
     its start."""
@@ -160,9 +153,9 @@ def scoring_pool_size(scoring: ScoringSpec, actors: int, local_cores: int | None
 
 def writes_in_actors(spec: JobSpec) -> bool:
     """`output.write_in` decided: the files layout is written by the last actor stage unless tasks are asked for,
-    or, by default, a model runs on GPUs. On the 2-core machine the fused write took the write workers' share of the
-    CPU from ~20 % to 3-5 % (docs/benchmarks.md); on an H200 one actor process encoded and wrote ~2,000 img/s of the shipped
-    GAN against the 8,500 it drew, where write tasks spread that over the node's other cores."""
+    or, by default, a model runs on GPUs: on CPU the fused write saves the write workers' share of the cores; beside
+    a GPU one actor process cannot encode as fast as the GPU draws, and write tasks spread that over the node's
+    other cores (docs/benchmarks.md, "Sizing rules")."""
     o = spec.output
     if o.format != "files" or o.write_in == "tasks":
         return False
