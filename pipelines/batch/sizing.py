@@ -73,13 +73,13 @@ def _job_sizes_cpu_pool(r: Resources, local_cores: int | None) -> bool:
 def cpu_actors(r: Resources, actors: int, local_cores: int | None, model_bytes: int | None, memory_bytes: int,
                rows: int | None = None) -> int:
     """How many single-threaded actors a CPU pool that the job sized itself on this machine alone may grow to: one
-    per core. Each draws and writes its own batches, so one's encode and write overlap another's drawing, and no
-    op waits on a thread team (docs/benchmarks.md, "Sizing rules"). Every such pool may grow to one per core, also
+    per core. Each draws and writes its own batches, so one's encode and write overlap another's drawing, and no op
+    waits on a thread team (docs/benchmarks.md, "Sizing rules"). Every such pool may grow to one per core, also
     beside other pools (`actors`: all the job's pools' actors): Ray Data adds actors to the pool whose input backs
-    up, so the busier of a generator and a scoring pool gets the cores. 1 (no split) when the spec sizes the pool (actors, max_actors or threads), on GPUs, on a cluster,
-    or when the copies would not fit: the pools together keep to CPU_ACTORS_MEMORY_SHARE of the memory. `rows`:
-    the images the pool has to draw or score, when known; each actor needs MIN_ROWS_PER_ACTOR of them to pay for
-    its start."""
+    up, so the busier of a generator and a scoring pool gets the cores. 1 (no split) when the spec sizes the pool
+    (actors, max_actors or threads), on GPUs, on a cluster, or when the copies would not fit: the pools together
+    keep to CPU_ACTORS_MEMORY_SHARE of the memory. `rows`: the images the pool has to draw or score, when known;
+    each actor needs MIN_ROWS_PER_ACTOR of them to pay for its start."""
     most = _most_cpu_actors(r, local_cores, rows)
     if model_bytes is None or most == 1:
         return 1
