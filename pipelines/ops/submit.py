@@ -266,7 +266,6 @@ def info(sid: str, address: str | None = None, **connection: Any) -> dict[str, A
     i = c.get_job_info(sid)
     lines = [ln for ln in c.get_job_logs(sid).splitlines() if PREFIX in ln]
     return {"submission_id": sid, "status": str(i.status.value), "message": i.message, "entrypoint": i.entrypoint,
-            "entrypoint_resources": i.entrypoint_resources,
             "start_time": i.start_time, "end_time": i.end_time, "metadata": i.metadata,
             "progress": lines[-1][lines[-1].rindex(PREFIX) + len(PREFIX):] if lines else None}
 
