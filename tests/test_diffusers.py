@@ -247,7 +247,7 @@ def test_models_of_three_sizes_beside_the_shipped_gan_score_report_and_resume_on
     assert "width=96 height=96" in page  # the 32, 48 and 64 px images upscaled by whole factors (3x, 2x)
 
     # a report that fails (here: forced) never blocks the committed run; `promptmill report` rebuilds it
-    def broken(_run):
+    def broken(_run, **_options):  # build_report's options (review_url) too
         raise RuntimeError("report broke")
 
     monkeypatch.setattr(report_module, "build_report", broken)
