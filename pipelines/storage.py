@@ -44,13 +44,9 @@ class Location:
     root: str
 
     @classmethod
-    def open(cls, url: str, storage_options: dict | None = None, retry: RetryPolicy | None = None) -> Location:
-        return cls(*filesystem(url, storage_options, retry))
-
-    @property
-    def url(self) -> str:
-        """What a user opens again (`full_url`)."""
-        return full_url(self.fs, self.root)
+    def open(cls, url: str, storage_options: dict | None = None) -> Location:
+        """Opened with this process's retry policy (`retry.use_policy`), which the filesystem then keeps."""
+        return cls(*filesystem(url, storage_options))
 
     def path(self, *parts: str) -> str:
         return join(self.root, *parts)

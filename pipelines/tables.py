@@ -50,9 +50,9 @@ def list_files(url: str, storage_options: dict, field: str = "input.path", suffi
     except (PermissionError, OSError) as e:
         raise InputError(f"{field} {url!r}: cannot list ({e})") from e
     if not files:
-        kinds = sorted({s.split(".")[1] for s in suffixes}, key=lambda k: (k != "parquet", k))  # Parquet first
-        raise InputError(f"{field} {url!r}: no {', '.join(f'.{k}' for k in kinds[:1])} files "
-                         f"{'(nor ' + ', '.join(f'.{k}' for k in kinds[1:]) + ') ' if kinds[1:] else ''}found")
+        first, *others = sorted({f".{s.split('.')[1]}" for s in suffixes}, key=lambda k: (k != ".parquet", k))
+        nor = f" (nor {', '.join(others)})" if others else ""
+        raise InputError(f"{field} {url!r}: no {first} files{nor} found")
     return fs, sorted(files)
 
 

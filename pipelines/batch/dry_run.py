@@ -12,19 +12,17 @@ from typing import Any
 import pyarrow.compute as pc
 import ray
 from promptmill.pipelines.batch.commit import done_keys
-from promptmill.pipelines.batch.job import retry_policy, start_ray, validated_prompts
+from promptmill.pipelines.batch.job import open_output, start_ray, validated_prompts
 from promptmill.pipelines.batch.preflight import check_output_reachable, preflight
 from promptmill.pipelines.batch.validate import ID, REASON
 from promptmill.pipelines.layout import sample_key
 from promptmill.pipelines.redaction import redact_text
-from promptmill.pipelines.retry import use_policy
 from promptmill.pipelines.spec import JobSpec
-from promptmill.pipelines.storage import Location, full_url
+from promptmill.pipelines.storage import full_url
 
 
 def dry_run(spec: JobSpec, allow_subset: bool = False) -> dict[str, Any]:
-    use_policy(retry_policy(spec))
-    out = Location.open(spec.output.path, spec.output.storage_options)
+    out = open_output(spec)
     plan, previous = preflight(spec, allow_subset, out)
     start_ray(spec)
     check_output_reachable(spec, ray.nodes())

@@ -63,8 +63,11 @@ def _check_capacity(spec: JobSpec, in_pool: bool) -> None:
                     need_gpu, have.get("GPU", 0))
 
 
-def retry_policy(spec: JobSpec) -> RetryPolicy:
-    return RetryPolicy(spec.storage.retry.attempts, spec.storage.retry.max_wait_s)
+def open_output(spec: JobSpec) -> Location:
+    """The job's storage.retry made this process's policy (every filesystem opened from now on keeps it, also on the
+    Ray workers it is sent to), then the output opened once: the run and its dry run start the same way."""
+    use_policy(RetryPolicy(spec.storage.retry.attempts, spec.storage.retry.max_wait_s))
+    return Location.open(spec.output.path, spec.output.storage_options)
 
 
 def validated_prompts(plan: InputPlan, spec: JobSpec) -> ray.data.Dataset:
@@ -243,8 +246,7 @@ class Phases(dict):
 
 def run_job(spec: JobSpec, allow_subset: bool = False) -> JobResult:
     t0, phases = time.time(), Phases()
-    use_policy(retry_policy(spec))  # every filesystem this job opens, and the workers it sends them to
-    out = Location.open(spec.output.path, spec.output.storage_options)  # the output, opened once
+    out = open_output(spec)
     fs, root = out.fs, out.root
     # 1. Check inputs: spec, input files, checkpoints, sampling, output (ours, same settings), capacity
     plan, previous = preflight(spec, allow_subset, out)
