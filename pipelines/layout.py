@@ -46,7 +46,7 @@ METADATA_SCHEMA = pa.schema([
     ("geometry", pa.string()), ("judge_features", pa.list_(pa.float32())), ("diversity", pa.float32()),
     ("near_duplicate", pa.bool_()), ("scoring_error", pa.string()), ("checkpoint_id", pa.string()),
     ("sha256", pa.string()), ("nsfw", pa.bool_()), ("prompt_truncated", pa.bool_()), ("negative_prompt", pa.string()),
-    ("clip_features", pa.list_(pa.float32())), ("aesthetic_score", pa.float64()),
+    ("clip_features", pa.list_(pa.float32())), ("aesthetic_score", pa.float64()), ("rerank_by", pa.string()),
 ])
 # null when the job does not score
 SCORES = ("clip_score", "prompt_match", "judged", "geometry", "judge_features", "scoring_error", "clip_features",
@@ -55,6 +55,15 @@ DERIVED = ("diversity", "near_duplicate")  # per prompt, across its samples: set
 # per image, from the generate stage (null where a model cannot tell or has none): its safety checker's flag, a
 # prompt cut to the text encoder's token limit, the row's negative prompt
 PER_IMAGE = ("nsfw", "prompt_truncated", "negative_prompt")
+# best-of-K: `candidates` drawn, `candidate_index` kept, `candidate_score` its score by `rerank_by`, the chooser (null
+# at K = 1). Rows written before the column hold null there: their chooser was clip_score, the only one then
+# (`chooser_of`).
+RERANK_DEFAULT = "clip_score"
+
+
+def chooser_of(candidates: int | None, rerank_by: str | None) -> str | None:
+    """The chooser that kept a row's image: None when it was the only draw; an older row's null is clip_score."""
+    return None if (candidates or 1) <= 1 else rerank_by or RERANK_DEFAULT
 
 
 # where image_path (files: the image; webdataset: its shard) points: relative to the run's root, so an output can be

@@ -12,7 +12,7 @@ from promptmill.pipelines.storage import join
 KEYS = ["model", "id", "sample"]
 # what the job's summary needs of the committed rows (`pipelines.runs.results.score_summary`), returned by commit
 SUMMARY_COLUMNS = ["model", "id", "sample", "clip_score", "prompt_match", "candidates", "diversity", "near_duplicate",
-                   "nsfw", "prompt_truncated", "aesthetic_score"]
+                   "nsfw", "prompt_truncated", "aesthetic_score", "rerank_by"]
 
 
 def _listing(fs: AbstractFileSystem, path: str) -> dict[str, int]:

@@ -18,7 +18,7 @@ from promptmill.models.clip import CLIPScorer
 from promptmill.models.generator import load_generator
 from promptmill.models.images import decode_image, to_nchw, to_nhwc
 from promptmill.models.judge import HEADS, IGNORE, Judge, judge_prompts, labels, pairwise_cosine, scene_from_dict
-from promptmill.models.rerank import generate_best_of
+from promptmill.models.rerank import CHOOSERS, Scorers, generate_best_of
 from promptmill.models.shapes.scenes import Scene, binding_swaps, matches, mismatches, parse, stated
 from promptmill.models.vq import load_vq
 
@@ -292,12 +292,14 @@ def clip_binding(scorer: CLIPScorer, split: TestSplit, n: int) -> dict[str, floa
 
 def eval_rerank(url: str, scorer: CLIPScorer, judge: Judge, split: TestSplit, n: int, ks: list[int],
                 batch: int = 32, **sampling) -> dict[int, dict]:
-    """Prompt-match of the kept image when drawing K candidates and keeping the best clip_score."""
+    """Prompt-match of the kept image when drawing K candidates and keeping the best clip_score (as the job does:
+    ties to prompt_match)."""
     g = load_generator(url, "cpu")
+    chooser = CHOOSERS["clip_score"](Scorers(scorer, judge))
     caps = split.captions[:n]
     out = {}
     for k in ks:
-        imgs = np.concatenate([generate_best_of(g, scorer, caps[i:i + batch], list(range(i, min(n, i + batch))), k,
+        imgs = np.concatenate([generate_best_of(g, chooser, caps[i:i + batch], list(range(i, min(n, i + batch))), k,
                                                 **sampling).images for i in range(0, n, batch)])
         ok = prompt_match(judge, to_nchw(imgs), caps)
         out[k] = _breakdown(ok, split)

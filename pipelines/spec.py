@@ -20,6 +20,11 @@ _EXPONENT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
 
 SIZED_FAMILIES = ("diffusers",)  # families whose generate takes height / width and a negative prompt per call
+JUDGED_FAMILIES = ("transformer", "gan")  # families that draw the shapes domain, where the judge's prompt_match reads
+# best-of-K's choosers (`sampling.rerank_by`): the per-image score columns it can order candidates by
+# (models.rerank.CHOOSERS, which holds the same names; importing it here would import torch)
+RERANK_BY = ("clip_score", "prompt_match", "aesthetic_score")
+RERANK_KEYS = ("candidates", "rerank_by")  # sampling keys the job handles itself, not the family
 _SIZE = re.compile(r"([1-9][0-9]{0,3})x([1-9][0-9]{0,3})")
 
 
@@ -188,7 +193,12 @@ class ModelSpec(Strict):
                                       "what its loader reads")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for the checkpoint URL")
     images_per_prompt: int = Field(default=1, ge=1, le=1000, description="samples per accepted prompt")
-    sampling: dict[str, Any] = Field(default_factory=dict, description="family-specific sampling parameters")
+    sampling: dict[str, Any] = Field(default_factory=dict, description="family-specific sampling parameters, plus "
+                                     "best-of-K, which the job handles for every family: candidates: K draws K per "
+                                     "image and keeps the best by rerank_by: clip_score (the default), prompt_match "
+                                     "(the judge's verdict; families that draw the shapes domain) or aesthetic_score "
+                                     "(with scoring.aesthetic); ties go to clip_score (to prompt_match for "
+                                     "clip_score, when there is a judge), then to the earliest draw")
     resources: Resources = Field(default_factory=Resources, description="actor pool and batch size")
     precision: Precision | None = Field(default=None, description="fp32, bf16 or fp16; unset: the family's default. "
                                         "Our families: fp32, and bf16 / fp16 run generate under torch autocast "
@@ -237,6 +247,18 @@ class ModelSpec(Strict):
         return self
 
     @model_validator(mode="after")
+    def _rerank_by(self) -> ModelSpec:
+        by = self.sampling.get("rerank_by", "clip_score")
+        if by not in RERANK_BY:
+            raise ValueError(f"model {self.name!r}: sampling.rerank_by {by!r} is not a score best-of-K can order "
+                             f"candidates by; choose one of {list(RERANK_BY)}")
+        if by == "prompt_match" and self.family not in JUDGED_FAMILIES:
+            raise ValueError(f"model {self.name!r}: sampling.rerank_by 'prompt_match' is the shapes judge's verdict, "
+                             f"meaningless for family {self.family!r} (families {list(JUDGED_FAMILIES)} draw its "
+                             "domain); use clip_score or aesthetic_score")
+        return self
+
+    @model_validator(mode="after")
     def _candidates_per_call(self) -> ModelSpec:
         if self.candidates * self.resources.batch_size > MAX_IMAGES_PER_CALL:
             raise ValueError(f"sampling.candidates x resources.batch_size = {self.candidates} x "
@@ -245,8 +267,20 @@ class ModelSpec(Strict):
 
     @property
     def candidates(self) -> int:
-        """Rerank: draw this many per image, keep the best by clip_score (handled by the job, not the family)."""
+        """Rerank: draw this many per image, keep the best by `rerank_by` (handled by the job, not the family)."""
         return self.sampling.get("candidates", 1)
+
+    @property
+    def rerank_by(self) -> str | None:
+        """The score best-of-K keeps the highest of; None when one image is drawn (nothing is chosen)."""
+        return self.sampling.get("rerank_by", "clip_score") if self.candidates > 1 else None
+
+    @property
+    def pixel_sampling(self) -> dict[str, Any]:
+        """`sampling` as what decides the pixels: rerank_by only where it chooses and is not the default, so a spec
+        that spells the default out (or sets it at K = 1) matches an output written without it."""
+        return {k: v for k, v in self.sampling.items()
+                if k != "rerank_by" or self.rerank_by not in (None, "clip_score")}
 
     @property
     def precision_record(self) -> dict[str, str]:
@@ -259,7 +293,7 @@ class ModelSpec(Strict):
 
     @property
     def family_sampling(self) -> dict[str, Any]:
-        return {k: v for k, v in self.sampling.items() if k != "candidates"}
+        return {k: v for k, v in self.sampling.items() if k not in RERANK_KEYS}
 
 
 class ScoringSpec(Strict):
@@ -445,8 +479,12 @@ class JobSpec(Strict):
                                  f"{SIZED_FAMILIES} can); run them in a spec without it")
         for m in self.models:
             if m.candidates > 1 and not (self.scoring.enabled and self.scoring.clip):
-                raise ValueError(f"model {m.name!r}: sampling.candidates > 1 reranks by clip_score, "
-                                 "which needs scoring.enabled and scoring.clip")
+                raise ValueError(f"model {m.name!r}: sampling.candidates > 1 reranks by {m.rerank_by} with ties to "
+                                 "clip_score, which needs scoring.enabled and scoring.clip")
+            needs = {"prompt_match": "judge", "aesthetic_score": "aesthetic"}.get(m.rerank_by)
+            if needs and getattr(self.scoring, needs) is None:
+                raise ValueError(f"model {m.name!r}: sampling.rerank_by {m.rerank_by!r} needs scoring.{needs}, "
+                                 "which is null")
         return self
 
 

@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
-from conftest import save_tiny
+from conftest import save_tiny, write_prompts
 from promptmill.models import load_generator
 from promptmill.models.clip_loader import load_clip
+from promptmill.models.images import decode_image, to_nchw
 from promptmill.models.judge import judge_prompts, load_judge
-from promptmill.models.rerank import candidate_seed, generate_best_of
+from promptmill.models.rerank import CHOOSERS, Scorers, candidate_seed, choose, generate_best_of
 from promptmill.models.shapes.scenes import example
+from promptmill.pipelines.batch.job import run_job
+from promptmill.pipelines.batch.preflight import fingerprint
 from promptmill.pipelines.runs.metrics import Evaluator, knn_precision_recall
+from promptmill.pipelines.runs.results import score_summary
+from promptmill.pipelines.spec import SpecError, load_spec
 
 CKPT = Path(__file__).resolve().parents[1] / "models" / "checkpoints"
 
@@ -82,7 +91,8 @@ def test_rerank_keeps_the_highest_scoring_candidate(clip, tmp_path):
     gen = load_generator(save_tiny(str(tmp_path / "gan"), "gan"), "cpu")
     prompts = ["a small red circle on the left", "a large blue square above a green triangle"]
     seeds = [11, 12]
-    best = generate_best_of(gen, clip, prompts, seeds, 6)
+    by_clip = CHOOSERS["clip_score"](Scorers(clip))
+    best = generate_best_of(gen, by_clip, prompts, seeds, 6)
     for i, p in enumerate(prompts):
         cands = gen.generate([p] * 6, [candidate_seed(seeds[i], k) for k in range(6)])
         scores = clip.score(cands, [p] * 6)
@@ -90,7 +100,7 @@ def test_rerank_keeps_the_highest_scoring_candidate(clip, tmp_path):
         np.testing.assert_array_equal(best.images[i], cands[best.index[i]])
         assert best.score[i] == pytest.approx(scores.max(), abs=1e-3)
     # K = 1 is the plain sample; candidate 0 always uses the image's own seed
-    one = generate_best_of(gen, clip, prompts, seeds, 1)
+    one = generate_best_of(gen, by_clip, prompts, seeds, 1)
     np.testing.assert_array_equal(one.images, gen.generate(prompts, seeds))
 
 
@@ -143,6 +153,151 @@ def test_knn_precision_recall_on_known_sets():
     assert p == 1.0 and r < 0.1
 
 
+def test_choose_breaks_ties_by_the_second_score_of_the_tied_candidates_only():
+    scores = np.array([[0.0, 1.0, 1.0, 0.5],   # a tie at the top: the second score decides between k = 1 and 2
+                       [2.0, 1.0, 1.0, 0.0],   # no tie at the top: ties below it do not matter
+                       [1.0, 1.0, 1.0, 1.0]])  # the second score ties too (k = 1, 3): the earlier draw
+    second = np.array([[9.0, 3.0, 5.0, 9.0], [9.0, 9.0, 9.0, 9.0], [0.0, 4.0, 1.0, 4.0]]).ravel()
+    asked = []
+
+    def tie_break(flat: np.ndarray) -> np.ndarray:
+        asked.append(flat.tolist())
+        return second[flat]
+
+    assert choose(scores, tie_break).tolist() == [2, 0, 1]
+    assert asked == [[1, 2, 8, 9, 10, 11]]  # row-major flat indices of the tied candidates, and nothing else
+    assert choose(scores).tolist() == [1, 0, 0]  # no second score: the earliest of the tied
+
+
 def test_seeds_of_candidates_are_stable():
     assert candidate_seed(5, 0) == 5
     assert candidate_seed(5, 1) == candidate_seed(5, 1) != candidate_seed(5, 2)
+
+
+# ---------------------------------------------------------------- best-of-K in the job: two families, two choosers
+
+RERANK_PROMPTS = ["a small red circle on the left", "a large blue square above a green triangle",
+                  "big yellow triangle, top", "a purple diamond in the center", "a huge orange square on the right",
+                  "a small white circle below a red diamond", "a photo of a dog on a beach"]
+MATCH_RANK = {True: 1, False: 0, None: -1}  # a match, none, a prompt outside the shapes grammar
+
+
+def _rerank_spec(inp: str, out: str, **over) -> dict:
+    return {"name": "rerank", "seed": 5, "input": {"path": inp, "id_column": "id", **over},
+            "models": [{"name": "dalle", "family": "transformer", "checkpoint": "shipped:dalle", "images_per_prompt": 1,
+                        "sampling": {"top_k": 64, "candidates": 4, "rerank_by": "prompt_match"},
+                        "resources": {"batch_size": 4, "threads": 1}},
+                       {"name": "gan", "family": "gan", "checkpoint": "shipped:gan", "images_per_prompt": 2,
+                        "sampling": {"candidates": 3, "rerank_by": "clip_score"},
+                        "resources": {"batch_size": 4, "threads": 1}}],
+            "output": {"path": out}}
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one thread while a test draws beside a job's actors: a team of two stalls on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _files(out: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(out)): p.read_bytes() for p in sorted((out / "images").rglob("*.png"))}
+
+
+def test_best_of_k_by_prompt_match_and_clip_score_in_a_job_resumes_to_the_same_bytes(ray_local, clip, judge, tmp_path,
+                                                                                     one_thread):
+    inp = write_prompts(tmp_path / "in.parquet", RERANK_PROMPTS, [f"p{i}" for i in range(len(RERANK_PROMPTS))])
+    out = tmp_path / "out"
+    # 1. the first four prompts, then all of them into the same output: the second run draws only the rest
+    first = run_job(load_spec(_rerank_spec(inp, str(out), limit=4)))
+    assert first.images_written == {"dalle": 4, "gan": 8}
+    before = _files(out)
+    second = run_job(load_spec(_rerank_spec(inp, str(out))))
+    assert second.images_written == {"dalle": 3, "gan": 6}
+    after = _files(out)
+    assert {k: after[k] for k in before} == before  # the first run's images untouched
+    rows = pq.read_table(out / "metadata").to_pylist()
+    assert len(rows) == 7 + 14
+
+    # 2. every kept image is the chooser's best of its K candidates, drawn and scored here independently
+    spec = load_spec(_rerank_spec(inp, str(out)))
+    models = {m.name: m for m in spec.models}
+    gens = {name: load_generator(m.checkpoint, "cpu") for name, m in models.items()}
+    moved = 0
+    for r in rows:
+        m, gen = models[r["model"]], gens[r["model"]]
+        k = m.candidates
+        assert (r["candidates"], r["rerank_by"]) == ((4, "prompt_match") if r["model"] == "dalle" else (3, "clip_score"))
+        cands = gen.generate([r["prompt"]] * k, [candidate_seed(r["seed"], j) for j in range(k)],
+                             **gen.Sampling(**m.family_sampling).model_dump())
+        sims = clip.similarity(cands, [r["prompt"]] * k)
+        match = [MATCH_RANK[v.match] for v in judge_prompts(judge, to_nchw(cands), [r["prompt"]] * k)]
+        keys = [(match[j], sims[j], -j) if r["rerank_by"] == "prompt_match" else (sims[j], match[j], -j)
+                for j in range(k)]
+        best = keys.index(max(keys))  # the best score, then the other score, then the earliest draw
+        assert r["candidate_index"] == best, (r["prompt"], r["model"], match, sims)
+        kept = decode_image((out / r["image_path"]).read_bytes()).astype(int)
+        assert np.abs(kept - cands[best].astype(int)).max() <= 1  # the batch moves a pixel by one level at most
+        moved += best != 0
+        if r["rerank_by"] == "prompt_match":  # the kept image matches whenever one of its candidates does
+            assert r["candidate_score"] == (None if match[best] < 0 else float(match[best]))
+            assert r["prompt_match"] == (None if max(match) < 0 else max(match) == 1)
+        else:
+            assert r["candidate_score"] == pytest.approx(max(float(sims[best]), 0), abs=1e-3)
+    assert moved > 0  # rerank kept another candidate than the plain sample somewhere
+
+    # 3. what the run says about it: summary and report
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["scores"]["dalle"]["rerank"] == "best of 4 by prompt_match"
+    assert summary["scores"]["gan"]["rerank"] == "best of 3 by clip_score"
+    html = (out / "report.html").read_text()
+    assert "best of 4 by prompt_match" in html and "best of 3 by clip_score" in html
+    assert re.search(r"kept #[0-3] of 4 by prompt_match", html) and re.search(r"kept #[0-2] of 3 by clip_score", html)
+
+    # 4. a rerun draws nothing and leaves every byte as it was
+    third = run_job(load_spec(_rerank_spec(inp, str(out))))
+    assert not any(third.images_written.values())
+    assert _files(out) == after
+    assert pq.read_table(out / "metadata").to_pylist() == rows
+
+
+def test_rerank_by_is_checked_against_the_family_and_the_scorers(checkpoints, tmp_path):
+    base = _rerank_spec(str(tmp_path / "in.parquet"), str(tmp_path / "out"))
+
+    def spec_with(model: int, sampling: dict, **over) -> dict:
+        s = json.loads(json.dumps(base))
+        s["models"][model]["sampling"] = sampling
+        return {**s, **over}
+
+    sd = {"name": "sd", "family": "diffusers", "checkpoint": str(tmp_path / "sd"),
+          "sampling": {"candidates": 2, "rerank_by": "prompt_match"}}
+    cases = [({**base, "models": [sd]}, r"model 'sd': sampling.rerank_by 'prompt_match' .*meaningless for family "
+                                         r"'diffusers'"),
+             (spec_with(1, {"candidates": 2, "rerank_by": "sharpness"}),
+              r"model 'gan': sampling.rerank_by 'sharpness' is not a score .*'clip_score', 'prompt_match', "
+              r"'aesthetic_score'"),
+             (spec_with(0, {"candidates": 2, "rerank_by": "prompt_match"}, scoring={"judge": None}),
+              r"model 'dalle': sampling.rerank_by 'prompt_match' needs scoring.judge"),
+             (spec_with(1, {"candidates": 2, "rerank_by": "aesthetic_score"}),
+              r"model 'gan': sampling.rerank_by 'aesthetic_score' needs scoring.aesthetic")]
+    for data, message in cases:
+        with pytest.raises(SpecError, match=message):
+            load_spec(data)
+    # at K = 1 nothing is chosen: rerank_by neither records nor guards anything
+    one = load_spec(spec_with(0, {"rerank_by": "prompt_match"}, scoring={"judge": None})).models[0]
+    assert one.rerank_by is None and one.family_sampling == {}
+    # the default chooser spelled out is the output an older run wrote without it; another chooser is not
+    prints = [fingerprint(load_spec(spec_with(1, s)))["models"]["gan"]["sampling"]
+              for s in ({"candidates": 3}, {"candidates": 3, "rerank_by": "clip_score"},
+                        {"candidates": 3, "rerank_by": "prompt_match"})]
+    assert prints[0] == prints[1] != prints[2]
+
+
+def test_rows_written_before_the_chooser_was_recorded_read_as_clip_score():
+    old = pa.table({"model": ["m", "m", "k"], "id": ["a", "b", "a"], "sample": [0, 0, 0], "clip_score": [1.0, 2.0, 3.0],
+                    "prompt_match": [None, None, None], "candidates": [4, 4, 1], "diversity": [None] * 3,
+                    "near_duplicate": [None] * 3})
+    scores = score_summary(old)
+    assert scores["m"]["rerank"] == "best of 4 by clip_score" and scores["k"]["rerank"] is None

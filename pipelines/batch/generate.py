@@ -1,6 +1,6 @@
 """The generate stage: one model load per actor, one `generate` per batch, raw pixels and metadata columns out.
 
-With `sampling.candidates` K > 1 it draws K per image and keeps the best by clip_score (DALL-E's rerank). What
+With `sampling.candidates` K > 1 it draws K per image and keeps the best by `sampling.rerank_by` (DALL-E's rerank). What
 follows it in the actor (scoring, writing) is composed around it (`chain.ActorChain`), not known to it.
 """
 
@@ -15,7 +15,7 @@ from promptmill.models import load_generator
 from promptmill.models.precision import at_precision
 from promptmill.models.rerank import generate_best_of
 from promptmill.pipelines.batch.isolate import run_isolated
-from promptmill.pipelines.batch.score import device_for, shared_clip
+from promptmill.pipelines.batch.score import device_for, rerank_chooser
 from promptmill.pipelines.batch.threads import ActorThreads
 from promptmill.pipelines.redaction import redact_text
 from promptmill.pipelines.spec import ModelSpec, ScoringSpec, parse_size
@@ -37,8 +37,8 @@ class GenerateStage:
                                                loras=model.loras),
                                 self.device, model.precision)
         self.sampling = self.gen.Sampling(**model.family_sampling).model_dump()
-        # rerank's CLIP: the one a scoring stage in this actor holds too (`shared_clip`)
-        self.scorer = shared_clip(scoring, self.device) if model.candidates > 1 else None
+        # rerank's scorers: those a scoring stage in this actor holds too (`shared_clip`, `shared_judge`)
+        self.chooser = rerank_chooser(model, scoring, self.device)
         # metadata rows, WebDataset .json and XMP carry it, as the driver redacted it (it knows which `${NAME}`
         # values it put in)
         self.checkpoint = checkpoint_label or redact_text(model.checkpoint)
@@ -97,11 +97,11 @@ class GenerateStage:
             sampling = {**self.sampling, **(sizes[idx[0]] or {})}  # one size per call (the rows are grouped)
             if negatives is not None and negatives[idx[0]] is not None:  # else the model's own (or none)
                 sampling["negative_prompt"] = [negatives[i] for i in idx]
-            if self.scorer is None:
+            if self.chooser is None:
                 images = np.asarray(self.gen.generate(p, s, **sampling))
                 return images, np.zeros(len(idx), np.int32), None, getattr(self.gen, "last_info", None)
-            best = generate_best_of(self.gen, self.scorer, p, s, k, **sampling)
-            return best.images, best.index.astype(np.int32), best.score.astype(np.float64), best.info
+            best = generate_best_of(self.gen, self.chooser, p, s, k, **sampling)
+            return best.images, best.index.astype(np.int32), best.score, best.info
 
         todo = [i for i in range(n) if reason[i] is None]
         groups: dict[tuple, list[int]] = {}
@@ -134,6 +134,7 @@ class GenerateStage:
         batch["reject_reason"] = reason
         batch["nsfw"], batch["prompt_truncated"] = nsfw, truncated
         batch["candidates"] = np.full(n, k, np.int32)
+        batch["rerank_by"] = np.full(n, self.model.rerank_by, object)  # null at K = 1: nothing was chosen
         batch["model"] = np.full(n, self.model.name, object)
         batch["family"] = np.full(n, self.model.family, object)
         batch["checkpoint"] = np.full(n, self.checkpoint, object)

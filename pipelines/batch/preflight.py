@@ -61,7 +61,7 @@ def fingerprint(spec: JobSpec) -> dict:
                    "models": {m.name: {"family": m.family, "checkpoint": m.checkpoint,
                                        "checkpoint_id": _model_id(m),
                                        **({"sizes": m.sizes} if m.sizes else {}),
-                                       "sampling": m.sampling,
+                                       "sampling": m.pixel_sampling,
                                        **m.precision_record,
                                        **({"rerank_clip": s.clip} if m.candidates > 1 else {})}
                               for m in spec.models}})

@@ -6,6 +6,7 @@ template fits) and `prompt_match` (both readings agree with every attribute the 
 malformed drawing; null, like `geometry`, for prompts outside the shapes grammar). Without a judge, the CLIP's image
 embeddings go into `clip_features` (diversity and near-duplicates then come from them); `scoring.aesthetic` adds
 `aesthetic_score` from the same embeddings. A disabled scorer or one without a checkpoint leaves its columns null.
+Rerank's choosers (`rerank_chooser`) use the same scorers, loaded once per process.
 """
 
 from __future__ import annotations
@@ -19,12 +20,13 @@ import torch
 from promptmill.models.aesthetic import load_aesthetic
 from promptmill.models.clip_loader import load_clip
 from promptmill.models.images import by_shape, to_nchw
-from promptmill.models.judge import judge_prompts, load_judge
+from promptmill.models.judge import Judge, judge_prompts, load_judge
+from promptmill.models.rerank import CHOOSERS, Chooser, Scorers
 from promptmill.models.scorer import Scorer
 from promptmill.pipelines.batch.isolate import run_isolated
 from promptmill.pipelines.batch.threads import ActorThreads
 from promptmill.pipelines.redaction import redact
-from promptmill.pipelines.spec import ScoringSpec
+from promptmill.pipelines.spec import JUDGED_FAMILIES, ModelSpec, ScoringSpec
 
 log = logging.getLogger(__name__)
 COLUMNS = ("clip_score", "judged", "geometry", "prompt_match", "judge_features", "clip_features", "aesthetic_score")
@@ -38,6 +40,38 @@ def _clip(url: str, device: str, options: str) -> Scorer:
 def shared_clip(scoring: ScoringSpec, device: str) -> Scorer:
     """`scoring.clip` loaded once per process and device: rerank and scoring in one actor hold one copy."""
     return _clip(scoring.clip, device, json.dumps(scoring.storage_options, sort_keys=True))
+
+
+@functools.cache
+def _judge(url: str, device: str, options: str) -> Judge:
+    return load_judge(url, device, json.loads(options))
+
+
+def shared_judge(scoring: ScoringSpec, device: str) -> Judge:
+    """`scoring.judge` loaded once per process and device, like `shared_clip`."""
+    return _judge(scoring.judge, device, json.dumps(scoring.storage_options, sort_keys=True))
+
+
+@functools.cache
+def _aesthetic(url: str, options: str, width: int):
+    return load_aesthetic(url, json.loads(options), width=width)
+
+
+def shared_aesthetic(scoring: ScoringSpec, clip: Scorer):
+    """`scoring.aesthetic` once per process, checked against the width of the CLIP's image embeddings it reads."""
+    width = clip.embed_images(np.zeros((1, 32, 32, 3), np.uint8)).shape[-1]
+    return _aesthetic(scoring.aesthetic, json.dumps(scoring.storage_options, sort_keys=True), width)
+
+
+def rerank_chooser(model: ModelSpec, scoring: ScoringSpec, device: str) -> Chooser | None:
+    """Best-of-K's chooser for `model` (`sampling.rerank_by`) on this process's shared scorers; None at K = 1. The
+    judge breaks clip_score's ties only for families that draw its domain."""
+    if model.candidates == 1:
+        return None
+    clip = shared_clip(scoring, device)
+    judge = shared_judge(scoring, device) if scoring.judge and model.family in JUDGED_FAMILIES else None
+    aesthetic = shared_aesthetic(scoring, clip) if model.rerank_by == "aesthetic_score" else None
+    return CHOOSERS[model.rerank_by](Scorers(clip, judge, aesthetic, device))
 
 
 def device_for(num_gpus: float) -> str:
@@ -54,13 +88,9 @@ class ScoreStage:
         self.threads = ActorThreads(threads)
         # in a generator actor: its GPUs (`num_gpus`), decided here, where the actor sees its devices
         self.device = device or device_for(scoring.resources.num_gpus if num_gpus is None else num_gpus)
-        so = scoring.storage_options
         self.clip = shared_clip(scoring, self.device) if scoring.clip else None
-        self.judge = load_judge(scoring.judge, self.device, so) if scoring.judge else None
-        self.aesthetic = None
-        if scoring.aesthetic:  # on the CLIP's image embeddings: their width is what it must take
-            width = self.clip.embed_images(np.zeros((1, 32, 32, 3), np.uint8)).shape[-1]
-            self.aesthetic = load_aesthetic(scoring.aesthetic, so, width=width)
+        self.judge = shared_judge(scoring, self.device) if scoring.judge else None
+        self.aesthetic = shared_aesthetic(scoring, self.clip) if scoring.aesthetic else None
         log.info("scoring on %s (clip=%s, judge=%s)", self.device, *redact([scoring.clip, scoring.judge]))
 
     def score(self, pixels: np.ndarray, prompts: list[str]) -> dict[str, list]:

@@ -12,7 +12,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from PIL import Image
-from promptmill.pipelines.layout import REPORT, SUMMARY
+from promptmill.pipelines.layout import REPORT, SUMMARY, chooser_of
 from promptmill.pipelines.runs.results import Run, score_summary
 from promptmill.pipelines.storage import join, write_json
 
@@ -87,8 +87,9 @@ def _score_line(row: dict) -> str:
     if row.get("prompt_match") is not None:
         cls = "ok" if row["prompt_match"] else "bad"
         parts.append(f"<span class={cls}>match {'yes' if row['prompt_match'] else 'no'}</span>")
-    if (row.get("candidates") or 1) > 1:
-        parts.append(f"kept #{row['candidate_index']} of {row['candidates']}")
+    by = chooser_of(row.get("candidates"), row.get("rerank_by"))
+    if by:
+        parts.append(f"kept #{row['candidate_index']} of {row['candidates']} by {by}")
     return "<div class=s>" + " · ".join(parts) + "</div>"
 
 
@@ -139,7 +140,7 @@ def build_report(run: Run, gallery_prompts: int = 24, extremes: int = 8, review_
                    _fmt(s.get("images_per_s")), _fmt(s.get("wall_s"))]]))
     scores = score_summary(md) if len(md) else {}
     metrics = (s.get("metrics") or {}).get("models", {})
-    cols = ["images", "clip_score_mean", "aesthetic_mean", "prompt_match", "candidates", "diversity_mean",
+    cols = ["images", "clip_score_mean", "aesthetic_mean", "prompt_match", "rerank", "diversity_mean",
             "near_duplicate_rate", "nsfw_images", "prompt_truncated_images"]
     mcols = ["fid", "kid", "inception_score", "precision", "recall"]
     rows_of = [*models, *(["real_vs_real"] if "real_vs_real" in metrics else [])]

@@ -10,7 +10,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
 from promptmill.models.images import decode_image
-from promptmill.pipelines.layout import SUMMARY, extension, run_path, tar_members
+from promptmill.pipelines.layout import SUMMARY, chooser_of, extension, run_path, tar_members
 from promptmill.pipelines.metadata import SUMMARY_COLUMNS, metadata_files, read_metadata
 from promptmill.pipelines.storage import filesystem, is_local_fs, join, read_json
 
@@ -112,8 +112,8 @@ def _count_true(t: pa.Table, column: str) -> int | None:
 
 
 def score_summary(metadata: pa.Table) -> dict[str, dict]:
-    """Per model: images, mean clip_score, prompt-match rate over in-domain prompts, rerank settings, and over its
-    prompts with several samples the mean diversity and near-duplicate rate."""
+    """Per model: images, mean clip_score, prompt-match rate over in-domain prompts, rerank settings ("best of 4 by
+    prompt_match"), and over its prompts with several samples the mean diversity and near-duplicate rate."""
     out = {}
     for model in sorted(set(metadata.column("model").to_pylist())):
         t = metadata.filter(pc.equal(metadata["model"], model))
@@ -126,9 +126,18 @@ def score_summary(metadata: pa.Table) -> dict[str, dict]:
                       "aesthetic_mean": round(float(np.mean(aesthetic)), 4) if aesthetic else None,
                       "prompt_match": round(float(np.mean(match)), 4) if match else None,
                       "prompt_match_n": len(match), "candidates": max(candidates, default=None),
+                      "rerank": rerank_line(t),
                       **diversity_summary(t),
                       **{f"{flag}_images": _count_true(t, flag) for flag in ("nsfw", "prompt_truncated")}}
     return out
+
+
+def rerank_line(table: pa.Table) -> str | None:
+    """How one model's kept images were chosen, e.g. "best of 4 by prompt_match"; None when each was the only draw."""
+    by = (table["rerank_by"].to_pylist() if "rerank_by" in table.column_names  # a run from before the column
+          else [None] * len(table))
+    ways = {(k, chooser_of(k, b)) for k, b in zip(table["candidates"].to_pylist(), by) if chooser_of(k, b)}
+    return "; ".join(f"best of {k} by {b}" for k, b in sorted(ways)) or None
 
 
 def diversity_summary(table: pa.Table) -> dict:
