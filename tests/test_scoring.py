@@ -225,7 +225,7 @@ def test_best_of_k_by_prompt_match_and_clip_score_in_a_job_resumes_to_the_same_b
     spec = load_spec(_rerank_spec(inp, str(out)))
     models = {m.name: m for m in spec.models}
     gens = {name: load_generator(m.checkpoint, "cpu") for name, m in models.items()}
-    moved = 0
+    moved, told_apart = 0, {"dalle": 0, "gan": 0}
     for r in rows:
         m, gen = models[r["model"]], gens[r["model"]]
         k = m.candidates
@@ -234,9 +234,10 @@ def test_best_of_k_by_prompt_match_and_clip_score_in_a_job_resumes_to_the_same_b
                              **gen.Sampling(**m.family_sampling).model_dump())
         sims = clip.similarity(cands, [r["prompt"]] * k)
         match = [MATCH_RANK[v.match] for v in judge_prompts(judge, to_nchw(cands), [r["prompt"]] * k)]
-        keys = [(match[j], sims[j], -j) if r["rerank_by"] == "prompt_match" else (sims[j], match[j], -j)
-                for j in range(k)]
+        by_match, by_clip = [(match[j], sims[j], -j) for j in range(k)], [(sims[j], match[j], -j) for j in range(k)]
+        keys, other = (by_match, by_clip) if r["rerank_by"] == "prompt_match" else (by_clip, by_match)
         best = keys.index(max(keys))  # the best score, then the other score, then the earliest draw
+        told_apart[r["model"]] += best != other.index(max(other))
         assert r["candidate_index"] == best, (r["prompt"], r["model"], match, sims)
         kept = decode_image((out / r["image_path"]).read_bytes()).astype(int)
         assert np.abs(kept - cands[best].astype(int)).max() <= 1  # the batch moves a pixel by one level at most
@@ -247,6 +248,7 @@ def test_best_of_k_by_prompt_match_and_clip_score_in_a_job_resumes_to_the_same_b
         else:
             assert r["candidate_score"] == pytest.approx(max(float(sims[best]), 0), abs=1e-3)
     assert moved > 0  # rerank kept another candidate than the plain sample somewhere
+    assert told_apart["dalle"] and told_apart["gan"]  # each model has rows the other chooser would have drawn otherwise
 
     # 3. what the run says about it: summary and report
     summary = json.loads((out / "summary.json").read_text())
