@@ -1,0 +1,176 @@
+"""Best-of-K: accuracy against cost for K = 1, 2, 4, 8, both shipped families, each chooser, in one run.
+
+    python benchmarks/rerank.py [--prompts 240] [--timing-prompts 16] [--rounds 3] [--spec examples/demo.yaml]
+
+The models and their sampling are the demo spec's (what `make demo` would draw with). Prompts are shapes test
+scenes of a seed nothing else uses, a third each: one object with seen colour-shape pairs, one object with a
+held-out pair, two objects. Accuracy is the non-learned geometry check's (`models/shapes/geometry.py`: whole
+objects agreeing with every attribute the prompt states), not the judge's. The job's prompt_match includes that
+check, so its rows are an upper bound, not an independent figure; the "judge alone" chooser (the judge's
+reading and near-miss flag, no geometry) is the independent control, measured here only.
+
+Each prompt's 8 candidates are drawn once (candidate k's seed does not depend on K) and best-of-K keeps, by
+`models.rerank.choose` as the job does, the best of the first K. Cost is timed apart, side by side, as the job
+spends it per kept image: `generate_best_of` per K and chooser (K = 1: the plain draw) in the demo's batch size,
+then the job's scoring of the kept image (`ScoreStage.score`: CLIP, judge, geometry), over the first
+`--timing-prompts` prompts, the best of `--rounds` rounds, each in its own shuffled order (a shared machine's load
+drifts). Its kept images are checked against those
+chosen from the shared draws.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from promptmill.models import load_generator
+from promptmill.models.images import to_nchw
+from promptmill.models.judge import judge_prompts
+from promptmill.models.rerank import CHOOSERS, Chooser, Scorers, candidate_seed, choose, generate_best_of
+from promptmill.models.shapes.geometry import geometry_matches
+from promptmill.models.shapes.scenes import example, matches, parse
+from promptmill.pipelines.batch.score import ScoreStage, shared_clip, shared_judge
+from promptmill.pipelines.spec import load_spec
+
+KS = (1, 2, 4, 8)
+SEED = 38  # the benchmark's prompts: a test-split seed no test, eval or training uses
+CATEGORIES = ("single, in-dist", "single, held-out", "two objects")
+
+
+def prompts(n: int) -> tuple[list[str], list[str]]:
+    """n test captions, a third per category, in row order of the split; their categories."""
+    want = {c: n // 3 + (i < n % 3) for i, c in enumerate(CATEGORIES)}
+    out, cats, i = [], [], 0
+    while any(want.values()):
+        scene, text, _ = example(i, SEED, "test")
+        i += 1
+        cat = CATEGORIES[2] if len(scene.objects) == 2 else CATEGORIES[1 if scene.held_out else 0]
+        if want[cat]:
+            want[cat] -= 1
+            out.append(text)
+            cats.append(cat)
+    return out, cats
+
+
+@dataclass
+class Readings:
+    """Per candidate (N, K): each chooser's ordering score and the geometry check's verdict."""
+
+    clip: np.ndarray
+    prompt_match: np.ndarray
+    judge_alone: np.ndarray
+    geometry: np.ndarray
+
+
+def read(images: np.ndarray, caps: list[str], clip, judge, batch: int = 512) -> Readings:
+    sims, pm, alone, geo = [], [], [], []
+    for i in range(0, len(caps), batch):
+        imgs, ps = images[i:i + batch], caps[i:i + batch]
+        sims += clip.similarity(imgs, ps).tolist()
+        with torch.no_grad():
+            verdicts = judge_prompts(judge, to_nchw(imgs), ps)
+        for p, v in zip(ps, verdicts):
+            parsed = parse(p)
+            pm.append(float(v.match))
+            alone.append(float(matches(parsed, v.scene) and not v.malformed))
+            geo.append(geometry_matches(parsed, v.geometry))
+    return Readings(*(np.asarray(x, np.float64) for x in (sims, pm, alone, geo)))
+
+
+def best_of(primary: np.ndarray, secondary: np.ndarray | None, k: int) -> np.ndarray:
+    """The job's choice among the first k candidates, from scores already read."""
+    second = None if secondary is None else secondary[:, :k].ravel()
+    return choose(primary[:, :k], None if second is None else (lambda flat: second[flat]))
+
+
+def draw_all(gen, caps: list[str], k: int, batch: int, **sampling) -> np.ndarray:
+    """(N, k, H, W, 3): candidates 0..k-1 of every prompt, prompt i's image seed being i."""
+    ps = [p for p in caps for _ in range(k)]
+    seeds = [candidate_seed(i, j) for i in range(len(caps)) for j in range(k)]
+    out = np.concatenate([gen.generate(ps[i:i + batch], seeds[i:i + batch], **sampling)
+                          for i in range(0, len(ps), batch)])
+    return out.reshape(len(caps), k, *out.shape[1:])
+
+
+def timed(gen, chooser: Chooser | None, scoring: ScoreStage, caps: list[str], k: int, batch: int,
+          **sampling) -> tuple[float, np.ndarray]:
+    """(seconds, kept index per prompt) of the job's work for these prompts: draws in calls of `batch` prompts (K
+    images each), then the scores of each kept image."""
+    t, kept = time.perf_counter(), []
+    for i in range(0, len(caps), batch):
+        seeds = list(range(i, min(len(caps), i + batch)))
+        if chooser is None:
+            images, index = gen.generate(caps[i:i + batch], seeds, **sampling), np.zeros(len(seeds), int)
+        else:
+            best = generate_best_of(gen, chooser, caps[i:i + batch], seeds, k, **sampling)
+            images, index = best.images, best.index
+        scoring.score(images, caps[i:i + batch])
+        kept.append(index)
+    return time.perf_counter() - t, np.concatenate(kept)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--prompts", type=int, default=240, help="prompts per family (a third per category)")
+    ap.add_argument("--timing-prompts", type=int, default=16, help="prompts per timed draw")
+    ap.add_argument("--rounds", type=int, default=3, help="timed rounds; each configuration's best counts")
+    ap.add_argument("--spec", default="examples/demo.yaml", help="the models and sampling measured")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads; 1: on a shared machine a team of two "
+                    "stalls whenever another process holds a core")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    spec = load_spec(args.spec)
+    clip, judge = shared_clip(spec.scoring, "cpu"), shared_judge(spec.scoring, "cpu")
+    scoring = ScoreStage(spec.scoring, "cpu")  # the job's scorers (the same CLIP and judge)
+    choosers = {"clip_score": CHOOSERS["clip_score"](Scorers(clip, judge)),
+                "prompt_match": CHOOSERS["prompt_match"](Scorers(clip, judge))}
+    caps, cats = prompts(args.prompts)
+    cats_a = np.array(cats)
+    counts = ", ".join(f"{c}: {cats.count(c)}" for c in CATEGORIES)
+    print(f"torch threads={torch.get_num_threads()}  prompts={len(caps)} ({counts})  timed over {args.timing_prompts}")
+    rows = []
+    for m in spec.models:
+        gen, sampling, batch = load_generator(m.checkpoint, "cpu"), m.family_sampling, m.resources.batch_size
+        t0 = time.perf_counter()
+        cands = draw_all(gen, caps, max(KS), batch * 2, **sampling)
+        flat = [p for p in caps for _ in range(max(KS))]
+        r = read(cands.reshape(-1, *cands.shape[2:]), flat, clip, judge)
+        shape = cands.shape[:2]
+        clip_s, pm, alone, geo = (x.reshape(shape) for x in (r.clip, r.prompt_match, r.judge_alone, r.geometry))
+        print(f"{m.name} ({m.family}): {cands.shape[0] * cands.shape[1]} candidates drawn and read in "
+              f"{time.perf_counter() - t0:.0f} s; sampling {sampling}")
+        orders = {"clip_score": (clip_s, pm), "prompt_match": (pm, clip_s), "judge alone (control)": (alone, clip_s)}
+        # cost: the job's own work per K and chooser, side by side; K = 1 is the plain draw whatever the chooser
+        tcaps = caps[:args.timing_prompts]
+        runs = [(None, 1), *((name, k) for name in choosers for k in KS[1:])]
+        cost: dict[tuple, float] = {}
+        mismatched = 0
+        for rnd in range(args.rounds):
+            for name, k in random.Random(rnd).sample(runs, len(runs)):
+                secs, kept = timed(gen, choosers.get(name), scoring, tcaps, k, batch, **sampling)
+                cost[(name, k)] = min(secs, cost.get((name, k), secs))
+                if name is not None:
+                    mismatched += int((kept != best_of(*orders[name], k)[:len(tcaps)]).sum())
+        print(f"  timed draws keeping another candidate than the shared draws: {mismatched}")
+        for name, (primary, secondary) in orders.items():
+            for k in KS:
+                idx = best_of(primary, secondary, k)
+                ok = geo[np.arange(len(caps)), idx]
+                # the control orders by the judge's verdicts too: its cost is prompt_match's
+                secs = cost[(None, 1)] if k == 1 else cost.get((name, k), cost[("prompt_match", k)])
+                rows.append((m.name, name, k, ok.mean(), *(ok[cats_a == c].mean() for c in CATEGORIES),
+                             secs / len(tcaps), secs / cost[(None, 1)]))
+    print("\n| model | chooser | K | geometry accuracy | single, in-dist | single, held-out | two objects "
+          "| images drawn / kept | s / kept image | cost vs K = 1 |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for name, ch, k, acc, *per, spk, ratio in rows:
+        print(f"| {name} | {ch} | {k} | {acc:.1%} | " + " | ".join(f"{a:.1%}" for a in per)
+              + f" | {k} | {spk * 1000:.1f} ms | {ratio:.2f}x |")
+
+
+if __name__ == "__main__":
+    main()
