@@ -4,7 +4,7 @@ TORCH_INDEX ?=  # e.g. https://download.pytorch.org/whl/cpu: the CPU-only torch 
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: help setup chromium demo test chaos lint bench bench-gpu bench-scale data checkpoints eval spec-docs
+.PHONY: help setup chromium demo test test-ray-range chaos lint bench bench-gpu bench-scale data checkpoints eval spec-docs
 help:  ## list targets
 	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
 
@@ -33,8 +33,22 @@ test: setup chromium  ## ruff, then the test suite (CI runs exactly this)
 	$(VENV)/bin/ruff check .
 	$(PY) -m pytest -q
 
-chaos: setup  ## the fault-injection suite, long cases included (storage outages, ...)
-	$(PY) -m pytest -q tests/chaos -m 'chaos or not chaos'
+# the ends of pyproject's Ray range (tests/test_wheel.py keeps them in step); each gets a venv of its own
+RAY_LOWEST := 2.50.0
+RAY_HIGHEST := 2.60.0
+RAY_TESTS := tests/test_job.py tests/test_cluster.py tests/test_submit.py tests/test_formats.py tests/test_preflight.py \
+	tests/test_text_inputs.py tests/test_train.py
+test-ray-range:  ## the Ray-facing tests on the lowest and the highest Ray that pyproject allows (~1 h on 2 cores)
+	set -e; for v in $(RAY_LOWEST) $(RAY_HIGHEST); do \
+		python3 -m venv .venv-ray-$$v; \
+		.venv-ray-$$v/bin/pip install -q --upgrade pip; \
+		.venv-ray-$$v/bin/pip install -q torch==2.13.0 $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)); \
+		.venv-ray-$$v/bin/pip install -q -e ".[test]" "ray[data,train,default]==$$v"; \
+		echo "== Ray $$v"; .venv-ray-$$v/bin/python -m pytest -q -p no:cacheprovider $(RAY_TESTS); \
+	done
+
+chaos: setup  ## the long fault-injection cases (storage outage of 60 s, throttling, a node killed mid-job, ...)
+	$(PY) -m pytest -q -m chaos  # every long case, wherever it lives; the rest runs in make test
 	PROMPTMILL_FUZZ_EXAMPLES=20 $(PY) -m pytest -q -s tests/test_fuzz.py
 
 spec-docs: setup  ## regenerate docs/spec.md from the pydantic field descriptions (a test keeps it in sync)

@@ -3,11 +3,15 @@ training, evaluation and schedules (never imports the job or training code)."""
 
 from __future__ import annotations
 
+import hashlib
+from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING
 
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 from fsspec import AbstractFileSystem
-from promptmill.pipelines.storage import arrow_fs, filesystem
+from promptmill.pipelines.storage import filesystem
 
 if TYPE_CHECKING:
     import ray.data
@@ -17,19 +21,63 @@ class InputError(ValueError):
     """Input that cannot be read at all; the message names the file and column."""
 
 
-def ray_read_parquet(files: list[str], fs: AbstractFileSystem, **kwargs) -> ray.data.Dataset:
-    """`ray.data.read_parquet` of these files, with Ray Data's first Parquet reader. Ray 2.60's default (datasource
-    v2) first starts a FooterReader actor to read footers the caller has already checked: a job's read of 64
-    prompts in a fresh Ray took 2.4-5.0 s with it, 0.8-0.9 s without (same rows, same row_hash; the start-up
-    benchmark, benchmarks/startup.py, shows it per job)."""
-    import ray.data  # here, not at the top: training and schedules import this module without Ray Data
+def parquet_row_hashes(path: str, start: int, n: int) -> np.ndarray:
+    """Derived ids of Parquet rows: the uint64 that Ray Data 2.60's `include_row_hash` gives (MD5 of the path seeds
+    the splitmix64 finalizer over row positions). Ours, so an id never moves with the Ray release: outputs written
+    under 2.60 resume with the same ids on any Ray in the supported range."""
+    seed = np.uint64(int.from_bytes(hashlib.md5(path.encode("utf-8")).digest()[:8], "little"))
+    with np.errstate(over="ignore"):
+        keys = seed + np.arange(start, start + n, dtype=np.uint64)
+        keys ^= keys >> np.uint64(30)
+        keys *= np.uint64(0xBF58476D1CE4E5B9)
+        keys ^= keys >> np.uint64(27)
+        keys *= np.uint64(0x94D049BB133111EB)
+        keys ^= keys >> np.uint64(31)
+    return keys
 
-    ctx = ray.data.DataContext.get_current()
-    v2, ctx.use_datasource_v2 = ctx.use_datasource_v2, False  # read_parquet picks its reader when called
-    try:
-        return ray.data.read_parquet(files, filesystem=arrow_fs(fs), file_extensions=None, **kwargs)
-    finally:
-        ctx.use_datasource_v2 = v2
+
+def ray_read_files(files: list[str], read: Callable[[str], Iterator[pa.Table]]) -> ray.data.Dataset:
+    """One Ray Data read task per file, its blocks in row order (a head's `limit` keeps its first rows); public
+    Datasource API only."""
+    import ray.data  # here, not at the top: training and schedules import this module without Ray Data
+    from ray.data.block import BlockMetadata
+    from ray.data.datasource import Datasource, ReadTask
+
+    class Files(Datasource):
+        def estimate_inmemory_data_size(self) -> int | None:
+            return None
+
+        def get_read_tasks(self, parallelism: int, **kwargs) -> list[ReadTask]:
+            return [ReadTask(lambda f=f: read(f), BlockMetadata(num_rows=None, size_bytes=None, input_files=[f],
+                                                                exec_stats=None)) for f in files]
+
+    return ray.data.read_datasource(Files(), override_num_blocks=max(1, len(files)))
+
+
+def ray_read_parquet(files: list[str], fs: AbstractFileSystem, columns: list[str] | None = None,
+                     include_row_hash: bool = False, include_paths: bool = False) -> ray.data.Dataset:
+    """Parquet files through pyarrow, a row group at a time: `columns` only; `row_hash` (`parquet_row_hashes`) for
+    derived ids; `path` (the file) for callers that regroup rows by file."""
+    def read(f: str) -> Iterator[pa.Table]:
+        start = 0
+        with fs.open(f, "rb") as fh:
+            pf = pq.ParquetFile(fh)
+            schema = pf.schema_arrow if columns is None else pa.schema([pf.schema_arrow.field(c) for c in columns])
+            for i in range(pf.num_row_groups):
+                yield _with_extras(pf.read_row_group(i, columns=columns), f, start, include_row_hash, include_paths)
+                start += pf.metadata.row_group(i).num_rows
+            if not pf.num_row_groups:  # no rows: its columns still count
+                yield _with_extras(schema.empty_table(), f, 0, include_row_hash, include_paths)
+
+    return ray_read_files(files, read)
+
+
+def _with_extras(t: pa.Table, path: str, start: int, row_hash: bool, paths: bool) -> pa.Table:
+    if row_hash:
+        t = t.append_column("row_hash", pa.array(parquet_row_hashes(path, start, t.num_rows), pa.uint64()))
+    if paths:
+        t = t.append_column("path", pa.array([path] * t.num_rows, pa.string()))
+    return t
 
 
 def list_files(url: str, storage_options: dict, field: str = "input.path", suffixes: tuple[str, ...] = (".parquet",)

@@ -16,7 +16,7 @@ import pyarrow.csv as pcsv
 import pyarrow.json as pjson
 from fsspec import AbstractFileSystem
 from promptmill.pipelines.storage import full_url
-from promptmill.pipelines.tables import InputError
+from promptmill.pipelines.tables import InputError, ray_read_files
 
 if TYPE_CHECKING:
     import ray.data
@@ -207,21 +207,9 @@ def scan(fs: AbstractFileSystem, path: str, fmt: str, id_column: str | None, wan
 
 def ray_read_text(files: list[str], fs: AbstractFileSystem, fmt: str, include_row_hash: bool = False
                   ) -> ray.data.Dataset:
-    """One Ray Data read task per file, its blocks in row order (a head's `limit` keeps its first rows)."""
-    import ray.data
-    from ray.data.block import BlockMetadata
-    from ray.data.datasource import Datasource, ReadTask
+    """One Ray Data read task per file, its blocks in row order."""
+    def read(f: str) -> Iterator[pa.Table]:
+        for batch in batches(fs, f, fmt, include_row_hash):
+            yield pa.Table.from_batches([batch])
 
-    class TextTables(Datasource):
-        def estimate_inmemory_data_size(self) -> int | None:
-            return None
-
-        def get_read_tasks(self, parallelism: int, **kwargs) -> list[ReadTask]:
-            def read(f: str) -> Iterator[pa.Table]:
-                for batch in batches(fs, f, fmt, include_row_hash):
-                    yield pa.Table.from_batches([batch])
-
-            return [ReadTask(lambda f=f: read(f), BlockMetadata(num_rows=None, size_bytes=None, input_files=[f],
-                                                                exec_stats=None)) for f in files]
-
-    return ray.data.read_datasource(TextTables(), override_num_blocks=len(files))
+    return ray_read_files(files, read)

@@ -68,6 +68,7 @@ def test_an_unshared_local_output_on_two_nodes_is_refused_before_anything_is_wri
     assert not (tmp_path / "out").exists()
 
 
+@pytest.mark.chaos  # a node killed mid-job: make chaos
 @pytest.mark.parametrize("cluster", [3], indirect=True)
 def test_removing_a_node_mid_job_loses_and_duplicates_nothing(cluster, checkpoints, tmp_path):
     c, nodes = cluster

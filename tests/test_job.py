@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import psutil
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
@@ -22,7 +23,8 @@ from promptmill.models.images import decode_image
 from promptmill.models.local_cache import content_id
 from promptmill.pipelines.batch.dry_run import dry_run
 from promptmill.pipelines.batch.job import PHASES, run_job
-from promptmill.pipelines.spec import load_spec
+from promptmill.pipelines.batch.read import plan_input, read_prompts
+from promptmill.pipelines.spec import InputSpec, load_spec
 
 ROOT = Path(__file__).resolve().parents[1]
 GOOD = ["a small red circle on the left", "a large blue square above a green triangle", "big yellow triangle, top",
@@ -212,6 +214,11 @@ def test_derived_ids_are_stable_and_limit_applies(ray_local, checkpoints, tmp_pa
     # an output started by one version resumes under the next only with the same ids: they are the file's path
     # and the row's position (md5 + splitmix64, Ray 2.60's include_row_hash); a Ray whose formula differs fails here
     assert ids == {derived_id(str(tmp_path / "in" / f), row) for f in ("a.parquet", "b.parquet") for row in range(5)}
+    # row positions run on across a file's row groups
+    pq.write_table(pa.table({"prompt": GOOD}), tmp_path / "groups.parquet", row_group_size=2)
+    groups = InputSpec(path=str(tmp_path / "groups.parquet"), id_column=None)
+    hashes = [r["row_hash"] for r in read_prompts(plan_input(groups), groups).take_all()]
+    assert sorted(f"r{h:016x}" for h in hashes) == sorted(derived_id(str(tmp_path / "groups.parquet"), r) for r in range(5))
     spec["output"]["path"] = str(tmp_path / "out2")
     spec["input"]["limit"] = 3
     res = run_job(load_spec(spec))
@@ -230,9 +237,6 @@ def derived_id(path: str, row: int) -> str:
 def test_limit_reads_the_first_rows_in_file_order(ray_local, tmp_path):
     """`input.limit` across files: the first rows of the first files, the same on every read (Ray Data's limit
     kept whichever blocks came first: a rerun or resume chose other prompts), with the ids a full read gives."""
-    from promptmill.pipelines.batch.read import plan_input, read_prompts
-    from promptmill.pipelines.spec import InputSpec
-
     for name in "abc":
         write_prompts(tmp_path / "in" / f"{name}.parquet", [f"{p} ({name})" for p in GOOD])
     full = InputSpec(path=str(tmp_path / "in"), id_column=None)
@@ -349,39 +353,21 @@ def test_killed_generator_actor_loses_and_duplicates_nothing(ray_local, checkpoi
     assert_exactly_once(out, {("gan", f"k{i}", s) for i in range(n) for s in (0, 1)})
 
 
-def test_an_embedded_ray_finds_its_raylet_early_stops_its_monitor_first_and_leaves_no_process():
-    """Ray's lookup of the new raylet sleeps a whole second between tries; ensure_ray polls the GCS first, so Ray's
-    lookup is entered only once the node is alive (it then returns at its first try), and is Ray's again after.
-    The monitor (nothing to scale on one machine) is killed before Ray's shutdown, which would otherwise spend a
-    second on its SIGTERM handler; the embedded Ray still runs work without it, and exit leaves no process behind."""
+def test_an_embedded_ray_runs_work_and_its_exit_leaves_no_process():
+    """ensure_ray starts an embedded Ray through public APIs only; it runs a task, and the interpreter's exit (our
+    hook, then Ray's) leaves none of its processes behind (GCS, raylet, monitor, dashboard agents, workers)."""
     code = """
 import json, psutil, ray
-from ray._private import ray_constants, services, state, worker
-from promptmill.pipelines.ray_cluster import ensure_ray, stop_autoscaler_monitor
-rays, alive_at_entry = services.get_node, []
-def recording(gcs_address, node_id):
-    gs = state.GlobalState()
-    gs._initialize_global_state(services._get_gcs_client_options(gcs_address))
-    alive_at_entry.append(any(n["NodeID"] == node_id and n["Alive"] for n in gs.node_table()))
-    return rays(gcs_address, node_id)
-services.get_node = recording
+from promptmill.pipelines.ray_cluster import ensure_ray
 ensure_ray(2)
-restored = services.get_node is recording
-heads = [p.pid for p in psutil.Process().children()]  # GCS, raylet, monitor, ... (workers come and go)
-monitor = worker._global_node.all_processes[ray_constants.PROCESS_TYPE_MONITOR][0].process.pid
-stop_autoscaler_monitor()
-alive = [pid for pid in heads if psutil.pid_exists(pid) and psutil.Process(pid).status() != "zombie"]
+task = ray.get(ray.remote(lambda: 7).remote())
 every = [p.pid for p in psutil.Process().children(recursive=True)]
-print(json.dumps({"heads": heads, "every": every, "monitor": monitor, "alive": alive, "restored": restored,
-                  "alive_at_entry": alive_at_entry, "task": ray.get(ray.remote(lambda: 7).remote())}))
+print(json.dumps({"every": every, "task": task}))
 """
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=120)
     assert run.returncode == 0, run.stderr[-3000:]
     out = json.loads(run.stdout.strip().splitlines()[-1])
-    assert out["monitor"] in out["heads"] and out["monitor"] not in out["alive"]
-    assert set(out["alive"]) == set(out["heads"]) - {out["monitor"]}  # only the monitor was stopped
-    assert out["task"] == 7
-    assert out["alive_at_entry"] == [True] and out["restored"] is True  # Ray's lookup found the node at once
+    assert out["task"] == 7 and len(out["every"]) >= 2  # at least the GCS and the raylet
     deadline = time.monotonic() + 10
     while any(psutil.pid_exists(p) for p in out["every"]) and time.monotonic() < deadline:
         time.sleep(0.2)

@@ -97,3 +97,24 @@ def test_an_editable_install_of_the_docker_context_keeps_a_users_own_models_pack
     run = subprocess.run([str(env_dir / "bin" / "promptmill"), "spec", "--markdown"], cwd=user, capture_output=True,
                          text=True)
     assert run.returncode == 0 and "`models[*].family`" in run.stdout, run.stderr[-2000:]
+
+
+def test_the_ray_range_is_the_one_make_test_ray_range_runs_and_holds_the_installed_ray():
+    """pyproject allows a Ray range (no exact pin); `make test-ray-range` runs its two ends, so the Makefile's ends
+    must be the range's: the lowest allowed, and the highest below the bound."""
+    import tomllib
+
+    import ray
+    from packaging.requirements import Requirement
+    from packaging.version import Version
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    req = next(Requirement(d) for d in deps if Requirement(d).name == "ray")
+    assert not any(s.operator == "==" for s in req.specifier), req
+    make = (ROOT / "Makefile").read_text()
+    lowest, highest = (Version(re.search(rf"^RAY_{end} := (\S+)$", make, re.M).group(1)) for end in ("LOWEST", "HIGHEST"))
+    lower = next(Version(s.version) for s in req.specifier if s.operator == ">=")
+    upper = next(Version(s.version) for s in req.specifier if s.operator == "<")
+    assert lowest == lower and lowest in req.specifier and highest in req.specifier
+    assert highest.release[:2] == (upper.release[0], upper.release[1] - 1)  # the last minor release under the bound
+    assert Version(ray.__version__) in req.specifier

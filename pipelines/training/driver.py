@@ -249,15 +249,13 @@ def check_resumable(spec: TrainSpec, storage: str) -> None:
 
 def run_training(spec: TrainSpec) -> dict:
     import ray
-    from promptmill.pipelines.ray_cluster import prompt_node_lookup
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     if not ray.is_initialized():
         # with its dashboard: Ray Train's placement-group cleaner asks the State API (served there) whether the
         # run's controller lives; without it, it warned every second of the run and could never clean up
-        with prompt_node_lookup():  # see pipelines.ray_cluster
-            ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=True)
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=True)
     tokenizer = train_tokenizer(spec) if spec.kind in ("transformer", "clip") else None  # the GAN uses its CLIP's
     storage = spec.storage_path if "://" in spec.storage_path else os.path.abspath(spec.storage_path)
     check_resumable(spec, storage)

@@ -2,7 +2,8 @@
 a short outage is ridden through without a rerun, one longer than the retry budget ends in exit 3 with one line,
 and the same command then finishes. Throttling (every Nth request 503 SlowDown) costs retries, not the job.
 
-The 10 s outage, the over-budget case and throttling run in the default suite; the 60 s outage is marked `chaos`.
+The 10 s outage and the over-budget case run in the default suite; the 60 s outage and throttling are marked `chaos`
+(`make chaos`).
 """
 
 from __future__ import annotations
@@ -64,6 +65,7 @@ def test_an_outage_past_the_budget_is_one_line_exit_3_then_the_same_command_fini
     measured("outage past a 3-attempt budget", exit=proc.returncode, line=line[0][:160])
 
 
+@pytest.mark.chaos
 def test_throttling_every_fifth_request_costs_retries_not_the_job(store, tmp_path):
     proxy = Throttle(store.port, every=5)
     try:
