@@ -34,7 +34,7 @@ test: setup chromium  ## ruff, then the test suite (CI runs exactly this)
 	$(PY) -m pytest -q
 
 # the ends of pyproject's Ray range (tests/test_wheel.py keeps them in step); each gets a venv of its own
-RAY_LOWEST := 2.50.0
+RAY_LOWEST := 2.54.0
 RAY_HIGHEST := 2.60.0
 RAY_TESTS := tests/test_job.py tests/test_cluster.py tests/test_submit.py tests/test_formats.py tests/test_preflight.py \
 	tests/test_text_inputs.py tests/test_train.py
