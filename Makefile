@@ -51,7 +51,7 @@ bench: setup  ## benchmarks (ratios measured side by side): the job against the 
 bench-gpu: setup  ## on a CUDA machine: the job against the bare model on the GPU, real-size models, GPU busy % (benchmarks/gpu.py)
 	$(PY) benchmarks/gpu.py
 
-bench-scale: setup  ## the job at 1k, 10k and 100k prompts (~25 min on 2 cores): img/s, driver RSS, spilling -> docs/scale.png
+bench-scale: setup  ## the job at 1k, 10k and 100k prompts (~25 min on 2 cores) -> docs/scale.png, then planning at 1M-100M rows
 	$(PY) benchmarks/scale.py
 
 bench-planning: setup  ## planning only (--dry-run over synthetic 1M / 10M-row inputs and finished outputs) -> docs/scale_planning.png
