@@ -35,6 +35,7 @@ test: setup chromium  ## ruff, then the test suite (CI runs exactly this)
 
 chaos: setup  ## the fault-injection suite, long cases included (storage outages, ...)
 	$(PY) -m pytest -q tests/chaos -m 'chaos or not chaos'
+	$(PY) -m pytest -q tests/test_cluster.py -m chaos  # the three-node run against the one-node one
 	PROMPTMILL_FUZZ_EXAMPLES=20 $(PY) -m pytest -q -s tests/test_fuzz.py
 
 spec-docs: setup  ## regenerate docs/spec.md from the pydantic field descriptions (a test keeps it in sync)

@@ -97,6 +97,7 @@ def test_removing_a_node_mid_job_loses_and_duplicates_nothing(cluster, checkpoin
     assert removed[0] in used and used - {removed[0]}  # it was busy, and the job was finished elsewhere
 
 
+@pytest.mark.chaos  # four jobs and a three-node cluster: 228 s on the 2-core machine under load (make chaos)
 def test_a_three_node_run_and_its_resume_give_the_single_node_output(checkpoints, tmp_path):
     """The distributed plan (duplicate ids counted and the resume anti-joined on Ray Data, spread over a head and
     two worker nodes) writes the metadata rows and image bytes a one-node run writes: first 30 of 60 prompts, then
