@@ -4,7 +4,7 @@ TORCH_INDEX ?=  # e.g. https://download.pytorch.org/whl/cpu: the CPU-only torch 
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 
-.PHONY: help setup chromium demo test test-ray-range chaos lint bench bench-gpu bench-scale data checkpoints eval spec-docs
+.PHONY: help setup chromium demo test test-ray-range chaos lint bench bench-gpu bench-scale bench-planning data checkpoints eval spec-docs
 help:  ## list targets
 	@grep -E '^[a-z]+:.*##' $(MAKEFILE_LIST) | sed 's/:.*##/\t/'
 
@@ -65,8 +65,11 @@ bench: setup  ## benchmarks (ratios measured side by side): the job against the 
 bench-gpu: setup  ## on a CUDA machine: the job against the bare model on the GPU, real-size models, GPU busy % (benchmarks/gpu.py)
 	$(PY) benchmarks/gpu.py
 
-bench-scale: setup  ## the job at 1k, 10k and 100k prompts (~25 min on 2 cores): img/s, driver RSS, spilling -> docs/scale.png
+bench-scale: setup  ## the job at 1k, 10k and 100k prompts (~25 min on 2 cores) -> docs/scale.png, then planning at 1M-100M rows
 	$(PY) benchmarks/scale.py
+
+bench-planning: setup  ## planning only (--dry-run over synthetic 1M / 10M-row inputs and finished outputs) -> docs/scale_planning.png
+	$(PY) benchmarks/scale.py --planning-only --rows 1000000 10000000 --finished 1000000 10000000
 
 # ---- shipped checkpoints: the documented recipes (one at a time: two torch jobs on 2 cores run 10x slower)
 DATA := data/shapes

@@ -2,9 +2,12 @@
 
 Per size: img/s by wall, img/s in steady state (images over summary.json's `images` phase: first image to last),
 the driver's peak RSS (sampled every 0.2 s), and whether Ray Data spilled to disk (its stats in summary.json).
-Writes a PNG of the curve.
+Writes a PNG of the curve. Then planning at bulk sizes (`benchmarks/planning.py`): a `--dry-run`'s driver RSS,
+object-store peak, spilled bytes and wall time over synthetic inputs and finished outputs, and the duplicate-id pass
+hash-partitioned against sort-based.
 
     python benchmarks/scale.py [--sizes 1000 10000 100000] [--plot docs/scale.png]
+    python benchmarks/scale.py --planning-only [--rows 1000000 10000000 30000000] [--finished 1000000 10000000]
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import time
 from pathlib import Path
 
 from jobrun import one_model_spec, run_generate, write_prompts  # benchmarks/ is the script folder, first on sys.path
+from planning import dedup_strategies, planning
 from promptmill.pipelines.batch.job import PHASES
 
 
@@ -73,12 +77,63 @@ def plot(rows: list[dict], path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
+def plot_planning(rows: list[dict], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    new = [r for r in rows if r["case"] == "new output"]
+    n = [r["rows"] for r in new]
+    fig, ax = plt.subplots(figsize=(6, 3.6))
+    ax.plot(n, [r["driver_peak_rss_mb"] for r in new], "^-", label="driver peak RSS (MB)")
+    ax.plot(n, [r["store_peak_mb"] for r in new], "o--", label="object store peak (MB)")
+    ax.set_xscale("log")
+    ax.set_xlabel("input rows (--dry-run planning, new output)")
+    ax.set_ylabel("MB")
+    ax.set_ylim(bottom=0)
+    ax2 = ax.twinx()
+    ax2.plot(n, [r["wall_s"] for r in new], "s:", color="gray", label="wall s")
+    ax2.set_ylabel("wall s")
+    ax2.set_ylim(bottom=0)
+    lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
+    ax.legend(lines, [ln.get_label() for ln in lines], loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main_planning(args: argparse.Namespace) -> None:
+    with tempfile.TemporaryDirectory() as d:
+        tmp = Path(d)
+
+        def spec_of(prompts: Path, out: Path) -> dict:
+            return one_model_spec("plan", prompts, out, "gan", None, {"batch_size": args.batch_size}, model="gan")
+
+        rows = planning(tmp, args.rows, args.finished, spec_of)
+        dedup = dedup_strategies(tmp / f"in-{max(args.rows)}", max(args.rows))
+    print("| case | rows | finished keys | wall s | driver peak RSS MB | object store peak MB | spilled MB |")
+    print("|---|---|---|---|---|---|---|")
+    for r in rows:
+        print(f"| {r['case']} | {r['rows']:,} | {r['finished']:,} | {r['wall_s']:.1f} | {r['driver_peak_rss_mb']:.0f} "
+              f"| {r['store_peak_mb']:.0f} | {r['spilled_mb']:.0f} |")
+    print(f"\nduplicate ids over {max(args.rows):,} ids: " + ", ".join(f"{k} {v:.1f} s" for k, v in dedup.items()))
+    plot_planning(rows, args.planning_plot)
+    print(f"plot: {args.planning_plot}")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
     ap.add_argument("--batch-size", type=int, default=64)
     ap.add_argument("--plot", default="docs/scale.png")
+    ap.add_argument("--planning-only", action="store_true", help="only the planning phase (no images drawn)")
+    ap.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 10_000_000, 100_000_000])
+    ap.add_argument("--finished", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    ap.add_argument("--planning-plot", default="docs/scale_planning.png")
     args = ap.parse_args()
+    if args.planning_only:
+        main_planning(args)
+        return
     with tempfile.TemporaryDirectory() as d:
         rows = [run(Path(d), n, args.batch_size) for n in args.sizes]
     print("| prompts | wall s | img/s, wall | img/s, steady | driver peak RSS MB | spilled MB | file create ms |")
@@ -91,6 +146,7 @@ def main() -> None:
         print("  driver peak RSS MB by phase: " + ", ".join(f"{k} {v:.0f}" for k, v in r["rss_by_phase_mb"].items()))
     plot(rows, args.plot)
     print(f"plot: {args.plot}")
+    main_planning(args)
 
 
 if __name__ == "__main__":

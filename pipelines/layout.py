@@ -20,6 +20,7 @@ from PIL import Image
 # files of a run, relative to its root
 STAGING, METADATA, REJECTED, SHARDS, IMAGES = "_staging", "metadata", "rejected", "shards", "images"
 SUCCESS, SUMMARY, SPEC, REPORT, LEASE = "_SUCCESS", "summary.json", "_spec.json", "report.html", "_lease.json"
+INPUTS = "_inputs.json"  # the input manifest: the files the output was drawn from (`pipelines.batch.inputs`)
 
 # a job's, a model's or a row id's name becomes part of output paths: letters, digits, '.', '_', '-', no leading dot
 SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")  # always fullmatch: `$` lets "ok\n" through

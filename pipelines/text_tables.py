@@ -189,20 +189,16 @@ class _NumberedLines:
         return line
 
 
-def scan(fs: AbstractFileSystem, path: str, fmt: str, id_column: str | None, want: int | None
-         ) -> tuple[pa.Schema, int, list]:
-    """(schema, rows, ids of the first `want` rows) of one file, streamed: the driver holds one parse block and the
-    ids, as for a Parquet footer plus its id column. Stops once more than `want` rows are seen (those past the
-    run's `input.limit` are never read by the job either)."""
-    schema, rows, ids = None, 0, []
+def scan(fs: AbstractFileSystem, path: str, fmt: str, want: int | None) -> tuple[pa.Schema, int]:
+    """(schema, rows) of one file, streamed: the driver holds one parse block at a time. Stops once more than `want`
+    rows are seen (those past the run's `input.limit` are never read by the job either)."""
+    schema, rows = None, 0
     for batch in batches(fs, path, fmt):
         schema = schema or batch.schema
-        if id_column is not None and id_column in batch.schema.names and (want is None or len(ids) < want):
-            ids += batch.column(id_column).to_pylist()[: None if want is None else want - len(ids)]
         rows += batch.num_rows
         if want is not None and rows > want:
             break
-    return schema, rows, ids
+    return schema, rows
 
 
 def ray_read_text(files: list[str], fs: AbstractFileSystem, fmt: str, include_row_hash: bool = False

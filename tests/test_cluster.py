@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -95,3 +96,54 @@ def test_removing_a_node_mid_job_loses_and_duplicates_nothing(cluster, checkpoin
     rows = _assert_complete(out, 300)
     used = {r["node"] for r in rows}
     assert removed[0] in used and used - {removed[0]}  # it was busy, and the job was finished elsewhere
+
+
+@pytest.mark.chaos  # four jobs and a three-node cluster: 228 s on the 2-core machine under load (make chaos)
+def test_a_three_node_run_and_its_resume_give_the_single_node_output(checkpoints, tmp_path):
+    """The distributed plan (duplicate ids counted and the resume anti-joined on Ray Data, spread over a head and
+    two worker nodes) writes the metadata rows and image bytes a one-node run writes: first 30 of 60 prompts, then
+    all of them as a resume, against one full run on a one-node Ray."""
+    prompts, ids = [f"a small red circle number {i}" for i in range(60)], [f"k{i}" for i in range(60)]
+    prompts[20], ids[10] = "", "k3"  # an empty prompt, and k3 twice (both within the first 30 rows)
+    write_prompts(tmp_path / "in.parquet", prompts, ids)
+
+    def spec(out: str, limit: int | None = None) -> dict:
+        s = make_spec(str(tmp_path / "in.parquet"), str(tmp_path / out), checkpoints)
+        s["output"]["shared"] = True  # these nodes share this machine's disk
+        s["models"][0]["resources"] = {"batch_size": 4, "num_cpus": 1, "threads": 1}  # threads: the same float sums
+        s["scoring"] = {"resources": {"batch_size": 4}}
+        s["input"]["limit"] = limit
+        return s
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    try:
+        run_job(load_spec(spec("one")))
+    finally:
+        ray.shutdown()
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    for _ in range(2):
+        c.add_node(num_cpus=2)
+    ray.init(address=c.address)
+    try:
+        first = run_job(load_spec(spec("three", limit=30)))
+        resumed = run_job(load_spec(spec("three")))
+    finally:
+        ray.shutdown()
+        c.shutdown()
+    assert sum(first.images_written.values()) == 2 * 27 and sum(resumed.images_written.values()) == 2 * 30
+
+    def output(name: str) -> tuple[list[dict], dict]:
+        out = tmp_path / name
+        rows = sorted(pq.read_table(out / "metadata").drop_columns(["node"]).to_pylist(),
+                      key=lambda r: (r["id"], r["sample"]))
+        return rows, {r["image_path"]: (out / r["image_path"]).read_bytes() for r in rows}
+
+    one, three = output("one"), output("three")
+    assert len(one[0]) == 2 * 57 and [r["id"] for r in one[0]] == [r["id"] for r in three[0]]
+    assert "k3" not in {r["id"] for r in one[0]}  # every copy of a duplicated id rejected
+    floats = ("clip_score", "diversity", "judge_features", "clip_features")  # float sums follow the scoring batch
+    for a, b in zip(one[0], three[0]):
+        assert {k: v for k, v in a.items() if k not in floats} == {k: v for k, v in b.items() if k not in floats}
+        for k in floats:
+            assert np.allclose(np.asarray(a[k], float), np.asarray(b[k], float), atol=1e-3, equal_nan=True), k
+    assert one[1] == three[1]

@@ -16,8 +16,9 @@ def image_seed(job_seed: int, row_id: str, model: str, sample: int) -> int:
 
 
 def expand_batch(table: pa.Table, *, prompt_column: str, model: str, images_per_prompt: int,
-                 job_seed: int, done: frozenset[str], keep: tuple[str, ...] = ()) -> pa.Table:
-    """Accepted rows -> one row per missing (id, model, sample); samples already written are skipped."""
+                 job_seed: int, done: frozenset[str] = frozenset(), keep: tuple[str, ...] = ()) -> pa.Table:
+    """Accepted rows -> one row per (id, model, sample) not in `done`. The job passes no `done`: what is already
+    written leaves on Ray Data (`pipelines.batch.resume`), not in a set shipped with every task."""
     ids, prompts, samples, seeds, rows = [], [], [], [], []
     reasons = table.column(REASON).to_pylist()
     for row, (rid, p, r) in enumerate(zip(table.column(ID).to_pylist(), column_values(table.column(prompt_column)),

@@ -16,8 +16,10 @@ import pyarrow.compute as pc
 from fsspec import AbstractFileSystem
 from promptmill.pipelines.batch.commit import commit
 from promptmill.pipelines.batch.imagefolder import write_imagefolders
+from promptmill.pipelines.batch.inputs import record
 from promptmill.pipelines.batch.isolate import error_text
 from promptmill.pipelines.batch.lease import Fence
+from promptmill.pipelines.batch.read import InputPlan
 from promptmill.pipelines.layout import OWN_REJECTED, PATHS, REJECTED, STAGING, SUCCESS, SUMMARY, rejected_name
 from promptmill.pipelines.metadata import metadata_files
 from promptmill.pipelines.redaction import redact
@@ -113,9 +115,11 @@ def near_duplicate_space(spec: JobSpec) -> tuple[str, float | None]:
 
 def finalize(spec: JobSpec, fs: AbstractFileSystem, root: str, *, input_rows: int, rejected: dict[str, int],
              written: dict[str, int], started: float, stats: str | None = None,
-             phases: dict[str, float] | None = None, fence: Fence | None = None) -> JobResult:
-    """Finish a run: exactly one metadata row per sample, then rejected rows, summary, metrics, report and
-    `_SUCCESS` (last, so it doubles as the "done" marker). A rerun on a complete output changes nothing."""
+             phases: dict[str, float] | None = None, fence: Fence | None = None, plan: InputPlan | None = None,
+             input_changes: dict[str, list[str]] | None = None) -> JobResult:
+    """Finish a run: exactly one metadata row per sample, then rejected rows, summary, metrics, report, the input
+    manifest (`plan`'s files) and `_SUCCESS` (last, so it doubles as the "done" marker). A rerun on a complete
+    output changes nothing but summary.json's `input_changes`, when input files changed or went."""
     out_url = full_url(fs, root)
     accepted = input_rows - sum(rejected.values())
     success = join(root, SUCCESS)
@@ -124,6 +128,9 @@ def finalize(spec: JobSpec, fs: AbstractFileSystem, root: str, *, input_rows: in
         if fs.exists(join(root, STAGING)):  # holds only this run's rejected copy
             fs.rm(join(root, STAGING), recursive=True)
         summary = read_json(fs, join(root, SUMMARY)) or {}
+        if input_changes and summary.get("input_changes") != input_changes:
+            summary["input_changes"] = input_changes
+            write_json(fs, join(root, SUMMARY), summary)
         return JobResult(out_url, input_rows, accepted, rejected, written, summary.get("images_total", {}),
                          time.time() - started, skipped=True, summary=summary)
     # 2. Merge staging into metadata/, move the rejected rows
@@ -158,6 +165,7 @@ def finalize(spec: JobSpec, fs: AbstractFileSystem, root: str, *, input_rows: in
         "scores": score_summary(table), "rejected_files": rejected_files, "image_path": PATHS,
         "ray_data_stats": stats,  # Ray Data's per-operator times and rows for this run (ds.stats())
         "phases_s": {**(phases or {}), "commit": round(time.time() - started - sum((phases or {}).values()), 3)},
+        **({"input_changes": input_changes} if input_changes else {}),  # files added, changed or removed since
     }
     if fence is not None:
         fence.guard()
@@ -180,6 +188,8 @@ def finalize(spec: JobSpec, fs: AbstractFileSystem, root: str, *, input_rows: in
             _track(spec, fs, root, run)
         result.summary = run.summary
     # 5. Done: _SUCCESS last, then staging goes
+    if plan is not None:
+        record(fs, root, plan)
     if fence is not None:
         fence.check()
     fs.pipe(success, b"")

@@ -20,9 +20,10 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import ray
 from promptmill.pipelines.batch.chain import GenerateStageActor, ScoreStageActor
-from promptmill.pipelines.batch.commit import done_keys
+from promptmill.pipelines.batch.duplicates import duplicated, validate_with
 from promptmill.pipelines.batch.expand import expand_batch
 from promptmill.pipelines.batch.finalize import JobResult, finalize
+from promptmill.pipelines.batch.inputs import input_changes
 from promptmill.pipelines.batch.lease import Lease, LeaseHeld
 from promptmill.pipelines.batch.pools import MAX_TASK_RETRIES, map_in_pool
 from promptmill.pipelines.batch.preflight import (
@@ -33,9 +34,10 @@ from promptmill.pipelines.batch.preflight import (
     preflight,
 )
 from promptmill.pipelines.batch.progress import Progress
-from promptmill.pipelines.batch.read import InputPlan, read_prompts
+from promptmill.pipelines.batch.read import InputPlan, read_ids, read_prompts, used_columns
+from promptmill.pipelines.batch.resume import finished_keys, finished_per_model, missing
 from promptmill.pipelines.batch.sizing import JobPlan, make_plan, pool_cpus, pools, scoring_in_pool
-from promptmill.pipelines.batch.validate import ID, REASON, validate_batch
+from promptmill.pipelines.batch.validate import ID, REASON, id_texts, validate_batch
 from promptmill.pipelines.batch.write import WriteStage
 from promptmill.pipelines.layout import REJECTED, SPEC, STAGING
 from promptmill.pipelines.metadata import metadata_files
@@ -70,12 +72,24 @@ def open_output(spec: JobSpec) -> Location:
     return Location.open(spec.output.path, spec.output.storage_options)
 
 
-def validated_prompts(plan: InputPlan, spec: JobSpec) -> ray.data.Dataset:
-    """Every input row with its id and reason (null = accepted); the run and --dry-run read the input this way."""
+def find_duplicates(plan: InputPlan) -> ray.data.MaterializedDataset | None:
+    """The duplicated ids of the rows the run reads, on Ray Data (none to find when ids are derived)."""
+    return None if plan.id_column is None else duplicated(read_ids(plan), plan.rows).materialize()
+
+
+def validated_prompts(plan: InputPlan, spec: JobSpec, duplicates: ray.data.MaterializedDataset | None = None,
+                      every_column: bool = False) -> ray.data.Dataset:
+    """Every input row with its id and reason (null = accepted); the run and --dry-run read the input this way.
+    Columns: those a sample uses (`read.used_columns`), or every original one (the rejected table keeps them).
+    `duplicates`: `find_duplicates(plan)`, found here when not given."""
     presets = frozenset.intersection(*(frozenset(m.sizes) for m in spec.models))  # names every model can draw
-    return read_prompts(plan, spec.input).map_batches(
-        functools.partial(validate_batch, spec=spec.input, duplicates=plan.duplicate_ids, presets=presets),
-        batch_format="pyarrow")
+    validate = functools.partial(validate_batch, spec=spec.input, presets=presets)
+    rows = read_prompts(plan, spec.input, None if every_column else used_columns(spec.input))
+    if plan.id_column is None:
+        return rows.map_batches(validate, fn_kwargs={"duplicates": frozenset()}, batch_format="pyarrow")
+    column = plan.id_column
+    return validate_with(rows, duplicates if duplicates is not None else find_duplicates(plan), validate,
+                         lambda t: pa.array(id_texts(t.column(column)), pa.string()), plan.rows)
 
 
 def _write_rejected(spec: JobSpec, plan: InputPlan, validated: ray.data.Dataset, out: Location) -> dict[str, int]:
@@ -119,11 +133,11 @@ def carried(spec: JobSpec) -> tuple[str, ...]:
     return tuple(dict.fromkeys([*i.keep_columns, *(c for c in (i.negative_prompt_column, i.size_column) if c)]))
 
 
-def _images(spec: JobSpec, validated: ray.data.Dataset, done: frozenset[str], record: dict, plan: JobPlan,
-            write: WriteStage | None = None) -> ray.data.Dataset:
-    """One branch per model (expand -> its generator pool, which also scores when `plan.scoring` is "fused"),
-    unioned, then the scoring pool if there is one. `write`: the last actor stage writes what it made (pixels then
-    never cross the object store to a write task)."""
+def _images(spec: JobSpec, validated: ray.data.Dataset, finished: ray.data.Dataset | None, record: dict,
+            plan: JobPlan, accepted: int, write: WriteStage | None = None) -> ray.data.Dataset:
+    """One branch per model (expand, less what `finished` holds -> its generator pool, which also scores when
+    `plan.scoring` is "fused"), unioned, then the scoring pool if there is one. `write`: the last actor stage writes
+    what it made (pixels then never cross the object store to a write task)."""
     from promptmill.pipelines.batch.generate import GenerateStage  # torch: imported by the actors, and by the driver only
     from promptmill.pipelines.batch.score import ScoreStage  # here, once `check_models` has (run_job)
 
@@ -135,10 +149,11 @@ def _images(spec: JobSpec, validated: ray.data.Dataset, done: frozenset[str], re
             log.info("%s: up to %d single-threaded actors on this machine's cores", m.name, size.max_actors)
         samples = validated.map_batches(
             functools.partial(expand_batch, prompt_column=spec.input.prompt_column, model=m.name,
-                              images_per_prompt=m.images_per_prompt, job_seed=spec.seed, done=done,
-                              keep=carried(spec)),
+                              images_per_prompt=m.images_per_prompt, job_seed=spec.seed, keep=carried(spec)),
             batch_format="pyarrow",
-        ).repartition(target_num_rows_per_block=r.batch_size)  # one block per generate call: every actor
+        )
+        samples = missing(samples, finished, m.name, accepted * m.images_per_prompt).repartition(
+            target_num_rows_per_block=r.batch_size)  # one block per generate call: every actor
         # gets work (a small prompt file is one block) and a crash loses at most the blocks in flight
         draw = (GenerateStage, {"model": m, "scoring": spec.scoring,
                                 "checkpoint_id": record["models"][m.name]["checkpoint_id"],
@@ -262,30 +277,36 @@ def run_job(spec: JobSpec, allow_subset: bool = False) -> JobResult:
     except LeaseHeld as e:
         raise PreflightError(f"output.path: {e}; two runs must not write one output at once") from e
     with lease:
+        changes = input_changes(fs, root, plan)  # warned now; in summary.json at the end
         record = merged_fingerprint(spec, previous)
         if record != previous:  # a rerun of a complete output touches nothing
             write_json(fs, join(root, SPEC), record)
         # 3. Read and validate once (bad rows are kept, marked with a reason): the rejected write and every
         #    model branch reuse it (prompt rows are small; images are what streams)
-        validated = validated_prompts(plan, spec).materialize()
-        # 4. Rejected rows -> staging (published by finalize)
-        rejected = _write_rejected(spec, plan, validated, out)
+        duplicates = find_duplicates(plan)
+        validated = validated_prompts(plan, spec, duplicates).materialize()
+        # 4. Rejected rows -> staging (published by finalize), with every original column: read again only when
+        #    the input has columns no sample uses
+        unused = set(plan.columns) - set(used_columns(spec.input)) - {"row_hash"}
+        rejected = _write_rejected(spec, plan, validated_prompts(plan, spec, duplicates, every_column=True)
+                                   if unused else validated, out)
         phases.mark("read_validate_rejected")
         # 5. Generate, score and write what is missing
         accepted = plan.rows - sum(rejected.values())
         expected = accepted * sum(m.images_per_prompt for m in spec.models)
         committed, staged = metadata_files(fs, root)  # listed once: what is done, and the parts this run adopts
         fence = lease.fence(staged)
-        done = done_keys(fs, root, committed + staged)
-        todo = {m.name: max(0, accepted * m.images_per_prompt - sum(k.startswith(f"{m.name}/") for k in done))
-                for m in spec.models}  # sample_key: model/id/sample
+        finished = finished_keys(fs, committed + staged)
+        finished = finished.materialize() if finished is not None else None  # counted, then joined per model
+        done = finished_per_model(finished)
+        todo = {m.name: max(0, accepted * m.images_per_prompt - done.get(m.name, 0)) for m in spec.models}
         progress = Progress(sum(todo.values()), sum(rejected.values()))  # not expected - done: with
         # --allow-subset, done also holds the left-out models' samples
         layout = make_plan(spec, in_pool, local_cores(), todo)  # where everything runs, and each pool's size
         log.info("plan: %s", layout)
         # files: the last actor stage writes (output.write_in); WebDataset tars and Parquet parts gather rows in tasks
         write = _writer(spec, out, lease.token)
-        images = _images(spec, validated, done, record, layout, write if layout.write_in_actors else None)
+        images = _images(spec, validated, finished, record, layout, accepted, write if layout.write_in_actors else None)
         written, dropped, stats = _write(spec, images, None if layout.write_in_actors else write, expected, progress)
         progress.final()
         if progress.first is not None:
@@ -294,7 +315,7 @@ def run_job(spec: JobSpec, allow_subset: bool = False) -> JobResult:
         rejected = {**rejected, **dropped}
         # 6. Commit exactly once, rejected rows, summary, metrics, report, _SUCCESS last
         return finalize(spec, fs, root, input_rows=plan.rows, rejected=rejected, written=written, started=t0,
-                        stats=stats, phases=phases, fence=fence)
+                        stats=stats, phases=phases, fence=fence, plan=plan, input_changes=changes)
 
 
 def _stats(ds: ray.data.Dataset) -> str:

@@ -7,6 +7,7 @@ Reasons are checked in a fixed order, so a row always gets the same one.
 from __future__ import annotations
 
 import re
+from collections.abc import Set
 
 import pyarrow as pa
 from promptmill.pipelines.layout import SAFE_NAME
@@ -35,7 +36,13 @@ def column_values(column: pa.ChunkedArray) -> list:
     return out
 
 
-def reason_for(prompt: object, row_id: str | None, duplicates: set[str], max_chars: int,
+def id_texts(column: pa.ChunkedArray) -> list[str | InvalidUTF8 | None]:
+    """A row id as text (`str` of an integer id), `InvalidUTF8` bytes or None: what validation and duplicate
+    detection compare."""
+    return [v if v is None or isinstance(v, InvalidUTF8) else str(v) for v in column_values(column)]
+
+
+def reason_for(prompt: object, row_id: str | None, duplicates: Set[str], max_chars: int,
                blocked: re.Pattern | None = None) -> str | None:
     if row_id is None:
         return "null_id"
@@ -76,13 +83,13 @@ def row_controls_reason(negative: object, size: object, max_chars: int, presets:
     return None
 
 
-def validate_batch(table: pa.Table, spec: InputSpec, duplicates: set[str], presets: frozenset[str] = frozenset()
+def validate_batch(table: pa.Table, spec: InputSpec, duplicates: Set[str], presets: frozenset[str] = frozenset()
                    ) -> pa.Table:
     if spec.id_column is None:
         ids = [f"r{h:016x}" for h in table.column("row_hash").to_pylist()]
         table = table.drop_columns(["row_hash"])
     else:
-        ids = [v if v is None or isinstance(v, InvalidUTF8) else str(v) for v in column_values(table.column(spec.id_column))]
+        ids = id_texts(table.column(spec.id_column))
     prompts = column_values(table.column(spec.prompt_column))
     blocked = spec.blocklist.compiled()
     reasons = [reason_for(p, i, duplicates, spec.max_prompt_chars, blocked) for p, i in zip(prompts, ids)]
