@@ -5,6 +5,7 @@ Public Ray APIs only, so any Ray in pyproject's range works (`make test-ray-rang
 from __future__ import annotations
 
 import atexit
+import importlib
 import logging
 import os
 
@@ -23,6 +24,9 @@ def ensure_ray(needed: float) -> None:
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
+        # Ray 2.54's log thread, first to import ray.autoscaler on a joined cluster, hit a circular import there
+        # (ImportError: DictCount) and the job died; imported whole first, the package is complete
+        importlib.import_module("ray.autoscaler")
         ray.init()  # join the cluster RAY_ADDRESS names
         return
     cores = os.cpu_count() or 1
