@@ -133,11 +133,13 @@ def carried(spec: JobSpec) -> tuple[str, ...]:
     return tuple(dict.fromkeys([*i.keep_columns, *(c for c in (i.negative_prompt_column, i.size_column) if c)]))
 
 
-def _images(spec: JobSpec, validated: ray.data.Dataset, finished: ray.data.Dataset | None, record: dict,
-            plan: JobPlan, accepted: int, write: WriteStage | None = None) -> ray.data.Dataset:
+def _images(spec: JobSpec, validated: ray.data.Dataset, finished: ray.data.Dataset | frozenset | None, record: dict,
+            plan: JobPlan, write: WriteStage | None = None, accepted: int = 0) -> ray.data.Dataset:
     """One branch per model (expand, less what `finished` holds -> its generator pool, which also scores when
-    `plan.scoring` is "fused"), unioned, then the scoring pool if there is one. `write`: the last actor stage writes
-    what it made (pixels then never cross the object store to a write task)."""
+    `plan.scoring` is "fused"), unioned, then the scoring pool if there is one. `finished`: the output's finished
+    keys (`resume.finished_keys`; None or an empty set: nothing done); `accepted`: accepted rows, to size the join.
+    `write`: the last actor stage writes what it made (pixels then never cross the object store to a write task)."""
+    finished = finished if isinstance(finished, ray.data.Dataset) else None
     from promptmill.pipelines.batch.generate import GenerateStage  # torch: imported by the actors, and by the driver only
     from promptmill.pipelines.batch.score import ScoreStage  # here, once `check_models` has (run_job)
 
@@ -306,7 +308,8 @@ def run_job(spec: JobSpec, allow_subset: bool = False) -> JobResult:
         log.info("plan: %s", layout)
         # files: the last actor stage writes (output.write_in); WebDataset tars and Parquet parts gather rows in tasks
         write = _writer(spec, out, lease.token)
-        images = _images(spec, validated, finished, record, layout, accepted, write if layout.write_in_actors else None)
+        images = _images(spec, validated, finished, record, layout, write if layout.write_in_actors else None,
+                         accepted)
         written, dropped, stats = _write(spec, images, None if layout.write_in_actors else write, expected, progress)
         progress.final()
         if progress.first is not None:
