@@ -53,53 +53,46 @@ def _rss_by_phase(timeline: list[tuple[float, int]], phases: dict[str, float], e
     return {k: max((r for s, r in timeline if lo <= s < hi), default=0) / 2**20 for k, lo, hi in bounds}
 
 
-def plot(rows: list[dict], path: str) -> None:
+def twin_plot(x: list, left: list[tuple[list, str, str]], right: tuple[list, str, str], xlabel: str, ylabel: str,
+              rlabel: str, legend_at: str, path: str) -> None:
+    """Series (values, style, label) on a log x axis, one more on a second y axis, one legend for all."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    n = [r["n"] for r in rows]
     fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.plot(n, [r["steady_img_s"] for r in rows], "o-", label="img/s, steady (first image to last)")
-    ax.plot(n, [r["wall_img_s"] for r in rows], "s--", label="img/s, wall (with start-up)")
+    for values, style, label in left:
+        ax.plot(x, values, style, label=label)
     ax.set_xscale("log")
-    ax.set_xlabel("prompts (shipped GAN, scoring on)")
-    ax.set_ylabel("images / s")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
     ax.set_ylim(bottom=0)
     ax2 = ax.twinx()
-    ax2.plot(n, [r["driver_peak_rss_mb"] for r in rows], "^:", color="gray", label="driver peak RSS (MB)")
-    ax2.set_ylabel("driver peak RSS, MB")
+    ax2.plot(x, right[0], right[1], color="gray", label=right[2])
+    ax2.set_ylabel(rlabel)
     ax2.set_ylim(bottom=0)
     lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-    ax.legend(lines, [ln.get_label() for ln in lines], loc="lower right", fontsize=8)
+    ax.legend(lines, [ln.get_label() for ln in lines], loc=legend_at, fontsize=8)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def plot(rows: list[dict], path: str) -> None:
+    twin_plot([r["n"] for r in rows],
+              [([r["steady_img_s"] for r in rows], "o-", "img/s, steady (first image to last)"),
+               ([r["wall_img_s"] for r in rows], "s--", "img/s, wall (with start-up)")],
+              ([r["driver_peak_rss_mb"] for r in rows], "^:", "driver peak RSS (MB)"),
+              "prompts (shipped GAN, scoring on)", "images / s", "driver peak RSS, MB", "lower right", path)
 
 
 def plot_planning(rows: list[dict], path: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     new = [r for r in rows if r["case"] == "new output"]
-    n = [r["rows"] for r in new]
-    fig, ax = plt.subplots(figsize=(6, 3.6))
-    ax.plot(n, [r["driver_peak_rss_mb"] for r in new], "^-", label="driver peak RSS (MB)")
-    ax.plot(n, [r["store_peak_mb"] for r in new], "o--", label="object store peak (MB)")
-    ax.set_xscale("log")
-    ax.set_xlabel("input rows (--dry-run planning, new output)")
-    ax.set_ylabel("MB")
-    ax.set_ylim(bottom=0)
-    ax2 = ax.twinx()
-    ax2.plot(n, [r["wall_s"] for r in new], "s:", color="gray", label="wall s")
-    ax2.set_ylabel("wall s")
-    ax2.set_ylim(bottom=0)
-    lines = ax.get_legend_handles_labels()[0] + ax2.get_legend_handles_labels()[0]
-    ax.legend(lines, [ln.get_label() for ln in lines], loc="upper left", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    twin_plot([r["rows"] for r in new],
+              [([r["driver_peak_rss_mb"] for r in new], "^-", "driver peak RSS (MB)"),
+               ([r["store_peak_mb"] for r in new], "o--", "object store peak (MB)")],
+              ([r["wall_s"] for r in new], "s:", "wall s"),
+              "input rows (--dry-run planning, new output)", "MB", "wall s", "upper left", path)
 
 
 def main_planning(args: argparse.Namespace) -> None:
