@@ -1,10 +1,15 @@
 """Aggregations over Ray Data whose results are small (counts by a column), and the size of the hash shuffles the
-job runs (duplicate ids, resume): what the driver gathers is one row per value per block, never the rows."""
+job runs (duplicate ids, resume): what the driver gathers is one row per value per block, never the rows. A shuffle
+that would have one partition runs as one task instead (`together`): the shuffle's actors cost every small job
+seconds of start-up."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import pyarrow as pa
 import pyarrow.compute as pc
+import ray
 import ray.data
 
 ROWS_PER_PARTITION = 2_000_000  # of a hash shuffle: ~100 MB of ids or keys per partition
@@ -14,6 +19,31 @@ MAX_PARTITIONS = 256
 def partitions(rows: int) -> int:
     """Hash partitions for a shuffle over `rows` rows: each partition is joined or counted in memory at once."""
     return max(1, min(MAX_PARTITIONS, -(-rows // ROWS_PER_PARTITION)))
+
+
+def together(ds: ray.data.Dataset, fn: Callable[..., pa.Table], *args) -> ray.data.MaterializedDataset:
+    """`fn(*args, *blocks)` over every block of `ds` at once, in one task (for data of one partition): the driver
+    holds the blocks' references, never their rows."""
+    return ray.data.from_arrow_refs([_together.remote(fn, args, *ds.to_arrow_refs())])
+
+
+@ray.remote
+def _together(fn: Callable[..., pa.Table], args: tuple, *blocks: pa.Table) -> pa.Table:
+    return fn(*args, *blocks)
+
+
+_FETCHED: dict[tuple[str, ...], frozenset] = {}  # per worker process: the sets it fetched last (a few, small)
+
+
+def fetched_set(refs: list, column: str) -> frozenset:
+    """The values of `column` in the tables behind `refs` (object references handed to every task of a map), as
+    a set built once per worker process."""
+    names = (column, *(r.hex() for r in refs))
+    if names not in _FETCHED:
+        if len(_FETCHED) >= 2:  # duplicate ids and one model's finished keys are the sets a run hands out
+            _FETCHED.clear()
+        _FETCHED[names] = frozenset(v for t in (ray.get(refs) if refs else []) for v in t.column(column).to_pylist())
+    return _FETCHED[names]
 
 
 def _tally(t: pa.Table, column: str) -> pa.Table:

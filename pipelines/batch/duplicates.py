@@ -1,7 +1,8 @@
-"""Duplicate ids on Ray Data: the ids that occur more than once among the rows a run reads, counted by a
-hash-partitioned aggregation over the id column alone, then handed to validation, whose rule decides (a duplicated
-id rejects every copy). The driver holds neither the ids nor the duplicates: up to BROADCAST_IDS duplicated ids
-travel to each validate task by object reference (the common case: few or none), more are joined to the rows."""
+"""Duplicate ids on Ray Data: the ids that occur more than once among the rows a run reads, counted by a hash-
+partitioned aggregation over the id column alone (one task when they fit one partition), then handed to validation,
+whose rule decides (a duplicated id rejects every copy). The driver holds neither the ids nor the duplicates: up to
+BROADCAST_IDS duplicated ids travel to each validate task by object reference (the common case: few or none), more
+are joined to the rows."""
 
 from __future__ import annotations
 
@@ -9,9 +10,8 @@ from collections.abc import Callable
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import ray
 import ray.data
-from promptmill.pipelines.batch.aggregate import partitions
+from promptmill.pipelines.batch.aggregate import fetched_set, partitions, together
 from promptmill.pipelines.batch.validate import ID
 
 BROADCAST_IDS = 1 << 20  # duplicated ids every validate task receives whole; beyond, a join (a shuffle of every row)
@@ -22,12 +22,22 @@ Validate = Callable[..., pa.Table]  # validate(batch, duplicates=<ids to reject 
 
 def duplicated(ids: ray.data.Dataset, rows: int = 0) -> ray.data.Dataset:
     """The ids (column ID) that occur more than once in `ids` (about `rows` of them)."""
+    if partitions(rows) == 1:
+        return together(ids, _repeated_among)
     counts = ids.groupby(ID, num_partitions=partitions(rows)).count()
     return counts.map_batches(_repeated, batch_format="pyarrow")
 
 
 def _repeated(t: pa.Table) -> pa.Table:
     return t.filter(pc.greater(t["count()"], 1)).select([ID])
+
+
+def _repeated_among(*blocks: pa.Table) -> pa.Table:
+    ids = pa.chunked_array([c for b in blocks for c in b.column(ID).chunks], pa.string())
+    if not len(ids):
+        return pa.table({ID: pa.array([], pa.string())})
+    values, counts = pc.value_counts(ids).flatten()
+    return pa.table({ID: values.filter(pc.greater(counts, 1))})
 
 
 def validate_with(rows: ray.data.Dataset, dups: ray.data.MaterializedDataset, validate: Validate,
@@ -43,16 +53,8 @@ def validate_with(rows: ray.data.Dataset, dups: ray.data.MaterializedDataset, va
     return joined.map_batches(_validate_joined, fn_kwargs={"validate": validate}, batch_format="pyarrow")
 
 
-_BROADCAST: dict[tuple[str, ...], frozenset[str]] = {}  # per worker process: the last duplicate set it fetched
-
-
 def _validate_broadcast(t: pa.Table, validate: Validate, refs: list) -> pa.Table:
-    names = tuple(r.hex() for r in refs)
-    if names not in _BROADCAST:
-        _BROADCAST.clear()
-        tables = ray.get(refs) if refs else []
-        _BROADCAST[names] = frozenset(v for tb in tables for v in tb.column(ID).to_pylist())
-    return validate(t, duplicates=_BROADCAST[names])
+    return validate(t, duplicates=fetched_set(refs, ID))
 
 
 def _flagged(t: pa.Table) -> pa.Table:
