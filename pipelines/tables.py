@@ -54,11 +54,34 @@ def ray_read_files(files: list[str], read: Callable[[str], Iterator[pa.Table]]) 
     return ray.data.read_datasource(Files(), override_num_blocks=max(1, len(files)))
 
 
+def first_rows(tables: Iterator[pa.Table], rows: int | None) -> Iterator[pa.Table]:
+    """The first `rows` rows of `tables` (every row for None), pulling no table past the one they end in: a
+    `limit` stops reading a file there."""
+    if rows is None:
+        yield from tables
+        return
+    try:
+        for t in tables:
+            yield t.slice(0, rows)
+            rows -= t.num_rows
+            if rows <= 0:
+                break
+    finally:
+        close = getattr(tables, "close", None)
+        if close is not None:
+            close()
+
+
 def ray_read_parquet(files: list[str], fs: AbstractFileSystem, columns: list[str] | None = None,
-                     include_row_hash: bool = False, include_paths: bool = False) -> ray.data.Dataset:
+                     include_row_hash: bool = False, include_paths: bool = False, head: int | None = None
+                     ) -> ray.data.Dataset:
     """Parquet files through pyarrow, a row group at a time: `columns` only; `row_hash` (`parquet_row_hashes`) for
-    derived ids; `path` (the file) for callers that regroup rows by file."""
+    derived ids; `path` (the file) for callers that regroup rows by file; `head`: each file's first rows only (no
+    row group past them is read)."""
     def read(f: str) -> Iterator[pa.Table]:
+        return first_rows(groups(f), head)
+
+    def groups(f: str) -> Iterator[pa.Table]:
         start = 0
         with fs.open(f, "rb") as fh:
             pf = pq.ParquetFile(fh)

@@ -16,7 +16,7 @@ import pyarrow.csv as pcsv
 import pyarrow.json as pjson
 from fsspec import AbstractFileSystem
 from promptmill.pipelines.storage import full_url
-from promptmill.pipelines.tables import InputError, ray_read_files
+from promptmill.pipelines.tables import InputError, first_rows, ray_read_files
 
 if TYPE_CHECKING:
     import ray.data
@@ -201,11 +201,11 @@ def scan(fs: AbstractFileSystem, path: str, fmt: str, want: int | None) -> tuple
     return schema, rows
 
 
-def ray_read_text(files: list[str], fs: AbstractFileSystem, fmt: str, include_row_hash: bool = False
-                  ) -> ray.data.Dataset:
-    """One Ray Data read task per file, its blocks in row order."""
+def ray_read_text(files: list[str], fs: AbstractFileSystem, fmt: str, include_row_hash: bool = False,
+                  head: int | None = None) -> ray.data.Dataset:
+    """One Ray Data read task per file, its blocks in row order; `head`: each file's first rows only (not read
+    further)."""
     def read(f: str) -> Iterator[pa.Table]:
-        for batch in batches(fs, f, fmt, include_row_hash):
-            yield pa.Table.from_batches([batch])
+        return first_rows((pa.Table.from_batches([b]) for b in batches(fs, f, fmt, include_row_hash)), head)
 
     return ray_read_files(files, read)

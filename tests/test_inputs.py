@@ -85,3 +85,47 @@ def test_a_text_input_past_the_limit_records_no_row_count(tmp_path):
     plan = plan_input(InputSpec(path=str(tmp_path / "in"), id_column="id", limit=3))
     assert [(Path(f.url).name, f.rows) for f in plan.found] == [("a.csv", None), ("b.csv", None)]
     assert input_changes(fsspec.filesystem("file"), str(tmp_path / "none"), plan) == {}
+
+
+def _spoil_row_groups(path: Path, first: int) -> None:
+    """Overwrite every column chunk of row groups `first`.. with 0xFF, the footer kept: reading them fails."""
+    md = pq.ParquetFile(path).metadata
+    data = bytearray(path.read_bytes())
+    for g in range(first, md.num_row_groups):
+        for c in range(md.num_columns):
+            cc = md.row_group(g).column(c)
+            start = cc.dictionary_page_offset if cc.has_dictionary_page else cc.data_page_offset
+            data[start:start + cc.total_compressed_size] = b"\xff" * cc.total_compressed_size
+    path.write_bytes(bytes(data))
+
+
+def test_limit_reads_no_row_group_or_text_block_past_the_limit(ray_local, tmp_path):
+    """The file `limit` ends in is read up to the row group (Parquet) or parse block (text) holding its last row:
+    what lies past it is spoiled here, and the limited read never meets it while a full read does."""
+    import pyarrow as pa
+    import pytest
+    from promptmill.pipelines.batch.read import read_prompts
+
+    write_prompts(tmp_path / "pq" / "a.parquet", [f"a{i}" for i in range(5)], [f"a{i}" for i in range(5)])
+    b = tmp_path / "pq" / "b.parquet"
+    pq.write_table(pa.table({"id": [f"b{i}" for i in range(100)], "prompt": [f"p{i}" for i in range(100)]}), b,
+                   row_group_size=10)
+    _spoil_row_groups(b, 2)  # rows 20..99
+    spec = InputSpec(path=str(tmp_path / "pq"), id_column="id", limit=5 + 15)
+    plan = plan_input(spec)
+    assert plan.rows == 20 and plan.duplicate_ids == set()  # the duplicate-id count reads the same rows
+    got = sorted(r["id"] for r in read_prompts(plan, spec).take_all())
+    assert got == sorted([f"a{i}" for i in range(5)] + [f"b{i}" for i in range(15)])
+    whole = InputSpec(path=str(tmp_path / "pq"), id_column="id")
+    with pytest.raises(Exception, match="b.parquet|Parquet|parquet|thrift|Thrift"):
+        read_prompts(plan_input(whole), whole).take_all()
+
+    text = tmp_path / "csv" / "a.csv"
+    text.parent.mkdir()
+    good = "".join(f"r{i},a red circle number {i}\n" for i in range(60_000))  # ~2 MB: several parse blocks
+    text.write_text("id,prompt\n" + good + "bad,one,two\n")
+    spec = InputSpec(path=str(text), id_column="id", limit=5)
+    assert [r["id"] for r in read_prompts(plan_input(spec), spec).take_all()] == [f"r{i}" for i in range(5)]
+    whole = InputSpec(path=str(text), id_column="id")
+    with pytest.raises(Exception, match="a.csv: line 60002: expected 2 fields"):
+        plan_input(whole)

@@ -160,15 +160,15 @@ def read_prompts(plan: InputPlan, spec: InputSpec, columns: list[str] | None = N
 
 
 def _read(plan: InputPlan, columns: list[str] | None, derived: bool) -> ray.data.Dataset:
-    """A file is one read task whose blocks come in row order, so the head's `limit` keeps its first rows and
-    reads no further."""
-    def read(files: list[str]) -> ray.data.Dataset:
+    """A file is one read task whose blocks come in row order; the head (the file `limit` ends in) is read up to
+    the row group or text batch holding its last row, no further."""
+    def read(files: list[str], head: int | None = None) -> ray.data.Dataset:
         if plan.format == "parquet":
-            return ray_read_parquet(files, plan.fs, include_row_hash=derived, columns=columns)
-        ds = ray_read_text(files, plan.fs, plan.format, include_row_hash=derived)
+            return ray_read_parquet(files, plan.fs, include_row_hash=derived, columns=columns, head=head)
+        ds = ray_read_text(files, plan.fs, plan.format, include_row_hash=derived, head=head)
         return ds if columns is None else ds.select_columns(columns + (["row_hash"] if derived else []))
 
-    parts = ([read(plan.whole)] if plan.whole else []) + ([read([plan.head[0]]).limit(plan.head[1])] if plan.head else [])
+    parts = ([read(plan.whole)] if plan.whole else []) + ([read([plan.head[0]], plan.head[1])] if plan.head else [])
     return parts[0].union(*parts[1:]) if len(parts) > 1 else parts[0]
 
 
