@@ -100,8 +100,9 @@ def measure(spec: dict) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def planning(tmp: Path, rows: list[int], finished: list[int], spec_of) -> list[dict]:
-    """Dry runs over `rows`-row inputs (a new output), then over the largest input with `finished` samples done."""
+def planning(tmp: Path, rows: list[int], finished: list[int], spec_of, resume_rows: int | None = None) -> list[dict]:
+    """Dry runs over `rows`-row inputs (a new output), then over the `resume_rows`-row input (one of `rows`; the
+    largest by default) with `finished` samples done."""
     results = []
     for n in rows:
         t = time.perf_counter()
@@ -111,7 +112,8 @@ def planning(tmp: Path, rows: list[int], finished: list[int], spec_of) -> list[d
         assert r["plan"]["input_rows"] == n and r["plan"]["models"]["gan"]["to_draw"] == n, r["plan"]
         results.append({"case": "new output", "rows": n, "finished": 0, **r})
         print(json.dumps({k: v for k, v in results[-1].items() if k != "plan"}), file=sys.stderr, flush=True)
-    n = max(rows)
+    n = resume_rows or max(rows)
+    assert n in rows, f"--resume-rows {n} must be one of --rows {rows}"
     for k in finished:
         out = tmp / f"resume-{k}"
         spec = spec_of(tmp / f"in-{n}", out)

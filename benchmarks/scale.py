@@ -102,14 +102,16 @@ def main_planning(args: argparse.Namespace) -> None:
         def spec_of(prompts: Path, out: Path) -> dict:
             return one_model_spec("plan", prompts, out, "gan", None, {"batch_size": args.batch_size}, model="gan")
 
-        rows = planning(tmp, args.rows, args.finished, spec_of)
-        dedup = dedup_strategies(tmp / f"in-{max(args.rows)}", max(args.rows))
+        rows = planning(tmp, args.rows, args.finished, spec_of, args.resume_rows)
+        dedup_rows = max(args.rows) if args.dedup_rows is None else args.dedup_rows
+        dedup = dedup_strategies(tmp / f"in-{dedup_rows}", dedup_rows) if dedup_rows else {}
     print("| case | rows | finished keys | wall s | driver peak RSS MB | object store peak MB | spilled MB |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         print(f"| {r['case']} | {r['rows']:,} | {r['finished']:,} | {r['wall_s']:.1f} | {r['driver_peak_rss_mb']:.0f} "
               f"| {r['store_peak_mb']:.0f} | {r['spilled_mb']:.0f} |")
-    print(f"\nduplicate ids over {max(args.rows):,} ids: " + ", ".join(f"{k} {v:.1f} s" for k, v in dedup.items()))
+    if dedup:
+        print(f"\nduplicate ids over {dedup_rows:,} ids: " + ", ".join(f"{k} {v:.1f} s" for k, v in dedup.items()))
     plot_planning(rows, args.planning_plot)
     print(f"plot: {args.planning_plot}")
 
@@ -122,6 +124,9 @@ def main() -> None:
     ap.add_argument("--planning-only", action="store_true", help="only the planning phase (no images drawn)")
     ap.add_argument("--rows", type=int, nargs="+", default=[1_000_000, 10_000_000, 100_000_000])
     ap.add_argument("--finished", type=int, nargs="+", default=[1_000_000, 10_000_000])
+    ap.add_argument("--resume-rows", type=int, help="the input (one of --rows) the resumes run over; default the largest")
+    ap.add_argument("--dedup-rows", type=int, help="the input (one of --rows) the duplicate-id strategies are timed on; "
+                    "default the largest, 0 skips")
     ap.add_argument("--planning-plot", default="docs/scale_planning.png")
     args = ap.parse_args()
     if args.planning_only:
