@@ -99,10 +99,13 @@ def test_removing_a_node_mid_job_loses_and_duplicates_nothing(cluster, checkpoin
 
 
 @pytest.mark.chaos  # four jobs and a three-node cluster: 228 s on the 2-core machine under load (make chaos)
-def test_a_three_node_run_and_its_resume_give_the_single_node_output(checkpoints, tmp_path):
+def test_a_three_node_run_and_its_resume_give_the_single_node_output(checkpoints, tmp_path, monkeypatch):
     """The distributed plan (duplicate ids counted and the resume anti-joined on Ray Data, spread over a head and
     two worker nodes) writes the metadata rows and image bytes a one-node run writes: first 30 of 60 prompts, then
     all of them as a resume, against one full run on a one-node Ray."""
+    from promptmill.pipelines.batch import aggregate
+
+    monkeypatch.setattr(aggregate, "ROWS_PER_PARTITION", 16)  # hash shuffles of several partitions, not one task
     prompts, ids = [f"a small red circle number {i}" for i in range(60)], [f"k{i}" for i in range(60)]
     prompts[20], ids[10] = "", "k3"  # an empty prompt, and k3 twice (both within the first 30 rows)
     write_prompts(tmp_path / "in.parquet", prompts, ids)

@@ -448,6 +448,7 @@ def test_without_a_judge_quality_signals_come_from_the_clip(ray_local, pipelines
     pq.write_table(pa.table({"png": [encode_image(example(i, 3, "test")[2], "png") for i in range(40)]}), ref)
     spec = _spec(tmp_path, pipelines["sd"], "sd", str(tmp_path / "out"))
     spec["models"][0]["images_per_prompt"] = 3
+    spec["models"][0]["sampling"] = {**SIZES["sd"], "candidates": 2, "rerank_by": "aesthetic_score"}
     spec["scoring"] = {"clip": clip_dir, "judge": None, "aesthetic": aesthetic}
     spec["metrics"] = {"reference": str(ref), "max_images": 10}
     run_job(load_spec(spec))
@@ -459,6 +460,17 @@ def test_without_a_judge_quality_signals_come_from_the_clip(ray_local, pipelines
     emb = scorer.embed_images(decode_image((tmp_path / "out" / r["image_path"]).read_bytes())[None]).numpy()
     assert abs(predictor(emb)[0] - r["aesthetic_score"]) < 1e-3  # the predictor on the CLIP's embedding
     assert len({round(x["aesthetic_score"], 5) for x in rows}) > 1
+    # best of 2 by the aesthetic score: each kept image is the better of its two candidates, drawn here again
+    from promptmill.models.hf_diffusers import DiffusersGenerator
+    from promptmill.models.rerank import candidate_seed
+
+    gen = DiffusersGenerator.load(pipelines["sd"], torch.device("cpu"))
+    for row in rows:
+        assert (row["candidates"], row["rerank_by"]) == (2, "aesthetic_score")
+        cands = gen.generate([row["prompt"]] * 2, [candidate_seed(row["seed"], k) for k in range(2)], **SIZES["sd"])
+        marks = predictor(scorer.embed_images(cands).numpy())
+        kept = decode_image((tmp_path / "out" / row["image_path"]).read_bytes()).astype(int)
+        assert np.abs(kept - cands[int(np.argmax(marks))]).max() <= 2 and abs(marks.max() - row["aesthetic_score"]) < 1e-3
     summary = json.loads((tmp_path / "out" / "summary.json").read_text())
     assert summary["scores"]["sd"]["aesthetic_mean"] is not None
     assert summary["metrics"]["features"].startswith("CLIP image embeddings")

@@ -52,7 +52,7 @@ def dry_run(spec: JobSpec, allow_subset: bool = False) -> dict[str, Any]:
             verdicts.map_batches(_keys, fn_kwargs={"images_per_prompt": m.images_per_prompt}, batch_format="pyarrow"),
             finished, m.name, images).count()
         models[m.name] = {"family": m.family, "images": images, "in_output": images - to_draw, "to_draw": to_draw,
-                          "candidates_per_image": m.candidates}
+                          "candidates_per_image": m.candidates, **({"rerank_by": m.rerank_by} if m.rerank_by else {})}
     changes = input_changes(fs, root, plan) if previous is not None else {}
     return {"dry_run": True, "input_rows": plan.rows, "input_files": len(plan.files), "accepted": accepted,
             "rejected": rejected, "models": models, "output": redact_text(full_url(fs, root)),

@@ -49,11 +49,13 @@ def _unfinished(t: pa.Table, refs: list) -> pa.Table:
 
 
 def missing(samples: ray.data.Dataset, finished: ray.data.Dataset | None, model: str, rows: int) -> ray.data.Dataset:
-    """`samples` (id, sample, ...) of `model` that `finished` does not hold; `rows`: about how many keys meet."""
+    """`samples` (id, sample, ...) of `model` that `finished` does not hold; `rows`: about how many keys meet. A
+    join runs here, to its end (materialized), before any actor pool starts: streamed beside the pools, Ray 2.54's
+    resource budget left its tasks no CPU and the job waited forever."""
     if finished is None:
         return samples
     if partitions(max(rows, finished.count())) == 1:
         keys = together(finished, _keys_of_model, model).to_arrow_refs()
         return samples.map_batches(_unfinished, fn_kwargs={"refs": keys}, batch_format="pyarrow")
     done = finished.map_batches(functools.partial(_of_model, model=model), batch_format="pyarrow")
-    return samples.join(done, "left_anti", num_partitions=partitions(rows), on=("id", "sample"))
+    return samples.join(done, "left_anti", num_partitions=partitions(rows), on=("id", "sample")).materialize()
