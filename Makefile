@@ -68,8 +68,9 @@ bench-gpu: setup  ## on a CUDA machine: the job against the bare model on the GP
 bench-scale: setup  ## the job at 1k, 10k and 100k prompts (~25 min on 2 cores) -> docs/scale.png, then planning at 1M-100M rows
 	$(PY) benchmarks/scale.py
 
-bench-planning: setup  ## planning only (--dry-run over synthetic 1M / 10M-row inputs and finished outputs) -> docs/scale_planning.png
-	$(PY) benchmarks/scale.py --planning-only --rows 1000000 10000000 --finished 1000000 10000000
+bench-planning: setup  ## planning only (--dry-run over synthetic 1M / 10M / 100M-row inputs, resumes at 10M; ~20 min) -> docs/scale_planning.png
+	$(PY) benchmarks/scale.py --planning-only --rows 1000000 10000000 100000000 --finished 1000000 10000000 \
+		--resume-rows 10000000 --dedup-rows 10000000
 
 # ---- shipped checkpoints: the documented recipes (one at a time: two torch jobs on 2 cores run 10x slower)
 DATA := data/shapes
