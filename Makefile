@@ -47,8 +47,8 @@ test-ray-range:  ## the Ray-facing tests on the lowest and the highest Ray that 
 		echo "== Ray $$v"; .venv-ray-$$v/bin/python -m pytest -q -p no:cacheprovider $(RAY_TESTS); \
 	done
 
-chaos: setup  ## the long fault-injection cases (storage outage of 60 s, throttling, a node killed mid-job, ...)
-	$(PY) -m pytest -q -m chaos  # every long case, wherever it lives; the rest runs in make test
+chaos: setup  ## the long cases: fault injection (storage outages, throttling, kills) and slow end-to-end variants
+	$(PY) -m pytest -q -m "chaos or slow"  # every long case, wherever it lives; the rest runs in make test
 	PROMPTMILL_FUZZ_EXAMPLES=20 $(PY) -m pytest -q -s tests/test_fuzz.py
 
 spec-docs: setup  ## regenerate docs/spec.md from the pydantic field descriptions (a test keeps it in sync)

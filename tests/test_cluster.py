@@ -48,6 +48,7 @@ def _assert_complete(out: Path, n: int) -> list[dict]:
     return rows
 
 
+@pytest.mark.slow  # 66 s: make chaos; two nodes run by default in the unshared-output test and test_submit's head
 @pytest.mark.parametrize("cluster", [2], indirect=True)
 def test_generator_actors_run_on_both_gpu_nodes(cluster, checkpoints, tmp_path):
     _, nodes = cluster

@@ -42,7 +42,7 @@ def _spec(tmp_path, pipe_dir: str, kind: str, out: str, batch: int = 4) -> dict:
     return spec
 
 
-@pytest.mark.parametrize("kind", ["sd", "amused"])
+@pytest.mark.parametrize("kind", ["sd", pytest.param("amused", marks=pytest.mark.slow)])  # amused: make chaos
 def test_a_diffusers_pipeline_runs_through_the_job_exactly_once_and_batch_invariantly(
         ray_local, pipelines, tmp_path, kind):
     write_prompts(tmp_path / "in" / "a.parquet", ["a red circle", "a blue square on the left", "a photo of a cat"],

@@ -110,6 +110,7 @@ def test_commit_and_finalize_delete_only_names_of_our_own_layout(ray_local, chec
     assert "bucket/elsewhere/victim.parquet" in left and "../notes.txt" in left  # named, and left alone
 
 
+@pytest.mark.slow  # 70 s: make chaos; credentials in storage options stay masked in test_security.py by default
 def test_models_named_like_secrets_run_and_resume_while_credentials_stay_masked(ray_local, checkpoints, s3):
     """Redaction masks credentials (text under secret-looking keys), never data keyed by a model's name."""
     fs = s3fs.S3FileSystem(**s3)

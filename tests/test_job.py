@@ -115,7 +115,7 @@ def test_end_to_end_local(ray_local, checkpoints, tmp_path, caplog, monkeypatch)
     # keys are anti-joined as a bulk input's are (hash partitions), beside the job's actor pools
     from promptmill.pipelines.batch import aggregate
 
-    monkeypatch.setattr(aggregate, "ROWS_PER_PARTITION", 4)
+    monkeypatch.setattr(aggregate, "ROWS_PER_PARTITION", 8)
     digests = file_digests(out)
     spec["models"][0]["images_per_prompt"] = 3
     before = {p: p.stat().st_mtime_ns for p in out.rglob("*")}

@@ -360,8 +360,10 @@ def test_stale_leases_are_taken_over_and_live_ones_name_their_owner(tmp_path):
     Lease(fs, root).acquire().release()
 
 
-@pytest.mark.parametrize("fmt,store", [("files", "local"), ("parquet", "local"), ("webdataset", "s3")])  # each format,
-# both stores (every case costs a second process and an embedded Ray: ~25 s)
+@pytest.mark.parametrize("fmt,store", [pytest.param("files", "local", marks=pytest.mark.slow),
+                                       pytest.param("parquet", "local", marks=pytest.mark.slow),
+                                       ("webdataset", "s3")])  # each format, both stores (every case costs a second
+# process and an embedded Ray: 33-44 s); the two local ones run in make chaos
 def test_a_second_writer_is_refused_while_the_first_commits_and_a_crash_keeps_the_settings(
         ray_local, checkpoints, s3, tmp_path, fmt, store):
     """Two real processes: A is held at its commit step (the fault seam) with its images staged; B, same output,
