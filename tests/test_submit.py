@@ -109,6 +109,7 @@ def test_submit_wait_status_logs_and_no_double_run(head, s3, tmp_path):
     assert "6 images (6 in output), 1 rejected" in logs.stdout, logs.stdout[-2000:]
 
 
+@pytest.mark.slow  # 62 s: make chaos; test_submit_wait_status_logs_and_no_double_run stays by default
 def test_a_failed_submission_is_retried_as_the_next_attempt_then_stop_delete_list(head, s3, tmp_path):
     fs = s3fs.S3FileSystem(**s3)
     spec = {"name": "retried", "input": {"path": "s3://bucket/retried/in", "id_column": "id"},

@@ -72,6 +72,7 @@ def test_gan_and_transformer_export_generators_and_resume(ray_local, shapes, tra
     assert hist["steps"] == 20 and "g_clip" in hist["final"]
 
 
+@pytest.mark.slow  # 56 s: make chaos; Ray Train (one worker) and resume stay by default in the export test
 def test_train_cli_two_workers_on_its_own_ray_report_together_and_log_progress(shapes, tmp_path):
     """`promptmill train` as a user runs it: its own embedded Ray, two data-parallel workers. Every rank reports
     when rank 0 checkpoints, and only then (a rank that reported more or less often would leave Ray Train's
