@@ -118,8 +118,9 @@ def test_jsonl_zstd_on_s3_derived_ids_and_limit(ray_local, checkpoints, tmp_path
     plan = plan_input(spec.input)
     assert (plan.format, plan.rows, plan.head[1]) == ("jsonl", 3, 1)
 
-    def read() -> list[dict]:
-        return [{k: r[k] for k in ("pm_id", "prompt", "pm_reason")} for r in validated_prompts(plan, spec).take_all()]
+    def read() -> list[dict]:  # in file order (blocks of several files arrive in any order)
+        rows = [{k: r[k] for k in ("pm_id", "prompt", "pm_reason")} for r in validated_prompts(plan, spec).take_all()]
+        return sorted(rows, key=lambda r: [x[1] for x in ROWS].index(r["prompt"]))
 
     first = read()
     assert [r["prompt"] for r in first] == [r[1] for r in ROWS[:3]]
