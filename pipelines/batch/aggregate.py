@@ -32,16 +32,19 @@ def _together(fn: Callable[..., pa.Table], args: tuple, *blocks: pa.Table) -> pa
     return fn(*args, *blocks)
 
 
-_FETCHED: dict[tuple[str, ...], frozenset] = {}  # per worker process: the sets it fetched last (a few, small)
+FETCHED_SETS = 3  # per worker process: the duplicate ids, and the finished keys of models whose batches interleave
+_FETCHED: dict[tuple[str, ...], frozenset] = {}  # least recently used first
 
 
 def fetched_set(refs: list, column: str) -> frozenset:
     """The values of `column` in the tables behind `refs` (object references handed to every task of a map), as
-    a set built once per worker process."""
+    a set built once per worker process (the FETCHED_SETS last used are kept)."""
     names = (column, *(r.hex() for r in refs))
-    if names not in _FETCHED:
-        if len(_FETCHED) >= 2:  # duplicate ids and one model's finished keys are the sets a run hands out
-            _FETCHED.clear()
+    if names in _FETCHED:
+        _FETCHED[names] = _FETCHED.pop(names)
+    else:
+        while len(_FETCHED) >= FETCHED_SETS:
+            _FETCHED.pop(next(iter(_FETCHED)))
         _FETCHED[names] = frozenset(v for t in (ray.get(refs) if refs else []) for v in t.column(column).to_pylist())
     return _FETCHED[names]
 
