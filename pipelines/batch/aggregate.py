@@ -49,7 +49,8 @@ def fetched_set(refs: list, column: str) -> frozenset:
     return _FETCHED[names]
 
 
-def _tally(t: pa.Table, column: str) -> pa.Table:
+def tally(t: pa.Table, column: str) -> pa.Table:
+    """Rows per value of `column` in `t` (columns value, n); an empty table has none."""
     counts = pc.value_counts(t[column]).flatten() if len(t) else [pa.array([], t[column].type), pa.array([], pa.int64())]
     return pa.table({"value": counts[0], "n": pc.cast(counts[1], pa.int64())})
 
@@ -58,7 +59,7 @@ def count_by(ds: ray.data.Dataset, column: str) -> dict:
     """Rows per value of `column` (None for nulls), counted in each block; the driver adds up one row per value per
     block."""
     out: dict = {}
-    tallies = ds.map_batches(_tally, fn_kwargs={"column": column}, batch_format="pyarrow", batch_size=None)
+    tallies = ds.map_batches(tally, fn_kwargs={"column": column}, batch_format="pyarrow", batch_size=None)
     for t in tallies.iter_batches(batch_format="pyarrow", batch_size=None):
         for value, n in zip(t["value"].to_pylist(), t["n"].to_pylist()):
             out[value] = out.get(value, 0) + n

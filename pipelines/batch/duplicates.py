@@ -11,7 +11,7 @@ from collections.abc import Callable
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray.data
-from promptmill.pipelines.batch.aggregate import fetched_set, partitions, together
+from promptmill.pipelines.batch.aggregate import fetched_set, partitions, tally, together
 from promptmill.pipelines.batch.validate import ID
 
 BROADCAST_IDS = 1 << 20  # duplicated ids every validate task receives whole; beyond, a join (a shuffle of every row)
@@ -33,11 +33,8 @@ def _repeated(t: pa.Table) -> pa.Table:
 
 
 def _repeated_among(*blocks: pa.Table) -> pa.Table:
-    ids = pa.chunked_array([c for b in blocks for c in b.column(ID).chunks], pa.string())
-    if not len(ids):
-        return pa.table({ID: pa.array([], pa.string())})
-    values, counts = pc.value_counts(ids).flatten()
-    return pa.table({ID: values.filter(pc.greater(counts, 1))})
+    counts = tally(pa.concat_tables(blocks) if blocks else pa.table({ID: pa.array([], pa.string())}), ID)
+    return pa.table({ID: counts["value"].filter(pc.greater(counts["n"], 1))})
 
 
 def validate_with(rows: ray.data.Dataset, dups: ray.data.MaterializedDataset, validate: Validate,
