@@ -8,11 +8,13 @@ import os
 from pathlib import Path
 
 import fsspec
+import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from conftest import make_spec, write_prompts
 from promptmill.pipelines.batch.inputs import input_changes, record
 from promptmill.pipelines.batch.job import run_job
-from promptmill.pipelines.batch.read import plan_input
+from promptmill.pipelines.batch.read import plan_input, read_prompts
 from promptmill.pipelines.layout import INPUTS
 from promptmill.pipelines.spec import InputSpec, load_spec
 
@@ -102,10 +104,6 @@ def _spoil_row_groups(path: Path, first: int) -> None:
 def test_limit_reads_no_row_group_or_text_block_past_the_limit(ray_local, tmp_path):
     """The file `limit` ends in is read up to the row group (Parquet) or parse block (text) holding its last row:
     what lies past it is spoiled here, and the limited read never meets it while a full read does."""
-    import pyarrow as pa
-    import pytest
-    from promptmill.pipelines.batch.read import read_prompts
-
     write_prompts(tmp_path / "pq" / "a.parquet", [f"a{i}" for i in range(5)], [f"a{i}" for i in range(5)])
     b = tmp_path / "pq" / "b.parquet"
     pq.write_table(pa.table({"id": [f"b{i}" for i in range(100)], "prompt": [f"p{i}" for i in range(100)]}), b,
