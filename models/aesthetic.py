@@ -4,7 +4,7 @@ The LAION improved aesthetic predictor is five linear layers with dropout betwee
 activation, on L2-normalised CLIP ViT-L/14 image embeddings (768 wide); it ships as a PyTorch pickle, which
 promptmill never loads: convert it once where you trust the file,
 
-    safetensors.torch.save_file(torch.load("sac+logos+ava1-l14-linearMSE.pth"), "model.safetensors")
+    safetensors.torch.save_file(torch.load("sac+logos+ava1-l14-linearMSE.pth", weights_only=True), "model.safetensors")
 
 and write `config.json` = {"family": "aesthetic", "dims": [768, 1024, 128, 64, 16, 1]} beside it. `dims` must
 start at the scoring CLIP's embedding width.
