@@ -172,6 +172,21 @@ class Discriminator(nn.Module):
         return self.joint(torch.cat([feats, s], dim=1)).view(-1)
 
 
+class AttributeHead(nn.Module):
+    """AC-GAN's auxiliary classifier on D's image features: one logit vector per attribute head (training only,
+    never exported). D learns it on real images; G pays when its images read otherwise than the caption states."""
+
+    def __init__(self, cfg: GANConfig, head_sizes: dict[str, int], hidden: int = 256) -> None:
+        super().__init__()
+        ch = _widths(cfg.ndf, int(math.log2(cfg.image_size // 4)))[0]
+        self.sizes = head_sizes
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(ch * 16, hidden), nn.LeakyReLU(0.2),
+                                 nn.Linear(hidden, sum(head_sizes.values())))
+
+    def forward(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:
+        return dict(zip(self.sizes, self.net(feats).split(list(self.sizes.values()), dim=1)))
+
+
 def hinge(out_real: torch.Tensor, out_fake: torch.Tensor, out_mis: torch.Tensor) -> torch.Tensor:
     """D's hinge: real/matching above +1, fakes and real images with a wrong caption below -1 (half weight each)."""
     return F.relu(1 - out_real).mean() + 0.5 * (F.relu(1 + out_fake).mean() + F.relu(1 + out_mis).mean())

@@ -67,9 +67,7 @@ class Judge(nn.Module):
         return {k: h(f) for k, h in self.heads.items()}
 
     def loss(self, images: torch.Tensor, labels: dict[str, torch.Tensor]) -> torch.Tensor:
-        out = self(images)
-        return sum(F.cross_entropy(out[k], labels[k], ignore_index=IGNORE) for k in self.head_sizes
-                   if (labels[k] != IGNORE).any())
+        return heads_loss(self(images), labels)
 
     @torch.no_grad()
     def read(self, images: torch.Tensor) -> Reading:
@@ -92,6 +90,12 @@ class Judge(nn.Module):
 
     def config(self) -> dict:
         return {"family": "judge", "config": asdict(self.cfg), "calibration": self.calibration}
+
+
+def heads_loss(logits: dict[str, torch.Tensor], labels: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Summed cross-entropy of every head some row has a label for (IGNORE elsewhere)."""
+    return sum(F.cross_entropy(out, labels[k], ignore_index=IGNORE) for k, out in logits.items()
+               if (labels[k] != IGNORE).any())
 
 
 @dataclass
@@ -122,6 +126,24 @@ def labels(scenes: list[Scene], near_miss: list[bool] | None = None) -> dict[str
             for k in ("shape", "color", "size"):
                 rows[f"{k}{slot}"].append(_VOCAB[k].index(getattr(o, k)) if o else IGNORE)
     return {**{k: torch.tensor(v) for k, v in rows.items()}, "malformed": torch.tensor([int(b) for b in near_miss])}
+
+
+def stated_labels(prompts: list[str]) -> dict[str, torch.Tensor]:
+    """What each prompt states, as `labels` targets, IGNORE where it states nothing (an unstated background or
+    size is the generator's choice) and for every head of a prompt outside the grammar."""
+    rows: dict[str, list[int]] = {k: [] for k in HEADS}
+    for prompt in prompts:
+        p = parse(prompt)
+        p = p.canonical() if p is not None else None
+        n = len(p.objects) if p is not None else 0
+        value: dict[str, str | int | None] = dict.fromkeys(HEADS)
+        if p is not None:
+            value.update(count=n - 1, background=p.background, position=p.position if n == 1 else None,
+                         relation=p.relation if n == 2 else None)
+            value.update({f"{k}{slot}": o[k] for slot, o in enumerate(p.objects) for k in ("shape", "color", "size")})
+        for k, v in value.items():
+            rows[k].append(IGNORE if v is None else v if k == "count" else _VOCAB[k.rstrip("01")].index(v))
+    return {k: torch.tensor(v, dtype=torch.long) for k, v in rows.items()}
 
 
 @dataclass

@@ -154,6 +154,60 @@ def test_gan_diversity_options_reach_g_and_d(shapes):
     assert a.shape == (8, 3, 32, 32) and caps == caps2 and (a == b).all()  # a function of the step only
 
 
+def test_stated_labels_target_only_what_the_caption_states():
+    from promptmill.models.judge import HEADS, IGNORE, stated_labels
+    from promptmill.models.shapes.scenes import BACKGROUNDS, COLORS, SHAPES
+
+    y = stated_labels(["a big blue diamond, bottom", "a small black circle below a big red square on a white "
+                       "background", "a photo of a cat"])
+    assert set(y) == set(HEADS) and all(len(v) == 3 for v in y.values())
+    assert y["count"].tolist() == [0, 1, IGNORE] and y["background"][0] == IGNORE  # unstated: G's choice
+    assert y["background"][1] == list(BACKGROUNDS).index("white") and y["position"][1] == IGNORE
+    # "below" reads canonically as the square above the circle: slot 0 is the square
+    assert (y["shape0"][1], y["color0"][1]) == (SHAPES.index("square"), list(COLORS).index("red"))
+    assert (y["shape1"][1], y["shape1"][0]) == (SHAPES.index("circle"), IGNORE)
+    assert all(v[2] == IGNORE for v in y.values())  # outside the grammar: no target at all
+
+
+def test_gan_attribute_loss_and_d_warmup(shapes):
+    """The attribute head learns on real images with D and steers G; during d_warmup only D (and the head) move."""
+    import torch
+    from promptmill.pipelines.training.driver import make_batch
+
+    recipe, _, data = tiny_gan(shapes, 64, attribute_loss=0.5, d_warmup=1)
+    snap = {n: [p.detach().clone() for p in recipe.modules[n].parameters()] for n in ("G", "D", "A")}
+
+    def moved(name: str) -> bool:
+        return any(not torch.equal(a, p) for a, p in zip(snap[name], recipe.modules[name].parameters()))
+
+    logs = recipe.step(make_batch(data, 0, 32, 0), 0)
+    assert logs["d_attributes"] > 0 and "g_attributes" not in logs and "loss_g" not in logs
+    assert moved("D") and moved("A") and not moved("G")
+    logs = recipe.step(make_batch(data, 1, 32, 0), 1)
+    assert logs["g_attributes"] > 0 and moved("G")
+    assert "opt_D.0.exp_avg" in recipe.state() and any(k.startswith("A.") for k in recipe.state())
+
+
+def test_gan_fine_tune_starts_from_an_exported_gan(shapes, tmp_path):
+    import torch
+    from promptmill.models.checkpoint import load_checkpoint
+    from promptmill.models.errors import CheckpointError
+    from promptmill.pipelines.training.driver import make_batch
+
+    a, _, data = tiny_gan(shapes, 64)
+    a.step(make_batch(data, 0, 32, 0), 0)
+    a.export(str(tmp_path / "gan"))
+    b, _, _ = tiny_gan(shapes, 64, attribute_loss=0.5)
+    b.start_from("gan", load_checkpoint(str(tmp_path / "gan"), kind="gan"))
+    for m in (b.G, b.G_ema):
+        assert all(torch.allclose(x, y) for x, y in zip(m.state_dict().values(), a.G_ema.state_dict().values()))
+    c, _, _ = tiny_gan(shapes, 64, {"noise_inject": True})
+    with pytest.raises(CheckpointError, match="GAN config"):
+        c.start_from("gan", load_checkpoint(str(tmp_path / "gan"), kind="gan"))
+    with pytest.raises(ValueError, match="init: only a gan run"):
+        TrainSpec(kind="judge", data=shapes, out=str(tmp_path / "j"), init=str(tmp_path / "gan"))
+
+
 def test_same_seed_same_training_and_other_settings_do_not_resume(ray_local, shapes, trained, tmp_path):
     a, out = trained["judge"]
     b = train("judge", shapes, tmp_path, 40)

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
+from promptmill.models.checkpoint import load_checkpoint
 from promptmill.models.clip import CLIPConfig
 from promptmill.models.clip_loader import load_clip
 from promptmill.models.gan import GANConfig
@@ -67,6 +68,9 @@ class TrainSpec(Strict):
                                      "(path, URL or shipped:vq)")
     clip: CheckpointRef | None = Field(default=None, description="gan: the CLIP whose frozen towers encode captions "
                                        "and guide G (path, URL or shipped:clip)")
+    init: CheckpointRef | None = Field(default=None, description="gan: start G and its EMA from this exported GAN "
+                                       "(path, URL or shipped:gan), a fine-tune; D starts fresh, and the GAN's "
+                                       "config and text tower must be the ones the recipe builds")
     checkpoint_every: int = Field(default=500, ge=1)
     max_failures: int = Field(default=3, ge=0, description="a dead worker (spot node, failed health check) "
                               "restarts from the latest checkpoint, this many times")
@@ -82,6 +86,9 @@ class TrainSpec(Strict):
         self.out = absolute(self.out)
         self.vq = absolute(self.vq) if self.vq else None
         self.clip = absolute(self.clip) if self.clip else None
+        self.init = absolute(self.init) if self.init else None
+        if self.init and self.kind != "gan":
+            raise ValueError(f"init: only a gan run starts from an exported checkpoint, not a {self.kind} run")
         for kind, field_, what in (("transformer", "vq", "VQ"), ("gan", "clip", "CLIP")):
             if self.kind == kind and not getattr(self, field_):
                 raise ValueError(f"training a {kind} needs {field_}: the {what} checkpoint it builds on")
@@ -119,7 +126,10 @@ def build_recipe(spec: TrainSpec, tokenizer: WordTokenizer | None) -> Recipe:
                           steps=spec.steps, seed=spec.seed, **r)
     if spec.kind == "gan":
         clip = load_clip(spec.clip, storage_options=spec.storage_options)
-        return GANRecipe(GANConfig(**{**m, "text_dim": clip.model.cfg.embed_dim}), clip, seed=spec.seed, **r)
+        recipe = GANRecipe(GANConfig(**{**m, "text_dim": clip.model.cfg.embed_dim}), clip, seed=spec.seed, **r)
+        if spec.init:
+            recipe.start_from(spec.init, load_checkpoint(spec.init, spec.storage_options, kind="gan"))
+        return recipe
     vq = load_vq(spec.vq, storage_options=spec.storage_options)
     vq_cfg = vq.cfg
     cfg = TransformerConfig(text_vocab=len(tokenizer.vocab), image_vocab=vq_cfg.codebook_size,

@@ -21,8 +21,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from promptmill.models.checkpoint import save_checkpoint
 from promptmill.models.clip import CLIP, CLIPConfig, CLIPScorer
-from promptmill.models.gan import Discriminator, GANConfig, GANGenerator, GANNet, d_loss, g_loss, sentence
-from promptmill.models.judge import Judge, JudgeConfig
+from promptmill.models.errors import CheckpointError
+from promptmill.models.gan import AttributeHead, Discriminator, GANConfig, GANGenerator, GANNet, d_loss, g_loss, sentence
+from promptmill.models.judge import HEADS, Judge, JudgeConfig, heads_loss, stated_labels
 from promptmill.models.shapes.near_miss import near_miss
 from promptmill.models.shapes.scenes import hard_negatives
 from promptmill.models.tokenizer import WordTokenizer
@@ -272,6 +273,12 @@ class GANOptions(Options):
     near_miss_fakes: float = Field(default=0.0, ge=0, description="weight of D's extra hinge term that counts "
                                    "near misses (rings, lobed, notched, blended, blurred, cut... shapes with right "
                                    "captions; train-split scenes, seed 3, not the judge's) as fakes; off = 0")
+    attribute_loss: float = Field(default=0.0, ge=0, description="AC-GAN's auxiliary classifier on D's features: "
+                                  "D learns each attribute the caption states (count, background, position or "
+                                  "relation, shape / colour / size per object) on real images, G pays weight x "
+                                  "its cross-entropy on its own; off = 0")
+    d_warmup: int = Field(default=0, ge=0, description="steps that train D alone first: a fine-tune's fresh D "
+                          "would otherwise steer the trained G at random")
 
 
 NEAR_MISS_SEED = 3  # the judge trains on seed 0 and is tested on seed 1
@@ -302,8 +309,12 @@ class GANRecipe(Recipe):
         self.G, self.D = GANNet(cfg), Discriminator(cfg)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
         self.modules = {"G": self.G, "D": self.D, "G_ema": self.G_ema, "clip": self.clip}
+        d_params = list(self.D.parameters())
+        if o.attribute_loss:
+            self.A = self.modules["A"] = AttributeHead(cfg, HEADS)
+            d_params += list(self.A.parameters())
         self.optimizers = {"G": torch.optim.Adam(self.G.parameters(), lr=o.lr_g, betas=o.betas),
-                           "D": torch.optim.Adam(self.D.parameters(), lr=o.lr_d, betas=o.betas)}
+                           "D": torch.optim.Adam(d_params, lr=o.lr_d, betas=o.betas)}
 
     def step(self, b: Batch, step: int) -> dict[str, float]:
         o, real = self.opts, b.pixels
@@ -324,7 +335,14 @@ class GANRecipe(Recipe):
             l_nm = F.relu(1 + self.D.logits(self.D.features(images), nm_sent)).mean()
             logs["d_near_miss"] = l_nm.item()
             ld = ld + o.near_miss_fakes * l_nm
+        if o.attribute_loss:
+            stated = {k: v.to(self.device) for k, v in stated_labels(b.captions).items()}
+            l_attr = heads_loss(self.A(self.D.features(real.detach())), stated)
+            logs["d_attributes"] = l_attr.item()
+            ld = ld + o.attribute_loss * l_attr
         self.update("D", ld)
+        if step < o.d_warmup:
+            return {"loss_d": ld.item(), **logs}
         # G: fool D, and let CLIP find its caption
         feats = self.D.features(fake)
         lg = g_loss(self.D, feats, sent)
@@ -336,6 +354,10 @@ class GANRecipe(Recipe):
             ratio = dist / (z[:h] - z2).abs().mean()
             logs["g_feature_diversity"] = dist.item()
             lg = lg + o.mode_seeking / (ratio + 0.01)
+        if o.attribute_loss:
+            l_attr = heads_loss(self.A(feats), stated)
+            logs["g_attributes"] = l_attr.item()
+            lg = lg + o.attribute_loss * l_attr
         if o.clip_weight:
             lc = self.clip.loss(shifted(fake, o.clip_shift), tokens, None if hard is None else hard[1])
             logs["g_clip"] = lc.item()
@@ -348,6 +370,20 @@ class GANRecipe(Recipe):
             for be, bb in zip(self.G_ema.buffers(), self.G.buffers()):
                 be.copy_(bb)
         return {"loss_d": ld.item(), "loss_g": lg.item(), **logs}
+
+    def start_from(self, url: str, checkpoint: tuple[dict, dict[str, torch.Tensor]]) -> None:
+        """A fine-tune: G and G_ema take an exported GAN's generator, which must be this recipe's model on this
+        recipe's text tower (another CLIP would feed G sentences it never learned)."""
+        config, tensors = checkpoint
+        if config["config"] != asdict(self.cfg):
+            raise CheckpointError(f"init {url!r}: its GAN config {config['config']} is not this run's {asdict(self.cfg)}")
+        text = {k[len("text."):]: v for k, v in tensors.items() if k.startswith("text.")}
+        ours = self.clip.text.state_dict()
+        if text.keys() != ours.keys() or any(not torch.allclose(v, ours[k], atol=1e-2) for k, v in text.items()):
+            raise CheckpointError(f"init {url!r}: its text tower is not this run's clip's")
+        gen = {k[len("gen."):]: v for k, v in tensors.items() if k.startswith("gen.")}
+        for m in (self.G, self.G_ema):
+            m.load_state_dict(gen)
 
     def export(self, url: str, storage_options: dict | None = None, dtype: torch.dtype | None = None) -> None:
         g = GANGenerator(self.cfg, self.clip.cfg, self.tokenizer, self.clip.text, self.G_ema, torch.device("cpu"))
