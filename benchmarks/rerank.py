@@ -23,22 +23,19 @@ from __future__ import annotations
 import argparse
 import random
 import time
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 from promptmill.models import load_generator
-from promptmill.models.images import to_nchw
-from promptmill.models.judge import judge_prompts
-from promptmill.models.rerank import CHOOSERS, Chooser, Scorers, candidate_seed, choose, generate_best_of
-from promptmill.models.shapes.geometry import geometry_matches
-from promptmill.models.shapes.scenes import example, matches, parse
+from promptmill.models.rerank import CHOOSERS, Chooser, Scorers, generate_best_of
+from promptmill.models.shapes.scenes import example
 from promptmill.pipelines.batch.score import ScoreStage, shared_clip, shared_judge
+from promptmill.pipelines.model_quality import GEOMETRY_CATEGORIES as CATEGORIES
+from promptmill.pipelines.model_quality import best_of, draw_candidates, geometry_category, read_candidates
 from promptmill.pipelines.spec import load_spec
 
 KS = (1, 2, 4, 8)
 SEED = 38  # the benchmark's prompts: a test-split seed no test, eval or training uses
-CATEGORIES = ("single, in-dist", "single, held-out", "two objects")
 
 
 def prompts(n: int) -> tuple[list[str], list[str]]:
@@ -48,52 +45,12 @@ def prompts(n: int) -> tuple[list[str], list[str]]:
     while any(want.values()):
         scene, text, _ = example(i, SEED, "test")
         i += 1
-        cat = CATEGORIES[2] if len(scene.objects) == 2 else CATEGORIES[1 if scene.held_out else 0]
+        cat = geometry_category(scene)
         if want[cat]:
             want[cat] -= 1
             out.append(text)
             cats.append(cat)
     return out, cats
-
-
-@dataclass
-class Readings:
-    """Per candidate (N, K): each chooser's ordering score and the geometry check's verdict."""
-
-    clip: np.ndarray
-    prompt_match: np.ndarray
-    judge_alone: np.ndarray
-    geometry: np.ndarray
-
-
-def read(images: np.ndarray, caps: list[str], clip, judge, batch: int = 512) -> Readings:
-    sims, pm, alone, geo = [], [], [], []
-    for i in range(0, len(caps), batch):
-        imgs, ps = images[i:i + batch], caps[i:i + batch]
-        sims += clip.similarity(imgs, ps).tolist()
-        with torch.no_grad():
-            verdicts = judge_prompts(judge, to_nchw(imgs), ps)
-        for p, v in zip(ps, verdicts):
-            parsed = parse(p)
-            pm.append(float(v.match))
-            alone.append(float(matches(parsed, v.scene) and not v.malformed))
-            geo.append(geometry_matches(parsed, v.geometry))
-    return Readings(*(np.asarray(x, np.float64) for x in (sims, pm, alone, geo)))
-
-
-def best_of(primary: np.ndarray, secondary: np.ndarray | None, k: int) -> np.ndarray:
-    """The job's choice among the first k candidates, from scores already read."""
-    second = None if secondary is None else secondary[:, :k].ravel()
-    return choose(primary[:, :k], None if second is None else (lambda flat: second[flat]))
-
-
-def draw_all(gen, caps: list[str], k: int, batch: int, **sampling) -> np.ndarray:
-    """(N, k, H, W, 3): candidates 0..k-1 of every prompt, prompt i's image seed being i."""
-    ps = [p for p in caps for _ in range(k)]
-    seeds = [candidate_seed(i, j) for i in range(len(caps)) for j in range(k)]
-    out = np.concatenate([gen.generate(ps[i:i + batch], seeds[i:i + batch], **sampling)
-                          for i in range(0, len(ps), batch)])
-    return out.reshape(len(caps), k, *out.shape[1:])
 
 
 def timed(gen, chooser: Chooser | None, scoring: ScoreStage, caps: list[str], k: int, batch: int,
@@ -136,14 +93,11 @@ def main() -> None:
     for m in spec.models:
         gen, sampling, batch = load_generator(m.checkpoint, "cpu"), m.family_sampling, m.resources.batch_size
         t0 = time.perf_counter()
-        cands = draw_all(gen, caps, max(KS), batch * 2, **sampling)
-        flat = [p for p in caps for _ in range(max(KS))]
-        r = read(cands.reshape(-1, *cands.shape[2:]), flat, clip, judge)
-        shape = cands.shape[:2]
-        clip_s, pm, alone, geo = (x.reshape(shape) for x in (r.clip, r.prompt_match, r.judge_alone, r.geometry))
+        cands = draw_candidates(gen, caps, max(KS), batch * 2, **sampling)
+        r = read_candidates(cands, caps, clip, judge)
         print(f"{m.name} ({m.family}): {cands.shape[0] * cands.shape[1]} candidates drawn and read in "
               f"{time.perf_counter() - t0:.0f} s; sampling {sampling}")
-        orders = {"clip_score": (clip_s, pm), "prompt_match": (pm, clip_s), "judge alone (control)": (alone, clip_s)}
+        orders = r.orders()
         # cost: the job's own work per K and chooser, side by side; K = 1 is the plain draw whatever the chooser
         tcaps = caps[:args.timing_prompts]
         runs = [(None, 1), *((name, k) for name in choosers for k in KS[1:])]
@@ -159,10 +113,11 @@ def main() -> None:
         for name, (primary, secondary) in orders.items():
             for k in KS:
                 idx = best_of(primary, secondary, k)
-                ok = geo[np.arange(len(caps)), idx]
+                ok = r.geometry[np.arange(len(caps)), idx]
                 # the control orders by the judge's verdicts too: its cost is prompt_match's
                 secs = cost[(None, 1)] if k == 1 else cost.get((name, k), cost[("prompt_match", k)])
-                rows.append((m.name, name, k, ok.mean(), *(ok[cats_a == c].mean() for c in CATEGORIES),
+                label = "judge alone (control)" if name == "judge alone" else name
+                rows.append((m.name, label, k, ok.mean(), *(ok[cats_a == c].mean() for c in CATEGORIES),
                              secs / len(tcaps), secs / cost[(None, 1)]))
     print("\n| model | chooser | K | geometry accuracy | single, in-dist | single, held-out | two objects "
           "| images drawn / kept | s / kept image | cost vs K = 1 |")

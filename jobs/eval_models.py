@@ -15,8 +15,8 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     for flag, name in (("--judge", "judge"), ("--vq", "vq"), ("--gan", "gan"), ("--transformer", "dalle"), ("--clip", "clip")):
         p.add_argument(flag, default=str(SHIPPED / name))
     p.add_argument("-n", type=int, default=1000, help="test prompts per family")
-    p.add_argument("--rerank", default="1,4,16", help="candidates K to measure rerank at ('' to skip)")
-    p.add_argument("--rerank-n", type=int, default=300, help="test prompts per K and family")
+    p.add_argument("--rerank", default="1,2,4,8", help="best-of-K: the candidates K to measure ('' to skip)")
+    p.add_argument("--rerank-n", type=int, default=300, help="best-of-K: test prompts per family (max K each)")
     p.add_argument("--diversity-n", type=int, default=200, help="prompts drawn with 4 seeds for diversity")
     p.add_argument("--grid-dir", default="docs", help="where sample grids go")
     p.add_argument("--sampling", default="{}", help='JSON per family, e.g. {"transformer": {"top_k": 64}}')
@@ -36,9 +36,10 @@ def main(args: argparse.Namespace) -> int:
     from promptmill.models.judge import load_judge
     from promptmill.pipelines.model_quality import (
         clip_binding,
+        eval_best_of,
         eval_generator,
-        eval_rerank,
         eval_vq,
+        geometry_category,
         grid_png,
         judge_accuracy,
         near_miss_rejection,
@@ -69,12 +70,13 @@ def main(args: argparse.Namespace) -> int:
         if not Path(url).exists():
             print(f"{family}: no checkpoint at {url}, skipped")
             continue
-        res, errors, imgs, card = eval_generator(url, judge, split, args.n, **sampling.get(family, {}))
+        res, errors, imgs, card, geometry = eval_generator(url, judge, split, args.n, **sampling.get(family, {}))
         report[family] = {"prompt_match": res, "attribute_errors": errors, "sampling": sampling.get(family, {}),
-                          "report_card": card}
+                          "report_card": card, "geometry": geometry}
         grid_png(imgs[:32], split.captions[:32], f"{args.grid_dir}/samples_{family}.png")
         print(f"{family} prompt-match:", json.dumps(res))
         print(f"{family} attribute error rates:", json.dumps(errors))
+        print(f"{family} geometry check, one sample:", json.dumps(geometry))
         report[family]["seed_diversity"] = seed_diversity(url, split.captions[:50])
         print(f"{family} per-pixel std across 8 seeds (first 50 prompts):", report[family]["seed_diversity"])
         report[family]["samples"] = sample_diversity(url, judge, split.captions[:args.diversity_n],
@@ -82,11 +84,16 @@ def main(args: argparse.Namespace) -> int:
         print(f"{family} 4 seeds of the first {args.diversity_n} prompts:", json.dumps(report[family]["samples"]))
         if scorer is not None and args.rerank:
             ks = [int(k) for k in args.rerank.split(",")]
-            report[family]["rerank"] = eval_rerank(url, scorer, judge, split, args.rerank_n, ks, **sampling.get(family, {}))
-            for k, r in report[family]["rerank"].items():
-                print(f"{family} rerank K={k}:", json.dumps(r))
+            n = min(args.rerank_n, len(split.captions))
+            report[family]["best_of"] = eval_best_of(url, scorer, judge, split.captions[:n],
+                                                     [geometry_category(s) for s in split.scenes[:n]], ks,
+                                                     **sampling.get(family, {}))
+            for chooser, by_k in report[family]["best_of"].items():
+                for k, r in by_k.items():
+                    print(f"{family} best of {k} by {chooser}:", json.dumps(r))
     print(json.dumps(report))
     print(card_markdown(report))
+    print(geometry_markdown(report))
     return 0
 
 
@@ -104,4 +111,25 @@ def card_markdown(report: dict) -> str:
                             ("near_duplicate_rate", "near-duplicate rate (4 seeds)", "{:.1%}")):
         vals = [report[f]["samples"][key] for f in fams]
         lines.append(f"| {label} | " + " | ".join("–" if v is None else fmt.format(v) for v in vals) + " |")
+    return "\n".join(lines)
+
+
+def geometry_markdown(report: dict) -> str:
+    """MODEL_CARD's headline table: the geometry check's accuracy per row of issue 38, one sample, then best-of-K."""
+    from promptmill.pipelines.model_quality import GEOMETRY_CATEGORIES
+
+    def pct(x: float | None) -> str:
+        return "–" if x is None else f"{x:.1%}"
+
+    lines = ["| family | chooser | K | " + " | ".join(GEOMETRY_CATEGORIES) + " | all | strict prompt_match | prompts |",
+             "|---|---|---|" + "---|" * (len(GEOMETRY_CATEGORIES) + 3)]
+    for f in ("transformer", "gan"):
+        if f not in report:
+            continue
+        rows = [("one sample", 1, report[f]["geometry"], report[f]["prompt_match"]["all"])]
+        rows += [(c, k, r, r["prompt_match"]) for c, by_k in report[f].get("best_of", {}).items()
+                 for k, r in by_k.items() if k > 1]
+        for chooser, k, r, pm in rows:
+            cells = " | ".join(f"{pct(r[c])} (n={r[f'n {c}']})" for c in GEOMETRY_CATEGORIES)
+            lines.append(f"| {f} | {chooser} | {k} | {cells} | {pct(r['all'])} | {pct(pm)} | {r['n']} |")
     return "\n".join(lines)

@@ -18,7 +18,7 @@ from promptmill.models.clip import CLIPScorer
 from promptmill.models.generator import load_generator
 from promptmill.models.images import decode_image, to_nchw, to_nhwc
 from promptmill.models.judge import HEADS, IGNORE, Judge, judge_prompts, labels, pairwise_cosine, scene_from_dict
-from promptmill.models.rerank import CHOOSERS, Scorers, generate_best_of
+from promptmill.models.rerank import candidate_seed, choose
 from promptmill.models.shapes.scenes import Scene, binding_swaps, matches, mismatches, parse, stated
 from promptmill.models.vq import load_vq
 
@@ -211,15 +211,20 @@ def seed_diversity(url: str, captions: list[str], seeds: int = 8) -> float:
 
 
 def eval_generator(url: str, judge: Judge, split: TestSplit, n: int, batch: int = 64,
-                   **sampling) -> tuple[dict, dict, np.ndarray, dict]:
-    """Prompt-match breakdown, attribute error rates, the images of the first n test prompts and the report card."""
+                   **sampling) -> tuple[dict, dict, np.ndarray, dict, dict]:
+    """Prompt-match breakdown, attribute error rates, the images of the first n test prompts, the report card and
+    the geometry check's accuracy per `GEOMETRY_CATEGORIES` row (one sample per prompt, seed = its row)."""
+    from promptmill.models.shapes.geometry import geometry_matches
+
     g = load_generator(url, "cpu")
     caps = split.captions[:n]
     imgs = np.concatenate([g.generate(caps[i:i + batch], list(range(i, min(n, i + batch))), **sampling)
                            for i in range(0, n, batch)])
     verdicts = judge_prompts(judge, to_nchw(imgs), caps)
+    geometry = geometry_breakdown([geometry_matches(parse(c), v.geometry) for c, v in zip(caps, verdicts)],
+                                  [geometry_category(s) for s in split.scenes[:n]])
     return (_breakdown([bool(v.match) for v in verdicts], split), attribute_errors(caps, [v.scene for v in verdicts]),
-            imgs, report_card(caps, verdicts))
+            imgs, report_card(caps, verdicts), geometry)
 
 
 def eval_vq(url: str, judge: Judge, split: TestSplit, n: int) -> dict:
@@ -290,17 +295,89 @@ def clip_binding(scorer: CLIPScorer, split: TestSplit, n: int) -> dict[str, floa
     return out
 
 
-def eval_rerank(url: str, scorer: CLIPScorer, judge: Judge, split: TestSplit, n: int, ks: list[int],
-                batch: int = 32, **sampling) -> dict[int, dict]:
-    """Prompt-match of the kept image when drawing K candidates and keeping the best clip_score (as the job does:
-    ties to prompt_match)."""
-    g = load_generator(url, "cpu")
-    chooser = CHOOSERS["clip_score"](Scorers(scorer, judge))
-    caps = split.captions[:n]
-    out = {}
-    for k in ks:
-        imgs = np.concatenate([generate_best_of(g, chooser, caps[i:i + batch], list(range(i, min(n, i + batch))), k,
-                                                **sampling).images for i in range(0, n, batch)])
-        ok = prompt_match(judge, to_nchw(imgs), caps)
-        out[k] = _breakdown(ok, split)
+GEOMETRY_CATEGORIES = ("single, in-dist", "single, held-out", "two objects")
+
+
+def geometry_category(scene: Scene) -> str:
+    """Issue 38's rows: one object with a colour-shape pair seen in training, one with a held-out pair, two objects."""
+    return GEOMETRY_CATEGORIES[2] if len(scene.objects) == 2 else GEOMETRY_CATEGORIES[1 if scene.held_out else 0]
+
+
+def geometry_breakdown(ok: np.ndarray, categories: list[str]) -> dict[str, float | int | None]:
+    """Share of prompts the geometry check passes, overall and per `GEOMETRY_CATEGORIES` row, and the counts."""
+    ok, cats = np.asarray(ok, bool), np.asarray(categories)
+    out: dict[str, float | int | None] = {"all": round(float(ok.mean()), 4) if len(ok) else None, "n": len(ok)}
+    for c in GEOMETRY_CATEGORIES:
+        out[c] = round(float(ok[cats == c].mean()), 4) if (cats == c).any() else None
+        out[f"n {c}"] = int((cats == c).sum())
+    return out
+
+
+@dataclass
+class Readings:
+    """Per candidate (N, K): each chooser's ordering score and the geometry check's verdict."""
+
+    clip: np.ndarray
+    prompt_match: np.ndarray
+    judge_alone: np.ndarray
+    geometry: np.ndarray
+
+    def orders(self) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+        """Chooser -> (score, tie-break), as the job orders; "judge alone" (the judge's reading and near-miss flag
+        without the geometry) is a control, not a job option: `prompt_match` contains the geometry check."""
+        return {"clip_score": (self.clip, self.prompt_match), "prompt_match": (self.prompt_match, self.clip),
+                "judge alone": (self.judge_alone, self.clip)}
+
+
+def draw_candidates(gen, captions: list[str], k: int, batch: int, **sampling) -> np.ndarray:
+    """(N, k, H, W, 3): candidates 0..k-1 of every caption, caption i's image seed being i (candidate 0 = the
+    plain sample), in calls of `batch` images."""
+    ps = [p for p in captions for _ in range(k)]
+    seeds = [candidate_seed(i, j) for i in range(len(captions)) for j in range(k)]
+    out = np.concatenate([gen.generate(ps[i:i + batch], seeds[i:i + batch], **sampling)
+                          for i in range(0, len(ps), batch)])
+    return out.reshape(len(captions), k, *out.shape[1:])
+
+
+def read_candidates(candidates: np.ndarray, captions: list[str], clip: CLIPScorer, judge: Judge,
+                    batch: int = 512) -> Readings:
+    """Every candidate's CLIP similarity, prompt_match, judge-alone verdict and geometry verdict, (N, K) each."""
+    from promptmill.models.shapes.geometry import geometry_matches
+
+    n, k = candidates.shape[:2]
+    images, caps = candidates.reshape(n * k, *candidates.shape[2:]), [c for c in captions for _ in range(k)]
+    sims, pm, alone, geo = [], [], [], []
+    for i in range(0, len(caps), batch):
+        imgs, ps = images[i:i + batch], caps[i:i + batch]
+        sims += clip.similarity(imgs, ps).tolist()
+        with torch.no_grad():
+            verdicts = judge_prompts(judge, to_nchw(imgs), ps)
+        for p, v in zip(ps, verdicts):
+            parsed = parse(p)
+            pm.append(float(bool(v.match)))
+            alone.append(float(matches(parsed, v.scene) and not v.malformed))
+            geo.append(float(geometry_matches(parsed, v.geometry)))
+    return Readings(*(np.asarray(x, np.float64).reshape(n, k) for x in (sims, pm, alone, geo)))
+
+
+def best_of(primary: np.ndarray, secondary: np.ndarray | None, k: int) -> np.ndarray:
+    """The job's choice (`models.rerank.choose`) among the first k candidates, from scores already read."""
+    second = None if secondary is None else secondary[:, :k].ravel()
+    return choose(primary[:, :k], None if second is None else (lambda flat: second[flat]))
+
+
+def eval_best_of(url: str, scorer: CLIPScorer, judge: Judge, captions: list[str], categories: list[str],
+                 ks: list[int], batch: int = 64, **sampling) -> dict[str, dict[int, dict]]:
+    """Chooser -> K -> the kept image's geometry accuracy per category (`geometry_breakdown`) and its strict
+    prompt_match. max(ks) candidates per caption are drawn once; best-of-K keeps the best of the first K, as a job
+    with `candidates: K` would (its K-th candidate's seed does not depend on K)."""
+    cands = draw_candidates(load_generator(url, "cpu"), captions, max(ks), batch, **sampling)
+    r = read_candidates(cands, captions, scorer, judge)
+    rows = np.arange(len(captions))
+    out: dict[str, dict[int, dict]] = {}
+    for name, (primary, secondary) in r.orders().items():
+        for k in ks:
+            idx = best_of(primary, secondary, k)
+            out.setdefault(name, {})[k] = {**geometry_breakdown(r.geometry[rows, idx], categories),
+                                           "prompt_match": round(float(r.prompt_match[rows, idx].mean()), 4)}
     return out
