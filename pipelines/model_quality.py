@@ -202,11 +202,12 @@ def sample_diversity(url: str, judge: Judge, captions: list[str], seeds: int = 4
             "near_duplicate_rate": round(float(np.mean(near)), 4) if threshold is not None else None}
 
 
-def seed_diversity(url: str, captions: list[str], seeds: int = 8) -> float:
+def seed_diversity(url: str, captions: list[str], seeds: int = 8, **sampling) -> float:
     """Mean per-pixel standard deviation (of 255) across `seeds` seeds per caption: how much the noise changes
     the image. A GAN near 0 has collapsed to one image per caption, and rerank has nothing to pick from."""
     g = load_generator(url, "cpu")
-    imgs = np.stack([g.generate(captions, [s * 100_003 + i for i in range(len(captions))]) for s in range(seeds)])
+    imgs = np.stack([g.generate(captions, [s * 100_003 + i for i in range(len(captions))], **sampling)
+                     for s in range(seeds)])
     return round(float(imgs.astype(np.float32).std(0).mean()), 2)
 
 

@@ -66,5 +66,14 @@ def test_best_of_k_eval_keeps_what_a_job_keeps(test_split):
     assert {k: best["clip_score"][3][k] for k in one} == geometry_breakdown(ok, cats)
 
     table = geometry_markdown({"gan": {"geometry": one, "prompt_match": pm, "best_of": best}}).splitlines()
-    assert len(table) == 2 + 1 + 3 * 2 and table[2].startswith("| gan | one sample | 1 |")
+    assert len(table) == 2 + 2 + 3 * 2 and table[2].startswith("| gan | one sample | 1 |")
+    assert table[3].startswith(f"| gan | one sample, first {n} | 1 |")
     assert f"(n={cats.count('two objects')})" in table[2] and table[-1].startswith("| gan | judge alone | 3 |")
+
+
+def test_the_demo_draws_with_the_sampling_the_model_card_measures():
+    from promptmill.jobs.eval_models import RECOMMENDED_SAMPLING
+    from promptmill.pipelines.spec import load_spec
+
+    spec = load_spec(str(CKPT.parents[1] / "examples" / "demo.yaml"))
+    assert {m.family: m.family_sampling for m in spec.models} == RECOMMENDED_SAMPLING
