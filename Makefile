@@ -85,5 +85,5 @@ RECIPES := pipelines/training/configs
 checkpoints: data  ## train all shipped models from scratch, one at a time, from their versioned recipes
 	for kind in judge vq transformer clip gan; do $(TRAIN) $$kind --config $(RECIPES)/$$kind.yaml || exit 1; done
 
-eval: setup  ## prompt-match, judge accuracy, VQ ceiling, CLIP R-precision, rerank gain (needs `make data`)
+eval: setup  ## MODEL_CARD's figures: geometry check one sample and best-of-K, prompt-match, judge, VQ, CLIP (needs `make data`; ~5 min)
 	$(VENV)/bin/promptmill eval-models

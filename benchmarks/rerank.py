@@ -28,29 +28,13 @@ import numpy as np
 import torch
 from promptmill.models import load_generator
 from promptmill.models.rerank import CHOOSERS, Chooser, Scorers, generate_best_of
-from promptmill.models.shapes.scenes import example
 from promptmill.pipelines.batch.score import ScoreStage, shared_clip, shared_judge
 from promptmill.pipelines.model_quality import GEOMETRY_CATEGORIES as CATEGORIES
-from promptmill.pipelines.model_quality import best_of, draw_candidates, geometry_category, read_candidates
+from promptmill.pipelines.model_quality import balanced_prompts, best_of, draw_candidates, read_candidates
 from promptmill.pipelines.spec import load_spec
 
 KS = (1, 2, 4, 8)
 SEED = 38  # the benchmark's prompts: a test-split seed no test, eval or training uses
-
-
-def prompts(n: int) -> tuple[list[str], list[str]]:
-    """n test captions, a third per category, in row order of the split; their categories."""
-    want = {c: n // 3 + (i < n % 3) for i, c in enumerate(CATEGORIES)}
-    out, cats, i = [], [], 0
-    while any(want.values()):
-        scene, text, _ = example(i, SEED, "test")
-        i += 1
-        cat = geometry_category(scene)
-        if want[cat]:
-            want[cat] -= 1
-            out.append(text)
-            cats.append(cat)
-    return out, cats
 
 
 def timed(gen, chooser: Chooser | None, scoring: ScoreStage, caps: list[str], k: int, batch: int,
@@ -85,7 +69,7 @@ def main() -> None:
     scoring = ScoreStage(spec.scoring, "cpu")  # the job's scorers (the same CLIP and judge)
     choosers = {"clip_score": CHOOSERS["clip_score"](Scorers(clip, judge)),
                 "prompt_match": CHOOSERS["prompt_match"](Scorers(clip, judge))}
-    caps, cats = prompts(args.prompts)
+    caps, cats = balanced_prompts(args.prompts, SEED)
     cats_a = np.array(cats)
     counts = ", ".join(f"{c}: {cats.count(c)}" for c in CATEGORIES)
     print(f"torch threads={torch.get_num_threads()}  prompts={len(caps)} ({counts})  timed over {args.timing_prompts}")

@@ -25,25 +25,16 @@ from promptmill.models import load_generator
 from promptmill.models.images import to_nchw
 from promptmill.models.judge import judge_prompts, load_judge
 from promptmill.models.shapes.geometry import geometry_matches
-from promptmill.models.shapes.scenes import example, parse
-from promptmill.pipelines.model_quality import GEOMETRY_CATEGORIES, geometry_breakdown, geometry_category, sample_diversity
+from promptmill.models.shapes.scenes import parse
+from promptmill.pipelines.model_quality import (
+    GEOMETRY_CATEGORIES,
+    balanced_prompts,
+    geometry_breakdown,
+    sample_diversity,
+)
 from promptmill.pipelines.spec import SHIPPED
 
 SEED = 39  # validation prompts: no test, eval, benchmark or training uses this seed
-
-
-def prompts(n: int) -> tuple[list[str], list[str]]:
-    """n validation captions, a third per `GEOMETRY_CATEGORIES` row, in row order; their rows."""
-    want = {c: n // 3 + (i < n % 3) for i, c in enumerate(GEOMETRY_CATEGORIES)}
-    out, cats, i = [], [], 0
-    while any(want.values()):
-        scene, text, _ = example(i, SEED, "test")
-        i += 1
-        if want[cat := geometry_category(scene)]:
-            want[cat] -= 1
-            out.append(text)
-            cats.append(cat)
-    return out, cats
 
 
 def main() -> None:
@@ -62,7 +53,7 @@ def main() -> None:
     grid = json.loads(args.grid) if args.grid else default
     url = args.checkpoint or str(SHIPPED / {"transformer": "dalle", "gan": "gan"}[args.family])
     gen, judge = load_generator(url, "cpu"), load_judge(str(SHIPPED / "judge"))
-    caps, cats = prompts(args.prompts)
+    caps, cats = balanced_prompts(args.prompts, SEED)
     print(f"{url}: {len(caps)} prompts (seed {SEED}), diversity on {args.diversity_prompts} x 4 seeds")
     print("\n| sampling | " + " | ".join(GEOMETRY_CATEGORIES) + " | all | seed diversity | near-duplicates | ms / image |")
     print("|---|" + "---|" * (len(GEOMETRY_CATEGORIES) + 4))

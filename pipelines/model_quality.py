@@ -304,6 +304,22 @@ def geometry_category(scene: Scene) -> str:
     return GEOMETRY_CATEGORIES[2] if len(scene.objects) == 2 else GEOMETRY_CATEGORIES[1 if scene.held_out else 0]
 
 
+def balanced_prompts(n: int, seed: int) -> tuple[list[str], list[str]]:
+    """n shapes test-split captions of `seed`, a third per `GEOMETRY_CATEGORIES` row, in row order; their rows."""
+    from promptmill.models.shapes.scenes import example
+
+    want = {c: n // 3 + (i < n % 3) for i, c in enumerate(GEOMETRY_CATEGORIES)}
+    out, cats, i = [], [], 0
+    while any(want.values()):
+        scene, text, _ = example(i, seed, "test")
+        i += 1
+        if want[cat := geometry_category(scene)]:
+            want[cat] -= 1
+            out.append(text)
+            cats.append(cat)
+    return out, cats
+
+
 def geometry_breakdown(ok: np.ndarray, categories: list[str]) -> dict[str, float | int | None]:
     """Share of prompts the geometry check passes, overall and per `GEOMETRY_CATEGORIES` row, and the counts."""
     ok, cats = np.asarray(ok, bool), np.asarray(categories)
