@@ -201,6 +201,10 @@ def test_gan_fine_tune_starts_from_an_exported_gan(shapes, tmp_path):
     b.start_from("gan", load_checkpoint(str(tmp_path / "gan"), kind="gan"))
     for m in (b.G, b.G_ema):
         assert all(torch.allclose(x, y) for x, y in zip(m.state_dict().values(), a.G_ema.state_dict().values()))
+    start = [p.detach().clone() for p in b.G_ema.parameters()]
+    b.step(make_batch(data, 0, 32, 0), 0)  # step 0: a fresh run's EMA would copy 90 % of G here
+    for s0, e, g in zip(start, b.G_ema.parameters(), b.G.parameters()):
+        assert torch.allclose(e, s0 + (1 - 0.999) * (g - s0), atol=1e-6)
     c, _, _ = tiny_gan(shapes, 64, {"noise_inject": True})
     with pytest.raises(CheckpointError, match="GAN config"):
         c.start_from("gan", load_checkpoint(str(tmp_path / "gan"), kind="gan"))

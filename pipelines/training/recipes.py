@@ -296,7 +296,8 @@ class GANRecipe(Recipe):
     plus LAFITE's contrastive term: G's images go through the frozen CLIP image tower and must pick their
     own caption over the batch's others and a hard negative (one attribute swapped). Adam(0.5, 0.999) at 2e-4
     for both (DF-GAN's Adam(0, 0.9), 1e-4 / 4e-4 made G saturate within 300 steps on the shapes data);
-    the EMA generator warms up (decay (1 + t) / (10 + t)) so early exports do not carry the random init.
+    the EMA generator warms up (decay (1 + t) / (10 + t)) so early exports do not carry the random init (a fine-tune
+    from an exported GAN, `start_from`, averages at the full decay from its first step).
     Options measured without gain (word attention, vision-aided D, D hard negatives, mode seeking, paired L1,
     a fine-tuned text tower) were removed; `docs/experiments/` records them and git history keeps the code."""
 
@@ -308,6 +309,7 @@ class GANRecipe(Recipe):
         self.clip = clip.model.eval().requires_grad_(False)
         self.G, self.D = GANNet(cfg), Discriminator(cfg)
         self.G_ema = copy.deepcopy(self.G).eval().requires_grad_(False)
+        self.ema_warmup = True  # the EMA's warm-up skips a random init; a fine-tune's G_ema starts trained
         self.modules = {"G": self.G, "D": self.D, "G_ema": self.G_ema, "clip": self.clip}
         d_params = list(self.D.parameters())
         if o.attribute_loss:
@@ -363,7 +365,7 @@ class GANRecipe(Recipe):
             logs["g_clip"] = lc.item()
             lg = lg + o.clip_weight * lc
         self.update("G", lg)
-        decay = min(o.ema, (1 + step) / (10 + step))
+        decay = min(o.ema, (1 + step) / (10 + step)) if self.ema_warmup else o.ema
         with torch.no_grad():
             for pe, p in zip(self.G_ema.parameters(), self.G.parameters()):
                 pe.lerp_(p, 1 - decay)
@@ -384,6 +386,7 @@ class GANRecipe(Recipe):
         gen = {k[len("gen."):]: v for k, v in tensors.items() if k.startswith("gen.")}
         for m in (self.G, self.G_ema):
             m.load_state_dict(gen)
+        self.ema_warmup = False
 
     def export(self, url: str, storage_options: dict | None = None, dtype: torch.dtype | None = None) -> None:
         g = GANGenerator(self.cfg, self.clip.cfg, self.tokenizer, self.clip.text, self.G_ema, torch.device("cpu"))
