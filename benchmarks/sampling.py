@@ -19,7 +19,6 @@ import itertools
 import json
 import time
 
-import numpy as np
 import torch
 from promptmill.models import load_generator
 from promptmill.models.images import to_nchw
@@ -29,6 +28,7 @@ from promptmill.models.shapes.scenes import parse
 from promptmill.pipelines.model_quality import (
     GEOMETRY_CATEGORIES,
     balanced_prompts,
+    draw_candidates,
     geometry_breakdown,
     sample_diversity,
 )
@@ -60,8 +60,7 @@ def main() -> None:
     for values in itertools.product(*grid.values()):
         sampling = {k: v for k, v in zip(grid, values) if v is not None}
         t = time.perf_counter()
-        imgs = np.concatenate([gen.generate(caps[i:i + args.batch], list(range(i, min(len(caps), i + args.batch))),
-                                            **sampling) for i in range(0, len(caps), args.batch)])
+        imgs = draw_candidates(gen, caps, 1, args.batch, **sampling)[:, 0]  # one sample: prompt i's seed is i
         ms = (time.perf_counter() - t) / len(caps) * 1000
         verdicts = judge_prompts(judge, to_nchw(imgs), caps)
         r = geometry_breakdown([geometry_matches(parse(c), v.geometry) for c, v in zip(caps, verdicts)], cats)

@@ -157,6 +157,7 @@ class Discriminator(nn.Module):
         n_down = int(math.log2(cfg.image_size // 4))
         w = list(reversed(_widths(cfg.ndf, n_down)))
         self.stem = _sn(nn.Conv2d(3, w[0], 3, 1, 1))
+        self.feature_size = w[-1] * 4 * 4  # `features` is (B, w[-1], 4, 4)
         self.blocks = nn.Sequential(*(DBlock(w[i], w[i + 1]) for i in range(n_down)))
         self.joint = nn.Sequential(
             _sn(nn.Conv2d(w[-1] + cfg.text_dim, 2 * cfg.ndf, 3, 1, 1)),
@@ -176,11 +177,11 @@ class AttributeHead(nn.Module):
     """AC-GAN's auxiliary classifier on D's image features: one logit vector per attribute head (training only,
     never exported). D learns it on real images; G pays when its images read otherwise than the caption states."""
 
-    def __init__(self, cfg: GANConfig, head_sizes: dict[str, int], hidden: int = 256) -> None:
+    def __init__(self, feature_size: int, head_sizes: dict[str, int], hidden: int = 256) -> None:
+        """feature_size: `Discriminator.feature_size`, the flattened width of D's image features."""
         super().__init__()
-        ch = _widths(cfg.ndf, int(math.log2(cfg.image_size // 4)))[0]
         self.sizes = head_sizes
-        self.net = nn.Sequential(nn.Flatten(), nn.Linear(ch * 16, hidden), nn.LeakyReLU(0.2),
+        self.net = nn.Sequential(nn.Flatten(), nn.Linear(feature_size, hidden), nn.LeakyReLU(0.2),
                                  nn.Linear(hidden, sum(head_sizes.values())))
 
     def forward(self, feats: torch.Tensor) -> dict[str, torch.Tensor]:

@@ -217,10 +217,8 @@ def eval_generator(url: str, judge: Judge, split: TestSplit, n: int, batch: int 
     the geometry check's accuracy per `GEOMETRY_CATEGORIES` row (one sample per prompt, seed = its row)."""
     from promptmill.models.shapes.geometry import geometry_matches
 
-    g = load_generator(url, "cpu")
     caps = split.captions[:n]
-    imgs = np.concatenate([g.generate(caps[i:i + batch], list(range(i, min(n, i + batch))), **sampling)
-                           for i in range(0, n, batch)])
+    imgs = draw_candidates(load_generator(url, "cpu"), caps, 1, batch, **sampling)[:, 0]  # candidate 0: seed = row
     verdicts = judge_prompts(judge, to_nchw(imgs), caps)
     geometry = geometry_breakdown([geometry_matches(parse(c), v.geometry) for c, v in zip(caps, verdicts)],
                                   [geometry_category(s) for s in split.scenes[:n]])

@@ -313,7 +313,7 @@ class GANRecipe(Recipe):
         self.modules = {"G": self.G, "D": self.D, "G_ema": self.G_ema, "clip": self.clip}
         d_params = list(self.D.parameters())
         if o.attribute_loss:
-            self.A = self.modules["A"] = AttributeHead(cfg, HEADS)
+            self.A = self.modules["A"] = AttributeHead(self.D.feature_size, HEADS)
             d_params += list(self.A.parameters())
         self.optimizers = {"G": torch.optim.Adam(self.G.parameters(), lr=o.lr_g, betas=o.betas),
                            "D": torch.optim.Adam(d_params, lr=o.lr_d, betas=o.betas)}
