@@ -80,13 +80,18 @@ def on_meta() -> Iterator[None]:
         yield
 
 
+def prefixed(tensors: dict[str, torch.Tensor], prefix: str) -> dict[str, torch.Tensor]:
+    """One part of a state dict (`vq.`, `gen.`, ...), with the part's prefix taken off."""
+    return {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}
+
+
 def assign_weights(module: torch.nn.Module, tensors: dict[str, torch.Tensor], prefix: str,
                    device: torch.device) -> torch.nn.Module:
     """Load the `prefix`ed tensors into a module built on the meta device (`on_meta`), taking
     them as they are instead of copying into randomly initialised weights: a 300M-parameter Transformer spent
     seconds initialising weights it then overwrote, on the one thread an actor builds its stage with. Strict, so a
     weight the checkpoint lacks fails here rather than staying on the meta device."""
-    module.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}, assign=True)
+    module.load_state_dict(prefixed(tensors, prefix), assign=True)
     return module.to(device)
 
 

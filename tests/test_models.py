@@ -228,7 +228,7 @@ def test_bf16_autocast_changes_the_arithmetic_not_the_contract(checkpoints, fami
 def test_a_loaded_generator_takes_the_checkpoints_tensors_without_initialising_its_own(checkpoints, family):
     """from_checkpoint builds on the meta device and assigns the stored tensors: nothing is left on meta, and it
     draws what a randomly initialised model with the same weights copied in draws."""
-    from promptmill.models.checkpoint import load_checkpoint
+    from promptmill.models.checkpoint import load_checkpoint, prefixed
     from promptmill.models.families import generator_class
 
     g = load_generator(checkpoints[family], "cpu")
@@ -238,7 +238,7 @@ def test_a_loaded_generator_takes_the_checkpoints_tensors_without_initialising_i
     copied = generator_class(family).from_config(config, torch.device("cpu"))  # the old way: init, then copy
     parts = {"gan": {"text.": "text", "gen.": "gen"}, "transformer": {"transformer.": "model", "vq.": "vq"}}[family]
     for prefix, attr in parts.items():
-        getattr(copied, attr).load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)})
+        getattr(copied, attr).load_state_dict(prefixed(tensors, prefix))
     assert np.array_equal(g.generate(PROMPTS, list(range(7))), copied.generate(PROMPTS, list(range(7))))
 
 

@@ -57,10 +57,14 @@ def test_loss_goes_down(trained, kind):
 
 
 def test_gan_and_transformer_export_generators_and_resume(ray_local, shapes, trained, tmp_path):
-    s = train("transformer", shapes, tmp_path, 20, vq=str(trained["vq"][1]))
+    s = train("transformer", shapes, tmp_path, 20, vq=str(trained["vq"][1]), recipe={"lr": 3e-3, "warmup": 0})
     assert s["history"][-1]["loss"] < s["history"][0]["loss"]
     g = load_generator(str(tmp_path / "transformer"), "cpu")
     assert g.generate(["a red circle"], [0]).shape == (1, 32, 32, 3)
+    ft = train("transformer", shapes, tmp_path / "ft", 10, vq=str(trained["vq"][1]), init=str(tmp_path / "transformer"),
+               recipe={"lr": 1e-4, "warmup": 0})  # a fine-tune through Ray Train starts where the export ended
+    first, last = s["history"][0]["loss"], s["history"][-1]["loss"]
+    assert ft["history"][0]["loss"] < last + 0.5 * (first - last), (ft["history"], s["history"])
     clip = str(trained["clip"][1])
     s1 = train("gan", shapes, tmp_path, 10, name="gan-resume", clip=clip)
     s2 = train("gan", shapes, tmp_path, 20, name="gan-resume", clip=clip)  # same name: resumes at step 10
@@ -208,8 +212,59 @@ def test_gan_fine_tune_starts_from_an_exported_gan(shapes, tmp_path):
     c, _, _ = tiny_gan(shapes, 64, {"noise_inject": True})
     with pytest.raises(CheckpointError, match="GAN config"):
         c.start_from("gan", load_checkpoint(str(tmp_path / "gan"), kind="gan"))
-    with pytest.raises(ValueError, match="init: only a gan run"):
+    with pytest.raises(ValueError, match="init: only a gan or transformer run"):
         TrainSpec(kind="judge", data=shapes, out=str(tmp_path / "j"), init=str(tmp_path / "gan"))
+
+
+def tiny_transformer(shapes: str, vq_seed: int = 0, **model):
+    """A TransformerRecipe (TINY, overridden by `model`) on a tiny random VQ drawn from `vq_seed`; (recipe, data)."""
+    import torch
+    from promptmill.models.tokenizer import WordTokenizer
+    from promptmill.models.transformer import TransformerConfig
+    from promptmill.models.vq import VQConfig, VQModel
+    from promptmill.pipelines.training.driver import load_data
+    from promptmill.pipelines.training.recipes import TransformerRecipe
+
+    torch.manual_seed(vq_seed)
+    vq_cfg = VQConfig(**TINY["vq"])
+    vq = VQModel(vq_cfg).eval()
+    spec = TrainSpec(kind="transformer", data=shapes, out=str(shapes), vq="unused", max_rows=64)
+    tok = WordTokenizer.train(load_data(spec, None, 0, 1)["captions"], max_len=16)
+    cfg = TransformerConfig(text_vocab=len(tok.vocab), image_vocab=vq_cfg.codebook_size, image_tokens=vq_cfg.grid**2,
+                            **{**TINY["transformer"], **model})
+    torch.manual_seed(1)
+    r = TransformerRecipe(cfg, vq, vq_cfg, tok, steps=10)
+    return r, load_data(spec, r, 0, 1)
+
+
+def test_transformer_fine_tune_starts_from_its_export_with_its_tokenizer(shapes, tmp_path):
+    """`init` on a transformer run: the weights and the tokenizer are the export's; another VQ or config is refused
+    (the codes would mean other images, the weights would not fit)."""
+    import torch
+    from promptmill.models.checkpoint import load_checkpoint
+    from promptmill.models.errors import CheckpointError
+    from promptmill.pipelines.training.driver import make_batch, train_tokenizer
+
+    a, data = tiny_transformer(shapes)
+    a.step(make_batch(data, 0, 32, 0), 0)
+    a.export(str(tmp_path / "t"))
+    b, _ = tiny_transformer(shapes)
+    torch.manual_seed(5)
+    b.model.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
+    assert not all(torch.equal(x, y) for x, y in zip(b.model.state_dict().values(), a.model.state_dict().values()))
+    b.start_from("t", load_checkpoint(str(tmp_path / "t"), kind="transformer"))
+    assert all(torch.equal(x, y) for x, y in zip(b.model.state_dict().values(), a.model.state_dict().values()))
+    other_vq, _ = tiny_transformer(shapes, vq_seed=3)
+    with pytest.raises(CheckpointError, match="its VQ is not this run's vq"):
+        other_vq.start_from("t", load_checkpoint(str(tmp_path / "t"), kind="transformer"))
+    wider, _ = tiny_transformer(shapes, n_embd=48)
+    with pytest.raises(CheckpointError, match="Transformer config"):
+        wider.start_from("t", load_checkpoint(str(tmp_path / "t"), kind="transformer"))
+    spec = TrainSpec(kind="transformer", data=shapes, out=str(tmp_path / "o"), vq="unused", init=str(tmp_path / "t"))
+    assert train_tokenizer(spec).to_config() == a.tokenizer.to_config()  # max_len 16; the data's would be 24
+    assert train_tokenizer(spec.model_copy(update={"init": None})).max_len == 24
+    with pytest.raises(CheckpointError, match="missing config.json"):
+        train_tokenizer(spec.model_copy(update={"init": str(tmp_path / "nothing-here")}))
 
 
 def test_same_seed_same_training_and_other_settings_do_not_resume(ray_local, shapes, trained, tmp_path):

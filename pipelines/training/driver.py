@@ -18,7 +18,7 @@ from typing import Any, Literal
 
 import numpy as np
 import torch
-from promptmill.models.checkpoint import load_checkpoint
+from promptmill.models.checkpoint import load_checkpoint, open_checkpoint
 from promptmill.models.clip import CLIPConfig
 from promptmill.models.clip_loader import load_clip
 from promptmill.models.gan import GANConfig
@@ -68,9 +68,11 @@ class TrainSpec(Strict):
                                      "(path, URL or shipped:vq)")
     clip: CheckpointRef | None = Field(default=None, description="gan: the CLIP whose frozen towers encode captions "
                                        "and guide G (path, URL or shipped:clip)")
-    init: CheckpointRef | None = Field(default=None, description="gan: start G and its EMA from this exported GAN "
-                                       "(path, URL or shipped:gan), a fine-tune; D starts fresh, and the GAN's "
-                                       "config and text tower must be the ones the recipe builds")
+    init: CheckpointRef | None = Field(default=None, description="gan or transformer: a fine-tune from this export "
+                                       "(path, URL, shipped:gan or shipped:dalle). gan: G and its EMA start from "
+                                       "it, D fresh, and its config and text tower must be the recipe's; "
+                                       "transformer: the model starts from it, with its tokenizer, and its config "
+                                       "and VQ must be the run's")
     checkpoint_every: int = Field(default=500, ge=1)
     max_failures: int = Field(default=3, ge=0, description="a dead worker (spot node, failed health check) "
                               "restarts from the latest checkpoint, this many times")
@@ -87,8 +89,9 @@ class TrainSpec(Strict):
         self.vq = absolute(self.vq) if self.vq else None
         self.clip = absolute(self.clip) if self.clip else None
         self.init = absolute(self.init) if self.init else None
-        if self.init and self.kind != "gan":
-            raise ValueError(f"init: only a gan run starts from an exported checkpoint, not a {self.kind} run")
+        if self.init and self.kind not in ("gan", "transformer"):
+            raise ValueError(f"init: only a gan or transformer run starts from an exported checkpoint, "
+                             f"not a {self.kind} run")
         for kind, field_, what in (("transformer", "vq", "VQ"), ("gan", "clip", "CLIP")):
             if self.kind == kind and not getattr(self, field_):
                 raise ValueError(f"training a {kind} needs {field_}: the {what} checkpoint it builds on")
@@ -111,6 +114,10 @@ class TrainSpec(Strict):
 
 
 def train_tokenizer(spec: TrainSpec) -> WordTokenizer:
+    """The run's tokenizer: a fine-tune keeps its export's (the model's embeddings index that vocabulary)."""
+    if spec.init:
+        config = open_checkpoint(spec.init, spec.storage_options, kind=spec.kind)[0]
+        return WordTokenizer.from_config(config["tokenizer"])
     caps = read_rows(spec.data, [spec.caption_column], spec.storage_options, spec.max_rows)[spec.caption_column]
     return WordTokenizer.train(caps, max_len=spec.model.get("text_len", 24))
 
@@ -134,7 +141,10 @@ def build_recipe(spec: TrainSpec, tokenizer: WordTokenizer | None) -> Recipe:
     vq_cfg = vq.cfg
     cfg = TransformerConfig(text_vocab=len(tokenizer.vocab), image_vocab=vq_cfg.codebook_size,
                             image_tokens=vq_cfg.grid**2, **m)
-    return TransformerRecipe(cfg, vq, vq_cfg, tokenizer, steps=spec.steps, seed=spec.seed, **r)
+    recipe = TransformerRecipe(cfg, vq, vq_cfg, tokenizer, steps=spec.steps, seed=spec.seed, **r)
+    if spec.init:
+        recipe.start_from(spec.init, load_checkpoint(spec.init, spec.storage_options, kind="transformer"))
+    return recipe
 
 
 def load_data(spec: TrainSpec, recipe: Recipe, rank: int, world: int) -> dict[str, Any]:

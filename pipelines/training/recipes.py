@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from promptmill.models.checkpoint import save_checkpoint
+from promptmill.models.checkpoint import prefixed, save_checkpoint
 from promptmill.models.clip import CLIP, CLIPConfig, CLIPScorer
 from promptmill.models.errors import CheckpointError
 from promptmill.models.gan import AttributeHead, Discriminator, GANConfig, GANGenerator, GANNet, d_loss, g_loss, sentence
@@ -120,7 +120,7 @@ class Recipe:
 
     def load_state(self, tensors: dict[str, torch.Tensor]) -> None:
         for name, m in self.modules.items():
-            m.load_state_dict({k[len(name) + 1:]: v for k, v in tensors.items() if k.startswith(name + ".")})
+            m.load_state_dict(prefixed(tensors, f"{name}."))
         for name, o in self.optimizers.items():
             _load_opt(f"opt_{name}", o, tensors)
 
@@ -193,6 +193,12 @@ def cosine_lr(step: int, lr: float, warmup: int, steps: int) -> float:
     return lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(frac * math.pi)))
 
 
+def same_weights(tensors: dict[str, torch.Tensor], module: nn.Module) -> bool:
+    """Whether a fine-tune's export carries this module (to fp16 storage's precision)."""
+    ours = module.state_dict()
+    return tensors.keys() == ours.keys() and all(torch.allclose(v, ours[k], atol=1e-2) for k, v in tensors.items())
+
+
 def drop_captions(captions: list[str], p: float, rng: random.Random) -> list[str]:
     """Caption dropout: an empty caption encodes to all padding = the unconditional model."""
     return ["" if rng.random() < p else c for c in captions]
@@ -225,6 +231,17 @@ class TransformerRecipe(Recipe):
         loss = self.model.loss(self.tokenizer.encode_batch(caps).to(self.device), b.tokens)
         self.update("transformer", loss, lr=cosine_lr(step, o.lr, o.warmup, self.steps), clip_norm=1.0)
         return {"loss": loss.item()}
+
+    def start_from(self, url: str, checkpoint: tuple[dict, dict[str, torch.Tensor]]) -> None:
+        """A fine-tune: the model takes an exported Transformer's weights; its config and VQ must be this run's
+        (another VQ's codes would be other images), and the optimizer and schedule start afresh."""
+        config, tensors = checkpoint
+        if config["config"] != asdict(self.cfg):
+            raise CheckpointError(f"init {url!r}: its Transformer config {config['config']} is not this run's "
+                                  f"{asdict(self.cfg)}")
+        if not same_weights(prefixed(tensors, "vq."), self.vq):
+            raise CheckpointError(f"init {url!r}: its VQ is not this run's vq")
+        self.model.load_state_dict(prefixed(tensors, "transformer."))
 
     def export(self, url: str, storage_options: dict | None = None, dtype: torch.dtype | None = None) -> None:
         g = TransformerGenerator(self.cfg, self.vq_cfg, self.tokenizer, self.model, self.vq, torch.device("cpu"))
@@ -379,11 +396,9 @@ class GANRecipe(Recipe):
         config, tensors = checkpoint
         if config["config"] != asdict(self.cfg):
             raise CheckpointError(f"init {url!r}: its GAN config {config['config']} is not this run's {asdict(self.cfg)}")
-        text = {k[len("text."):]: v for k, v in tensors.items() if k.startswith("text.")}
-        ours = self.clip.text.state_dict()
-        if text.keys() != ours.keys() or any(not torch.allclose(v, ours[k], atol=1e-2) for k, v in text.items()):
+        if not same_weights(prefixed(tensors, "text."), self.clip.text):
             raise CheckpointError(f"init {url!r}: its text tower is not this run's clip's")
-        gen = {k[len("gen."):]: v for k, v in tensors.items() if k.startswith("gen.")}
+        gen = prefixed(tensors, "gen.")
         for m in (self.G, self.G_ema):
             m.load_state_dict(gen)
         self.ema_warmup = False
