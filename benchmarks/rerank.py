@@ -27,6 +27,7 @@ import time
 import numpy as np
 import torch
 from promptmill.models import load_generator
+from promptmill.models.generator import resolved_sampling
 from promptmill.models.rerank import CHOOSERS, Chooser, Scorers, generate_best_of
 from promptmill.pipelines.batch.score import ScoreStage, shared_clip, shared_judge
 from promptmill.pipelines.model_quality import GEOMETRY_CATEGORIES as CATEGORIES
@@ -80,7 +81,7 @@ def main() -> None:
         cands = draw_candidates(gen, caps, max(KS), batch * 2, **sampling)
         r = read_candidates(cands, caps, clip, judge)
         print(f"{m.name} ({m.family}): {cands.shape[0] * cands.shape[1]} candidates drawn and read in "
-              f"{time.perf_counter() - t0:.0f} s; sampling {sampling}")
+              f"{time.perf_counter() - t0:.0f} s; sampling {resolved_sampling(gen, sampling).model_dump()}")
         orders = r.orders()
         # cost: the job's own work per K and chooser, side by side; K = 1 is the plain draw whatever the chooser
         tcaps = caps[:args.timing_prompts]

@@ -6,10 +6,6 @@ import argparse
 import json
 from pathlib import Path
 
-# chosen on validation prompts (benchmarks/sampling.py, seed 39), not on the test split eval-models reads;
-# examples/demo.yaml draws with it (tests/test_shipped.py keeps the two in step)
-RECOMMENDED_SAMPLING = {"transformer": {"temperature": 0.7, "top_k": 16}, "gan": {}}
-
 
 def add_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval-models", help="measure the shipped models on the shapes test split")
@@ -23,9 +19,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--rerank-n", type=int, default=300, help="best-of-K: test prompts per family (max K each)")
     p.add_argument("--diversity-n", type=int, default=200, help="prompts drawn with 4 seeds for diversity")
     p.add_argument("--grid-dir", default="docs", help="where sample grids go")
-    p.add_argument("--sampling", default=json.dumps(RECOMMENDED_SAMPLING),
-                   help="JSON per family; default: the recommended sampling (examples/demo.yaml's), '{}': the "
-                   "generators' own defaults")
+    p.add_argument("--sampling", default="{}",
+                   help="JSON per family, over each checkpoint's recommended sampling (its config.json `sampling`, "
+                   "what a job draws with when its spec sets none) key by key; null turns a setting off")
     p.set_defaults(func=main)
 
 
@@ -38,6 +34,7 @@ def load_test_split(url: str, rows: int):
 
 
 def main(args: argparse.Namespace) -> int:
+    from promptmill.models.checkpoint import open_checkpoint
     from promptmill.models.clip_loader import load_clip
     from promptmill.models.judge import load_judge
     from promptmill.pipelines.model_quality import (
@@ -77,8 +74,10 @@ def main(args: argparse.Namespace) -> int:
             print(f"{family}: no checkpoint at {url}, skipped")
             continue
         res, errors, imgs, card, geometry = eval_generator(url, judge, split, args.n, **sampling.get(family, {}))
-        report[family] = {"prompt_match": res, "attribute_errors": errors, "sampling": sampling.get(family, {}),
+        drawn = {**open_checkpoint(url)[0].get("sampling", {}), **sampling.get(family, {})}
+        report[family] = {"prompt_match": res, "attribute_errors": errors, "sampling": drawn,
                           "report_card": card, "geometry": geometry}
+        print(f"{family} sampling (the checkpoint's recommendation, then --sampling):", json.dumps(drawn))
         grid_png(imgs[:32], split.captions[:32], f"{args.grid_dir}/samples_{family}.png")
         print(f"{family} prompt-match:", json.dumps(res))
         print(f"{family} attribute error rates:", json.dumps(errors))

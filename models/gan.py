@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from promptmill.models.checkpoint import built_with_weights
 from promptmill.models.clip import CLIPConfig, TextTower
-from promptmill.models.generator import check_inputs
+from promptmill.models.generator import check_inputs, resolved_sampling, sampling_defaults
 from promptmill.models.sampling import per_image_generators, per_image_normal, to_uint8
 from promptmill.models.tokenizer import WordTokenizer
 from pydantic import BaseModel, ConfigDict, Field
@@ -229,6 +229,7 @@ class GANGenerator:
         self.cfg, self.text_cfg, self.tokenizer, self.device = cfg, text_cfg, tokenizer, device
         self.text, self.gen = text.to(device).eval(), gen.to(device).eval()
         self.height = self.width = cfg.image_size
+        self.sampling_defaults: dict = {}  # the checkpoint's recommended sampling (config.json `sampling`)
 
     @classmethod
     def build(cls, cfg: GANConfig, text_cfg: CLIPConfig, tokenizer: WordTokenizer,
@@ -243,13 +244,16 @@ class GANGenerator:
 
     def config(self) -> dict:
         return {"family": self.family, "config": asdict(self.cfg), "text": asdict(self.text_cfg),
-                "tokenizer": self.tokenizer.to_config()}
+                "tokenizer": self.tokenizer.to_config(),
+                **({"sampling": self.sampling_defaults} if self.sampling_defaults else {})}
 
     @classmethod
     def from_config(cls, config: dict, device: torch.device) -> GANGenerator:
         """Built from config.json, untrained (the checkpoint loader checks shapes on the meta device with it)."""
-        return cls.build(GANConfig(**config["config"]), CLIPConfig(**config["text"]),
-                         WordTokenizer.from_config(config["tokenizer"]), device)
+        g = cls.build(GANConfig(**config["config"]), CLIPConfig(**config["text"]),
+                      WordTokenizer.from_config(config["tokenizer"]), device)
+        g.sampling_defaults = sampling_defaults(cls, config)
+        return g
 
     @classmethod
     def from_checkpoint(cls, config: dict, tensors: dict[str, torch.Tensor], device: torch.device) -> GANGenerator:
@@ -259,7 +263,7 @@ class GANGenerator:
     @torch.inference_mode()
     def generate(self, prompts: list[str], seeds: list[int], **sampling) -> np.ndarray:
         check_inputs(prompts, seeds)
-        s = GANSampling(**sampling)
+        s = resolved_sampling(self, sampling)
         if not prompts:
             return np.zeros((0, self.height, self.width, 3), np.uint8)
         gens = per_image_generators(seeds)

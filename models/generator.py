@@ -9,6 +9,8 @@ and `generate(prompts, seeds, **sampling) -> uint8 (N, H, W, 3)` whose image i d
 seeds[i], sampling): the same pixels at any batch size and on any actor, which resume and rerank rely on. To the
 bit on CPU; on CUDA kernels may differ by batch size, and a 300M Transformer in bf16 on an H200 drew pixels within
 1 level of 255 of its one-batch bare draw (docs/benchmarks.md, "On a GPU").
+A checkpoint may recommend its sampling (config.json `sampling`, as Hugging Face's generation_config.json): a
+generator's `sampling_defaults`, under whatever a caller sets, key by key (`resolved_sampling`).
 Loading: either our checkpoint format (`from_config` + `from_checkpoint`, config.json + model.safetensors) or
 the family's own `load(url, device, storage_options)` classmethod for any other layout.
 """
@@ -22,7 +24,7 @@ import numpy as np
 import torch
 from promptmill.models.checkpoint import CheckpointError, load_checkpoint, meta_shapes, open_checkpoint
 from promptmill.models.families import generator_class
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 
 class Generator(Protocol):
@@ -100,3 +102,21 @@ def check_inputs(prompts: list[str], seeds: list[int]) -> None:
     for i, p in enumerate(prompts):
         if not isinstance(p, str):
             raise ValueError(f"prompt {i} is {type(p).__name__}, not str: {p!r}")
+
+
+def sampling_defaults(cls: Any, config: dict) -> dict[str, Any]:
+    """config.json's `sampling`, the checkpoint's recommended settings, checked by the family's `Sampling` model;
+    {} where it recommends none. A ValueError names the field (the loaders turn it into a CheckpointError)."""
+    raw = config.get("sampling") or {}
+    if not isinstance(raw, dict):
+        raise ValueError(f"config.json sampling: an object of {cls.family} sampling settings, not {raw!r}")
+    try:
+        return cls.Sampling(**raw).model_dump(exclude_unset=True)
+    except ValidationError as e:
+        raise ValueError(f"config.json sampling: {e}") from e
+
+
+def resolved_sampling(gen: Any, sampling: dict[str, Any]) -> BaseModel:
+    """What a draw uses: the checkpoint's `sampling_defaults` (none for a family without them), `sampling` over
+    them key by key (an explicit null turns a recommended setting off)."""
+    return gen.Sampling(**{**getattr(gen, "sampling_defaults", {}), **sampling})

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from promptmill.models.checkpoint import built_with_weights
-from promptmill.models.generator import check_inputs
+from promptmill.models.generator import check_inputs, resolved_sampling, sampling_defaults
 from promptmill.models.sampling import (
     filter_logits,
     guide,
@@ -175,6 +175,7 @@ class TransformerGenerator:
         self.cfg, self.vq_cfg, self.tokenizer, self.device = cfg, vq_cfg, tokenizer, device
         self.model, self.vq = model.to(device).eval(), vq.to(device).eval()
         self.height = self.width = vq_cfg.image_size
+        self.sampling_defaults: dict = {}  # the checkpoint's recommended sampling (config.json `sampling`)
 
     @classmethod
     def build(cls, cfg: TransformerConfig, vq_cfg: VQConfig, tokenizer: WordTokenizer,
@@ -187,13 +188,16 @@ class TransformerGenerator:
 
     def config(self) -> dict:
         return {"family": self.family, "config": asdict(self.cfg), "vq": asdict(self.vq_cfg),
-                "tokenizer": self.tokenizer.to_config()}
+                "tokenizer": self.tokenizer.to_config(),
+                **({"sampling": self.sampling_defaults} if self.sampling_defaults else {})}
 
     @classmethod
     def from_config(cls, config: dict, device: torch.device) -> TransformerGenerator:
         """Built from config.json, untrained (the checkpoint loader checks shapes on the meta device with it)."""
-        return cls.build(TransformerConfig(**config["config"]), VQConfig(**config["vq"]),
-                         WordTokenizer.from_config(config["tokenizer"]), device)
+        g = cls.build(TransformerConfig(**config["config"]), VQConfig(**config["vq"]),
+                      WordTokenizer.from_config(config["tokenizer"]), device)
+        g.sampling_defaults = sampling_defaults(cls, config)
+        return g
 
     @classmethod
     def from_checkpoint(cls, config: dict, tensors: dict[str, torch.Tensor],
@@ -204,7 +208,7 @@ class TransformerGenerator:
     @torch.inference_mode()
     def generate(self, prompts: list[str], seeds: list[int], **sampling) -> np.ndarray:
         check_inputs(prompts, seeds)
-        s = TransformerSampling(**sampling)
+        s = resolved_sampling(self, sampling)
         if not prompts:
             return np.zeros((0, self.height, self.width, 3), np.uint8)
         text = self.tokenizer.encode_batch(prompts).to(self.device)

@@ -24,8 +24,9 @@ CAPTIONS = ["a small red circle on the left", "a large blue square above a green
             "big yellow triangle, top, on a black background"]
 
 
-def save_tiny(url: str, family: str, storage_options: dict | None = None) -> str:
-    """A tiny randomly initialised checkpoint of `family`, saved with the shipping code path."""
+def save_tiny(url: str, family: str, storage_options: dict | None = None, sampling: dict | None = None) -> str:
+    """A tiny randomly initialised checkpoint of `family`, saved with the shipping code path; `sampling`: the one
+    its config.json recommends."""
     import torch
 
     torch.manual_seed(0)
@@ -36,6 +37,7 @@ def save_tiny(url: str, family: str, storage_options: dict | None = None) -> str
     else:
         cfg = TransformerConfig(text_vocab=len(tok.vocab), text_len=12, image_vocab=16, n_layer=1, n_head=2, n_embd=32)
         g = TransformerGenerator.build(cfg, VQConfig(hidden=8, embed_dim=8, codebook_size=16), tok)
+    g.sampling_defaults = sampling or {}
     save_checkpoint(url, g.state_dict(), g.config(), storage_options)
     return url
 

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import yaml
-from conftest import kill_session, make_spec, write_prompts
+from conftest import kill_session, make_spec, save_tiny, write_prompts
 from promptmill.models.images import decode_image
 from promptmill.models.local_cache import content_id
 from promptmill.pipelines.batch.dry_run import dry_run
@@ -61,7 +61,8 @@ def test_end_to_end_local(ray_local, checkpoints, tmp_path, caplog, monkeypatch)
     ids = [f"p{i}" for i in range(len(GOOD))] + ["e", "n", "long", "dup", "dup", "a/b"]
     write_prompts(tmp_path / "in" / "part-0.parquet", prompts, ids, extra=list(range(len(ids))))
     spec = make_spec(str(tmp_path / "in"), str(tmp_path / "out"), checkpoints)
-    spec["models"].append({"name": "dalle", "family": "transformer", "checkpoint": checkpoints["transformer"],
+    recommends = save_tiny(str(tmp_path / "dalle"), "transformer", sampling={"temperature": 0.9, "top_k": 4})
+    spec["models"].append({"name": "dalle", "family": "transformer", "checkpoint": recommends,
                            "images_per_prompt": 1, "sampling": {"guidance_scale": 2.0, "top_k": 8, "candidates": 2},
                            "resources": {"batch_size": 4}})
     spec["input"]["storage_options"] = {"secret": "hunter2"}
@@ -86,8 +87,9 @@ def test_end_to_end_local(ray_local, checkpoints, tmp_path, caplog, monkeypatch)
     r1 = next(r for r in rows if r["id"] == "p4" and r["model"] == "gan" and r["sample"] == 1)
     assert r1["image_path"].startswith("images/gan/") and r1["image_path"].endswith("/p4-1.png")
     dalle = next(r for r in rows if r["model"] == "dalle")
-    assert json.loads(dalle["sampling"])["guidance_scale"] == 2.0 and (dalle["candidates"], dalle["rerank_by"]) == (
-        2, "clip_score")
+    drawn = json.loads(dalle["sampling"])  # the checkpoint's recommendation under the spec's own, key by key
+    assert (drawn["guidance_scale"], drawn["top_k"], drawn["temperature"]) == (2.0, 8, 0.9)
+    assert (dalle["candidates"], dalle["rerank_by"]) == (2, "clip_score")
     assert decode_image((out / dalle["image_path"]).read_bytes()).shape == (32, 32, 3)
     rejected = pq.read_table(out / "rejected").to_pylist()
     assert {r["id"]: r["reason"] for r in rejected} == {

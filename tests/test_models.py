@@ -242,6 +242,33 @@ def test_a_loaded_generator_takes_the_checkpoints_tensors_without_initialising_i
     assert np.array_equal(g.generate(PROMPTS, list(range(7))), copied.generate(PROMPTS, list(range(7))))
 
 
+def test_a_checkpoint_recommends_its_sampling_and_a_caller_overrides_it_key_by_key(checkpoints, tmp_path):
+    """config.json `sampling` (as Hugging Face's generation_config.json) is what a draw uses where the caller sets
+    nothing; a caller's key wins, an explicit null turns a recommendation off; a bad one is refused at the check
+    and at load, naming the field."""
+    import shutil
+
+    from conftest import save_tiny
+    from promptmill.models import check_checkpoint
+    from promptmill.models.generator import resolved_sampling
+
+    url = save_tiny(str(tmp_path / "rec"), "transformer", sampling={"temperature": 0.0, "top_k": 4})
+    g, plain, seeds = load_generator(url, "cpu"), load_generator(checkpoints["transformer"], "cpu"), list(range(7))
+    assert g.sampling_defaults == {"temperature": 0.0, "top_k": 4} and plain.sampling_defaults == {}
+    assert np.array_equal(g.generate(PROMPTS, seeds), plain.generate(PROMPTS, seeds, temperature=0.0, top_k=4))
+    assert not np.array_equal(g.generate(PROMPTS, seeds), plain.generate(PROMPTS, seeds))  # the default mattered
+    assert np.array_equal(g.generate(PROMPTS, seeds, temperature=1.0, top_k=None), plain.generate(PROMPTS, seeds))
+    assert resolved_sampling(g, {"temperature": 1.0}).model_dump()["top_k"] == 4
+    assert json.loads((tmp_path / "rec" / "config.json").read_text())["sampling"] == {"temperature": 0.0, "top_k": 4}
+    bad = tmp_path / "bad"
+    shutil.copytree(url, bad)
+    config = json.loads((bad / "config.json").read_text())
+    (bad / "config.json").write_text(json.dumps({**config, "sampling": {"temprature": 0.5}}))
+    for load in (check_checkpoint, lambda u: load_generator(u, "cpu")):
+        with pytest.raises(CheckpointError, match=r"(?s)config.json sampling: .*temprature"):
+            load(str(bad))
+
+
 def test_checking_and_loading_our_models_never_imports_torch_dynamo():
     """On the meta device torch runs initialisers and out-of-place ops through Python decompositions that import
     torch._dynamo: 0.9 s of CPU in the driver's preflight and again in every actor before its first image. A fresh

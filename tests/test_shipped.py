@@ -72,8 +72,17 @@ def test_best_of_k_eval_keeps_what_a_job_keeps(test_split):
 
 
 def test_the_demo_draws_with_the_sampling_the_model_card_measures():
-    from promptmill.jobs.eval_models import RECOMMENDED_SAMPLING
-    from promptmill.pipelines.spec import load_spec
+    """MODEL_CARD measures each shipped generator at its checkpoint's recommended sampling (eval-models' default);
+    the demo sets no sampling of its own, and the Transformer's recipe exports the recommendation the checkpoint
+    carries (a retrain keeps it)."""
+    from promptmill.models import load_generator
+    from promptmill.pipelines.spec import load_spec, spec_data, validated
+    from promptmill.pipelines.training.driver import TrainSpec
 
     spec = load_spec(str(CKPT.parents[1] / "examples" / "demo.yaml"))
-    assert {m.family: m.family_sampling for m in spec.models} == RECOMMENDED_SAMPLING
+    assert all(m.family_sampling == {} for m in spec.models)
+    dalle = load_generator(str(CKPT / "dalle"), "cpu")
+    assert dalle.sampling_defaults == {"temperature": 0.7, "top_k": 16}
+    recipe = validated(TrainSpec, *spec_data(CKPT.parents[1] / "pipelines" / "training" / "configs" / "transformer.yaml",
+                                             kind="recipe"))
+    assert recipe.sampling == dalle.sampling_defaults

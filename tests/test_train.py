@@ -62,9 +62,10 @@ def test_gan_and_transformer_export_generators_and_resume(ray_local, shapes, tra
     g = load_generator(str(tmp_path / "transformer"), "cpu")
     assert g.generate(["a red circle"], [0]).shape == (1, 32, 32, 3)
     ft = train("transformer", shapes, tmp_path / "ft", 10, vq=str(trained["vq"][1]), init=str(tmp_path / "transformer"),
-               recipe={"lr": 1e-4, "warmup": 0})  # a fine-tune through Ray Train starts where the export ended
+               recipe={"lr": 1e-4, "warmup": 0}, sampling={"top_k": 8})  # through Ray Train, from where it ended
     first, last = s["history"][0]["loss"], s["history"][-1]["loss"]
     assert ft["history"][0]["loss"] < last + 0.5 * (first - last), (ft["history"], s["history"])
+    assert load_generator(str(tmp_path / "ft" / "transformer"), "cpu").sampling_defaults == {"top_k": 8}
     clip = str(trained["clip"][1])
     s1 = train("gan", shapes, tmp_path, 10, name="gan-resume", clip=clip)
     s2 = train("gan", shapes, tmp_path, 20, name="gan-resume", clip=clip)  # same name: resumes at step 10
@@ -247,7 +248,9 @@ def test_transformer_fine_tune_starts_from_its_export_with_its_tokenizer(shapes,
 
     a, data = tiny_transformer(shapes)
     a.step(make_batch(data, 0, 32, 0), 0)
+    a.sampling_defaults = {"temperature": 0.7}  # TrainSpec.sampling: what the export recommends
     a.export(str(tmp_path / "t"))
+    assert load_generator(str(tmp_path / "t"), "cpu").sampling_defaults == {"temperature": 0.7}
     b, _ = tiny_transformer(shapes)
     torch.manual_seed(5)
     b.model.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
@@ -265,6 +268,10 @@ def test_transformer_fine_tune_starts_from_its_export_with_its_tokenizer(shapes,
     assert train_tokenizer(spec.model_copy(update={"init": None})).max_len == 24
     with pytest.raises(CheckpointError, match="missing config.json"):
         train_tokenizer(spec.model_copy(update={"init": str(tmp_path / "nothing-here")}))
+    with pytest.raises(ValueError, match="(?s)sampling: .*temprature"):
+        TrainSpec(kind="transformer", data=shapes, out="o", vq="unused", sampling={"temprature": 0.7})
+    with pytest.raises(ValueError, match="sampling: only a generator's export"):
+        TrainSpec(kind="vq", data=shapes, out="o", sampling={"temperature": 0.7})
 
 
 def test_same_seed_same_training_and_other_settings_do_not_resume(ray_local, shapes, trained, tmp_path):

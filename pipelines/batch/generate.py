@@ -12,6 +12,7 @@ import logging
 import numpy as np
 import ray
 from promptmill.models import load_generator
+from promptmill.models.generator import resolved_sampling
 from promptmill.models.precision import at_precision
 from promptmill.models.rerank import generate_best_of
 from promptmill.pipelines.batch.isolate import run_isolated
@@ -36,7 +37,7 @@ class GenerateStage:
                                                precision=model.precision, variant=model.variant,
                                                loras=model.loras),
                                 self.device, model.precision)
-        self.sampling = self.gen.Sampling(**model.family_sampling).model_dump()
+        self.sampling = resolved_sampling(self.gen, model.family_sampling).model_dump()  # what each row records
         # rerank's scorers: those a scoring stage in this actor holds too (`shared_clip`, `shared_judge`)
         self.chooser = rerank_chooser(model, scoring, self.device)
         # metadata rows, WebDataset .json and XMP carry it, as the driver redacted it (it knows which `${NAME}`

@@ -21,6 +21,7 @@ import torch
 from promptmill.models.checkpoint import load_checkpoint, open_checkpoint
 from promptmill.models.clip import CLIPConfig
 from promptmill.models.clip_loader import load_clip
+from promptmill.models.families import generator_class
 from promptmill.models.gan import GANConfig
 from promptmill.models.images import decode_image, to_nchw
 from promptmill.models.judge import JudgeConfig, labels, scene_from_dict
@@ -73,6 +74,9 @@ class TrainSpec(Strict):
                                        "it, D fresh, and its config and text tower must be the recipe's; "
                                        "transformer: the model starts from it, with its tokenizer, and its config "
                                        "and VQ must be the run's")
+    sampling: dict[str, Any] = Field(default_factory=dict, description="gan or transformer: the sampling the export "
+                                     "recommends (its config.json `sampling`), which a job's sampling overrides key "
+                                     "by key")
     checkpoint_every: int = Field(default=500, ge=1)
     max_failures: int = Field(default=3, ge=0, description="a dead worker (spot node, failed health check) "
                               "restarts from the latest checkpoint, this many times")
@@ -92,6 +96,13 @@ class TrainSpec(Strict):
         if self.init and self.kind not in ("gan", "transformer"):
             raise ValueError(f"init: only a gan or transformer run starts from an exported checkpoint, "
                              f"not a {self.kind} run")
+        if self.sampling:
+            if self.kind not in ("gan", "transformer"):
+                raise ValueError(f"sampling: only a generator's export recommends sampling, not a {self.kind}'s")
+            try:
+                generator_class(self.kind).Sampling(**self.sampling)
+            except ValidationError as e:
+                raise ValueError(f"sampling: {e}") from None
         for kind, field_, what in (("transformer", "vq", "VQ"), ("gan", "clip", "CLIP")):
             if self.kind == kind and not getattr(self, field_):
                 raise ValueError(f"training a {kind} needs {field_}: the {what} checkpoint it builds on")
@@ -123,6 +134,12 @@ def train_tokenizer(spec: TrainSpec) -> WordTokenizer:
 
 
 def build_recipe(spec: TrainSpec, tokenizer: WordTokenizer | None) -> Recipe:
+    recipe = _recipe(spec, tokenizer)
+    recipe.sampling_defaults = dict(spec.sampling)
+    return recipe
+
+
+def _recipe(spec: TrainSpec, tokenizer: WordTokenizer | None) -> Recipe:
     m, r = dict(spec.model), dict(spec.recipe)
     if spec.kind == "judge":
         return JudgeRecipe(JudgeConfig(**m), **r)

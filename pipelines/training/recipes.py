@@ -86,6 +86,7 @@ class Recipe:
     modules: dict[str, nn.Module]
     optimizers: dict[str, torch.optim.Optimizer]
     device: torch.device = torch.device("cpu")
+    sampling_defaults: dict = {}  # a generator's export: its config.json `sampling` (TrainSpec.sampling)
 
     def update(self, name: str, loss: torch.Tensor, params: list[torch.Tensor] | None = None,
                lr: float | None = None, clip_norm: float | None = None) -> None:
@@ -245,6 +246,7 @@ class TransformerRecipe(Recipe):
 
     def export(self, url: str, storage_options: dict | None = None, dtype: torch.dtype | None = None) -> None:
         g = TransformerGenerator(self.cfg, self.vq_cfg, self.tokenizer, self.model, self.vq, torch.device("cpu"))
+        g.sampling_defaults = self.sampling_defaults
         save_checkpoint(url, g.state_dict(), g.config(), storage_options, dtype)
 
 
@@ -405,6 +407,7 @@ class GANRecipe(Recipe):
 
     def export(self, url: str, storage_options: dict | None = None, dtype: torch.dtype | None = None) -> None:
         g = GANGenerator(self.cfg, self.clip.cfg, self.tokenizer, self.clip.text, self.G_ema, torch.device("cpu"))
+        g.sampling_defaults = self.sampling_defaults
         save_checkpoint(url, g.state_dict(), g.config(), storage_options, dtype)
 
 
