@@ -21,6 +21,7 @@ import time
 
 import torch
 from promptmill.models import load_generator
+from promptmill.models.generator import resolved_sampling
 from promptmill.models.images import to_nchw
 from promptmill.models.judge import judge_prompts, load_judge
 from promptmill.models.shapes.geometry import geometry_matches
@@ -46,7 +47,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--grid", help="JSON: sampling field -> values; every combination is measured, each over the "
-                    "checkpoint's recommended sampling (config.json), where null turns a setting off")
+                    "checkpoint's recommended sampling (config.json), where null turns an optional one off")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     default = {"transformer": {"temperature": [1.0, 0.8], "top_k": [None, 64, 16], "guidance_scale": [1, 2, 3]},
@@ -66,7 +67,8 @@ def main() -> None:
         verdicts = judge_prompts(judge, to_nchw(imgs), caps)
         r = geometry_breakdown([geometry_matches(parse(c), v.geometry) for c, v in zip(caps, verdicts)], cats)
         d = sample_diversity(url, judge, caps[:args.diversity_prompts], **sampling)
-        print(f"| {json.dumps(sampling)} | " + " | ".join(f"{r[c]:.1%}" for c in GEOMETRY_CATEGORIES)
+        drawn = resolved_sampling(gen, sampling).model_dump(exclude={"use_cache"})  # with the recommendation
+        print(f"| {json.dumps(drawn)} | " + " | ".join(f"{r[c]:.1%}" for c in GEOMETRY_CATEGORIES)
               + f" | {r['all']:.1%} | {d['diversity']:.4f} | {d['near_duplicate_rate']:.0%} | {ms:.1f} |", flush=True)
 
 

@@ -21,7 +21,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--grid-dir", default="docs", help="where sample grids go")
     p.add_argument("--sampling", default="{}",
                    help="JSON per family, over each checkpoint's recommended sampling (its config.json `sampling`, "
-                   "what a job draws with when its spec sets none) key by key; null turns a setting off")
+                   "what a job draws with when its spec sets none) key by key; null turns an optional one off")
     p.set_defaults(func=main)
 
 
@@ -36,6 +36,8 @@ def load_test_split(url: str, rows: int):
 def main(args: argparse.Namespace) -> int:
     from promptmill.models.checkpoint import open_checkpoint
     from promptmill.models.clip_loader import load_clip
+    from promptmill.models.families import generator_class
+    from promptmill.models.generator import sampling_defaults
     from promptmill.models.judge import load_judge
     from promptmill.pipelines.model_quality import (
         clip_binding,
@@ -74,7 +76,8 @@ def main(args: argparse.Namespace) -> int:
             print(f"{family}: no checkpoint at {url}, skipped")
             continue
         res, errors, imgs, card, geometry = eval_generator(url, judge, split, args.n, **sampling.get(family, {}))
-        drawn = {**open_checkpoint(url)[0].get("sampling", {}), **sampling.get(family, {})}
+        recommended = sampling_defaults(generator_class(family), open_checkpoint(url, kind=family)[0])
+        drawn = {**recommended, **sampling.get(family, {})}
         report[family] = {"prompt_match": res, "attribute_errors": errors, "sampling": drawn,
                           "report_card": card, "geometry": geometry}
         print(f"{family} sampling (the checkpoint's recommendation, then --sampling):", json.dumps(drawn))

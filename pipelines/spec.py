@@ -195,7 +195,7 @@ class ModelSpec(Strict):
     images_per_prompt: int = Field(default=1, ge=1, le=1000, description="samples per accepted prompt")
     sampling: dict[str, Any] = Field(default_factory=dict, description="family-specific sampling parameters (over "
                                      "the checkpoint's recommended ones, its config.json sampling, key by key; null "
-                                     "turns one off; each image records what it was drawn with), plus "
+                                     "turns an optional one off; each image records what it was drawn with), plus "
                                      "best-of-K, which the job handles for every family: candidates: K draws K per "
                                      "image and keeps the best by rerank_by: clip_score (the default), prompt_match "
                                      "(the judge's verdict; families that draw the shapes domain) or aesthetic_score "

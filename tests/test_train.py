@@ -239,39 +239,65 @@ def tiny_transformer(shapes: str, vq_seed: int = 0, **model):
 
 
 def test_transformer_fine_tune_starts_from_its_export_with_its_tokenizer(shapes, tmp_path):
-    """`init` on a transformer run: the weights and the tokenizer are the export's; another VQ or config is refused
-    (the codes would mean other images, the weights would not fit)."""
+    """`init` on a transformer run, as the driver builds it: the weights, the tokenizer and (unless the spec sets
+    one) the recommended sampling are the export's; another VQ, config or tokenizer is refused (the codes would
+    mean other images, the words other tokens, the weights would not fit)."""
+    from dataclasses import asdict
+
     import torch
-    from promptmill.models.checkpoint import load_checkpoint
+    from promptmill.models.checkpoint import load_checkpoint, save_checkpoint
     from promptmill.models.errors import CheckpointError
-    from promptmill.pipelines.training.driver import make_batch, train_tokenizer
+    from promptmill.models.tokenizer import WordTokenizer
+    from promptmill.pipelines.training.driver import build_recipe, make_batch, train_tokenizer
 
     a, data = tiny_transformer(shapes)
     a.step(make_batch(data, 0, 32, 0), 0)
     a.sampling_defaults = {"temperature": 0.7}  # TrainSpec.sampling: what the export recommends
     a.export(str(tmp_path / "t"))
     assert load_generator(str(tmp_path / "t"), "cpu").sampling_defaults == {"temperature": 0.7}
-    b, _ = tiny_transformer(shapes)
-    torch.manual_seed(5)
-    b.model.apply(lambda m: m.reset_parameters() if hasattr(m, "reset_parameters") else None)
-    assert not all(torch.equal(x, y) for x, y in zip(b.model.state_dict().values(), a.model.state_dict().values()))
-    b.start_from("t", load_checkpoint(str(tmp_path / "t"), kind="transformer"))
+    save_checkpoint(str(tmp_path / "vq"), a.vq.state_dict(), {"family": "vq", "config": asdict(a.vq_cfg)},
+                    dtype=torch.float16)  # stored at fp16: still the run's VQ
+    spec = TrainSpec(kind="transformer", data=shapes, out=str(tmp_path / "o"), vq=str(tmp_path / "vq"),
+                     init=str(tmp_path / "t"), model=TINY["transformer"])
+    tokenizer = train_tokenizer(spec)
+    assert tokenizer.to_config() == a.tokenizer.to_config()  # max_len 16; the data's would be 24
+    assert train_tokenizer(spec.model_copy(update={"init": None, "model": {}})).max_len == 24
+    b = build_recipe(spec, tokenizer)
     assert all(torch.equal(x, y) for x, y in zip(b.model.state_dict().values(), a.model.state_dict().values()))
-    other_vq, _ = tiny_transformer(shapes, vq_seed=3)
-    with pytest.raises(CheckpointError, match="its VQ is not this run's vq"):
-        other_vq.start_from("t", load_checkpoint(str(tmp_path / "t"), kind="transformer"))
-    wider, _ = tiny_transformer(shapes, n_embd=48)
-    with pytest.raises(CheckpointError, match="Transformer config"):
-        wider.start_from("t", load_checkpoint(str(tmp_path / "t"), kind="transformer"))
-    spec = TrainSpec(kind="transformer", data=shapes, out=str(tmp_path / "o"), vq="unused", init=str(tmp_path / "t"))
-    assert train_tokenizer(spec).to_config() == a.tokenizer.to_config()  # max_len 16; the data's would be 24
-    assert train_tokenizer(spec.model_copy(update={"init": None})).max_len == 24
+    assert b.sampling_defaults == {"temperature": 0.7}
+    assert build_recipe(spec.model_copy(update={"sampling": {"top_k": 3}}), tokenizer).sampling_defaults == {"top_k": 3}
+
+    def refused(recipe, match: str) -> None:
+        with pytest.raises(CheckpointError, match=match):
+            recipe.start_from("t", load_checkpoint(str(tmp_path / "t"), kind="transformer"))
+
+    refused(tiny_transformer(shapes, vq_seed=3)[0], "its VQ is not this run's vq")
+    refused(tiny_transformer(shapes, n_embd=48)[0], "its Transformer config")
+    other = tiny_transformer(shapes)[0]
+    words = a.tokenizer.vocab
+    other.tokenizer = WordTokenizer.from_config({**a.tokenizer.to_config(), "vocab": words[:2] + words[2:][::-1]})
+    refused(other, "its tokenizer")
     with pytest.raises(CheckpointError, match="missing config.json"):
         train_tokenizer(spec.model_copy(update={"init": str(tmp_path / "nothing-here")}))
     with pytest.raises(ValueError, match="(?s)sampling: .*temprature"):
         TrainSpec(kind="transformer", data=shapes, out="o", vq="unused", sampling={"temprature": 0.7})
     with pytest.raises(ValueError, match="sampling: only a generator's export"):
         TrainSpec(kind="vq", data=shapes, out="o", sampling={"temperature": 0.7})
+
+
+def test_a_run_saved_before_a_field_existed_resumes_as_the_fields_default(tmp_path):
+    """A checkpoint's meta.json holds the spec it trained with; a field added since reads as its default there, so
+    the run resumes, while a real change (another batch size) is still refused."""
+    from promptmill.pipelines.training.driver import check_resumable
+
+    spec = TrainSpec(kind="judge", data="d", out="o", name="old", storage_path=str(tmp_path))
+    saved = {k: v for k, v in spec.model_dump(mode="json").items() if k not in ("init", "sampling")}
+    (tmp_path / "old" / "checkpoint_0").mkdir(parents=True)
+    (tmp_path / "old" / "checkpoint_0" / "meta.json").write_text(json.dumps({"spec": saved, "step": 1}))
+    check_resumable(spec, str(tmp_path))
+    check_resumable(spec.model_copy(update={"steps": 9000}), str(tmp_path))
+    with pytest.raises(ValueError, match="other settings .*batch_size"):
+        check_resumable(spec.model_copy(update={"batch_size": 7}), str(tmp_path))
 
 
 def test_same_seed_same_training_and_other_settings_do_not_resume(ray_local, shapes, trained, tmp_path):

@@ -23,6 +23,7 @@ from promptmill.models.clip import CLIPConfig
 from promptmill.models.clip_loader import load_clip
 from promptmill.models.families import generator_class
 from promptmill.models.gan import GANConfig
+from promptmill.models.generator import sampling_defaults
 from promptmill.models.images import decode_image, to_nchw
 from promptmill.models.judge import JudgeConfig, labels, scene_from_dict
 from promptmill.models.tokenizer import WordTokenizer
@@ -134,8 +135,15 @@ def train_tokenizer(spec: TrainSpec) -> WordTokenizer:
 
 
 def build_recipe(spec: TrainSpec, tokenizer: WordTokenizer | None) -> Recipe:
+    """The spec's recipe; a fine-tune starts from its `init` export and, unless the spec says otherwise, its export
+    recommends the sampling that one did."""
     recipe = _recipe(spec, tokenizer)
-    recipe.sampling_defaults = dict(spec.sampling)
+    recommended = dict(spec.sampling)
+    if spec.init:
+        config, tensors = load_checkpoint(spec.init, spec.storage_options, kind=spec.kind)
+        recipe.start_from(spec.init, (config, tensors))
+        recommended = recommended or sampling_defaults(generator_class(spec.kind), config)
+    recipe.sampling_defaults = recommended
     return recipe
 
 
@@ -150,18 +158,12 @@ def _recipe(spec: TrainSpec, tokenizer: WordTokenizer | None) -> Recipe:
                           steps=spec.steps, seed=spec.seed, **r)
     if spec.kind == "gan":
         clip = load_clip(spec.clip, storage_options=spec.storage_options)
-        recipe = GANRecipe(GANConfig(**{**m, "text_dim": clip.model.cfg.embed_dim}), clip, seed=spec.seed, **r)
-        if spec.init:
-            recipe.start_from(spec.init, load_checkpoint(spec.init, spec.storage_options, kind="gan"))
-        return recipe
+        return GANRecipe(GANConfig(**{**m, "text_dim": clip.model.cfg.embed_dim}), clip, seed=spec.seed, **r)
     vq = load_vq(spec.vq, storage_options=spec.storage_options)
     vq_cfg = vq.cfg
     cfg = TransformerConfig(text_vocab=len(tokenizer.vocab), image_vocab=vq_cfg.codebook_size,
                             image_tokens=vq_cfg.grid**2, **m)
-    recipe = TransformerRecipe(cfg, vq, vq_cfg, tokenizer, steps=spec.steps, seed=spec.seed, **r)
-    if spec.init:
-        recipe.start_from(spec.init, load_checkpoint(spec.init, spec.storage_options, kind="transformer"))
-    return recipe
+    return TransformerRecipe(cfg, vq, vq_cfg, tokenizer, steps=spec.steps, seed=spec.seed, **r)
 
 
 def load_data(spec: TrainSpec, recipe: Recipe, rank: int, world: int) -> dict[str, Any]:
@@ -265,9 +267,9 @@ def plot_history(history: list[dict], path: str) -> None:
     plt.close(fig)
 
 
-# fields that may change when a run is resumed (more steps, more workers, another export path)
+# fields that may change when a run is resumed (more steps, more workers, another export path or recommendation)
 RESUMABLE = {"steps", "checkpoint_every", "log_every", "threads", "num_workers", "use_gpu", "out", "storage_path",
-             "max_failures"}
+             "max_failures", "sampling"}
 
 
 def check_resumable(spec: TrainSpec, storage: str) -> None:
@@ -276,7 +278,9 @@ def check_resumable(spec: TrainSpec, storage: str) -> None:
     metas = sorted(f for f in (fs.glob(join(root, "checkpoint_*/meta.json")) if fs.exists(root) else []))
     if not metas:
         return
-    old = json.loads(fs.cat_file(metas[-1])).get("spec", {})
+    saved = json.loads(fs.cat_file(metas[-1])).get("spec", {})
+    # a field newer than the run reads as its default (the run trained with what the default does)
+    old = {**TrainSpec.model_construct().model_dump(mode="json"), **saved}
     new = {k: v for k, v in spec.model_dump(mode="json").items() if k not in RESUMABLE}
     diff = {k: (old.get(k), v) for k, v in new.items() if old.get(k) != v}
     if diff:
@@ -296,6 +300,8 @@ def run_training(spec: TrainSpec) -> dict:
     tokenizer = train_tokenizer(spec) if spec.kind in ("transformer", "clip") else None  # the GAN uses its CLIP's
     storage = spec.storage_path if "://" in spec.storage_path else os.path.abspath(spec.storage_path)
     check_resumable(spec, storage)
+    if spec.init:  # the export must fit the run: said here once, not by each worker Ray Train restarts
+        build_recipe(spec, tokenizer)
     trainer = TorchTrainer(
         train_loop,
         train_loop_config={"spec": spec.model_dump(mode="json"), "tokenizer": tokenizer.to_config() if tokenizer else None},
