@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from promptmill.models.checkpoint import built_with_weights
 from promptmill.models.clip import CLIPConfig, TextTower
-from promptmill.models.generator import check_inputs, resolved_sampling, sampling_defaults
+from promptmill.models.generator import check_inputs, resolved_sampling
 from promptmill.models.sampling import per_image_generators, per_image_normal, to_uint8
 from promptmill.models.tokenizer import WordTokenizer
 from pydantic import BaseModel, ConfigDict, Field
@@ -229,7 +229,7 @@ class GANGenerator:
         self.cfg, self.text_cfg, self.tokenizer, self.device = cfg, text_cfg, tokenizer, device
         self.text, self.gen = text.to(device).eval(), gen.to(device).eval()
         self.height = self.width = cfg.image_size
-        self.sampling_defaults: dict = {}  # the checkpoint's recommended sampling (config.json `sampling`)
+        self.sampling_defaults: dict = {}  # config.json `sampling`, which `load_generator` sets
 
     @classmethod
     def build(cls, cfg: GANConfig, text_cfg: CLIPConfig, tokenizer: WordTokenizer,
@@ -250,10 +250,8 @@ class GANGenerator:
     @classmethod
     def from_config(cls, config: dict, device: torch.device) -> GANGenerator:
         """Built from config.json, untrained (the checkpoint loader checks shapes on the meta device with it)."""
-        g = cls.build(GANConfig(**config["config"]), CLIPConfig(**config["text"]),
-                      WordTokenizer.from_config(config["tokenizer"]), device)
-        g.sampling_defaults = sampling_defaults(cls, config)
-        return g
+        return cls.build(GANConfig(**config["config"]), CLIPConfig(**config["text"]),
+                         WordTokenizer.from_config(config["tokenizer"]), device)
 
     @classmethod
     def from_checkpoint(cls, config: dict, tensors: dict[str, torch.Tensor], device: torch.device) -> GANGenerator:

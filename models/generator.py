@@ -57,10 +57,20 @@ def load_generator(
 
     config, tensors = load_checkpoint(url, storage_options, expect=_expected(url))  # config.json read once
     cls = generator_class(config["family"])
+    recommended = _recommended(url, cls, config)
     try:
-        return cls.from_checkpoint(config, tensors, device)
+        gen = cls.from_checkpoint(config, tensors, device)
     except (KeyError, RuntimeError, TypeError, ValueError) as e:  # config and weights disagree
         raise CheckpointError(f"checkpoint {url!r}: weights do not match config.json ({e})") from e
+    gen.sampling_defaults = recommended  # any family in our layout, a plugin's too
+    return gen
+
+
+def _recommended(url: str, cls: Any, config: dict) -> dict[str, Any]:
+    try:
+        return sampling_defaults(cls, config)
+    except ValueError as e:
+        raise CheckpointError(f"checkpoint {url!r}: {e}") from e
 
 
 def _expected(url: str):
@@ -93,7 +103,9 @@ def check_checkpoint(url: str, storage_options: dict | None = None, family: str 
     if own is not None:
         return own.load(url, torch.device("cpu"), storage_options)
     config, _, _ = open_checkpoint(url, storage_options, expect=_expected(url))
-    return generator_class(config["family"])
+    cls = generator_class(config["family"])
+    _recommended(url, cls, config)
+    return cls
 
 
 def check_inputs(prompts: list[str], seeds: list[int]) -> None:

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from promptmill.models.checkpoint import built_with_weights
-from promptmill.models.generator import check_inputs, resolved_sampling, sampling_defaults
+from promptmill.models.generator import check_inputs, resolved_sampling
 from promptmill.models.sampling import (
     filter_logits,
     guide,
@@ -175,7 +175,7 @@ class TransformerGenerator:
         self.cfg, self.vq_cfg, self.tokenizer, self.device = cfg, vq_cfg, tokenizer, device
         self.model, self.vq = model.to(device).eval(), vq.to(device).eval()
         self.height = self.width = vq_cfg.image_size
-        self.sampling_defaults: dict = {}  # the checkpoint's recommended sampling (config.json `sampling`)
+        self.sampling_defaults: dict = {}  # config.json `sampling`, which `load_generator` sets
 
     @classmethod
     def build(cls, cfg: TransformerConfig, vq_cfg: VQConfig, tokenizer: WordTokenizer,
@@ -194,10 +194,8 @@ class TransformerGenerator:
     @classmethod
     def from_config(cls, config: dict, device: torch.device) -> TransformerGenerator:
         """Built from config.json, untrained (the checkpoint loader checks shapes on the meta device with it)."""
-        g = cls.build(TransformerConfig(**config["config"]), VQConfig(**config["vq"]),
-                      WordTokenizer.from_config(config["tokenizer"]), device)
-        g.sampling_defaults = sampling_defaults(cls, config)
-        return g
+        return cls.build(TransformerConfig(**config["config"]), VQConfig(**config["vq"]),
+                         WordTokenizer.from_config(config["tokenizer"]), device)
 
     @classmethod
     def from_checkpoint(cls, config: dict, tensors: dict[str, torch.Tensor],

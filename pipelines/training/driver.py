@@ -294,9 +294,11 @@ def run_training(spec: TrainSpec) -> dict:
     from ray.train.torch import TorchTrainer
 
     if not ray.is_initialized():
-        # with its dashboard: Ray Train's placement-group cleaner asks the State API (served there) whether the
-        # run's controller lives; without it, it warned every second of the run and could never clean up
-        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=True)
+        # with its dashboard (Ray's default, None, starts it): Ray Train's placement-group cleaner asks the State API
+        # (served there) whether the run's controller lives; without it, it warned every second of the run and could
+        # never clean up. Not True: where Ray is installed without its dashboard's packages (ray[data,train], as on a
+        # lent GPU machine) True refuses to start, None starts a minimal one and the run goes on
+        ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=None)
     tokenizer = train_tokenizer(spec) if spec.kind in ("transformer", "clip") else None  # the GAN uses its CLIP's
     storage = spec.storage_path if "://" in spec.storage_path else os.path.abspath(spec.storage_path)
     check_resumable(spec, storage)
