@@ -283,6 +283,8 @@ def test_transformer_fine_tune_starts_from_its_export_with_its_tokenizer(shapes,
         TrainSpec(kind="transformer", data=shapes, out="o", vq="unused", sampling={"temprature": 0.7})
     with pytest.raises(ValueError, match="sampling: only a generator's export"):
         TrainSpec(kind="vq", data=shapes, out="o", sampling={"temperature": 0.7})
+    with pytest.raises(ValueError, match="checkpoint_every: 25 is not a multiple of log_every 50"):
+        TrainSpec(kind="vq", data=shapes, out="o", checkpoint_every=25)  # it would checkpoint every 50 steps
 
 
 def test_a_run_saved_before_a_field_existed_resumes_as_the_fields_default(tmp_path):

@@ -97,6 +97,9 @@ class TrainSpec(Strict):
         if self.init and self.kind not in ("gan", "transformer"):
             raise ValueError(f"init: only a gan or transformer run starts from an exported checkpoint, "
                              f"not a {self.kind} run")
+        if self.checkpoint_every % self.log_every:
+            raise ValueError(f"checkpoint_every: {self.checkpoint_every} is not a multiple of log_every "
+                             f"{self.log_every} (a run checkpoints at logged steps only)")
         if self.sampling:
             if self.kind not in ("gan", "transformer"):
                 raise ValueError(f"sampling: only a generator's export recommends sampling, not a {self.kind}'s")
