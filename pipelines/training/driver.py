@@ -77,7 +77,7 @@ class TrainSpec(Strict):
                                        "and VQ must be the run's")
     sampling: dict[str, Any] = Field(default_factory=dict, description="gan or transformer: the sampling the export "
                                      "recommends (its config.json `sampling`), which a job's sampling overrides key "
-                                     "by key")
+                                     "by key; unset, a fine-tune's export recommends what its init did")
     checkpoint_every: int = Field(default=500, ge=1)
     max_failures: int = Field(default=3, ge=0, description="a dead worker (spot node, failed health check) "
                               "restarts from the latest checkpoint, this many times")
