@@ -14,6 +14,7 @@ import torch
 from conftest import save_tiny, write_prompts
 from promptmill.models import load_generator
 from promptmill.models.clip_loader import load_clip
+from promptmill.models.generator import resolved_sampling
 from promptmill.models.images import decode_image, to_nchw
 from promptmill.models.judge import judge_prompts, load_judge
 from promptmill.models.rerank import CHOOSERS, Scorers, candidate_seed, choose, generate_best_of
@@ -231,7 +232,7 @@ def test_best_of_k_by_prompt_match_and_clip_score_in_a_job_resumes_to_the_same_b
         k = m.candidates
         assert (r["candidates"], r["rerank_by"]) == ((4, "prompt_match") if r["model"] == "dalle" else (3, "clip_score"))
         cands = gen.generate([r["prompt"]] * k, [candidate_seed(r["seed"], j) for j in range(k)],
-                             **gen.Sampling(**m.family_sampling).model_dump())
+                             **resolved_sampling(gen, m.family_sampling).model_dump())  # the checkpoint's too
         sims = clip.similarity(cands, [r["prompt"]] * k)
         match = [MATCH_RANK[v.match] for v in judge_prompts(judge, to_nchw(cands), [r["prompt"]] * k)]
         by_match, by_clip = [(match[j], sims[j], -j) for j in range(k)], [(sims[j], match[j], -j) for j in range(k)]
