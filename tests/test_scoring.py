@@ -186,7 +186,8 @@ MATCH_RANK = {True: 1, False: 0, None: -1}  # a match, none, a prompt outside th
 def _rerank_spec(inp: str, out: str, **over) -> dict:
     return {"name": "rerank", "seed": 5, "input": {"path": inp, "id_column": "id", **over},
             "models": [{"name": "dalle", "family": "transformer", "checkpoint": "shipped:dalle", "images_per_prompt": 1,
-                        "sampling": {"top_k": 64, "candidates": 4, "rerank_by": "prompt_match"},
+                        # temperature 1 over the checkpoint's 0.7: a Transformer that misses often enough to rerank
+                        "sampling": {"temperature": 1.0, "top_k": 64, "candidates": 4, "rerank_by": "prompt_match"},
                         "resources": {"batch_size": 4, "threads": 1}},
                        {"name": "gan", "family": "gan", "checkpoint": "shipped:gan", "images_per_prompt": 2,
                         "sampling": {"candidates": 3, "rerank_by": "clip_score"},
