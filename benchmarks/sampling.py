@@ -24,13 +24,12 @@ from promptmill.models import load_generator
 from promptmill.models.generator import resolved_sampling
 from promptmill.models.images import to_nchw
 from promptmill.models.judge import judge_prompts, load_judge
-from promptmill.models.shapes.geometry import geometry_matches
-from promptmill.models.shapes.scenes import parse
 from promptmill.pipelines.model_quality import (
     GEOMETRY_CATEGORIES,
     balanced_prompts,
     draw_candidates,
     geometry_breakdown,
+    geometry_passes,
     sample_diversity,
 )
 from promptmill.pipelines.spec import SHIPPED
@@ -65,7 +64,7 @@ def main() -> None:
         imgs = draw_candidates(gen, caps, 1, args.batch, **sampling)[:, 0]  # one sample: prompt i's seed is i
         ms = (time.perf_counter() - t) / len(caps) * 1000
         verdicts = judge_prompts(judge, to_nchw(imgs), caps)
-        r = geometry_breakdown([geometry_matches(parse(c), v.geometry) for c, v in zip(caps, verdicts)], cats)
+        r = geometry_breakdown(geometry_passes(caps, verdicts), cats)
         d = sample_diversity(url, judge, caps[:args.diversity_prompts], **sampling)
         drawn = resolved_sampling(gen, sampling).model_dump(exclude={"use_cache"})  # with the recommendation
         print(f"| {json.dumps(drawn)} | " + " | ".join(f"{r[c]:.1%}" for c in GEOMETRY_CATEGORIES)

@@ -215,13 +215,10 @@ def eval_generator(url: str, judge: Judge, split: TestSplit, n: int, batch: int 
                    **sampling) -> tuple[dict, dict, np.ndarray, dict, dict]:
     """Prompt-match breakdown, attribute error rates, the images of the first n test prompts, the report card and
     the geometry check's accuracy per `GEOMETRY_CATEGORIES` row (one sample per prompt, seed = its row)."""
-    from promptmill.models.shapes.geometry import geometry_matches
-
     caps = split.captions[:n]
     imgs = draw_candidates(load_generator(url, "cpu"), caps, 1, batch, **sampling)[:, 0]  # candidate 0: seed = row
     verdicts = judge_prompts(judge, to_nchw(imgs), caps)
-    geometry = geometry_breakdown([geometry_matches(parse(c), v.geometry) for c, v in zip(caps, verdicts)],
-                                  [geometry_category(s) for s in split.scenes[:n]])
+    geometry = geometry_breakdown(geometry_passes(caps, verdicts), [geometry_category(s) for s in split.scenes[:n]])
     return (_breakdown([bool(v.match) for v in verdicts], split), attribute_errors(caps, [v.scene for v in verdicts]),
             imgs, report_card(caps, verdicts), geometry)
 
@@ -316,6 +313,13 @@ def balanced_prompts(n: int, seed: int) -> tuple[list[str], list[str]]:
             out.append(text)
             cats.append(cat)
     return out, cats
+
+
+def geometry_passes(captions: list[str], verdicts: list) -> list[bool]:
+    """The geometry check per judged image (`judge_prompts`' verdicts): does its geometry show what the caption says."""
+    from promptmill.models.shapes.geometry import geometry_matches
+
+    return [geometry_matches(parse(c), v.geometry) for c, v in zip(captions, verdicts)]
 
 
 def geometry_breakdown(ok: np.ndarray, categories: list[str]) -> dict[str, float | int | None]:
